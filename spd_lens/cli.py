@@ -46,6 +46,68 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 14,29, got {text!r}") from None
+
+
+def _progress(desc: str):
+    from tqdm.auto import tqdm
+
+    return lambda iterable: tqdm(iterable, desc=desc, unit="batch")
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    """Capability subspace of a model for a task, saved to --out."""
+    import json
+    from pathlib import Path
+
+    from spd_lens.extract import extract_subspace
+    from spd_lens.models import boot, load_hf
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SpdLensError(f"--out {str(out)!r} exists and is not a directory: choose a directory path")
+    model, tokenizer = load_hf(args.model)
+    target = boot(model, tokenizer) if args.via_bridge else model
+    subspace = extract_subspace(
+        target, args.task, n=args.n, split=args.split, seed=args.seed, layers=args.layers, rank=args.rank,
+        rank_frac=args.rank_frac, energy=args.energy, loss=args.loss, batch_size=args.batch_size, tokenizer=tokenizer,
+        task_options={"path": args.data} if args.data else None, progress=_progress("gradients"),
+    )
+    subspace.save(out)
+    print(f"{'layer':>5} {'kv':>2} {'head':>4} {'rank':>4}/{'dim':<4} {'energy':>6}")
+    for row in subspace.summary():
+        print(f"{row['layer']:>5} {row['kind']:>2} {str(row['head']):>4} {row['rank']:>4}/{row['dim']:<4} "
+              f"{row['explained_energy']:>6.3f}")
+    print(json.dumps({"out": str(out), "n_rows": subspace.meta["n_rows"], "seconds": subspace.meta["seconds"]}))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job: see spd_lens.demo."""
+    from spd_lens.demo import run_demo
+
+    summary = run_demo(args.out, model=args.model, n=args.n, seed=args.seed,
+                       progress=lambda task: _progress(f"gradients {task}"))
+    for task, info in summary["tasks"].items():
+        print(f"\n{task}: {info['gradient_rows']} gradient rows, {info['extraction_seconds']:.1f} s")
+        print(f"  {'basis':<14} {'rank':>8} {'energy':>7}   head shares of gradient energy")
+        for row in info["bases"]:
+            if row["head"] != "flat":
+                continue
+            shares = info["head_energy_share"][f"layer{row['layer']}.{row['kind']}"]
+            print(f"  layer{row['layer']:<3} {row['kind'].upper():<5} {row['rank']:>4}/{row['dim']:<3} "
+                  f"{row['explained_energy']:>7.3f}   " + " ".join(f"{share:.2f}" for share in shares))
+    print("\noverlap of the two capabilities' subspaces (mean cos^2 of principal angles; random control beside):")
+    for key, value in summary["overlap"].items():
+        print(f"  {key:<10} {value['between_tasks']:.3f}  (random {value['with_random']:.3f})")
+    print(f"\nresults: {args.out}/summary.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spd-lens", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +120,32 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--model", default="smollm2-135m-instruct")
     ask.add_argument("--max-new-tokens", type=int, default=48)
     ask.set_defaults(func=cmd_ask)
+
+    extract = commands.add_parser("extract", help="capability subspace from correctness-token gradients")
+    extract.add_argument("--model", default="smollm2-135m-instruct")
+    extract.add_argument("--task", required=True)
+    extract.add_argument("--data", help="local JSONL (or directory) for hub tasks such as gsm8k, mbpp, mmlu")
+    extract.add_argument("--n", type=int, required=True, help="number of calibration examples")
+    extract.add_argument("--split", default="train", choices=["train", "test"])
+    extract.add_argument("--seed", type=int, default=0)
+    extract.add_argument("--layers", type=_int_list, help="comma-separated layer indices (default: L//2 and L-1)")
+    policy = extract.add_mutually_exclusive_group()
+    policy.add_argument("--rank", type=int, help="fixed rank of every basis")
+    policy.add_argument("--rank-frac", type=float, help="fraction of each basis's numerical rank (default 0.5)")
+    policy.add_argument("--energy", type=float, help="smallest rank keeping this fraction of gradient energy")
+    extract.add_argument("--loss", default="correctness", choices=["correctness", "full"])
+    extract.add_argument("--batch-size", type=int, default=4)
+    extract.add_argument("--via-bridge", action="store_true",
+                         help="capture through the TransformerBridge's hook_k/hook_v (same result, slower)")
+    extract.add_argument("--out", required=True, help="directory for subspace.safetensors + subspace.json")
+    extract.set_defaults(func=cmd_extract)
+
+    demo = commands.add_parser("demo", help="the main job: capability subspaces of the default model")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--model", default="smollm2-135m-instruct")
+    demo.add_argument("--n", type=int, default=32)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

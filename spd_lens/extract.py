@@ -1,0 +1,133 @@
+"""`extract_subspace`: correctness-token gradients streamed into Gram matrices, then SVD.
+
+Memory does not grow with the number of examples or tokens: each batch's gradient rows (all
+non-padding positions) are folded into a float64 `kv_heads*d_head` square Gram matrix per layer
+and K/V, and dropped.
+
+Example:
+    >>> from spd_lens import load_model
+    >>> model = load_model("tiny")
+    >>> subspace = extract_subspace(model, "arithmetic", n=4, layers=[1, 3], rank=4)
+    >>> subspace.basis(3, "v").shape
+    torch.Size([16, 4])
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+import spd_lens
+from spd_lens.errors import SpdLensError
+from spd_lens.gradients import KINDS, GradientBatch, Progress, check_layers, iterate_gradients
+from spd_lens.models import hf_model_of, model_id
+from spd_lens.subspace import CapabilitySubspace, RankPolicy, config_hash
+from spd_lens.tasks import EncodedExample, Example, Task, get_task, locate_spans
+
+
+class GramAccumulator:
+    """Running GᵀG (float64) of the gradient rows per (layer, K/V), flattened across KV heads."""
+
+    def __init__(self) -> None:
+        self.grams: dict[tuple[int, str], Float[Tensor, "dim dim"]] = {}
+        self.n_rows = 0
+
+    def add(self, batch: GradientBatch) -> None:
+        mask = batch.attention_mask
+        for key, grad in batch.grads.items():
+            rows = grad[mask.to(grad.device)].reshape(int(mask.sum()), -1).double().cpu()
+            gram = rows.T @ rows
+            self.grams[key] = self.grams[key] + gram if key in self.grams else gram
+        self.n_rows += int(mask.sum())
+
+    def check(self) -> None:
+        for (layer, kind), gram in self.grams.items():
+            if not torch.isfinite(gram).all():
+                raise SpdLensError(f"non-finite gradients accumulated at layer {layer} {kind.upper()}")
+            if float(torch.diagonal(gram).sum()) == 0.0:
+                raise SpdLensError(
+                    f"the gradients at layer {layer} {kind.upper()} are all zero: the loss does not depend on "
+                    "this layer's keys/values for these examples (check the correctness spans and the layer)"
+                )
+
+
+def encode_examples(model, task_or_examples, *, n, split, seed, tokenizer, task_options=None):
+    """(task name, encoded examples) from a task name, a Task, Examples or EncodedExamples."""
+    tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    if isinstance(task_or_examples, (str, Task)):
+        task = get_task(task_or_examples, **(task_options or {}))
+        if tokenizer is None:
+            raise SpdLensError("a plain Hugging Face model carries no tokenizer: pass tokenizer=")
+        examples = task.examples(split, n=n, seed=seed)
+        return task.name, [task.locate(tokenizer, e) for e in examples]
+    items = list(task_or_examples)
+    if not items:
+        raise SpdLensError("no examples given")
+    if all(isinstance(e, EncodedExample) for e in items):
+        return "custom", items
+    if all(isinstance(e, Example) for e in items):
+        if tokenizer is None:
+            raise SpdLensError("a plain Hugging Face model carries no tokenizer: pass tokenizer=")
+        return "custom", [locate_spans(tokenizer, e) for e in items]
+    raise SpdLensError("task_or_examples must be a task name, a Task, or a list of Example / EncodedExample")
+
+
+def model_shape(model) -> dict:
+    cfg = hf_model_of(model).config
+    return {
+        "n_layers": cfg.num_hidden_layers,
+        "n_kv_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        "d_head": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+    }
+
+
+def extract_subspace(
+    model,
+    task_or_examples: str | Task | Sequence[Example] | Sequence[EncodedExample],
+    *,
+    n: int | None = None,
+    split: str = "train",
+    seed: int = 0,
+    layers: Sequence[int] | None = None,
+    rank: int | None = None,
+    rank_frac: float | None = None,
+    energy: float | None = None,
+    loss: str = "correctness",
+    batch_size: int = 4,
+    tokenizer=None,
+    task_options: dict | None = None,
+    progress: Progress | None = None,
+) -> CapabilitySubspace:
+    """The capability subspace of `model` for a task (SPD steps 1-3).
+
+    `layers` defaults to {L//2, L-1}; the rank policy is one of `rank`, `rank_frac` (default 0.5
+    of the numerical rank) or `energy`; `loss="full"` takes the full-sequence loss (the ablation).
+    Works on a `TransformerBridge` (hook_k/hook_v backward hooks) or a plain HF model (faster).
+    """
+    policy = RankPolicy.make(rank, rank_frac, energy)
+    shape = model_shape(model)
+    layers = check_layers(layers, shape["n_layers"])
+    if policy.rank is not None and policy.rank > shape["n_kv_heads"] * shape["d_head"]:
+        raise SpdLensError(f"rank {policy.rank} is larger than the flattened K/V dimension "
+                           f"{shape['n_kv_heads'] * shape['d_head']}: use a smaller rank")
+    torch.manual_seed(seed)
+    task_name, encoded = encode_examples(model, task_or_examples, n=n, split=split, seed=seed, tokenizer=tokenizer,
+                                         task_options=task_options)
+    pad_id = (tokenizer or getattr(model, "tokenizer", None) or type("t", (), {"pad_token_id": None})).pad_token_id
+    started = time.time()
+    accumulator = GramAccumulator()
+    for batch in iterate_gradients(model, encoded, layers=layers, loss=loss, batch_size=batch_size, pad_id=pad_id,
+                                   progress=progress):
+        accumulator.add(batch)
+    accumulator.check()
+    settings = {"model_id": model_id(model), "task": task_name, "n": len(encoded), "split": split, "seed": seed,
+                "layers": layers, "loss": loss, "batch_size": batch_size}
+    meta = {**settings, **shape, "kinds": list(KINDS), "n_rows": accumulator.n_rows,
+            "example_ids": [e.example_id for e in encoded], "spd_lens_version": spd_lens.__version__,
+            "config_hash": config_hash({**settings, "policy": policy.describe()}),
+            "seconds": round(time.time() - started, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return CapabilitySubspace.from_grams(accumulator.grams, meta, policy)

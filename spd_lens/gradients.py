@@ -1,0 +1,213 @@
+"""Gradients of the correctness-token loss with respect to attention keys and values.
+
+For each batch of examples: one forward and one backward pass of the frozen model, with the loss
+the mean next-token NLL over each example's correctness-defining tokens (summed over examples,
+so an example's gradient does not depend on what it is batched with). dL/dK and dL/dV are taken
+at the chosen layers, shaped `[batch, pos, kv_head, d_head]` like `hook_k`/`hook_v` (before RoPE).
+
+Two capture paths give the same numbers (tested):
+- on a `TransformerBridge`: backward hooks on `blocks.{l}.attn.hook_k` / `hook_v`;
+- on a plain Hugging Face model: tensor hooks on the outputs of `k_proj` / `v_proj` (the fast
+  path: no bridge overhead).
+Either way, backward runs only as far back as the first target layer and computes no weight
+gradients (`backward(inputs=...)`), and with the correctness loss only the logits of the
+correctness positions are computed on the HF path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from spd_lens.errors import SpdLensError
+from spd_lens.tasks.base import EncodedExample
+
+KINDS = ("k", "v")
+LOSSES = ("correctness", "full")
+Progress = Callable[[Iterable], Iterable]
+
+
+@dataclass
+class GradientBatch:
+    """One batch's K/V gradients, right-padded, with what identifies each row."""
+
+    example_ids: list[str]
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Bool[Tensor, "batch pos"]
+    correctness_mask: Bool[Tensor, "batch pos"]
+    grads: dict[tuple[int, str], Float[Tensor, "batch pos kv_head d_head"]]
+    loss: float
+
+
+def check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    """The target layers, default {L//2, L-1}; out-of-range indices are an error."""
+    if layers is None:
+        return sorted({n_layers // 2, n_layers - 1})
+    layers = sorted(set(int(layer) for layer in layers))
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad or not layers:
+        raise SpdLensError(f"layer(s) {bad or layers} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    return layers
+
+
+def pad_batch(encoded: Sequence[EncodedExample], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded ids, attention mask and correctness mask."""
+    length = max(len(e.input_ids) for e in encoded)
+    ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(encoded), length), dtype=torch.bool)
+    correct = torch.zeros((len(encoded), length), dtype=torch.bool)
+    for row, example in enumerate(encoded):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        attention[row, :n] = True
+        correct[row, :n] = torch.tensor(example.correctness_mask)
+    return ids, attention, correct
+
+
+def target_mask(attention: Tensor, correct: Tensor, loss: str) -> Bool[Tensor, "batch pos"]:
+    """Which tokens the loss is taken on (as prediction targets)."""
+    if loss not in LOSSES:
+        raise SpdLensError(f"unknown loss {loss!r}: use 'correctness' (the method) or 'full' (the ablation)")
+    mask = (correct if loss == "correctness" else attention).clone()
+    mask[:, 0] = False  # the first token has no prediction
+    return mask
+
+
+def summed_example_means(logits: Float[Tensor, "n vocab"], targets: Tensor, rows: Tensor, n_rows: int) -> Tensor:
+    """Sum over examples of each example's mean NLL; `rows` says which example each target is in."""
+    nll = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    per_example = torch.zeros(n_rows, dtype=nll.dtype).index_add_(0, rows, nll)
+    counts = torch.zeros(n_rows, dtype=nll.dtype).index_add_(0, rows, torch.ones_like(nll))
+    return (per_example / counts.clamp(min=1)).sum()
+
+
+def iterate_gradients(
+    model,
+    encoded: Sequence[EncodedExample],
+    *,
+    layers: Sequence[int] | None = None,
+    loss: str = "correctness",
+    batch_size: int = 4,
+    pad_id: int | None = None,
+    progress: Progress | None = None,
+) -> Iterator[GradientBatch]:
+    """Yield each batch's dL/dK and dL/dV at `layers` (see the module docstring).
+
+    Batches hold examples of similar length (sorted by length); `example_ids` say which.
+    """
+    from spd_lens.models import hf_model_of
+
+    hf = hf_model_of(model)
+    n_layers = hf.config.num_hidden_layers
+    layers = check_layers(layers, n_layers)
+    if batch_size < 1:
+        raise SpdLensError(f"batch_size must be at least 1, got {batch_size}")
+    if not encoded:
+        raise SpdLensError("no examples to take gradients on")
+    pad_id = pad_id if pad_id is not None else (hf.config.pad_token_id or 0)
+    # Batch examples of similar length: padding costs quadratic attention time. Sums over
+    # examples (what the subspace needs) do not depend on the order.
+    encoded = sorted(encoded, key=lambda e: len(e.input_ids))
+    starts = range(0, len(encoded), batch_size)
+    for start in progress(starts) if progress else starts:
+        chunk = encoded[start:start + batch_size]
+        ids, attention, correct = pad_batch(chunk, pad_id)
+        mask = target_mask(attention, correct, loss)
+        if not mask.any():
+            raise SpdLensError(f"examples {[e.example_id for e in chunk]} have no tokens to take the loss on")
+        ids, attention_dev, mask_dev = ids.to(hf.device), attention.to(hf.device), mask.to(hf.device)
+        if hasattr(model, "original_model"):
+            grads, value = _bridge_pass(model, ids, attention_dev, mask_dev, layers)
+        else:
+            grads, value = _hf_pass(hf, ids, attention_dev, mask_dev, layers, loss)
+        for key, grad in grads.items():
+            if not torch.isfinite(grad).all():
+                raise SpdLensError(
+                    f"non-finite gradient at layer {key[0]} {key[1].upper()} for examples "
+                    f"{[e.example_id for e in chunk]} (loss {value}); the model or inputs produce NaN/inf"
+                )
+        yield GradientBatch([e.example_id for e in chunk], ids.cpu(), attention, correct, grads, value)
+
+
+def _loss_from_logits(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    predict = logits[:, :-1]
+    rows, cols = mask[:, 1:].nonzero(as_tuple=True)
+    return summed_example_means(predict[rows, cols], ids[:, 1:][rows, cols], rows, ids.shape[0])
+
+
+def _hf_pass(hf, ids, attention, mask, layers, loss) -> tuple[dict, float]:
+    captured: dict[tuple[int, str], Tensor] = {}
+    handles = []
+
+    def capture(key):
+        def hook(module, args, output):
+            if not output.requires_grad:  # frozen weights (e.g. a peft base model)
+                output.requires_grad_(True)
+            captured[key] = output
+            return output
+
+        return hook
+
+    attn_layers = hf.model.layers
+    for layer in layers:
+        for kind in KINDS:
+            proj = getattr(attn_layers[layer].self_attn, f"{kind}_proj")
+            handles.append(proj.register_forward_hook(capture((layer, kind))))
+    try:
+        with torch.enable_grad():
+            if loss == "correctness":
+                # Only the correctness positions' logits are needed: skip the rest of the unembedding.
+                hidden = hf.model(input_ids=ids, attention_mask=attention.long()).last_hidden_state
+                rows, cols = mask[:, 1:].nonzero(as_tuple=True)
+                logits = hf.lm_head(hidden[rows, cols])
+                value = summed_example_means(logits, ids[:, 1:][rows, cols], rows, ids.shape[0])
+            else:
+                logits = hf(input_ids=ids, attention_mask=attention.long()).logits
+                value = _loss_from_logits(logits, ids, mask)
+            keys = list(captured)
+            tensors = [captured[k] for k in keys]
+            grads = torch.autograd.grad(value, tensors, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    cfg = hf.config
+    n_kv, d_head = cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    out = {}
+    for key, tensor, grad in zip(keys, tensors, grads):
+        grad = torch.zeros_like(tensor) if grad is None else grad
+        out[key] = grad.detach().reshape(*grad.shape[:2], n_kv, d_head)
+    return out, float(value.detach())
+
+
+def _bridge_pass(bridge, ids, attention, mask, layers) -> tuple[dict, float]:
+    grads: dict[tuple[int, str], Tensor] = {}
+    start: list[Tensor] = []
+
+    def capture_start(tensor, hook):
+        # Differentiate down to the first target block's input: backward then passes through every
+        # target hook_k/hook_v (firing their hooks), computes no weight gradients, and stops there.
+        tensor = tensor if tensor.requires_grad else tensor.detach().requires_grad_(True)
+        start.append(tensor)
+        return tensor
+
+    def backward_hook(key):
+        def hook(grad, hook):
+            grads[key] = grad.detach().clone()
+
+        return hook
+
+    names = {(layer, kind): f"blocks.{layer}.attn.hook_{kind}" for layer in layers for kind in KINDS}
+    bwd = [(name, backward_hook(key)) for key, name in names.items()]
+    fwd = [(f"blocks.{layers[0]}.hook_in", capture_start)]
+    with torch.enable_grad(), bridge.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
+        logits = bridge(ids, attention_mask=attention.long())
+        value = _loss_from_logits(logits, ids, mask)
+        torch.autograd.grad(value, start)
+    missing = [names[k] for k in names if k not in grads]
+    if missing:
+        raise SpdLensError(f"no backward hook fired on {missing}: the bridge did not route gradients through them")
+    return {k: grads[k] for k in names}, float(value.detach())
