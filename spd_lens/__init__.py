@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from spd_lens.errors import SpdLensError
 from spd_lens.extract import extract_subspace
+from spd_lens.gradient_cache import GradientCache, cache_gradients
 from spd_lens.models import DEFAULT_MODEL, load_hf, load_model, model_names
 from spd_lens.subspace import CapabilitySubspace, RankPolicy
 from spd_lens.tasks import get_task, task_names
@@ -19,6 +20,8 @@ from spd_lens.tasks import get_task, task_names
 __all__ = [
     "CapabilitySubspace",
     "RankPolicy",
+    "GradientCache",
+    "cache_gradients",
     "extract_subspace",
     "DEFAULT_MODEL",
     "SpdLensError",

@@ -128,6 +128,21 @@ class CapabilitySubspace:
             raise SpdLensError("subspace metadata needs n_kv_heads")
         return cls(grams, meta, policy or RankPolicy.make())
 
+    @classmethod
+    def from_cache(cls, cache, rank: int | None = None, rank_frac: float | None = None, energy: float | None = None,
+                   layers=None) -> "CapabilitySubspace":
+        """The subspace of a `GradientCache` (the same as streaming extraction on the same examples)."""
+        grams = {}
+        for layer, kind in sorted(cache.grads):
+            if layers is None or layer in layers:
+                rows = cache.stacked((layer, kind)).double()
+                grams[(layer, kind)] = rows.T @ rows
+        if not grams:
+            raise SpdLensError(f"the cache holds none of the layers {layers}: it has {cache.layers}")
+        meta = {**cache.meta, "layers": sorted({layer for layer, _ in grams}), "n_rows": int(cache.attention_mask.sum()),
+                "example_ids": cache.example_ids, "source": "gradient_cache"}
+        return cls(grams, meta, RankPolicy.make(rank, rank_frac, energy))
+
     def with_rank(self, rank: int | None = None, frac: float | None = None, energy: float | None = None):
         """The same subspace under another rank policy (no new gradients needed)."""
         return CapabilitySubspace(self.grams, self.meta, RankPolicy.make(rank, frac, energy))
