@@ -86,6 +86,47 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Self-generation for a task's prompts, optionally with K/V projected onto a subspace."""
+    from contextlib import nullcontext
+
+    from spd_lens.models import load_hf
+    from spd_lens.projection import Projection, fold_projection, save_folded
+    from spd_lens.sampling import SamplingConfig, generate_jsonl
+    from spd_lens.subspace import CapabilitySubspace
+    from spd_lens.tasks import get_task
+
+    task = get_task(args.task, **({"path": args.data} if args.data else {}))
+    config = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_new_tokens=args.max_new_tokens or task.max_new_tokens, num_samples=args.num_samples,
+                            seed=args.seed, batch_size=args.batch_size)
+    if (args.fold or args.save_folded) and not args.subspace:
+        raise SpdLensError("--fold and --save-folded need --subspace DIR")
+    model, tokenizer = load_hf(args.model)
+    examples = task.examples(args.split, n=args.n, seed=args.seed)
+    provenance: dict = {"split": args.split, "projection": None}
+    hooks = nullcontext()
+    if args.subspace:
+        subspace = CapabilitySubspace.load(args.subspace, model)
+        projection = Projection.build(subspace, layers=args.layers, kinds=args.kinds, layout=args.layout,
+                                      heads=args.heads, alpha=args.alpha)
+        provenance["projection"] = projection.provenance()
+        if args.fold or args.save_folded:
+            folded = fold_projection(model, projection)
+            if args.save_folded:
+                save_folded(folded, tokenizer, args.save_folded)
+            if args.fold:
+                folded.config.spd_lens_model_id = model.config.spd_lens_model_id
+                model = folded
+        if not args.fold:
+            hooks = projection.apply(model)
+    with hooks:
+        path = generate_jsonl(model, tokenizer, examples, args.out, config, task=task.name, provenance=provenance,
+                              progress=_progress("generate"))
+    print(f"{len(examples) * config.num_samples} completions in {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: see spd_lens.demo."""
     from spd_lens.demo import run_demo
@@ -139,6 +180,31 @@ def build_parser() -> argparse.ArgumentParser:
                          help="capture through the TransformerBridge's hook_k/hook_v (same result, slower)")
     extract.add_argument("--out", required=True, help="directory for subspace.safetensors + subspace.json")
     extract.set_defaults(func=cmd_extract)
+
+    generate = commands.add_parser("generate", help="self-generation (optionally projected) exported as JSONL")
+    generate.add_argument("--model", default="smollm2-135m-instruct")
+    generate.add_argument("--task", required=True)
+    generate.add_argument("--data", help="local JSONL (or directory) for hub tasks")
+    generate.add_argument("--n", type=int, required=True, help="number of prompts")
+    generate.add_argument("--split", default="train", choices=["train", "test"])
+    generate.add_argument("--subspace", help="directory of a saved subspace: project K/V onto it")
+    generate.add_argument("--fold", action="store_true", help="fold the projection into the weights (no hooks)")
+    generate.add_argument("--save-folded", help="also save the folded model as a Hugging Face checkpoint here")
+    generate.add_argument("--alpha", type=float, default=1.0, help="projection strength in [0, 1] (1 = K·P)")
+    generate.add_argument("--layout", default="flat", choices=["flat", "head"])
+    generate.add_argument("--heads", type=_int_list, help="KV heads to project (layout head)")
+    generate.add_argument("--layers", type=_int_list, help="subset of the subspace's layers to project")
+    generate.add_argument("--kinds", type=lambda t: [k for k in t.split(",") if k], default=["k", "v"],
+                          help="k, v or k,v (default)")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--max-new-tokens", type=int, help="default: the task's budget")
+    generate.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--batch-size", type=int, default=8)
+    generate.add_argument("--out", required=True, help="JSONL file (resumed if it exists with the same settings)")
+    generate.set_defaults(func=cmd_generate)
 
     demo = commands.add_parser("demo", help="the main job: capability subspaces of the default model")
     demo.add_argument("--out", default="runs/demo")

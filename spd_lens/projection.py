@@ -1,0 +1,227 @@
+"""Projecting attention keys and values onto a capability subspace (SPD step 4).
+
+Where it sits: on the output of each target layer's `k_proj` / `v_proj`, which is exactly
+TransformerLens's `blocks.{l}.attn.hook_k` / `hook_v` (shape `[batch, pos, kv_head, d_head]`),
+*before RoPE* and before any key norm. Each K (or V) row k becomes k·M with
+
+    M = (1 - alpha)·I + alpha·P,   P = V_r V_rᵀ  (alpha = 1 is the paper's hard projection K·P)
+
+in the flattened layout (`kv_heads*d_head`), or block-diagonal with one `d_head` projector per
+selected KV head in the per-head layout (unselected heads pass unchanged).
+
+Folding: k_proj computes k = x·Wᵀ + b, so k·M = x·(M W)ᵀ + b·M because M is symmetric: the same
+map is the linear layer W' = M·W, b' = M·b. Because the projection acts on the linear output
+before anything position-dependent (RoPE) or nonlinear, folding is exact; a projector placed
+after RoPE could not be folded. Under a KV cache each position's K/V passes the hook once, when
+it is computed, so cached and uncached generation agree.
+
+Example:
+    >>> from spd_lens import load_model, extract_subspace
+    >>> model = load_model("tiny")
+    >>> subspace = extract_subspace(model, "arithmetic", n=2, rank=4)
+    >>> with project(model, subspace, alpha=1.0):
+    ...     logits = model(model.tokenizer("12+3=", return_tensors="pt").input_ids)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from spd_lens.errors import SpdLensError
+from spd_lens.gradients import KINDS
+from spd_lens.models import hf_model_of
+from spd_lens.subspace import FLAT, CapabilitySubspace
+
+LAYOUTS = ("flat", "head")
+
+
+@dataclass(frozen=True)
+class ProjectionSettings:
+    """Which K/V to project and how: recorded with every generation."""
+
+    layers: tuple[int, ...] = ()
+    kinds: tuple[str, ...] = KINDS
+    layout: str = "flat"
+    heads: tuple[int, ...] | None = None  # per-head layout only; None = all heads
+    alpha: float = 1.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Projection:
+    """The maps M per (layer, kind) for one subspace and settings; attach with `apply()`."""
+
+    subspace: CapabilitySubspace
+    settings: ProjectionSettings
+    maps: dict[tuple[int, str], Float[Tensor, "dim dim"]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, subspace: CapabilitySubspace, *, layers: Sequence[int] | None = None,
+              kinds: Sequence[str] = KINDS, layout: str = "flat", heads: Sequence[int] | None = None,
+              alpha: float = 1.0) -> "Projection":
+        if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+            raise SpdLensError(f"alpha must be in [0, 1] (0 = no projection, 1 = hard projection K·P), got {alpha!r}")
+        if layout not in LAYOUTS:
+            raise SpdLensError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+        bad_kinds = [k for k in kinds if k not in KINDS]
+        if bad_kinds or not kinds:
+            raise SpdLensError(f"kinds must be a non-empty selection of {list(KINDS)}, got {list(kinds)}")
+        layers = tuple(subspace.layers if layers is None else sorted(set(layers)))
+        missing = [layer for layer in layers if layer not in subspace.layers]
+        if missing:
+            raise SpdLensError(f"layer(s) {missing} are not in the subspace, which has layers {subspace.layers}")
+        n_kv = subspace.n_kv_heads
+        if heads is not None:
+            if layout != "head":
+                raise SpdLensError("selecting heads needs layout='head' (the flattened basis mixes heads)")
+            heads = tuple(sorted(set(int(h) for h in heads)))
+            bad = [h for h in heads if not 0 <= h < n_kv]
+            if bad or not heads:
+                raise SpdLensError(f"head(s) {bad or list(heads)} out of range: the model has {n_kv} KV heads (0..{n_kv - 1})")
+        settings = ProjectionSettings(layers, tuple(kinds), layout, heads, float(alpha))
+        maps = {}
+        for layer in layers:
+            for kind in kinds:
+                dim = subspace.grams[(layer, kind)].shape[0]
+                if layout == "flat":
+                    projector = subspace.projector(layer, kind, FLAT)
+                else:
+                    d_head = dim // n_kv
+                    projector = torch.eye(dim, dtype=torch.float64)
+                    for h in heads if heads is not None else range(n_kv):
+                        block = slice(h * d_head, (h + 1) * d_head)
+                        projector[block, block] = subspace.projector(layer, kind, h)
+                identity = torch.eye(dim, dtype=torch.float64)
+                maps[(layer, kind)] = (1.0 - alpha) * identity + alpha * projector
+        return cls(subspace, settings, maps)
+
+    def provenance(self) -> dict:
+        meta = self.subspace.meta
+        ranks = {f"layer{layer}.{kind}": self.subspace.rank(layer, kind, FLAT) for layer, kind in self.maps}
+        if self.settings.layout == "head":
+            ranks = {f"layer{layer}.{kind}.head{h}": self.subspace.rank(layer, kind, h) for layer, kind in self.maps
+                     for h in (self.settings.heads or range(self.subspace.n_kv_heads))}
+        return {"subspace_id": meta.get("config_hash"), "subspace_task": meta.get("task"),
+                "subspace_model": meta.get("model_id"), "rank_policy": meta.get("rank_policy"), "ranks": ranks,
+                **self.settings.as_dict()}
+
+    @contextmanager
+    def apply(self, model):
+        """Install the projection hooks on `model` (bridge or HF); removes exactly them on exit."""
+        handle = self.attach(model)
+        try:
+            yield handle
+        finally:
+            handle.remove()
+
+    def attach(self, model) -> "ProjectionHandle":
+        """Install the hooks and return a handle whose `remove()` takes exactly them off."""
+        self.subspace.check_compatible(model)
+        if hasattr(model, "original_model"):
+            handles = []
+            for (layer, kind), matrix in self.maps.items():
+                hook_point = model.hook_dict[f"blocks.{layer}.attn.hook_{kind}"]
+                handles.append(_LensRemover(hook_point, hook_point.add_hook(_bridge_hook(matrix), dir="fwd")))
+        else:
+            handles = []
+            attention = hf_model_of(model).model.layers
+            for (layer, kind), matrix in self.maps.items():
+                module = getattr(attention[layer].self_attn, f"{kind}_proj")
+                handles.append(module.register_forward_hook(_linear_hook(matrix)))
+        return ProjectionHandle(handles)
+
+
+class _LensRemover:
+    """Takes one TransformerLens hook off its hook point (and out of its bookkeeping)."""
+
+    def __init__(self, hook_point, lens_handle):
+        self.hook_point, self.lens_handle = hook_point, lens_handle
+
+    def remove(self) -> None:
+        self.lens_handle.hook.remove()
+        self.hook_point.fwd_hooks = [h for h in self.hook_point.fwd_hooks if h is not self.lens_handle]
+
+
+class ProjectionHandle:
+    """Removes the hooks one `Projection.attach` installed (and no others)."""
+
+    def __init__(self, handles: list):
+        self._handles = handles
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+
+def _apply_map(flat: Tensor, matrix: Tensor) -> Tensor:
+    return flat @ matrix.to(device=flat.device, dtype=flat.dtype)
+
+
+def _linear_hook(matrix: Tensor):
+    def hook(module, args, output):
+        return _apply_map(output, matrix)
+
+    return hook
+
+
+def _bridge_hook(matrix: Tensor):
+    def hook(tensor: Float[Tensor, "batch pos kv_head d_head"], hook) -> Tensor:
+        shape = tensor.shape
+        return _apply_map(tensor.reshape(*shape[:-2], -1), matrix).reshape(shape)
+
+    return hook
+
+
+@contextmanager
+def project(model, subspace: CapabilitySubspace, *, layers: Sequence[int] | None = None, kinds: Sequence[str] = KINDS,
+            layout: str = "flat", heads: Sequence[int] | None = None, alpha: float = 1.0):
+    """`with project(model, subspace):` K and V at the subspace's layers are projected.
+
+    Works on a TransformerBridge (hooks on `hook_k`/`hook_v`, also active during
+    `model.original_model.generate`) and on a plain HF model (hooks on `k_proj`/`v_proj`).
+    """
+    projection = Projection.build(subspace, layers=layers, kinds=kinds, layout=layout, heads=heads, alpha=alpha)
+    with projection.apply(model) as handle:
+        yield handle
+
+
+def fold_projection(model, projection: Projection):
+    """A copy of the (unbooted) HF model with each M folded into k_proj / v_proj: no hooks needed."""
+    if hasattr(model, "original_model"):
+        raise SpdLensError("fold on the plain model from spd_lens.load_hf, not a TransformerBridge "
+                           "(booting rewires the modules, so a booted copy cannot be saved as a plain checkpoint)")
+    projection.subspace.check_compatible(model)
+    folded = copy.deepcopy(model)
+    attention = folded.model.layers
+    with torch.no_grad():
+        for (layer, kind), matrix in projection.maps.items():
+            linear = getattr(attention[layer].self_attn, f"{kind}_proj")
+            m = matrix.to(dtype=torch.float64, device=linear.weight.device)
+            linear.weight.copy_((m @ linear.weight.double()).to(linear.weight.dtype))
+            if linear.bias is not None:
+                linear.bias.copy_((m @ linear.bias.double()).to(linear.bias.dtype))
+    folded.config.spd_lens_projection = projection.provenance()
+    return folded
+
+
+def save_folded(folded, tokenizer, directory) -> None:
+    """A plain Hugging Face checkpoint directory (`AutoModelForCausalLM.from_pretrained` loads it)."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    folded.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)

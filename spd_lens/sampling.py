@@ -1,0 +1,170 @@
+"""Batched self-generation and its JSONL export, resumable.
+
+`sample(model, tokenizer, prompts, config)` generates `num_samples` completions per prompt with
+left padding, a KV cache, temperature / top-p / top-k, stopping at end of turn. Each batch is
+seeded from (seed, index of its first prompt), so a resumed run produces what an uninterrupted
+run would have.
+
+`generate_jsonl(...)` writes one record per completion in the chat `messages` format, into
+`OUT.partial` batch by batch (each batch one write + fsync), renamed to `OUT` when complete.
+Rerunning the same command resumes: records of prompts already complete are kept, a torn tail is
+dropped, and nothing is duplicated. Settings that differ from the file's are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import spd_lens
+from spd_lens.chat import encode, end_of_turn_ids, messages, render_prompt
+from spd_lens.errors import SpdLensError
+from spd_lens.models import hf_model_of, model_id
+from spd_lens.tasks import Example
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 256
+    num_samples: int = 1
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self):
+        checks = [
+            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
+            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SpdLensError(message)
+
+
+def sample(model, tokenizer, prompts: Sequence[str], config: SamplingConfig, *, first_index: int = 0) -> list[list[str]]:
+    """`config.num_samples` completions for each user prompt (one batch; see `sample_batches`)."""
+    hf = hf_model_of(model)
+    rendered = [render_prompt(tokenizer, p) for p in prompts]
+    encoded = [encode(tokenizer, text) for text in rendered]
+    length = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (length - len(e)) + e for e in encoded], device=hf.device)
+    attention = torch.tensor([[0] * (length - len(e)) + [1] * len(e) for e in encoded], device=hf.device)
+    greedy = config.temperature == 0
+    options = dict(max_new_tokens=config.max_new_tokens, do_sample=not greedy, eos_token_id=end_of_turn_ids(tokenizer),
+                   pad_token_id=pad, use_cache=True, num_return_sequences=config.num_samples)
+    if not greedy:
+        options.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None)
+    else:
+        options.update(temperature=None, top_p=None, top_k=None)
+    torch.manual_seed(config.seed * 1_000_003 + first_index)
+    with torch.no_grad():
+        output = hf.generate(input_ids=ids, attention_mask=attention, **options)
+    texts = tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
+    return [texts[i * config.num_samples:(i + 1) * config.num_samples] for i in range(len(prompts))]
+
+
+def _read_records(path: Path) -> tuple[list[dict], int]:
+    """Complete records of a JSONL file and the byte length they take (a torn tail is left out)."""
+    records, good_bytes = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            good_bytes += len(line)
+    return records, good_bytes
+
+
+def _settings_differences(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: file has {old.get(k)!r}, now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def generate_jsonl(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    out: str | Path,
+    config: SamplingConfig,
+    *,
+    task: str,
+    provenance: dict | None = None,
+    progress: Callable | None = None,
+) -> Path:
+    """Generate for every example and export to `out` (see the module docstring). Returns `out`."""
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    if out.is_dir():
+        raise SpdLensError(f"--out {str(out)!r} is a directory: give a file path such as {str(out / 'generations.jsonl')!r}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpdLensError(f"cannot create the directory of {str(out)!r}: {err}") from err
+    settings = {"model": model_id(model), "task": task, **asdict(config), **(provenance or {}),
+                "spd_lens_version": spd_lens.__version__}
+    # Only whole batches are kept on resume: a batch's output depends on its members (padding,
+    # random stream), so a batch is regenerated whole or not at all.
+    batch_of = {e.id: i // config.batch_size for i, e in enumerate(examples)}
+    existing = partial if partial.exists() else out if out.exists() else None
+    kept: list[dict] = []
+    if existing is not None:
+        records, _ = _read_records(existing)
+        if records:
+            differences = _settings_differences(records[0].get("settings", {}), settings)
+            if differences:
+                raise SpdLensError(f"{existing} was made with other settings; refusing to mix ({'; '.join(differences)}). "
+                                   "Use another output path or the same settings")
+        by_key = {(r.get("prompt_id"), r.get("sample_index")): r for r in records if r.get("prompt_id") in batch_of}
+        for batch in sorted(set(batch_of.values())):
+            members = [e.id for e in examples if batch_of[e.id] == batch]
+            keys = [(pid, k) for pid in members for k in range(config.num_samples)]
+            if all(key in by_key for key in keys):
+                kept.extend(by_key[key] for key in keys)
+        _rewrite(partial, kept)
+        if existing == out:
+            out.unlink()
+    done_batches = {batch_of[r["prompt_id"]] for r in kept}
+    try:
+        handle = open(partial, "ab")
+    except OSError as err:
+        raise SpdLensError(f"cannot write {str(partial)!r}: {err}") from err
+    batch_starts = [i for i in range(0, len(examples), config.batch_size) if i // config.batch_size not in done_batches]
+    with handle:
+        for start in progress(batch_starts) if progress else batch_starts:
+            batch = examples[start:start + config.batch_size]
+            # Seeded by the batch's position in the full list: a resumed run reproduces the same output.
+            completions = sample(model, tokenizer, [e.prompt for e in batch], config, first_index=start)
+            lines = []
+            for example, samples in zip(batch, completions):
+                for sample_index, text in enumerate(samples):
+                    record = {"id": f"{example.id}#{sample_index}", "task": task, "prompt_id": example.id,
+                              "sample_index": sample_index, "messages": messages(example.prompt, text),
+                              "settings": settings}
+                    lines.append(json.dumps(record) + "\n")
+            handle.write("".join(lines).encode())
+            handle.flush()
+            os.fsync(handle.fileno())
+    os.replace(partial, out)
+    return out
+
+
+def _rewrite(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(tmp, path)
