@@ -64,6 +64,24 @@ def render_conversation(tokenizer: PreTrainedTokenizerBase, user: str, assistant
     return Conversation(text=text, answer_start=len(prompt), answer_end=len(prompt) + len(assistant))
 
 
+@dataclass(frozen=True)
+class EncodedConversation:
+    """Token ids of a rendered conversation, each token's character offsets, and which are the answer's."""
+
+    conversation: Conversation
+    input_ids: list[int]
+    offsets: list[tuple[int, int]]
+    answer_mask: list[bool]  # the answer's tokens and the end-of-turn marker after it
+
+
+def encode_conversation(tokenizer: PreTrainedTokenizerBase, user: str, assistant: str) -> EncodedConversation:
+    conversation = render_conversation(tokenizer, user, assistant)
+    encoding = tokenizer(conversation.text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = [tuple(o) for o in encoding["offset_mapping"]]
+    answer = [end > conversation.answer_start for _, end in offsets]
+    return EncodedConversation(conversation, list(encoding["input_ids"]), offsets, answer)
+
+
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of already-rendered text (no special tokens added)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]

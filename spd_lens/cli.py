@@ -127,25 +127,80 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: see spd_lens.demo."""
-    from spd_lens.demo import run_demo
+def _run_and_report(config, out) -> int:
+    from spd_lens.experiment import format_table, run_experiment
 
-    summary = run_demo(args.out, model=args.model, n=args.n, seed=args.seed,
-                       progress=lambda task: _progress(f"gradients {task}"))
-    for task, info in summary["tasks"].items():
-        print(f"\n{task}: {info['gradient_rows']} gradient rows, {info['extraction_seconds']:.1f} s")
-        print(f"  {'basis':<14} {'rank':>8} {'energy':>7}   head shares of gradient energy")
-        for row in info["bases"]:
-            if row["head"] != "flat":
-                continue
-            shares = info["head_energy_share"][f"layer{row['layer']}.{row['kind']}"]
-            print(f"  layer{row['layer']:<3} {row['kind'].upper():<5} {row['rank']:>4}/{row['dim']:<3} "
-                  f"{row['explained_energy']:>7.3f}   " + " ".join(f"{share:.2f}" for share in shares))
-    print("\noverlap of the two capabilities' subspaces (mean cos^2 of principal angles; random control beside):")
-    for key, value in summary["overlap"].items():
-        print(f"  {key:<10} {value['between_tasks']:.3f}  (random {value['with_random']:.3f})")
-    print(f"\nresults: {args.out}/summary.json")
+    metrics = run_experiment(config, out, progress=_progress_labelled, log=lambda m: print(f"[spd-lens] {m}", flush=True))
+    print()
+    print(format_table(metrics))
+    print("\nstage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["stage_seconds"].items()))
+    print(f"metrics: {out}/metrics.json\nreport:  {out}/report.html")
+    return 0
+
+
+def _progress_labelled(label: str):
+    from tqdm.auto import tqdm
+
+    return lambda iterable: tqdm(iterable, desc=label, leave=False)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """A full experiment from a TOML config."""
+    from pathlib import Path
+
+    from spd_lens.config import load_config
+
+    config = load_config(args.config)
+    return _run_and_report(config, args.out or str(Path("runs") / config.name))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job: the quick comparison (base, psr, spd, spd-random) on the default model."""
+    from importlib.resources import files
+
+    from spd_lens.config import load_config
+
+    config = load_config(files("spd_lens") / "configs" / "quick.toml")
+    return _run_and_report(config, args.out)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from spd_lens.train import TrainConfig, train_on_jsonl
+
+    config = TrainConfig(lora=not args.full, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+                         grad_accum=args.grad_accum, loss_on=args.loss_on, checkpoint_every=args.checkpoint_every,
+                         seed=args.seed)
+    out = train_on_jsonl(args.model, args.data, args.out, config, progress=_progress_labelled("train"))
+    print(f"trained: {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from spd_lens.evaluate import evaluate, write_json
+    from spd_lens.models import load_hf
+    from spd_lens.sampling import SamplingConfig
+    from spd_lens.tasks import get_task
+    from spd_lens.train import load_trained
+
+    task = get_task(args.task, **({"path": args.data} if args.data else {}))
+    model, tokenizer = load_trained(args.model, args.adapter) if args.adapter else load_hf(args.model)
+    config = SamplingConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens or task.max_new_tokens,
+                            seed=args.seed, batch_size=args.batch_size)
+    out = Path(args.out)
+    result = evaluate(model, tokenizer, task, n=args.n, split=args.split, seed=args.seed, config=config,
+                      generations=out.with_suffix(".generations.jsonl"), progress=_progress_labelled("eval"))
+    write_json(out, {**result.as_dict(), "model": args.model, "adapter": args.adapter})
+    print(json.dumps({"task": task.name, "score": result.score, "ci": result.ci, "n": result.n}))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from spd_lens.experiment import write_run_report
+
+    print(f"report: {write_run_report(args.run_dir)}")
     return 0
 
 
@@ -206,12 +261,46 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", required=True, help="JSONL file (resumed if it exists with the same settings)")
     generate.set_defaults(func=cmd_generate)
 
-    demo = commands.add_parser("demo", help="the main job: capability subspaces of the default model")
+    demo = commands.add_parser("demo", help="the main job: the quick SPD comparison on the default model")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--model", default="smollm2-135m-instruct")
-    demo.add_argument("--n", type=int, default=32)
-    demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+
+    run = commands.add_parser("run", help="a full experiment from a TOML config (resumable)")
+    run.add_argument("config")
+    run.add_argument("--out", help="run directory (default runs/<config name>)")
+    run.set_defaults(func=cmd_run)
+
+    train = commands.add_parser("train", help="fine-tune on an exported JSONL (LoRA by default)")
+    train.add_argument("--model", default="smollm2-135m-instruct")
+    train.add_argument("--data", required=True, help="JSONL from spd-lens generate")
+    train.add_argument("--out", required=True)
+    train.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    train.add_argument("--lr", type=float, default=1e-5)
+    train.add_argument("--epochs", type=int, default=5)
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--loss-on", default="completion", choices=["completion", "all"])
+    train.add_argument("--checkpoint-every", type=int, default=50)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="score a model (optionally with a trained adapter) on a task")
+    evaluate.add_argument("--model", default="smollm2-135m-instruct")
+    evaluate.add_argument("--adapter", help="directory written by spd-lens train")
+    evaluate.add_argument("--task", required=True)
+    evaluate.add_argument("--data")
+    evaluate.add_argument("--n", type=int)
+    evaluate.add_argument("--split", default="test", choices=["train", "test"])
+    evaluate.add_argument("--temperature", type=float, default=0.0)
+    evaluate.add_argument("--max-new-tokens", type=int)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", required=True, help="JSON file for the score, CI and per-example results")
+    evaluate.set_defaults(func=cmd_eval)
+
+    report = commands.add_parser("report", help="write RUN_DIR/report.html from a run's metrics")
+    report.add_argument("run_dir")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

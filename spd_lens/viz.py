@@ -66,3 +66,50 @@ def head_energy_figure(cache, kind: str = "k") -> go.Figure:
                                   hoverinfo="text", colorscale="Viridis", colorbar={"title": "share"}))
     figure.update_layout(title=f"share of {kind.upper()} gradient energy per KV head", yaxis_title="layer")
     return figure
+
+
+def method_scores_figure(metrics: dict) -> go.Figure:
+    """Per-method score bars with 95% confidence intervals (hover: method, score, CI, n)."""
+    methods = metrics["methods"]
+    names = list(methods)
+    scores = [methods[m]["score"] for m in names]
+    upper = [methods[m]["ci"][1] - methods[m]["score"] for m in names]
+    lower = [methods[m]["score"] - methods[m]["ci"][0] for m in names]
+    hover = [f"{m}<br>score {methods[m]['score']:.3f}<br>95% CI [{methods[m]['ci'][0]:.3f}, {methods[m]['ci'][1]:.3f}]"
+             f"<br>n {methods[m]['n']}" for m in names]
+    figure = go.Figure(go.Bar(x=names, y=scores, error_y={"type": "data", "array": upper, "arrayminus": lower},
+                              hovertext=hover, hoverinfo="text", marker_color="#4c78a8"))
+    figure.update_layout(title=f"{metrics.get('task')} ({metrics.get('model')}): score per method, 95% bootstrap CI",
+                         yaxis_title="score", yaxis_range=[0, max(1e-3, max(methods[m]["ci"][1] for m in names)) * 1.1])
+    return figure
+
+
+def spectrum_figure(subspace, kind: str = "k", head="flat") -> go.Figure:
+    """Cumulative gradient energy against rank per layer, with the chosen rank marked."""
+    figure = go.Figure()
+    for layer in subspace.layers:
+        values = subspace.singular_values(layer, kind, head).double() ** 2
+        cumulative = (values.cumsum(0) / values.sum()).tolist()
+        rank = subspace.rank(layer, kind, head)
+        figure.add_scatter(x=list(range(1, len(cumulative) + 1)), y=cumulative, mode="lines", name=f"layer {layer}",
+                           hovertemplate=f"layer {layer}<br>rank %{{x}}<br>energy %{{y:.4f}}<extra></extra>")
+        figure.add_scatter(x=[rank], y=[cumulative[rank - 1]], mode="markers", marker={"size": 10, "symbol": "x"},
+                           name=f"layer {layer} chosen rank {rank}", showlegend=True)
+    figure.update_layout(title=f"cumulative {kind.upper()} gradient energy by rank ({'flattened' if head == 'flat' else f'head {head}'})",
+                         xaxis_title="rank", yaxis_title="fraction of Σσ²")
+    return figure
+
+
+def write_report(path, figures: list[go.Figure], title: str, notes: str = "") -> None:
+    """One self-contained HTML file (plotly.js embedded once: opens offline)."""
+    from pathlib import Path
+
+    parts = [f"<html><head><meta charset='utf-8'><title>{title}</title></head><body>", f"<h1>{title}</h1>",
+             f"<pre>{notes}</pre>" if notes else ""]
+    for i, figure in enumerate(figures):
+        parts.append(figure.to_html(full_html=False, include_plotlyjs=(i == 0)))
+    parts.append("</body></html>")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(parts), encoding="utf-8")
+    tmp.replace(path)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from transformers import PreTrainedTokenizerBase
 
-from spd_lens.chat import render_conversation
+from spd_lens.chat import encode_conversation
 from spd_lens.errors import SpdLensError
 
 SPLITS = ("train", "test")
@@ -116,12 +116,11 @@ def locate_spans(tokenizer: PreTrainedTokenizerBase, example: Example) -> Encode
             f"example {example.id!r}: correctness spans {bad or 'none'} do not lie inside its reference answer "
             f"of {len(example.reference)} characters; each span must be (start, end) with 0 <= start < end <= length"
         )
-    conversation = render_conversation(tokenizer, example.prompt, example.reference)
-    encoding = tokenizer(conversation.text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = encoding["offset_mapping"]
-    absolute = [(conversation.answer_start + a, conversation.answer_start + b) for a, b in example.spans]
-    correctness = [any(s < span_end and e > span_start for span_start, span_end in absolute) for s, e in offsets]
-    answer = [e > conversation.answer_start for s, e in offsets]
+    encoded = encode_conversation(tokenizer, example.prompt, example.reference)
+    start = encoded.conversation.answer_start
+    absolute = [(start + a, start + b) for a, b in example.spans]
+    correctness = [any(s < span_end and e > span_start for span_start, span_end in absolute) for s, e in encoded.offsets]
+    answer = encoded.answer_mask
     if not any(correctness):
         raise SpdLensError(
             f"example {example.id!r}: its correctness span(s) {example.span_texts()!r} cover no token of "
@@ -130,7 +129,7 @@ def locate_spans(tokenizer: PreTrainedTokenizerBase, example: Example) -> Encode
     prompt_length = next(i for i, is_answer in enumerate(answer) if is_answer)
     return EncodedExample(
         example_id=example.id,
-        input_ids=list(encoding["input_ids"]),
+        input_ids=encoded.input_ids,
         correctness_mask=correctness,
         answer_mask=answer,
         prompt_length=prompt_length,

@@ -1,0 +1,90 @@
+"""Evaluation: generate on held-out examples, score with the task's scorer, bootstrap a 95% CI.
+
+Code is scored by executing the tests in `spd_lens.sandbox`; math by exact numeric match; multiple
+choice by the option letter. Generations go through the resumable JSONL export, so an
+interrupted evaluation continues where it stopped.
+
+Example:
+    >>> import random
+    >>> lo, hi = bootstrap_ci([True] * 30 + [False] * 70, seed=0)
+    >>> lo < 0.3 < hi
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from spd_lens.errors import SpdLensError
+from spd_lens.sampling import SamplingConfig, generate_jsonl
+from spd_lens.tasks import Example, Task, get_task
+
+
+@dataclass
+class EvalResult:
+    task: str
+    score: float
+    ci: tuple[float, float]
+    n: int
+    results: list[dict]
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ci": list(self.ci)}
+
+
+def bootstrap_ci(outcomes: Sequence[bool | float], *, resamples: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean."""
+    if not outcomes:
+        raise SpdLensError("no outcomes to compute a confidence interval from")
+    values = [float(v) for v in outcomes]
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(resamples))
+    tail = (1 - level) / 2
+    return means[int(tail * resamples)], means[min(resamples - 1, int((1 - tail) * resamples))]
+
+
+def score_records(task: Task, examples_by_id: dict[str, Example], records: list[dict],
+                  progress: Callable | None = None) -> EvalResult:
+    """Score completion records (`prompt_id` + completion text) against the task's examples."""
+    results = []
+    for record in progress(records) if progress else records:
+        example = examples_by_id.get(record["prompt_id"])
+        if example is None:
+            raise SpdLensError(f"prompt id {record['prompt_id']!r} is not an example of task {task.name!r}")
+        verdict = task.score(example, record["completion"])
+        results.append({"prompt_id": record["prompt_id"], "passed": verdict.passed, "status": verdict.status,
+                        "completion": record["completion"], "detail": verdict.detail[-300:]})
+    if not results:
+        raise SpdLensError("no completions to score")
+    outcomes = [r["passed"] for r in results]
+    return EvalResult(task.name, sum(outcomes) / len(outcomes), bootstrap_ci(outcomes), len(outcomes), results)
+
+
+def evaluate(model, tokenizer, task: str | Task, *, n: int | None = None, split: str = "test", seed: int = 0,
+             config: SamplingConfig | None = None, generations: str | Path, provenance: dict | None = None,
+             progress: Callable | None = None) -> EvalResult:
+    """Greedy (by default) generation on `split` examples, scored; generations saved to `generations`."""
+    task = get_task(task)
+    examples = task.examples(split, n=n, seed=seed)
+    config = config or SamplingConfig(temperature=0.0, max_new_tokens=task.max_new_tokens, seed=seed)
+    path = generate_jsonl(model, tokenizer, examples, generations, config, task=task.name,
+                          provenance={"split": split, **(provenance or {})}, progress=progress)
+    records = [json.loads(line) for line in open(path, encoding="utf-8")]
+    records = [{"prompt_id": r["prompt_id"], "completion": r["messages"][-1]["content"]} for r in records]
+    return score_records(task, {e.id: e for e in examples}, records)
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write JSON atomically (a temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)

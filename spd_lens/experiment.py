@@ -1,0 +1,226 @@
+"""`run_experiment`: one run directory per config, stage by stage, each stage resumable.
+
+    RUN/config.json                      resolved config (a rerun with another config is refused)
+    RUN/subspaces/{gradient,fullseq}-seed{s}/   capability subspaces (random ones derive from gradient)
+    RUN/generations/{method}-seed{s}.jsonl      self-generated training data
+    RUN/adapters/{method}-seed{s}/              trained LoRA adapters
+    RUN/eval/{method}[-seed{s}].jsonl / .json   evaluation generations and scores
+    RUN/metrics.json                     {"methods": {name: {"score", "ci", "n", "seeds", ...}}, ...}
+
+A finished stage (its artifact complete) is not redone. The gradient subspace, the base
+evaluation and the prompts are shared by all methods that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import spd_lens
+from spd_lens.config import ExperimentConfig
+from spd_lens.errors import SpdLensError
+from spd_lens.evaluate import bootstrap_ci, evaluate, write_json
+from spd_lens.extract import extract_subspace
+from spd_lens.methods import METHOD_TABLE
+from spd_lens.models import load_hf
+from spd_lens.projection import Projection
+from spd_lens.sampling import SamplingConfig, generate_jsonl
+from spd_lens.subspace import CapabilitySubspace, config_hash, random_like
+from spd_lens.tasks import get_task
+from spd_lens.train import load_trained, train_on_jsonl
+
+Progress = Callable[[str], Callable] | None
+
+
+class Run:
+    def __init__(self, config: ExperimentConfig, out: str | Path, progress: Progress = None, log: Callable = None):
+        self.config = config
+        self.out = Path(out)
+        self.progress = progress
+        self.log = log or (lambda message: None)
+        self.stage_seconds: dict[str, float] = {}
+        self.task = get_task(config.task.name, **({"path": config.task.data} if config.task.data else {}))
+        subspace_task = config.subspace.task or config.task.name
+        data = config.subspace.data if config.subspace.task else config.task.data
+        self.subspace_task = get_task(subspace_task, **({"path": data} if data else {}))
+        self._base = None
+
+    # --- shared pieces ------------------------------------------------------------------------
+
+    def base_model(self):
+        if self._base is None:
+            self._base = load_hf(self.config.model.name)
+        return self._base
+
+    def _bar(self, label: str):
+        return self.progress(label) if self.progress else None
+
+    def _timed(self, stage: str, fn):
+        started = time.time()
+        result = fn()
+        self.stage_seconds[stage] = round(self.stage_seconds.get(stage, 0) + time.time() - started, 2)
+        return result
+
+    def subspace(self, kind: str, seed: int) -> CapabilitySubspace:
+        if kind == "random":
+            return random_like(self.subspace("gradient", seed), seed=seed)
+        directory = self.out / "subspaces" / f"{kind}-seed{seed}"
+        model, tokenizer = self.base_model()
+        try:
+            return CapabilitySubspace.load(directory, model)
+        except SpdLensError:
+            pass
+        self.log(f"extracting the {kind} subspace (seed {seed})")
+        s = self.config.subspace
+        subspace = self._timed("extract", lambda: extract_subspace(
+            model, self.subspace_task, n=s.n, split="train", seed=seed, layers=s.layers, rank=s.rank,
+            rank_frac=s.rank_frac, energy=s.energy, loss="full" if kind == "fullseq" else "correctness",
+            batch_size=s.batch_size, tokenizer=tokenizer, progress=self._bar(f"gradients {kind}")))
+        subspace.save(directory)
+        return subspace
+
+    def projection(self, kind: str, seed: int) -> Projection:
+        p = self.config.projection
+        return Projection.build(self.subspace(kind, seed), kinds=p.kinds, layout=p.layout, heads=p.heads, alpha=p.alpha)
+
+    # --- stages -------------------------------------------------------------------------------
+
+    def generations(self, method: str, seed: int) -> Path:
+        spec = METHOD_TABLE[method]
+        path = self.out / "generations" / f"{method}-seed{seed}.jsonl"
+        if path.is_file():
+            return path
+        c = self.config
+        sampling = c.ssd if spec.sampling == "ssd" else c.sampling
+        config = SamplingConfig(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                                max_new_tokens=c.sampling.max_new_tokens or self.task.max_new_tokens,
+                                num_samples=c.sampling.num_samples, seed=seed, batch_size=c.sampling.batch_size)
+        model, tokenizer = self.base_model()
+        examples = self.task.examples("train", n=c.task.train_n, seed=seed)
+        provenance = {"method": method, "projection": None}
+        self.log(f"self-generation for {method} (seed {seed})")
+        if spec.sampling == "projected":
+            projection = self.projection(spec.subspace, seed)
+            provenance["projection"] = projection.provenance()
+            with projection.apply(model):
+                return self._timed("generate", lambda: generate_jsonl(
+                    model, tokenizer, examples, path, config, task=self.task.name, provenance=provenance,
+                    progress=self._bar(f"generate {method}")))
+        return self._timed("generate", lambda: generate_jsonl(
+            model, tokenizer, examples, path, config, task=self.task.name, provenance=provenance,
+            progress=self._bar(f"generate {method}")))
+
+    def adapter(self, method: str, seed: int) -> Path:
+        data = self.generations(method, seed)
+        out = self.out / "adapters" / f"{method}-seed{seed}"
+        train_config = type(self.config.train)(**{**self.config.train.__dict__, "seed": seed})
+        self.log(f"training {method} (seed {seed})")
+        return self._timed("train", lambda: train_on_jsonl(
+            self.config.model.name, data, out, train_config, progress=self._bar(f"train {method}"),
+            provenance={"method": method, "seed": seed, "run": str(self.out)}))
+
+    def evaluation(self, method: str, seed: int | None) -> dict:
+        spec = METHOD_TABLE[method]
+        stem = method if seed is None else f"{method}-seed{seed}"
+        result_path = self.out / "eval" / f"{stem}.json"
+        if result_path.is_file():
+            return json.loads(result_path.read_text())
+        c = self.config
+        if spec.sampling is not None:
+            adapter = self.adapter(method, seed)
+            model, tokenizer = load_trained(c.model.name, adapter)
+        else:
+            model, tokenizer = self.base_model()
+        config = SamplingConfig(temperature=c.eval.temperature, max_new_tokens=c.eval.max_new_tokens or self.task.max_new_tokens,
+                                seed=0, batch_size=c.eval.batch_size)
+        provenance = {"method": method, "seed": seed}
+
+        def run():
+            return evaluate(model, tokenizer, self.task, n=c.task.eval_n, split=c.task.eval_split, seed=0, config=config,
+                            generations=self.out / "eval" / f"{stem}.jsonl", provenance=provenance,
+                            progress=self._bar(f"eval {stem}"))
+
+        self.log(f"evaluating {stem}")
+        if spec.eval_hooks:
+            projection = self.projection(spec.subspace, c.seeds[0])
+            with projection.apply(model):
+                result = self._timed("eval", run)
+        else:
+            result = self._timed("eval", run)
+        record = {**result.as_dict(), "method": method, "seed": seed}
+        write_json(result_path, record)
+        return record
+
+    # --- the whole run ------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        self._claim_directory()
+        methods = {}
+        for method in self.config.methods:
+            spec = METHOD_TABLE[method]
+            seeds = self.config.seeds if spec.seeded else [None]
+            per_seed = [self.evaluation(method, seed) for seed in seeds]
+            pooled = [r["passed"] for result in per_seed for r in result["results"]]
+            methods[method] = {
+                "score": sum(r["score"] for r in per_seed) / len(per_seed),
+                "ci": list(bootstrap_ci(pooled)),
+                "n": len(pooled),
+                "seeds": {str(r["seed"]): {"score": r["score"], "ci": r["ci"], "n": r["n"]} for r in per_seed}
+                if spec.seeded else {},
+            }
+        metrics = {"run": self.config.name, "task": self.task.name, "subspace_task": self.subspace_task.name,
+                   "model": self.config.model.name, "methods": methods, "stage_seconds": self.stage_seconds,
+                   "config_hash": config_hash(self.config.to_dict()), "spd_lens_version": spd_lens.__version__,
+                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        write_json(self.out / "metrics.json", metrics)
+        write_run_report(self.out)
+        return metrics
+
+    def _claim_directory(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / "config.json"
+        resolved = self.config.to_dict()
+        if path.is_file():
+            # Adding methods to a finished run is fine; changing what they share is not.
+            previous = json.loads(path.read_text())
+            changed = sorted(k for k in resolved if k != "methods" and previous.get(k) != resolved[k])
+            if changed:
+                raise SpdLensError(f"{self.out} holds a run with another config (differs in {changed}); "
+                                   "use another --out or the same config")
+        write_json(path, {**resolved, "spd_lens_version": spd_lens.__version__})
+
+
+def run_experiment(config: ExperimentConfig, out: str | Path, *, progress: Progress = None, log: Callable = None) -> dict:
+    """Run every configured method; returns (and writes) the metrics. See the module docstring."""
+    return Run(config, out, progress, log).run()
+
+
+def format_table(metrics: dict) -> str:
+    rows = [f"{'method':<12} {'score':>7}  {'95% CI':<17} {'n':>5}"]
+    for name, m in metrics["methods"].items():
+        rows.append(f"{name:<12} {m['score']:>7.3f}  [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]  {m['n']:>5}")
+    return "\n".join(rows)
+
+
+def write_run_report(run_dir: str | Path) -> Path:
+    """`RUN/report.html`: method scores with CIs, and the gradient subspaces' spectra."""
+    from spd_lens.viz import method_scores_figure, spectrum_figure, write_report
+
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise SpdLensError(f"{run_dir} has no metrics.json: run `spd-lens run CONFIG --out {run_dir}` first")
+    metrics = json.loads(metrics_path.read_text())
+    figures = [method_scores_figure(metrics)]
+    for directory in sorted((run_dir / "subspaces").glob("gradient-seed*")):
+        try:
+            subspace = CapabilitySubspace.load(directory)
+        except SpdLensError:
+            continue
+        figures += [spectrum_figure(subspace, "k"), spectrum_figure(subspace, "v")]
+        break
+    path = run_dir / "report.html"
+    write_report(path, figures, f"spd_lens run {metrics.get('run')}", format_table(metrics))
+    return path

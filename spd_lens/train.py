@@ -1,0 +1,276 @@
+"""A light trainer on exported JSONL (SPD step 5): next-token loss, LoRA through peft by default.
+
+Defaults are the paper's: LoRA r=8, alpha=8, dropout 0.05 on q/k/v/o; AdamW lr 1e-5, weight
+decay 0.01, cosine schedule, 5 epochs; loss on the completion only (`loss_on="all"` also trains on
+the prompt, the paper's Eq. 14). `accelerate` places the model and shards batches, so the same
+code runs under `torchrun --nproc_per_node N` or `accelerate launch`. Checkpoints (model,
+optimizer, scheduler, RNG states) every `checkpoint_every` optimizer steps; a rerun resumes from
+the last complete one and ends with the same weights as an uninterrupted run.
+
+Example:
+    >>> # train_on_jsonl("tiny", "gen.jsonl", "runs/adapter", TrainConfig(epochs=1))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import spd_lens
+from spd_lens.chat import encode_conversation
+from spd_lens.errors import SpdLensError
+
+DONE_FILE = "train.json"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lora: bool = True
+    lora_r: int = 8
+    lora_alpha: int = 8
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = LORA_TARGETS
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    epochs: int = 5
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    max_length: int = 1024
+    loss_on: str = "completion"  # or "all": prompt and completion
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = [
+            (self.loss_on in ("completion", "all"), f"loss_on must be 'completion' or 'all', got {self.loss_on!r}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
+            (self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r}"),
+            (0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SpdLensError(message)
+
+
+def read_training_records(path: str | Path) -> list[tuple[str, str]]:
+    """(user, assistant) pairs of a chat-`messages` JSONL; errors name the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpdLensError(f"training data {str(path)!r} is not a file: pass a JSONL made by `spd-lens generate`")
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                turns = record["messages"]
+                user = next(t["content"] for t in turns if t["role"] == "user")
+                assistant = next(t["content"] for t in turns if t["role"] == "assistant")
+            except json.JSONDecodeError as err:
+                raise SpdLensError(f"{path}: line {number} is not valid JSON ({err.msg})") from err
+            except (KeyError, TypeError, StopIteration) as err:
+                raise SpdLensError(f"{path}: line {number} has no user and assistant 'messages'") from err
+            pairs.append((str(user), str(assistant)))
+    if not pairs:
+        raise SpdLensError(f"training data {path} holds no records")
+    return pairs
+
+
+def build_features(tokenizer, pairs, config: TrainConfig) -> list[dict]:
+    features = []
+    for user, assistant in pairs:
+        encoded = encode_conversation(tokenizer, user, assistant)
+        ids = encoded.input_ids[: config.max_length]
+        keep = encoded.answer_mask[: config.max_length] if config.loss_on == "completion" else [True] * len(ids)
+        labels = [i if k else -100 for i, k in zip(ids, keep)]
+        labels[0] = -100
+        features.append({"input_ids": ids, "labels": labels})
+    return features
+
+
+def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    length = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), length), -100, dtype=torch.long)
+    attention = torch.zeros((len(features), length), dtype=torch.long)
+    for row, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[row, :n] = torch.tensor(f["input_ids"])
+        labels[row, :n] = torch.tensor(f["labels"])
+        attention[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+
+
+def wrap_for_training(model, config: TrainConfig):
+    """LoRA (peft) on the configured modules, or every parameter for full fine-tuning."""
+    if hasattr(model, "original_model"):
+        raise SpdLensError("train a plain model from spd_lens.load_hf, not a TransformerBridge (booting rewires it)")
+    if not config.lora:
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def _last_checkpoint(directory: Path) -> tuple[int, Path] | None:
+    found = []
+    for path in (directory / "checkpoints").glob("step-*"):
+        if (path / "complete").is_file():
+            found.append((int(path.name.removeprefix("step-")), path))
+    return max(found) if found else None
+
+
+def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: TrainConfig = TrainConfig(), *,
+                   progress: Callable | None = None, provenance: dict | None = None) -> Path:
+    """Fine-tune `model_name` on `data`, saving into `out` (adapter/ or model/, plus train.json).
+
+    A finished `out` (train.json present) is returned as is; an interrupted one resumes.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    from spd_lens.models import load_hf
+
+    out = Path(out)
+    if (out / DONE_FILE).is_file():
+        return out
+    pairs = read_training_records(data)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=config.grad_accum)
+    set_seed(config.seed)
+    model, tokenizer = load_hf(model_name)
+    model.train()
+    model = wrap_for_training(model, config)
+    features = build_features(tokenizer, pairs, config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    per_process = math.ceil(len(features) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(math.ceil(per_process / config.batch_size) / config.grad_accum)
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    step = 0
+    resume = _last_checkpoint(out)
+    if resume is not None:
+        step, checkpoint = resume
+        accelerator.load_state(str(checkpoint))
+    started = time.time()
+    bar = progress(range(total_steps)) if progress and accelerator.is_main_process else None
+    if bar is not None and hasattr(bar, "update"):
+        bar.update(step)
+    losses = []
+    while step < total_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        loader = torch.utils.data.DataLoader(features, batch_size=config.batch_size, shuffle=True, generator=generator,
+                                             collate_fn=lambda f: collate(f, tokenizer.pad_token_id))
+        loader = accelerator.prepare(loader)
+        if done_in_epoch:
+            loader = accelerator.skip_first_batches(loader, done_in_epoch * config.grad_accum)
+        micro = 0
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise SpdLensError(f"training loss is {loss.item()} at step {step} (epoch {epoch}): stopping before "
+                                       "the adapter is poisoned; lower lr or check the data")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            micro += 1
+            if accelerator.sync_gradients:
+                step += 1
+                losses.append(float(loss.detach()))
+                if bar is not None and hasattr(bar, "update"):
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if step % config.checkpoint_every == 0 and step < total_steps:
+                    _save_checkpoint(accelerator, out, step)
+                if step >= total_steps or step % steps_per_epoch == 0:
+                    break
+    if bar is not None and hasattr(bar, "close"):
+        bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model)
+        target = out / ("adapter" if config.lora else "model")
+        tmp = out / (target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        final.save_pretrained(tmp)
+        if not config.lora:
+            tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        record = {"base_model": model_name, "data": str(data), "n_records": len(pairs), "config": asdict(config),
+                  "steps": total_steps, "final_losses": losses[-5:], "seconds_this_run": round(time.time() - started, 2),
+                  "processes": accelerator.num_processes, "spd_lens_version": spd_lens.__version__,
+                  **(provenance or {})}
+        tmp_json = out / (DONE_FILE + ".tmp")
+        tmp_json.write_text(json.dumps(record, indent=2))
+        os.replace(tmp_json, out / DONE_FILE)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _save_checkpoint(accelerator, out: Path, step: int) -> None:
+    directory = out / "checkpoints" / f"step-{step}"
+    accelerator.save_state(str(directory))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (directory / "complete").write_text(str(step))
+        for older in (out / "checkpoints").glob("step-*"):  # keep only the newest complete one
+            if older != directory:
+                shutil.rmtree(older, ignore_errors=True)
+
+
+def load_trained(model_name: str, trained: str | Path, *, merge: bool = True):
+    """(model, tokenizer) of `model_name` with a trained adapter (or a fully fine-tuned model) from `trained`."""
+    from spd_lens.models import load_hf
+
+    trained = Path(trained)
+    meta_path = trained / DONE_FILE
+    if not meta_path.is_file():
+        raise SpdLensError(f"{trained} holds no finished training run ({DONE_FILE} missing): train it with `spd-lens train`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("base_model") != model_name:
+        raise SpdLensError(f"{trained} was trained on {meta.get('base_model')!r}, not {model_name!r}: load it with "
+                           f"model {meta.get('base_model')!r}")
+    if (trained / "model").is_dir():
+        model, tokenizer = load_hf(str(trained / "model"))
+        model.config.spd_lens_model_id = f"{model_name}+{trained}"
+        return model, tokenizer
+    from peft import PeftModel
+
+    model, tokenizer = load_hf(model_name)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(trained / "adapter"))
+    except (OSError, RuntimeError, ValueError) as err:
+        raise SpdLensError(f"the adapter in {trained} does not load into {model_name!r}: {err}") from err
+    model = peft_model.merge_and_unload() if merge else peft_model
+    model.eval()
+    model.config.spd_lens_model_id = f"{model_name}+{trained.name}"
+    return model, tokenizer

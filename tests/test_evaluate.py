@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from spd_lens import SpdLensError, get_task
+from spd_lens.cli import main as cli
+from spd_lens.evaluate import bootstrap_ci, evaluate, score_records
+from spd_lens.models import load_hf
+from spd_lens.sampling import SamplingConfig
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_n():
+    lo, hi = bootstrap_ci([True] * 30 + [False] * 70)
+    assert lo < 0.3 < hi and 0.1 < hi - lo < 0.25
+    lo_big, hi_big = bootstrap_ci(([True] * 30 + [False] * 70) * 10)
+    assert hi_big - lo_big < (hi - lo) / 2
+    assert bootstrap_ci([True] * 5) == (1.0, 1.0)
+    with pytest.raises(SpdLensError):
+        bootstrap_ci([])
+
+
+def test_evaluate_reports_score_ci_and_per_example_results(tmp_path):
+    model, tokenizer = load_hf("tiny")
+    result = evaluate(model, tokenizer, "arithmetic", n=6, config=SamplingConfig(max_new_tokens=6),
+                      generations=tmp_path / "g.jsonl")
+    assert result.n == 6 and len(result.results) == 6 and 0 <= result.score <= 1
+    assert result.ci[0] <= result.score <= result.ci[1]
+    assert {r["status"] for r in result.results} <= {"passed", "failed"}
+    assert all(r["prompt_id"].startswith("arithmetic/test/") for r in result.results)
+
+
+def test_code_scoring_runs_the_tests():
+    task = get_task("humaneval")
+    examples = {e.id: e for e in task.examples("test")[:3]}
+    records = [{"prompt_id": pid, "completion": e.reference} for pid, e in examples.items()]
+    records.append({"prompt_id": records[0]["prompt_id"], "completion": "```python\ndef nothing(): pass\n```"})
+    result = score_records(task, examples, records)
+    assert [r["passed"] for r in result.results] == [True, True, True, False]
+    assert result.score == 0.75
+    with pytest.raises(SpdLensError, match="is not an example"):
+        score_records(task, examples, [{"prompt_id": "HumanEval/999", "completion": ""}])
+
+
+def test_eval_cli_on_tiny(tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert cli(["eval", "--model", "tiny", "--task", "family-mc", "--n", "4", "--max-new-tokens", "4",
+                "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["n"] == 4 and len(saved["results"]) == 4 and "ci" in saved
+
+
+@pytest.mark.slow
+def test_eval_cli_humaneval_pass_at_1_on_the_default_model(tmp_path, capsys):
+    out = tmp_path / "he.json"
+    assert cli(["eval", "--model", "smollm2-135m-instruct", "--task", "humaneval", "--n", "20", "--max-new-tokens",
+                "256", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["n"] == 20 and saved["task"] == "humaneval"
+    statuses = {r["status"] for r in saved["results"]}
+    assert statuses <= {"passed", "failed", "timeout", "error"} and "failed" in statuses
+    assert saved["score"] == sum(r["passed"] for r in saved["results"]) / 20

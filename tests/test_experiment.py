@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from spd_lens import SpdLensError
+from spd_lens.cli import main as cli
+from spd_lens.config import METHODS, config_from_dict
+from spd_lens.experiment import run_experiment
+
+TINY = {"model": {"name": "tiny"}, "seeds": [0, 1], "task": {"name": "arithmetic", "train_n": 6, "eval_n": 5},
+        "subspace": {"n": 4}, "sampling": {"max_new_tokens": 8}, "eval": {"max_new_tokens": 8},
+        "train": {"epochs": 1, "lr": 1e-3}}
+
+
+def test_every_method_runs_and_reruns_do_no_work(tmp_path):
+    metrics = run_experiment(config_from_dict(TINY), tmp_path)
+    assert list(metrics["methods"]) == list(METHODS)
+    for name, m in metrics["methods"].items():
+        assert 0 <= m["ci"][0] <= m["score"] <= m["ci"][1] <= 1 or m["ci"][0] <= m["score"]
+        assert m["n"] == (5 if name in ("base", "hook-only") else 10)
+    assert set(metrics["methods"]["spd"]["seeds"]) == {"0", "1"}
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["methods"].keys() == metrics["methods"].keys()
+    assert (tmp_path / "report.html").stat().st_size > 10_000
+    assert (tmp_path / "subspaces" / "gradient-seed1" / "subspace.json").is_file()
+    assert (tmp_path / "adapters" / "spd-seed0" / "train.json").is_file()
+    again = run_experiment(config_from_dict(TINY), tmp_path)
+    assert again["stage_seconds"] == {} and again["methods"] == metrics["methods"]
+
+
+def test_spd_trains_on_projected_generations(tmp_path):
+    run_experiment(config_from_dict({**TINY, "seeds": [0], "methods": ["psr", "spd"]}), tmp_path)
+    spd = [json.loads(line) for line in open(tmp_path / "generations" / "spd-seed0.jsonl")]
+    psr = [json.loads(line) for line in open(tmp_path / "generations" / "psr-seed0.jsonl")]
+    assert spd[0]["settings"]["projection"]["subspace_task"] == "arithmetic" and psr[0]["settings"]["projection"] is None
+    assert [r["prompt_id"] for r in spd] == [r["prompt_id"] for r in psr]
+
+
+def test_a_run_directory_refuses_another_config(tmp_path):
+    run_experiment(config_from_dict({**TINY, "seeds": [0], "methods": ["base"]}), tmp_path)
+    changed = {**TINY, "seeds": [0], "methods": ["base"], "task": {**TINY["task"], "eval_n": 6}}
+    with pytest.raises(SpdLensError, match=r"another config \(differs in \['task'\]\)"):
+        run_experiment(config_from_dict(changed), tmp_path)
+
+
+def test_run_cli_prints_the_table(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text('methods = ["base", "hook-only"]\n[model]\nname = "tiny"\n[task]\neval_n = 3\n'
+                      '[subspace]\nn = 2\n[eval]\nmax_new_tokens = 4\n')
+    assert cli(["run", str(config), "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "hook-only" in out and "report.html" in out
+    assert cli(["run", str(tmp_path / "missing.toml")]) == 2

@@ -1,0 +1,122 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spd_lens import SpdLensError, get_task
+from spd_lens.models import load_hf
+from spd_lens.sampling import SamplingConfig, generate_jsonl
+from spd_lens.train import TrainConfig, build_features, load_trained, read_training_records, train_on_jsonl
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    model, tokenizer = load_hf("tiny")
+    examples = get_task("arithmetic").examples("train", n=12, seed=0)
+    path = tmp_path_factory.mktemp("data") / "gen.jsonl"
+    return generate_jsonl(model, tokenizer, examples, path, SamplingConfig(temperature=1.0, max_new_tokens=12),
+                          task="arithmetic")
+
+
+def _adapter(out):
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def test_completion_only_labels(tiny_tokenizer):
+    features = build_features(tiny_tokenizer, [("What is 2+2?", "4")], TrainConfig())
+    labelled = [i for i in features[0]["labels"] if i != -100]
+    assert tiny_tokenizer.decode(labelled).startswith("4<|im_end|>")
+    everything = build_features(tiny_tokenizer, [("What is 2+2?", "4")], TrainConfig(loss_on="all"))
+    assert sum(i != -100 for i in everything[0]["labels"]) == len(everything[0]["input_ids"]) - 1
+
+
+def test_bad_training_data_is_named(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(SpdLensError, match="holds no records"):
+        read_training_records(empty)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+                   + "\n{oops\n")
+    with pytest.raises(SpdLensError, match="line 2 is not valid JSON"):
+        read_training_records(bad)
+    shapeless = tmp_path / "shapeless.jsonl"
+    shapeless.write_text(json.dumps({"prompt": "q"}) + "\n")
+    with pytest.raises(SpdLensError, match="line 1 has no user and assistant"):
+        read_training_records(shapeless)
+    with pytest.raises(SpdLensError, match="loss_on must be"):
+        TrainConfig(loss_on="prompt")
+
+
+def test_lora_training_lowers_the_loss_and_loads_back(tmp_path, data):
+    out = train_on_jsonl("tiny", data, tmp_path / "run", TrainConfig(lr=5e-3, epochs=4, batch_size=4))
+    meta = json.loads((out / "train.json").read_text())
+    assert meta["steps"] == 12 and meta["base_model"] == "tiny" and meta["config"]["lora_r"] == 8
+    adapter = _adapter(out)
+    assert any("lora_A" in k for k in adapter) and any("v_proj" in k for k in adapter)
+    trained, tokenizer = load_trained("tiny", out)
+    base, _ = load_hf("tiny")
+    pairs = read_training_records(data)
+    batch = build_features(tokenizer, pairs, TrainConfig())
+    from spd_lens.train import collate
+
+    inputs = collate(batch, tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert trained(**inputs).loss < base(**inputs).loss - 0.05
+    with pytest.raises(SpdLensError, match="trained on 'tiny'"):
+        load_trained("smollm2-135m-instruct", out)
+    # A finished run is not redone.
+    before = (out / "train.json").stat().st_mtime
+    train_on_jsonl("tiny", data, tmp_path / "run", TrainConfig(lr=5e-3, epochs=4, batch_size=4))
+    assert (out / "train.json").stat().st_mtime == before
+
+
+def test_full_fine_tuning_saves_a_model(tmp_path, data):
+    out = train_on_jsonl("tiny", data, tmp_path / "full", TrainConfig(lora=False, lr=1e-3, epochs=1, batch_size=6))
+    assert (out / "model" / "config.json").is_file()
+    model, _ = load_trained("tiny", out)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def _train_command(data, out, *extra):
+    return [sys.executable, "-m", "spd_lens.cli", "train", "--model", "tiny", "--data", str(data), "--out", str(out),
+            "--lr", "5e-3", "--epochs", "6", "--batch-size", "2", "--checkpoint-every", "2", *extra]
+
+
+def test_killed_training_resumes_to_the_same_adapter(tmp_path, data):
+    assert subprocess.run(_train_command(data, tmp_path / "straight"), capture_output=True).returncode == 0
+    process = subprocess.Popen(_train_command(data, tmp_path / "killed"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    while time.time() < deadline and process.poll() is None:
+        if any((c / "complete").exists() for c in checkpoints.glob("step-*")):
+            break
+        time.sleep(0.02)
+    was_running = process.poll() is None
+    if was_running:
+        os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert was_running, "training finished before it could be killed"
+    assert not (tmp_path / "killed" / "train.json").exists()
+    assert subprocess.run(_train_command(data, tmp_path / "killed"), capture_output=True).returncode == 0
+    straight, resumed = _adapter(tmp_path / "straight"), _adapter(tmp_path / "killed")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
+
+
+def test_two_cpu_processes_with_torchrun(tmp_path, data):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [torchrun, "--nproc_per_node", "2", "-m", "spd_lens.cli", "train", "--model", "tiny", "--data", str(data),
+               "--out", str(tmp_path / "ddp"), "--lr", "1e-3", "--epochs", "1", "--batch-size", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((tmp_path / "ddp" / "train.json").read_text())
+    assert meta["processes"] == 2 and meta["steps"] == 3  # 12 records / 2 processes / batch 2
