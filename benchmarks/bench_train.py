@@ -2,12 +2,13 @@
 
 (1) Training tokens/s of `spd_lens.train` against TRL's `SFTTrainer` on the same model, data
     (self-generated arithmetic completions), LoRA settings (r=8, alpha=8, dropout 0.05, q/k/v/o),
-    batch size and completion-only loss; one epoch each, same token count.
+    batch size and completion-only loss; one epoch each, same token count, each timed as a whole
+    job (load the model, tokenise, train, save the adapter).
 (2) New tokens/s of `spd_lens.evaluate` (generation + scoring + JSONL export) against plain
     batched `generate` of the same prompts with the same settings.
 The last line is one JSON object with the ratios. Needs `pip install -e '.[bench]'` (trl).
 
-    python benchmarks/bench_train.py [--records 64 --batch 8]
+    python benchmarks/bench_train.py [--records 128 --batch 8]
 """
 
 import argparse
@@ -21,7 +22,7 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--records", type=int, default=64)
+    parser.add_argument("--records", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--eval-n", type=int, default=64)
     args = parser.parse_args()
@@ -50,6 +51,8 @@ def main() -> None:
     train_on_jsonl("smollm2-135m-instruct", data, work / "ours", config)
     ours = time.perf_counter() - start
 
+    # Both sides are timed as a whole job: load the model, tokenise, train one epoch, save the adapter.
+    start = time.perf_counter()
     rows = [{"prompt": [{"role": "user", "content": u}], "completion": [{"role": "assistant", "content": a}]}
             for u, a in pairs]
     trl_model, _ = load_hf()
@@ -65,8 +68,8 @@ def main() -> None:
                        completion_only_loss=True, save_strategy="no", report_to=[], logging_strategy="no",
                        use_cpu=True, dataloader_num_workers=0, seed=0),
     )
-    start = time.perf_counter()
     trainer.train()
+    trainer.save_model(str(work / "trl" / "adapter"))
     reference = time.perf_counter() - start
     print(f"training, {len(pairs)} records, {tokens} tokens, batch {args.batch}, threads {torch.get_num_threads()}")
     print(f"  spd_lens trainer  {tokens / ours:8.1f} tokens/s")

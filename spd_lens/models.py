@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny"
 # Bump when the cached layout changes: older caches are then rebuilt, never loaded.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,18 @@ def _sha256(path: Path) -> str:
 
 def _fingerprint(path: Path) -> dict:
     stat = path.stat()
-    return {"size": stat.st_size, "sha256": _sha256(path)}
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256(path)}
+
+
+def _matches(path: Path, expected: dict) -> bool:
+    """Size and content as recorded. The hash is skipped only while size and mtime are unchanged
+    since it was taken (a file rewritten in any way gets a new mtime and is hashed again)."""
+    stat = path.stat()
+    if stat.st_size != expected.get("size"):
+        return False
+    if stat.st_mtime_ns == expected.get("mtime_ns"):
+        return True
+    return _sha256(path) == expected.get("sha256")
 
 
 def _cache_is_valid(cache_dir: Path, source: Path) -> bool:
@@ -227,10 +238,10 @@ def _cache_is_valid(cache_dir: Path, source: Path) -> bool:
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("format") != CACHE_FORMAT:
             return False
-        if manifest["source"] != {"file": source.name, **_fingerprint(source)}:
+        if manifest["source"].get("file") != source.name or not _matches(source, manifest["source"]):
             return False
         for file_name, expected in manifest["files"].items():
-            if _fingerprint(cache_dir / file_name) != expected:
+            if not _matches(cache_dir / file_name, expected):
                 log.warning("cached %s does not match its manifest; rebuilding", cache_dir / file_name)
                 return False
     except (OSError, ValueError, KeyError, TypeError):

@@ -105,16 +105,50 @@ def build_features(tokenizer, pairs, config: TrainConfig) -> list[dict]:
 
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded batch: every sequence ends at the last column, so the labelled (completion)
+    tokens of all rows share the final columns and only those need logits (see `next_token_loss`)."""
     length = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), length), pad_id, dtype=torch.long)
     labels = torch.full((len(features), length), -100, dtype=torch.long)
     attention = torch.zeros((len(features), length), dtype=torch.long)
     for row, f in enumerate(features):
         n = len(f["input_ids"])
-        ids[row, :n] = torch.tensor(f["input_ids"])
-        labels[row, :n] = torch.tensor(f["labels"])
-        attention[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+        ids[row, length - n:] = torch.tensor(f["input_ids"])
+        labels[row, length - n:] = torch.tensor(f["labels"])
+        attention[row, length - n:] = 1
+    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    return {"input_ids": ids, "labels": labels, "attention_mask": attention, "position_ids": positions}
+
+
+def next_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token NLL over the labelled tokens, unembedding only the columns that hold them.
+
+    Equal to the usual full-logits loss (tested); the vocabulary projection is a fifth of a small
+    model's compute, and with completion-only loss most columns need none.
+    """
+    labels = batch["labels"]
+    length = labels.shape[1]
+    labelled = labels != -100
+    first = int(torch.where(labelled.any(dim=0))[0].min()) if labelled.any() else length - 1
+    keep = length - first + 1  # logits at columns first-1 .. length-1
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=keep, use_cache=False)
+    logits = out.logits[:, :-1]
+    targets = labels[:, length - keep + 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                             ignore_index=-100)
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """A seeded shuffle, grouped by length within windows of 16 batches (less padding), batch order shuffled."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    window = batch_size * 16
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def wrap_for_training(model, config: TrainConfig):
@@ -158,13 +192,14 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=config.grad_accum)
     set_seed(config.seed)
     model, tokenizer = load_hf(model_name)
+    model.config.use_cache = False  # no KV cache to build while training
     model.train()
     model = wrap_for_training(model, config)
     features = build_features(tokenizer, pairs, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    per_process = math.ceil(len(features) / accelerator.num_processes)
-    steps_per_epoch = math.ceil(math.ceil(per_process / config.batch_size) / config.grad_accum)
+    batches_per_process = math.ceil(math.ceil(len(features) / config.batch_size) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_process / config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -181,8 +216,10 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
     losses = []
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-        loader = torch.utils.data.DataLoader(features, batch_size=config.batch_size, shuffle=True, generator=generator,
+        batches = epoch_batches([len(f["input_ids"]) for f in features], config.batch_size, config.seed * 1000 + epoch)
+        # Its own generator: creating the iterator must not draw from the global RNG (the dropout
+        # stream), or a resumed epoch would see other dropout masks than an uninterrupted one.
+        loader = torch.utils.data.DataLoader(features, batch_sampler=batches, generator=torch.Generator().manual_seed(epoch),
                                              collate_fn=lambda f: collate(f, tokenizer.pad_token_id))
         loader = accelerator.prepare(loader)
         if done_in_epoch:
@@ -190,7 +227,7 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
         micro = 0
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss = next_token_loss(model, batch)
                 if not torch.isfinite(loss):
                     raise SpdLensError(f"training loss is {loss.item()} at step {step} (epoch {epoch}): stopping before "
                                        "the adapter is poisoned; lower lr or check the data")

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -71,7 +72,7 @@ def _fake_cache(tmp_path):
     (cache / "model.safetensors").write_bytes(b"x" * 1000)
     (cache / "config.json").write_text("{}")
     files = {p.name: _fingerprint(p) for p in cache.iterdir()}
-    manifest = {"format": 1, "source": {"file": source.name, **_fingerprint(source)}, "files": files}
+    manifest = {"format": 2, "source": {"file": source.name, **_fingerprint(source)}, "files": files}
     (cache / "manifest.json").write_text(json.dumps(manifest))
     return source, cache
 
@@ -86,8 +87,12 @@ def test_cache_check_rejects_stale_or_broken_caches(tmp_path, damage):
     source, cache = _fake_cache(tmp_path)
     if damage == "truncate":
         (cache / "model.safetensors").write_bytes(b"x" * 10)
-    elif damage == "flip":  # same size, different bytes
-        (cache / "model.safetensors").write_bytes(b"y" + b"x" * 999)
+    elif damage == "flip":  # same size, different bytes, even with the recorded mtime put back
+        path = cache / "model.safetensors"
+        stat = path.stat()
+        path.write_bytes(b"y" + b"x" * 999)
+        assert not _cache_is_valid(cache, source)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
     elif damage == "manifest":
         (cache / "manifest.json").write_text("{not json")
     elif damage == "source":  # the packaged model changed: the cache is stale

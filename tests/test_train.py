@@ -120,3 +120,28 @@ def test_two_cpu_processes_with_torchrun(tmp_path, data):
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((tmp_path / "ddp" / "train.json").read_text())
     assert meta["processes"] == 2 and meta["steps"] == 3  # 12 records / 2 processes / batch 2
+
+
+def test_loss_on_kept_columns_equals_the_full_logits_loss(tiny_hf, data):
+    from spd_lens.train import collate, next_token_loss
+
+    model, tokenizer = tiny_hf
+    for loss_on in ("completion", "all"):
+        features = build_features(tokenizer, read_training_records(data)[:5], TrainConfig(loss_on=loss_on))
+        batch = collate(features, tokenizer.pad_token_id)
+        with torch.no_grad():
+            ours = next_token_loss(model, batch)
+            reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              position_ids=batch["position_ids"], labels=batch["labels"]).loss
+        assert torch.allclose(ours, reference, atol=1e-5), loss_on
+
+
+def test_epoch_batches_cover_every_record_once_and_group_lengths():
+    from spd_lens.train import epoch_batches
+
+    lengths = [(i * 37) % 100 for i in range(200)]
+    batches = epoch_batches(lengths, 8, seed=3)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    assert batches == epoch_batches(lengths, 8, seed=3) and batches != epoch_batches(lengths, 8, seed=4)
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 20  # random batches of 8 would spread about 75
