@@ -179,7 +179,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from spd_lens.evaluate import evaluate, write_json
+    from spd_lens.artifacts import write_json
+    from spd_lens.evaluate import evaluate
     from spd_lens.models import load_hf
     from spd_lens.sampling import SamplingConfig
     from spd_lens.tasks import get_task
@@ -194,6 +195,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       generations=out.with_suffix(".generations.jsonl"), progress=_progress_labelled("eval"))
     write_json(out, {**result.as_dict(), "model": args.model, "adapter": args.adapter})
     print(json.dumps({"task": task.name, "score": result.score, "ci": result.ci, "n": result.n}))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Score completions from a JSONL file (any source) with the task's scorer."""
+    import json
+
+    from spd_lens.artifacts import write_json
+    from spd_lens.evaluate import score_file
+
+    result = score_file(args.task, args.completions, progress=_progress_labelled("score"))
+    write_json(args.out, {"task": result.task, "score": result.score, "ci": list(result.ci), "n": result.n,
+                          "results": [{"prompt_id": r["prompt_id"], "passed": r["passed"], "status": r["status"]}
+                                      for r in result.results]})
+    print(json.dumps({"task": result.task, "score": result.score, "ci": list(result.ci), "n": result.n}))
     return 0
 
 
@@ -297,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", required=True, help="JSON file for the score, CI and per-example results")
     evaluate.set_defaults(func=cmd_eval)
+
+    score = commands.add_parser("score", help="score completions from a JSONL file (spd-lens generate, vLLM, ...)")
+    score.add_argument("--task", required=True)
+    score.add_argument("--completions", required=True, help="JSONL: generate export or {prompt_id, completion}")
+    score.add_argument("--out", required=True)
+    score.set_defaults(func=cmd_score)
 
     report = commands.add_parser("report", help="write RUN_DIR/report.html from a run's metrics")
     report.add_argument("run_dir")

@@ -14,12 +14,12 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from spd_lens.artifacts import write_json  # noqa: F401  (re-exported for callers)
 from spd_lens.errors import SpdLensError
 from spd_lens.sampling import SamplingConfig, generate_jsonl
 from spd_lens.tasks import Example, Task, get_task
@@ -67,6 +67,32 @@ def score_records(task: Task, examples_by_id: dict[str, Example], records: list[
     return EvalResult(task.name, sum(outcomes) / len(outcomes), bootstrap_ci(outcomes), len(outcomes), results)
 
 
+def read_completions(path: str | Path) -> list[dict]:
+    """`{"prompt_id", "completion"}` records from the generate export or the minimal format."""
+    from spd_lens.tasks.records import read_jsonl
+
+    records = []
+    for number, record in enumerate(read_jsonl(path), start=1):
+        prompt_id = record.get("prompt_id")
+        completion = record.get("completion")
+        if completion is None and isinstance(record.get("messages"), list):
+            turns = [m for m in record["messages"] if isinstance(m, dict) and m.get("role") == "assistant"]
+            completion = turns[-1].get("content") if turns else None
+        if not isinstance(prompt_id, str) or not isinstance(completion, str):
+            raise SpdLensError(f"{path}: record {number} needs a string 'prompt_id' and a 'completion' (or chat "
+                               "'messages' with an assistant turn)")
+        records.append({"prompt_id": prompt_id, "completion": completion})
+    return records
+
+
+def score_file(task: str | Task, path: str | Path, progress: Callable | None = None) -> EvalResult:
+    """Score completions made anywhere (spd-lens generate, vLLM, by hand) against `task`."""
+    task = get_task(task)
+    records = read_completions(path)
+    examples = {pid: task.example_by_id(pid) for pid in dict.fromkeys(r["prompt_id"] for r in records)}
+    return score_records(task, examples, records, progress=progress)
+
+
 def evaluate(model, tokenizer, task: str | Task, *, n: int | None = None, split: str = "test", seed: int = 0,
              config: SamplingConfig | None = None, generations: str | Path, provenance: dict | None = None,
              progress: Callable | None = None) -> EvalResult:
@@ -79,12 +105,3 @@ def evaluate(model, tokenizer, task: str | Task, *, n: int | None = None, split:
     records = [json.loads(line) for line in open(path, encoding="utf-8")]
     records = [{"prompt_id": r["prompt_id"], "completion": r["messages"][-1]["content"]} for r in records]
     return score_records(task, {e.id: e for e in examples}, records)
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    """Write JSON atomically (a temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)

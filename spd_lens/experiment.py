@@ -21,7 +21,8 @@ from pathlib import Path
 import spd_lens
 from spd_lens.config import ExperimentConfig
 from spd_lens.errors import SpdLensError
-from spd_lens.evaluate import bootstrap_ci, evaluate, write_json
+from spd_lens.artifacts import write_json
+from spd_lens.evaluate import bootstrap_ci, evaluate
 from spd_lens.extract import extract_subspace
 from spd_lens.methods import METHOD_TABLE
 from spd_lens.models import load_hf

@@ -32,7 +32,8 @@ from spd_lens.errors import SpdLensError
 from spd_lens.extract import encode_examples, model_shape
 from spd_lens.gradients import Progress, check_layers, iterate_gradients
 from spd_lens.models import model_id
-from spd_lens.subspace import _atomic_write, _sha256, config_hash
+from spd_lens.artifacts import atomic_write, read_json_object, sha256_file
+from spd_lens.subspace import config_hash
 
 DEFAULT_MAX_BYTES = 4 * 2**30
 TENSORS_FILE = "gradients.safetensors"
@@ -127,9 +128,9 @@ class GradientCache:
         tensors.update(input_ids=self.input_ids.contiguous(), attention_mask=self.attention_mask.contiguous(),
                        correctness_mask=self.correctness_mask.contiguous())
         path = directory / TENSORS_FILE
-        _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "spd_lens.gradients"}))
-        meta = {**self.meta, "example_ids": self.example_ids, "tensors_sha256": _sha256(path)}
-        _atomic_write(directory / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "spd_lens.gradients"}))
+        meta = {**self.meta, "example_ids": self.example_ids, "tensors_sha256": sha256_file(path)}
+        atomic_write(directory / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
         return directory
 
     @classmethod
@@ -138,8 +139,8 @@ class GradientCache:
         meta_path, path = directory / META_FILE, directory / TENSORS_FILE
         if not meta_path.is_file() or not path.is_file():
             raise SpdLensError(f"{directory} is not a saved gradient cache (needs {META_FILE} and {TENSORS_FILE})")
-        meta = json.loads(meta_path.read_text())
-        if meta.pop("tensors_sha256", None) != _sha256(path):
+        meta = read_json_object(meta_path, "a gradient cache's metadata")
+        if meta.pop("tensors_sha256", None) != sha256_file(path):
             raise SpdLensError(f"{path} does not match the hash in {meta_path}: incomplete or modified")
         tensors = load_file(str(path))
         grads = {}

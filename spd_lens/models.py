@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.util
 import json
 import logging
@@ -37,6 +36,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from spd_lens.artifacts import sha256_file
 from spd_lens.cache import cache_root
 from spd_lens.errors import SpdLensError
 from spd_lens.tiny_tokenizer import build_byte_tokenizer
@@ -210,14 +210,9 @@ def _embedded_source(spec: EmbeddedModel) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _fingerprint(path: Path) -> dict:
     stat = path.stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256(path)}
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path)}
 
 
 def _matches(path: Path, expected: dict) -> bool:
@@ -228,7 +223,7 @@ def _matches(path: Path, expected: dict) -> bool:
         return False
     if stat.st_mtime_ns == expected.get("mtime_ns"):
         return True
-    return _sha256(path) == expected.get("sha256")
+    return sha256_file(path) == expected.get("sha256")
 
 
 def _cache_is_valid(cache_dir: Path, source: Path) -> bool:

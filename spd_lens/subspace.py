@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from spd_lens.artifacts import atomic_write, read_json_object, sha256_file
 from spd_lens.errors import SpdLensError
 
 Head = int | str  # "flat" or a KV head index
@@ -261,10 +260,10 @@ class CapabilitySubspace:
             tensors[f"{name}.basis"] = self.basis(layer, kind, head).float().contiguous()
             tensors[f"{name}.singular_values"] = self.singular_values(layer, kind, head).float().contiguous()
         tensor_path = directory / TENSORS_FILE
-        _atomic_write(tensor_path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "spd_lens.subspace"}))
-        meta = {**self.meta, "policy": asdict(self.policy), "tensors_sha256": _sha256(tensor_path),
+        atomic_write(tensor_path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "spd_lens.subspace"}))
+        meta = {**self.meta, "policy": asdict(self.policy), "tensors_sha256": sha256_file(tensor_path),
                 "ranks": {f"layer{l}.{k}.{h if h == FLAT else f'head{h}'}": r for (l, k, h), r in self._ranks.items()}}
-        _atomic_write(directory / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2, default=str)))
+        atomic_write(directory / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2, default=str)))
         return directory
 
     @classmethod
@@ -275,19 +274,19 @@ class CapabilitySubspace:
         if not meta_path.is_file() or not tensor_path.is_file():
             raise SpdLensError(f"{directory} is not a saved subspace (needs {META_FILE} and {TENSORS_FILE}); "
                                "make one with `spd-lens extract ... --out DIR`")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as err:
-            raise SpdLensError(f"{meta_path} is not valid JSON ({err.msg}): re-run the extraction") from err
-        if meta.get("tensors_sha256") != _sha256(tensor_path):
+        meta = read_json_object(meta_path, "a subspace's metadata")
+        if meta.get("tensors_sha256") != sha256_file(tensor_path):
             raise SpdLensError(f"{tensor_path} does not match the hash in {meta_path}: incomplete or modified; re-run the extraction")
-        tensors = load_file(str(tensor_path))
+        try:
+            tensors = load_file(str(tensor_path))
+            policy = RankPolicy(**meta.pop("policy"))
+        except Exception as err:  # safetensors and the metadata can fail in many ways
+            raise SpdLensError(f"{directory} holds an unreadable subspace ({err}): re-run the extraction") from err
         grams = {}
         for name, tensor in tensors.items():
             if name.endswith(".gram"):
                 layer, kind = name.split(".")[:2]
                 grams[(int(layer.removeprefix("layer")), kind)] = tensor
-        policy = RankPolicy(**meta.pop("policy"))
         for key in ("tensors_sha256", "ranks"):
             meta.pop(key, None)
         subspace = cls(grams, meta, policy)
@@ -320,22 +319,3 @@ def random_like(subspace: CapabilitySubspace, seed: int = 0) -> CapabilitySubspa
 
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-

@@ -26,7 +26,9 @@ import torch
 
 import spd_lens
 from spd_lens.chat import encode_conversation
+from spd_lens.artifacts import read_json_object
 from spd_lens.errors import SpdLensError
+from spd_lens.tasks.records import jsonl_lines
 
 DONE_FILE = "train.json"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -73,20 +75,17 @@ def read_training_records(path: str | Path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise SpdLensError(f"training data {str(path)!r} is not a file: pass a JSONL made by `spd-lens generate`")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                turns = record["messages"]
-                user = next(t["content"] for t in turns if t["role"] == "user")
-                assistant = next(t["content"] for t in turns if t["role"] == "assistant")
-            except json.JSONDecodeError as err:
-                raise SpdLensError(f"{path}: line {number} is not valid JSON ({err.msg})") from err
-            except (KeyError, TypeError, StopIteration) as err:
-                raise SpdLensError(f"{path}: line {number} has no user and assistant 'messages'") from err
-            pairs.append((str(user), str(assistant)))
+    for number, line in jsonl_lines(path):
+        try:
+            record = json.loads(line)
+            turns = record["messages"]
+            user = next(t["content"] for t in turns if t["role"] == "user")
+            assistant = next(t["content"] for t in turns if t["role"] == "assistant")
+        except json.JSONDecodeError as err:
+            raise SpdLensError(f"{path}: line {number} is not valid JSON ({err.msg})") from err
+        except (KeyError, TypeError, StopIteration, AttributeError) as err:
+            raise SpdLensError(f"{path}: line {number} has no user and assistant 'messages'") from err
+        pairs.append((str(user), str(assistant)))
     if not pairs:
         raise SpdLensError(f"training data {path} holds no records")
     return pairs
@@ -292,7 +291,7 @@ def load_trained(model_name: str, trained: str | Path, *, merge: bool = True):
     meta_path = trained / DONE_FILE
     if not meta_path.is_file():
         raise SpdLensError(f"{trained} holds no finished training run ({DONE_FILE} missing): train it with `spd-lens train`")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json_object(meta_path, "a training run's record")
     if meta.get("base_model") != model_name:
         raise SpdLensError(f"{trained} was trained on {meta.get('base_model')!r}, not {model_name!r}: load it with "
                            f"model {meta.get('base_model')!r}")
@@ -305,7 +304,7 @@ def load_trained(model_name: str, trained: str | Path, *, merge: bool = True):
     model, tokenizer = load_hf(model_name)
     try:
         peft_model = PeftModel.from_pretrained(model, str(trained / "adapter"))
-    except (OSError, RuntimeError, ValueError) as err:
+    except Exception as err:  # peft/safetensors raise many types for a broken adapter
         raise SpdLensError(f"the adapter in {trained} does not load into {model_name!r}: {err}") from err
     model = peft_model.merge_and_unload() if merge else peft_model
     model.eval()

@@ -94,6 +94,16 @@ class Task(ABC):
     def _examples(self, split: str, n: int | None, seed: int) -> list[Example]:
         """At least `n` examples of `split` (when the task has them), in a seed-determined order."""
 
+    def example_by_id(self, example_id: str) -> Example:
+        """The example with this id (from either split); an unknown id is an error naming it."""
+        index = getattr(self, "_id_index", None)
+        if index is None:
+            index = {e.id: e for split in SPLITS for e in self._examples(split, None, 0)}
+            self._id_index = index
+        if example_id not in index:
+            raise SpdLensError(f"{example_id!r} is not an example id of task {self.name!r}")
+        return index[example_id]
+
     @abstractmethod
     def score(self, example: Example, completion: str) -> Score:
         """Whether `completion` (the assistant's text) answers `example` correctly."""

@@ -81,6 +81,15 @@ class ReasoningGymMath(MathTask):
                 break
         return examples
 
+    def example_by_id(self, example_id: str) -> Example:
+        """Rebuild a procedural example from its id (`name/split/seed/index`)."""
+        import reasoning_gym
+
+        split, seed, index = _parse_procedural_id(self.name, example_id)
+        data = reasoning_gym.create_dataset(self.dataset, size=index + 1, seed=seed * 2 + (0 if split == "train" else 1),
+                                            **self.dataset_options)
+        return self._example(data[index], example_id)
+
     def _example(self, item: dict, example_id: str) -> Example:
         answer = str(item["answer"]).strip()
         reference, spans = self._reference(item, answer)
@@ -170,3 +179,13 @@ class Svamp(MathTask):
 def _format_number(value) -> str:
     number = float(value)
     return str(int(number)) if number.is_integer() else str(number)
+
+
+def _parse_procedural_id(task: str, example_id: str) -> tuple[str, int, int]:
+    parts = example_id.split("/")
+    try:
+        if len(parts) != 4 or parts[0] != task or parts[1] not in ("train", "test"):
+            raise ValueError
+        return parts[1], int(parts[2]), int(parts[3])
+    except ValueError:
+        raise SpdLensError(f"{example_id!r} is not an example id of task {task!r} (expected '{task}/SPLIT/SEED/INDEX')") from None

@@ -63,24 +63,41 @@ class FamilyMC(MultipleChoiceTask):
 
         if n is None:
             raise SpdLensError(f"task {self.name!r} is procedural: pass n, the number of examples to generate")
-        words = [r.value for r in Relationship]
         size = 20 * n + 200
         data = reasoning_gym.create_dataset("family_relationships", size=size, seed=seed * 2 + (split == "test"))
         examples, seen = [], set()
         for index in range(size):
-            item = data[index]
-            question = re.sub(r"\s*(Respond only|Answer) with .*$", "", item["question"].strip())
+            example = self._example(data[index], split, seed, index)
+            question = example.meta["question"]
             if question in seen or hash_split(question) != split:
                 continue
             seen.add(question)
-            rng = random.Random(f"{seed}/{index}")
-            answer = str(item["answer"])
-            options = [answer, *rng.sample([w for w in words if w != answer], 3)]
-            rng.shuffle(options)
-            examples.append(mc_example(f"{self.name}/{split}/{seed}/{index}", question, options, options.index(answer)))
+            examples.append(example)
             if len(examples) == n:
                 break
         return examples
+
+    def _example(self, item: dict, split: str, seed: int, index: int) -> Example:
+        from reasoning_gym.graphs.family_relationships import Relationship
+
+        words = [r.value for r in Relationship]
+        question = re.sub(r"\s*(Respond only|Answer) with .*$", "", item["question"].strip())
+        rng = random.Random(f"{seed}/{index}")
+        answer = str(item["answer"])
+        options = [answer, *rng.sample([w for w in words if w != answer], 3)]
+        rng.shuffle(options)
+        example = mc_example(f"{self.name}/{split}/{seed}/{index}", question, options, options.index(answer))
+        example.meta["question"] = question
+        return example
+
+    def example_by_id(self, example_id: str) -> Example:
+        import reasoning_gym
+
+        from spd_lens.tasks.math import _parse_procedural_id
+
+        split, seed, index = _parse_procedural_id(self.name, example_id)
+        data = reasoning_gym.create_dataset("family_relationships", size=index + 1, seed=seed * 2 + (split == "test"))
+        return self._example(data[index], split, seed, index)
 
 
 class Mmlu(MultipleChoiceTask):

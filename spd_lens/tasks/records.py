@@ -15,23 +15,32 @@ from spd_lens.errors import SpdLensError
 from spd_lens.tasks.base import hash_split
 
 
+def jsonl_lines(path: Path):
+    """(line number, text) of the non-blank lines; a line that is not UTF-8 is an error naming it."""
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise SpdLensError(f"{path}: line {line_number} is not UTF-8 text ({err.reason})") from err
+            if line.strip():
+                yield line_number, line
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Records of a JSONL file; a line that does not parse is an error naming the line."""
     path = Path(path)
     if not path.is_file():
         raise SpdLensError(f"{str(path)!r} is not a file: pass the path of a JSONL file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SpdLensError(f"{path}: line {line_number} is not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise SpdLensError(f"{path}: line {line_number} is a {type(record).__name__}, expected a JSON object")
-            records.append(record)
+    for line_number, line in jsonl_lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SpdLensError(f"{path}: line {line_number} is not valid JSON ({err.msg})") from err
+        if not isinstance(record, dict):
+            raise SpdLensError(f"{path}: line {line_number} is a {type(record).__name__}, expected a JSON object")
+        records.append(record)
     if not records:
         raise SpdLensError(f"{path} holds no records")
     return records

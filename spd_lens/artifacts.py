@@ -1,0 +1,49 @@
+"""Writing and reading artifacts safely: atomic writes, hashes, JSON objects with clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from spd_lens.errors import SpdLensError
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a temporary sibling, then rename it over `path` (never half-written)."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write JSON atomically, creating the directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str)))
+
+
+def read_json_object(path: str | Path, what: str) -> dict:
+    """A JSON object from `path`; anything else is an error naming the file and what it should be."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SpdLensError(f"{path} is not a readable JSON file ({err}); it should hold {what}") from err
+    if not isinstance(data, dict):
+        raise SpdLensError(f"{path} holds a {type(data).__name__}, not the JSON object of {what}")
+    return data
