@@ -98,7 +98,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     task = get_task(args.task, **({"path": args.data} if args.data else {}))
     config = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_new_tokens=args.max_new_tokens or task.max_new_tokens, num_samples=args.num_samples,
+                            max_new_tokens=task.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
+                            num_samples=args.num_samples,
                             seed=args.seed, batch_size=args.batch_size)
     if (args.fold or args.save_folded) and not args.subspace:
         raise SpdLensError("--fold and --save-folded need --subspace DIR")
@@ -188,7 +189,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     task = get_task(args.task, **({"path": args.data} if args.data else {}))
     model, tokenizer = load_trained(args.model, args.adapter) if args.adapter else load_hf(args.model)
-    config = SamplingConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens or task.max_new_tokens,
+    config = SamplingConfig(temperature=args.temperature,
+                            max_new_tokens=task.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
                             seed=args.seed, batch_size=args.batch_size)
     out = Path(args.out)
     result = evaluate(model, tokenizer, task, n=args.n, split=args.split, seed=args.seed, config=config,
@@ -210,6 +212,55 @@ def cmd_score(args: argparse.Namespace) -> int:
                           "results": [{"prompt_id": r["prompt_id"], "passed": r["passed"], "status": r["status"]}
                                       for r in result.results]})
     print(json.dumps({"task": result.task, "score": result.score, "ci": list(result.ci), "n": result.n}))
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    """Projected decoding over ranks x layers x alphas (x heads), resumable, one tidy table."""
+    from pathlib import Path
+
+    from spd_lens.ablate import run_ablation
+    from spd_lens.config import load_config
+
+    config = load_config(args.config)
+    out = Path(args.out or Path("runs") / f"{config.name}-ablation")
+    rows = run_ablation(config, out, progress=_progress_labelled("ablation"))
+    print(f"{'rank':>5} {'layers':>8} {'alpha':>5} {'head':>4} {'score':>6}  {'loss':>7}")
+    for r in rows:
+        print(f"{str(r['rank']):>5} {r['layers']:>8} {r['alpha']:>5} {str(r['head']):>4} {r['score']:>6.3f}  {r['loss']:>7.4f}")
+    print(f"table: {out}/ablation.csv\nfigure: {out}/ablation.html")
+    return 0
+
+
+def cmd_heads(args: argparse.Namespace) -> int:
+    """Head attribution across layers: table (CSV/JSON) and figures (HTML)."""
+    import csv
+    from pathlib import Path
+
+    from spd_lens.artifacts import write_json
+    from spd_lens.attribution import head_attribution
+    from spd_lens.models import load_hf
+    from spd_lens.viz import head_attribution_figure, write_report
+
+    model, tokenizer = load_hf(args.model)
+    rows = head_attribution(model, args.task, n=args.n, seed=args.seed, layers=args.layers, score_top=args.score_top,
+                            score_n=args.score_n, tokenizer=tokenizer, progress=_progress_labelled("heads"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "heads.json", {"model": args.model, "task": args.task, "n": args.n, "seed": args.seed, "rows": rows})
+    with open(out / "heads.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    figures = [head_attribution_figure(rows, v) for v in ("energy_share", "delta_loss", "effective_rank")]
+    write_report(out / "heads.html", figures, f"which heads carry {args.task} ({args.model})")
+    top = sorted(rows, key=lambda r: -abs(r["delta_loss"]))[:5]
+    print("heads whose one-head projection changes the correctness loss most:")
+    for r in top:
+        score = "" if r["delta_score"] is None else f"  score change {r['delta_score']:+.3f}"
+        print(f"  layer {r['layer']:>2} head {r['head']}: loss {r['delta_loss']:+.4f}, "
+              f"K energy {r['energy_share_k']:.2f}, V energy {r['energy_share_v']:.2f}{score}")
+    print(f"table: {out}/heads.csv\nfigures: {out}/heads.html")
     return 0
 
 
@@ -319,6 +370,22 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--completions", required=True, help="JSONL: generate export or {prompt_id, completion}")
     score.add_argument("--out", required=True)
     score.set_defaults(func=cmd_score)
+
+    ablate = commands.add_parser("ablate", help="sweep ranks x layers x alphas (x heads) of projected decoding")
+    ablate.add_argument("config")
+    ablate.add_argument("--out", help="run directory (default runs/<config name>-ablation)")
+    ablate.set_defaults(func=cmd_ablate)
+
+    heads = commands.add_parser("heads", help="which KV heads carry a capability (all layers)")
+    heads.add_argument("--model", default="smollm2-135m-instruct")
+    heads.add_argument("--task", required=True)
+    heads.add_argument("--n", type=int, default=16)
+    heads.add_argument("--seed", type=int, default=0)
+    heads.add_argument("--layers", type=_int_list, help="default: every layer")
+    heads.add_argument("--score-top", type=int, default=5, help="heads whose task-score change is measured")
+    heads.add_argument("--score-n", type=int, default=32)
+    heads.add_argument("--out", required=True)
+    heads.set_defaults(func=cmd_heads)
 
     report = commands.add_parser("report", help="write RUN_DIR/report.html from a run's metrics")
     report.add_argument("run_dir")

@@ -94,6 +94,18 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
+class AblateSection:
+    """`spd-lens ablate`: projected decoding (no training) over a grid; every combination is run."""
+
+    ranks: list[int] = field(default_factory=lambda: [16, 48, 96])
+    layer_sets: list[list[int]] | None = None  # default: each subspace layer alone
+    alphas: list[float] = field(default_factory=lambda: [1.0])
+    heads: list[int] | None = None  # per-head layout, each head alone; default: flattened, all heads
+    kinds: list[str] = field(default_factory=lambda: ["k", "v"])
+    loss_n: int = 16  # calibration examples for the correctness-loss column
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -106,6 +118,7 @@ class ExperimentConfig:
     ssd: SsdSection = field(default_factory=SsdSection)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalSection = field(default_factory=EvalSection)
+    ablate: AblateSection = field(default_factory=AblateSection)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))

@@ -96,7 +96,7 @@ class Run:
         c = self.config
         sampling = c.ssd if spec.sampling == "ssd" else c.sampling
         config = SamplingConfig(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                                max_new_tokens=c.sampling.max_new_tokens or self.task.max_new_tokens,
+                                max_new_tokens=self.task.max_new_tokens if c.sampling.max_new_tokens is None else c.sampling.max_new_tokens,
                                 num_samples=c.sampling.num_samples, seed=seed, batch_size=c.sampling.batch_size)
         model, tokenizer = self.base_model()
         examples = self.task.examples("train", n=c.task.train_n, seed=seed)
@@ -134,7 +134,7 @@ class Run:
             model, tokenizer = load_trained(c.model.name, adapter)
         else:
             model, tokenizer = self.base_model()
-        config = SamplingConfig(temperature=c.eval.temperature, max_new_tokens=c.eval.max_new_tokens or self.task.max_new_tokens,
+        config = SamplingConfig(temperature=c.eval.temperature, max_new_tokens=self.task.max_new_tokens if c.eval.max_new_tokens is None else c.eval.max_new_tokens,
                                 seed=0, batch_size=c.eval.batch_size)
         provenance = {"method": method, "seed": seed}
 

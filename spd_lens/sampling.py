@@ -40,7 +40,8 @@ class SamplingConfig:
 
     def __post_init__(self):
         checks = [
-            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+            (self.temperature == 0 or 0.01 <= self.temperature <= 100,
+             f"temperature must be 0 (greedy) or between 0.01 and 100, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),

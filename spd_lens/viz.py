@@ -113,3 +113,72 @@ def write_report(path, figures: list[go.Figure], title: str, notes: str = "") ->
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(parts), encoding="utf-8")
     tmp.replace(path)
+
+
+def head_attribution_figure(rows: list[dict], value: str = "energy_share") -> go.Figure:
+    """Layer x KV head heatmaps of an attribution quantity, K and V side by side.
+
+    `value` is `energy_share`, `effective_rank` or `top_energy` (per K/V), or `delta_loss` /
+    `delta_score` (one panel: both K and V of the head projected).
+    """
+    from plotly.subplots import make_subplots
+
+    layers = sorted({r["layer"] for r in rows})
+    heads = sorted({r["head"] for r in rows})
+    by_key = {(r["layer"], r["head"]): r for r in rows}
+    columns = [f"{value}_k", f"{value}_v"] if f"{value}_k" in rows[0] else [value]
+    if columns[0] not in rows[0]:
+        raise SpdLensError(f"unknown attribution value {value!r}: use energy_share, effective_rank, top_energy, "
+                           "delta_loss or delta_score")
+    figure = make_subplots(rows=1, cols=len(columns), subplot_titles=[c.replace("_", " ") for c in columns],
+                           horizontal_spacing=0.12)
+    for i, column in enumerate(columns, start=1):
+        z = [[by_key.get((layer, head), {}).get(column) for head in heads] for layer in layers]
+        hover = [[f"layer {layer}<br>head {head}<br>{column} {by_key[(layer, head)][column]:.4g}"
+                  if by_key.get((layer, head), {}).get(column) is not None else "" for head in heads] for layer in layers]
+        figure.add_trace(go.Heatmap(z=z, x=[f"head {h}" for h in heads], y=layers, hovertext=hover, hoverinfo="text",
+                                    colorscale="RdBu" if value.startswith("delta") else "Viridis",
+                                    zmid=0 if value.startswith("delta") else None,
+                                    colorbar={"x": 0.45 if (i == 1 and len(columns) == 2) else 1.0}), 1, i)
+        figure.update_yaxes(title_text="layer", row=1, col=i)
+    figure.update_layout(title=f"which KV heads carry the capability: {value.replace('_', ' ')}",
+                         height=max(350, 18 * len(layers) + 150))
+    return figure
+
+
+def overlap_figure(first, second, *, names=("A", "B"), control=None) -> go.Figure:
+    """Mean cos² of principal angles between two subspaces per layer and K/V (1 = same subspace);
+    with `control` (e.g. `random_like(first)`), the overlap of `second` with it beside."""
+    overlap = first.overlap(second)
+    keys = sorted(overlap)
+    labels = [f"layer {layer} {kind.upper()}" for layer, kind in keys]
+    figure = go.Figure(go.Bar(x=labels, y=[overlap[k] for k in keys], name=f"{names[0]} vs {names[1]}",
+                              hovertemplate="%{x}<br>overlap %{y:.3f}<extra></extra>"))
+    if control is not None:
+        baseline = control.overlap(second)
+        figure.add_bar(x=labels, y=[baseline[k] for k in keys], name="random control",
+                       hovertemplate="%{x}<br>overlap %{y:.3f}<extra></extra>")
+    figure.update_layout(title=f"subspace overlap: {names[0]} vs {names[1]} (mean cos² of principal angles)",
+                         yaxis_title="mean cos²", yaxis_range=[0, 1], barmode="group")
+    return figure
+
+
+def ablation_figure(rows: list[dict], *, x: str = "rank", y: str = "layers", value: str = "score") -> go.Figure:
+    """Heatmap of an ablation table: `value` over the grid `x` by `y` (hover names all three)."""
+    xs = sorted({str(r[x]) for r in rows}, key=_natural)
+    ys = sorted({str(r[y]) for r in rows}, key=_natural)
+    cell = {(str(r[x]), str(r[y])): r[value] for r in rows}
+    z = [[cell.get((a, b)) for a in xs] for b in ys]
+    hover = [[f"{x} {a}<br>{y} {b}<br>{value} {cell[(a, b)]:.4g}" if (a, b) in cell else "" for a in xs] for b in ys]
+    figure = go.Figure(go.Heatmap(z=z, x=xs, y=ys, hovertext=hover, hoverinfo="text", colorscale="Viridis",
+                                  text=[[f"{v:.3f}" if v is not None else "" for v in row] for row in z],
+                                  texttemplate="%{text}", colorbar={"title": value}))
+    figure.update_layout(title=f"ablation: {value} by {x} and {y}", xaxis_title=x, yaxis_title=y)
+    return figure
+
+
+def _natural(text: str):
+    try:
+        return (0, float(text))
+    except ValueError:
+        return (1, text)

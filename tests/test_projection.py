@@ -156,6 +156,6 @@ def test_sampling_is_seeded_and_batched_like_single(tiny):
 
 
 def test_sampling_config_rejects_bad_values():
-    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"max_new_tokens": 0}, {"num_samples": 0}):
+    for bad in ({"temperature": -1}, {"temperature": 1e-100}, {"top_p": 0}, {"top_k": -2}, {"max_new_tokens": 0}, {"num_samples": 0}):
         with pytest.raises(SpdLensError):
             SamplingConfig(**bad)

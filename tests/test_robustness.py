@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from spd_lens import SpdLensError
@@ -102,6 +102,7 @@ def test_cli_flags_get_clear_errors(tmp_path_factory, n, layers, rank, frac, tas
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@example(temperature=1.36e-104, top_p=1.0, top_k=0, alpha=0.0, tokens=0)  # once overflowed the sampler
 @given(temperature=st.floats(-2, 3), top_p=st.floats(-1, 2), top_k=st.integers(-3, 50),
        alpha=st.floats(-1, 2), tokens=st.integers(-1, 3))
 def test_generate_flags_get_clear_errors(tmp_path_factory, temperature, top_p, top_k, alpha, tokens):

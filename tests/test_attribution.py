@@ -1,0 +1,92 @@
+import csv
+import json
+
+import pytest
+import torch
+
+from spd_lens import SpdLensError
+from spd_lens.attribution import correctness_loss, effective_rank, head_attribution
+from spd_lens.cli import main as cli
+from spd_lens.extract import encode_examples, extract_subspace
+from spd_lens.models import load_hf
+from spd_lens.projection import Projection
+from spd_lens.subspace import random_like
+from spd_lens.viz import ablation_figure, head_attribution_figure, method_scores_figure, overlap_figure, spectrum_figure
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_hf("tiny")
+
+
+def test_effective_rank():
+    assert effective_rank(torch.tensor([1.0, 0.0, 0.0])) == pytest.approx(1.0)
+    assert effective_rank(torch.ones(8)) == pytest.approx(8.0)
+
+
+def test_attribution_rows_cover_every_layer_and_head(tiny):
+    model, tokenizer = tiny
+    rows = head_attribution(model, "arithmetic", n=3, tokenizer=tokenizer, score_top=2, score_n=3)
+    assert [(r["layer"], r["head"]) for r in rows] == [(l, h) for l in range(4) for h in range(2)]
+    for layer in range(4):
+        shares = [r["energy_share_k"] for r in rows if r["layer"] == layer]
+        assert sum(shares) == pytest.approx(1.0)
+    assert sum(r["delta_score"] is not None for r in rows) == 2
+    # delta_loss is the loss with that head projected minus the baseline: recompute one.
+    row = rows[5]
+    subspace = extract_subspace(model, "arithmetic", n=3, layers=list(range(4)), tokenizer=tokenizer)
+    _, encoded = encode_examples(model, "arithmetic", n=3, split="train", seed=0, tokenizer=tokenizer)
+    with Projection.build(subspace, layers=[row["layer"]], layout="head", heads=[row["head"]]).apply(model):
+        projected = correctness_loss(model, encoded, pad_id=tokenizer.pad_token_id)
+    assert projected - row["baseline_loss"] == pytest.approx(row["delta_loss"], abs=1e-6)
+
+
+def test_figures_name_what_they_show(tiny):
+    model, tokenizer = tiny
+    rows = head_attribution(model, "arithmetic", n=2, tokenizer=tokenizer, score_top=0)
+    energy = head_attribution_figure(rows, "energy_share")
+    assert len(energy.data) == 2 and "layer" in energy.data[0].hovertext[0][0]
+    assert len(head_attribution_figure(rows, "delta_loss").data) == 1
+    with pytest.raises(SpdLensError, match="unknown attribution value"):
+        head_attribution_figure(rows, "nonsense")
+    a = extract_subspace(model, "arithmetic", n=3, tokenizer=tokenizer)
+    b = extract_subspace(model, "family-mc", n=3, tokenizer=tokenizer)
+    overlap = overlap_figure(a, b, names=("arithmetic", "family-mc"), control=random_like(a))
+    assert len(overlap.data) == 2 and all(0 <= v <= 1 for v in overlap.data[0].y)
+    spectrum = spectrum_figure(a, "v")
+    assert any("chosen rank" in trace.name for trace in spectrum.data)
+    table = [{"rank": r, "layers": l, "score": r / 10} for r in (2, 4) for l in ("1", "3")]
+    grid = ablation_figure(table, x="rank", y="layers", value="score")
+    assert grid.data[0].z == ((0.2, 0.4), (0.2, 0.4)) or [list(r) for r in grid.data[0].z] == [[0.2, 0.4], [0.2, 0.4]]
+    metrics = {"task": "t", "model": "m", "methods": {"base": {"score": 0.1, "ci": [0.0, 0.2], "n": 10}}}
+    assert "95% CI" in method_scores_figure(metrics).data[0].hovertext[0]
+
+
+def test_ablate_cli_table_figure_and_resume(tmp_path, capsys):
+    config = tmp_path / "a.toml"
+    config.write_text('name = "t"\n[model]\nname = "tiny"\n[task]\neval_n = 3\n[subspace]\nn = 2\nlayers = [1, 3]\n'
+                      '[eval]\nmax_new_tokens = 3\n[ablate]\nranks = [2, 4, 8]\nloss_n = 2\n')
+    out = tmp_path / "run"
+    assert cli(["ablate", str(config), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "ablation.csv")))
+    assert len(rows) == 1 + 3 * 2 and rows[0]["rank"] == "none"
+    assert {(r["rank"], r["layers"]) for r in rows[1:]} == {(r, l) for r in ("2", "4", "8") for l in ("1", "3")}
+    assert (out / "ablation.html").stat().st_size > 10_000
+    lines = (out / "ablation.jsonl").read_text().splitlines()
+    (out / "ablation.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])  # killed mid-write
+    assert cli(["ablate", str(config), "--out", str(out)]) == 0
+    again = [json.loads(line) for line in (out / "ablation.jsonl").read_text().splitlines() if line.startswith("{") and line.endswith("}")]
+    assert len({json.dumps({k: r[k] for k in ("rank", "layers")}) for r in again}) == 7
+
+
+def test_heads_cli_writes_table_and_figures(tmp_path, capsys):
+    assert cli(["heads", "--model", "tiny", "--task", "arithmetic", "--n", "2", "--score-top", "1", "--score-n", "2",
+                "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "heads.json").read_text())["rows"]
+    assert len(rows) == 8 and (tmp_path / "heads.csv").is_file() and (tmp_path / "heads.html").is_file()
+    assert "layer" in capsys.readouterr().out
+
+
+def test_report_cli(tmp_path, capsys):
+    assert cli(["report", str(tmp_path)]) == 2
+    assert "no metrics.json" in capsys.readouterr().err
