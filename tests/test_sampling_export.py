@@ -1,9 +1,5 @@
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
@@ -11,6 +7,7 @@ from spd_lens import SpdLensError, get_task
 from spd_lens.cli import main as cli
 from spd_lens.models import load_hf
 from spd_lens.sampling import SamplingConfig, generate_jsonl
+from tests.killing import kill_when
 
 
 @pytest.fixture(scope="module")
@@ -81,17 +78,8 @@ def test_killed_cli_run_resumes_to_exactly_n_records(tmp_path):
     out = tmp_path / "k.jsonl"
     command = [sys.executable, "-m", "spd_lens.cli", "generate", "--model", "tiny", "--task", "arithmetic", "--n", "40",
                "--batch-size", "2", "--max-new-tokens", "48", "--temperature", "0.8", "--out", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = tmp_path / "k.jsonl.partial"
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if partial.exists() and partial.stat().st_size > 0:
-            break
-        time.sleep(0.05)
-    killed = process.poll() is None
-    if killed:
-        os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    killed = kill_when(command, lambda: partial.exists() and partial.stat().st_size > 0)
     assert killed, "the run finished before it could be killed; make it longer"
     assert not out.exists()  # an interrupted run is never presented as complete
     assert cli(command[3:]) == 0

@@ -1,9 +1,7 @@
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ from spd_lens import SpdLensError, get_task
 from spd_lens.models import load_hf
 from spd_lens.sampling import SamplingConfig, generate_jsonl
 from spd_lens.train import TrainConfig, build_features, load_trained, read_training_records, train_on_jsonl
+from tests.killing import kill_when
 
 
 @pytest.fixture(scope="module")
@@ -91,18 +90,9 @@ def _train_command(data, out, *extra):
 
 def test_killed_training_resumes_to_the_same_adapter(tmp_path, data):
     assert subprocess.run(_train_command(data, tmp_path / "straight"), capture_output=True).returncode == 0
-    process = subprocess.Popen(_train_command(data, tmp_path / "killed"), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
     checkpoints = tmp_path / "killed" / "checkpoints"
-    while time.time() < deadline and process.poll() is None:
-        if any((c / "complete").exists() for c in checkpoints.glob("step-*")):
-            break
-        time.sleep(0.02)
-    was_running = process.poll() is None
-    if was_running:
-        os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    was_running = kill_when(_train_command(data, tmp_path / "killed"),
+                            lambda: any((c / "complete").exists() for c in checkpoints.glob("step-*")))
     assert was_running, "training finished before it could be killed"
     assert not (tmp_path / "killed" / "train.json").exists()
     assert subprocess.run(_train_command(data, tmp_path / "killed"), capture_output=True).returncode == 0
