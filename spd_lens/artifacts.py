@@ -25,6 +25,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; artifacts are ordinary files
         os.replace(tmp, path)
     finally:
         if tmp.exists():
