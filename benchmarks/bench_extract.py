@@ -11,7 +11,6 @@ The last line is one JSON object with the ratios.
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys

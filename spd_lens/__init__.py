@@ -14,6 +14,7 @@ from spd_lens.errors import SpdLensError
 from spd_lens.extract import extract_subspace
 from spd_lens.gradient_cache import GradientCache, cache_gradients
 from spd_lens.models import DEFAULT_MODEL, load_hf, load_model, model_names
+from spd_lens.projection import Projection, fold_projection, project
 from spd_lens.subspace import CapabilitySubspace, RankPolicy
 from spd_lens.tasks import get_task, task_names
 
@@ -21,6 +22,9 @@ __all__ = [
     "CapabilitySubspace",
     "RankPolicy",
     "GradientCache",
+    "Projection",
+    "fold_projection",
+    "project",
     "cache_gradients",
     "extract_subspace",
     "DEFAULT_MODEL",

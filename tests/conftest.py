@@ -29,3 +29,16 @@ def default_bridge():
 @pytest.fixture(scope="session")
 def default_tokenizer(default_bridge):
     return default_bridge.tokenizer
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory, tiny_hf):
+    """A small self-generated JSONL (tiny model, 12 arithmetic prompts) to train on."""
+    from spd_lens import get_task
+    from spd_lens.sampling import SamplingConfig, generate_jsonl
+
+    model, tokenizer = tiny_hf
+    examples = get_task("arithmetic").examples("train", n=12, seed=0)
+    path = tmp_path_factory.mktemp("data") / "gen.jsonl"
+    return generate_jsonl(model, tokenizer, examples, path, SamplingConfig(temperature=1.0, max_new_tokens=12),
+                          task="arithmetic")

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from spd_lens import SpdLensError
 from spd_lens.cli import main as cli
-from spd_lens.extract import GramAccumulator, extract_subspace
+from spd_lens.extract import extract_subspace
 from spd_lens.gradients import iterate_gradients, pad_batch, target_mask
 from spd_lens.models import boot, load_hf
 from spd_lens.subspace import CapabilitySubspace, RankPolicy, random_like
@@ -185,18 +185,6 @@ def test_bad_layers_and_ranks_are_named(tiny64, encoded):
         RankPolicy.make(rank=2, frac=0.5)
     with pytest.raises(SpdLensError, match="rank_frac must be in"):
         RankPolicy.make(frac=1.5)
-
-
-def test_zero_and_non_finite_gradients_stop_with_the_layer_named(encoded):
-    accumulator = GramAccumulator()
-    accumulator.grams = {(3, "v"): torch.zeros(16, 16, dtype=torch.float64)}
-    with pytest.raises(SpdLensError, match="layer 3 V are all zero"):
-        accumulator.check()
-    model, tokenizer = load_hf("tiny")
-    with torch.no_grad():
-        model.model.layers[2].mlp.down_proj.weight[0, 0] = float("nan")
-    with pytest.raises(SpdLensError, match="non-finite gradient at layer"):
-        extract_subspace(model, encoded, layers=[1, 3], tokenizer=tokenizer)
 
 
 def test_cli_extract_writes_a_subspace(tmp_path, capsys):

@@ -1,6 +1,5 @@
 """Every notebook runs top to bottom (small size switch on); a failing cell fails the test."""
 
-import os
 from pathlib import Path
 
 import nbformat

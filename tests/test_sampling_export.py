@@ -1,5 +1,3 @@
-import json
-import sys
 
 import pytest
 
@@ -7,7 +5,7 @@ from spd_lens import SpdLensError, get_task
 from spd_lens.cli import main as cli
 from spd_lens.models import load_hf
 from spd_lens.sampling import SamplingConfig, generate_jsonl
-from tests.killing import kill_when
+from tests.helpers import read_records
 
 
 @pytest.fixture(scope="module")
@@ -15,8 +13,6 @@ def tiny():
     return load_hf("tiny")
 
 
-def _records(path):
-    return [json.loads(line) for line in open(path)]
 
 
 def test_export_format_and_provenance(tmp_path, tiny):
@@ -25,7 +21,7 @@ def test_export_format_and_provenance(tmp_path, tiny):
     config = SamplingConfig(temperature=0.7, max_new_tokens=6, num_samples=2, seed=5, batch_size=2)
     out = generate_jsonl(model, tokenizer, examples, tmp_path / "g.jsonl", config, task="arithmetic",
                          provenance={"projection": {"alpha": 1.0}})
-    records = _records(out)
+    records = read_records(out)
     assert len(records) == 6 and not (tmp_path / "g.jsonl.partial").exists()
     first = records[0]
     assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
@@ -38,22 +34,6 @@ def test_export_format_and_provenance(tmp_path, tiny):
         (e.id, k) for e in examples for k in range(2))
 
 
-def test_resume_after_a_torn_write_gives_the_uninterrupted_result(tmp_path, tiny):
-    model, tokenizer = tiny
-    examples = get_task("arithmetic").examples("train", n=7, seed=0)
-    config = SamplingConfig(temperature=1.0, max_new_tokens=6, num_samples=2, seed=1, batch_size=2)
-    full = _records(generate_jsonl(model, tokenizer, examples, tmp_path / "full.jsonl", config, task="arithmetic"))
-    # A run killed while writing its third batch: two whole batches, then half a line.
-    text = open(tmp_path / "full.jsonl").read()
-    lines = text.splitlines(keepends=True)
-    (tmp_path / "cut.jsonl.partial").write_text("".join(lines[:9]) + lines[9][: len(lines[9]) // 2])
-    resumed = _records(generate_jsonl(model, tokenizer, examples, tmp_path / "cut.jsonl", config, task="arithmetic"))
-    assert resumed == full
-    # Running again over a finished file changes nothing.
-    again = _records(generate_jsonl(model, tokenizer, examples, tmp_path / "cut.jsonl", config, task="arithmetic"))
-    assert again == full
-
-
 def test_resume_refuses_other_settings_and_names_them(tmp_path, tiny):
     model, tokenizer = tiny
     examples = get_task("arithmetic").examples("train", n=2, seed=0)
@@ -61,7 +41,7 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path, tiny):
     generate_jsonl(model, tokenizer, examples, out, SamplingConfig(max_new_tokens=4), task="arithmetic")
     with pytest.raises(SpdLensError, match=r"refusing to mix.*max_new_tokens: file has 4, now 5"):
         generate_jsonl(model, tokenizer, examples, out, SamplingConfig(max_new_tokens=5), task="arithmetic")
-    assert len(_records(out)) == 2  # the finished file is left as it was
+    assert len(read_records(out)) == 2  # the finished file is left as it was
 
 
 def test_unwritable_or_directory_outputs_are_clear_errors(tmp_path, tiny):
@@ -74,23 +54,6 @@ def test_unwritable_or_directory_outputs_are_clear_errors(tmp_path, tiny):
                        task="arithmetic")
 
 
-def test_killed_cli_run_resumes_to_exactly_n_records(tmp_path):
-    out = tmp_path / "k.jsonl"
-    command = [sys.executable, "-m", "spd_lens.cli", "generate", "--model", "tiny", "--task", "arithmetic", "--n", "40",
-               "--batch-size", "2", "--max-new-tokens", "48", "--temperature", "0.8", "--out", str(out)]
-    partial = tmp_path / "k.jsonl.partial"
-    killed = kill_when(command, lambda: partial.exists() and partial.stat().st_size > 0)
-    assert killed, "the run finished before it could be killed; make it longer"
-    assert not out.exists()  # an interrupted run is never presented as complete
-    assert cli(command[3:]) == 0
-    records = _records(out)
-    keys = [(r["prompt_id"], r["sample_index"]) for r in records]
-    assert len(records) == 40 and len(set(keys)) == 40
-    uninterrupted = tmp_path / "u.jsonl"
-    assert cli([*command[3:-1], str(uninterrupted)]) == 0
-    assert [r["messages"] for r in records] == [r["messages"] for r in _records(uninterrupted)]
-
-
 @pytest.mark.slow
 def test_hooked_and_folded_generation_agree_on_the_default_model(tmp_path):
     sub = tmp_path / "sub"
@@ -99,7 +62,7 @@ def test_hooked_and_folded_generation_agree_on_the_default_model(tmp_path):
               str(sub), "--temperature", "0", "--max-new-tokens", "32"]
     assert cli([*common, "--out", str(tmp_path / "A.jsonl")]) == 0
     assert cli([*common, "--fold", "--out", str(tmp_path / "B.jsonl")]) == 0
-    a, b = _records(tmp_path / "A.jsonl"), _records(tmp_path / "B.jsonl")
+    a, b = read_records(tmp_path / "A.jsonl"), read_records(tmp_path / "B.jsonl")
     assert len(a) == len(b) == 4
     assert [r["messages"] for r in a] == [r["messages"] for r in b]
     assert a[0]["settings"]["projection"]["subspace_task"] == "arithmetic"

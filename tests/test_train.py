@@ -5,26 +5,11 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from spd_lens import SpdLensError, get_task
+from spd_lens import SpdLensError
 from spd_lens.models import load_hf
-from spd_lens.sampling import SamplingConfig, generate_jsonl
 from spd_lens.train import TrainConfig, build_features, load_trained, read_training_records, train_on_jsonl
-from tests.killing import kill_when
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    model, tokenizer = load_hf("tiny")
-    examples = get_task("arithmetic").examples("train", n=12, seed=0)
-    path = tmp_path_factory.mktemp("data") / "gen.jsonl"
-    return generate_jsonl(model, tokenizer, examples, path, SamplingConfig(temperature=1.0, max_new_tokens=12),
-                          task="arithmetic")
-
-
-def _adapter(out):
-    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+from tests.helpers import adapter_tensors
 
 
 def test_completion_only_labels(tiny_tokenizer):
@@ -57,7 +42,7 @@ def test_lora_training_lowers_the_loss_and_loads_back(tmp_path, data):
     out = train_on_jsonl("tiny", data, tmp_path / "run", TrainConfig(lr=5e-3, epochs=4, batch_size=4))
     meta = json.loads((out / "train.json").read_text())
     assert meta["steps"] == 12 and meta["base_model"] == "tiny" and meta["config"]["lora_r"] == 8
-    adapter = _adapter(out)
+    adapter = adapter_tensors(out)
     assert any("lora_A" in k for k in adapter) and any("v_proj" in k for k in adapter)
     trained, tokenizer = load_trained("tiny", out)
     base, _ = load_hf("tiny")
@@ -81,25 +66,6 @@ def test_full_fine_tuning_saves_a_model(tmp_path, data):
     assert (out / "model" / "config.json").is_file()
     model, _ = load_trained("tiny", out)
     assert sum(p.numel() for p in model.parameters()) > 0
-
-
-def _train_command(data, out, *extra):
-    return [sys.executable, "-m", "spd_lens.cli", "train", "--model", "tiny", "--data", str(data), "--out", str(out),
-            "--lr", "5e-3", "--epochs", "6", "--batch-size", "2", "--checkpoint-every", "2", *extra]
-
-
-def test_killed_training_resumes_to_the_same_adapter(tmp_path, data):
-    assert subprocess.run(_train_command(data, tmp_path / "straight"), capture_output=True).returncode == 0
-    checkpoints = tmp_path / "killed" / "checkpoints"
-    was_running = kill_when(_train_command(data, tmp_path / "killed"),
-                            lambda: any((c / "complete").exists() for c in checkpoints.glob("step-*")))
-    assert was_running, "training finished before it could be killed"
-    assert not (tmp_path / "killed" / "train.json").exists()
-    assert subprocess.run(_train_command(data, tmp_path / "killed"), capture_output=True).returncode == 0
-    straight, resumed = _adapter(tmp_path / "straight"), _adapter(tmp_path / "killed")
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
 
 
 def test_two_cpu_processes_with_torchrun(tmp_path, data):
@@ -135,3 +101,16 @@ def test_epoch_batches_cover_every_record_once_and_group_lengths():
     assert batches == epoch_batches(lengths, 8, seed=3) and batches != epoch_batches(lengths, 8, seed=4)
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     assert spread < 20  # random batches of 8 would spread about 75
+
+
+def test_trained_adapter_boots_into_a_bridge(tmp_path, data):
+    from spd_lens.models import boot
+
+    out = train_on_jsonl("tiny", data, tmp_path / "run", TrainConfig(lr=5e-3, epochs=1, batch_size=4))
+    model, tokenizer = load_trained("tiny", out)
+    ids = torch.tensor([tokenizer("12+3=", add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        expected = model(ids).logits
+        bridge = boot(model, tokenizer)
+        assert torch.allclose(bridge(ids), expected, atol=1e-4)
+    assert "blocks.0.attn.hook_k" in bridge.hook_dict

@@ -59,7 +59,6 @@ class FamilyMC(MultipleChoiceTask):
 
     def _examples(self, split: str, n: int | None, seed: int) -> list[Example]:
         import reasoning_gym
-        from reasoning_gym.graphs.family_relationships import Relationship
 
         if n is None:
             raise SpdLensError(f"task {self.name!r} is procedural: pass n, the number of examples to generate")

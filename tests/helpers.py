@@ -1,4 +1,4 @@
-"""Start a command and SIGKILL it as soon as a condition holds: how the crash-safety tests interrupt runs."""
+"""Helpers shared by tests: interrupting runs with SIGKILL, reading what runs wrote."""
 
 import os
 import signal
@@ -17,3 +17,15 @@ def kill_when(command: list[str], ready, *, timeout: float = 120, poll: float = 
         os.kill(process.pid, signal.SIGKILL)
     process.wait()
     return running
+
+
+def read_records(path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in open(path)]
+
+
+def adapter_tensors(run_dir) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
