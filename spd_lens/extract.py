@@ -117,7 +117,8 @@ def extract_subspace(
     torch.manual_seed(seed)
     task_name, encoded = encode_examples(model, task_or_examples, n=n, split=split, seed=seed, tokenizer=tokenizer,
                                          task_options=task_options)
-    pad_id = (tokenizer or getattr(model, "tokenizer", None) or type("t", (), {"pad_token_id": None})).pad_token_id
+    known_tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    pad_id = known_tokenizer.pad_token_id if known_tokenizer is not None else None
     started = time.time()
     accumulator = GramAccumulator()
     for batch in iterate_gradients(model, encoded, layers=layers, loss=loss, batch_size=batch_size, pad_id=pad_id,

@@ -100,19 +100,47 @@ def spectrum_figure(subspace, kind: str = "k", head="flat") -> go.Figure:
     return figure
 
 
-def write_report(path, figures: list[go.Figure], title: str, notes: str = "") -> None:
-    """One self-contained HTML file (plotly.js embedded once: opens offline)."""
+def export_images(figures: list[go.Figure], directory, stem: str) -> str:
+    """PNG and SVG of each figure where this machine can render them (kaleido with a Chrome).
+
+    Returns a line saying what was written, or why nothing was.
+    """
     from pathlib import Path
 
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return "PNG/SVG export unavailable: install kaleido (pip install 'spd-lens[export]') and a Chrome"
+    directory = Path(directory)
+    written = []
+    for i, figure in enumerate(figures):
+        for suffix in ("png", "svg"):
+            path = directory / f"{stem}-{i + 1}.{suffix}"
+            try:
+                figure.write_image(str(path))
+            except Exception as err:  # kaleido reports a missing browser in several ways
+                return f"PNG/SVG export unavailable here ({type(err).__name__}: {str(err)[:120]})"
+            written.append(path.name)
+    return f"images: {', '.join(written)}"
+
+
+def write_report(path, figures: list[go.Figure], title: str, notes: str = "", images: bool = True) -> str:
+    """One self-contained HTML file (plotly.js embedded once: opens offline), plus PNG/SVG copies
+    of the figures where the machine can render them. Returns the image export line."""
+    from pathlib import Path
+
+    path = Path(path)
+    exported = export_images(figures, path.parent, path.stem) if images else "PNG/SVG export not requested"
+    notes = f"{notes}\n{exported}" if notes else exported
     parts = [f"<html><head><meta charset='utf-8'><title>{title}</title></head><body>", f"<h1>{title}</h1>",
-             f"<pre>{notes}</pre>" if notes else ""]
+             f"<pre>{notes}</pre>"]
     for i, figure in enumerate(figures):
         parts.append(figure.to_html(full_html=False, include_plotlyjs=(i == 0)))
     parts.append("</body></html>")
-    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(parts), encoding="utf-8")
     tmp.replace(path)
+    return exported
 
 
 def head_attribution_figure(rows: list[dict], value: str = "energy_share") -> go.Figure:

@@ -90,3 +90,40 @@ def test_heads_cli_writes_table_and_figures(tmp_path, capsys):
 def test_report_cli(tmp_path, capsys):
     assert cli(["report", str(tmp_path)]) == 2
     assert "no metrics.json" in capsys.readouterr().err
+
+
+def test_report_exports_images_where_it_can(tmp_path, monkeypatch):
+    import builtins
+    import sys
+    import types
+
+    import plotly.graph_objects as go
+
+    from spd_lens.viz import write_report
+
+    figure = go.Figure(go.Bar(x=[1], y=[2]))
+    # Without kaleido: the HTML is written and says why there are no images.
+    real_import = builtins.__import__
+
+    def no_kaleido(name, *args, **kwargs):
+        if name == "kaleido":
+            raise ImportError("no kaleido")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_kaleido)
+    line = write_report(tmp_path / "a.html", [figure], "t")
+    assert "unavailable" in line and "unavailable" in (tmp_path / "a.html").read_text()
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    # With a renderer: one PNG and one SVG per figure, named after the report.
+    monkeypatch.setitem(sys.modules, "kaleido", types.ModuleType("kaleido"))
+    monkeypatch.setattr(go.Figure, "write_image", lambda self, path: open(path, "w").write("img"))
+    line = write_report(tmp_path / "b.html", [figure, figure], "t")
+    assert sorted(p.name for p in tmp_path.glob("b-*")) == ["b-1.png", "b-1.svg", "b-2.png", "b-2.svg"]
+    assert "b-2.svg" in line
+    # A renderer that fails (no browser): reported, the HTML still written.
+    def broken(self, path):
+        raise RuntimeError("no Chrome found")
+
+    monkeypatch.setattr(go.Figure, "write_image", broken)
+    assert "no Chrome found" in write_report(tmp_path / "c.html", [figure], "t")
+    assert (tmp_path / "c.html").is_file()
