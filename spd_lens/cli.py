@@ -272,7 +272,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spd-lens", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="spd-lens",
+        description="Self-Policy Distillation on TransformerLens: capability subspaces from correctness-token "
+                    "gradients, projected self-generation, distillation and evaluation against baselines.",
+        epilog="Start with `spd-lens demo`; `spd-lens COMMAND --help` for each command.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("tasks", help="list the tasks").set_defaults(func=cmd_tasks)
