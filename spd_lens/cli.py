@@ -265,9 +265,14 @@ def cmd_heads(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from spd_lens.experiment import write_run_report
+    import json
+    from pathlib import Path
 
-    print(f"report: {write_run_report(args.run_dir)}")
+    from spd_lens.experiment import format_table, write_run_report
+
+    path = write_run_report(args.run_dir)
+    print(format_table(json.loads((Path(args.run_dir) / "metrics.json").read_text())))
+    print(f"report: {path}")
     return 0
 
 

@@ -199,9 +199,11 @@ def run_experiment(config: ExperimentConfig, out: str | Path, *, progress: Progr
 
 
 def format_table(metrics: dict) -> str:
-    rows = [f"{'method':<12} {'score':>7}  {'95% CI':<17} {'n':>5}"]
+    """Score, pooled 95% CI, n, and each seed's score."""
+    rows = [f"{'method':<12} {'score':>7}  {'95% CI':<17} {'n':>5}  per seed"]
     for name, m in metrics["methods"].items():
-        rows.append(f"{name:<12} {m['score']:>7.3f}  [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]  {m['n']:>5}")
+        seeds = "  ".join(f"{seed}: {s['score']:.3f}" for seed, s in m.get("seeds", {}).items())
+        rows.append(f"{name:<12} {m['score']:>7.3f}  [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]  {m['n']:>5}  {seeds}")
     return "\n".join(rows)
 
 
