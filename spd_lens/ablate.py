@@ -19,7 +19,7 @@ from spd_lens.artifacts import atomic_write, write_json
 from spd_lens.attribution import correctness_loss
 from spd_lens.config import ExperimentConfig
 from spd_lens.errors import SpdLensError
-from spd_lens.evaluate import bootstrap_ci, score_records
+from spd_lens.evaluate import score_records
 from spd_lens.experiment import Run
 from spd_lens.extract import encode_examples
 from spd_lens.projection import Projection
@@ -68,7 +68,6 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
                                      seed=config.seeds[0], tokenizer=tokenizer)
     sampling = SamplingConfig(max_new_tokens=task.max_new_tokens if config.eval.max_new_tokens is None else config.eval.max_new_tokens,
                               batch_size=config.eval.batch_size)
-    baseline_loss = None
     with open(table_path, "a", encoding="utf-8") as table:
         for point in progress(points) if progress else points:
             if _key(point) in done:
@@ -101,8 +100,7 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
     baseline_loss = rows[0]["loss"]
     for row in rows:
         row["delta_loss"] = row["loss"] - baseline_loss
-    write_json(out / "ablation.json", {"rows": rows, "task": task.name, "model": config.model.name,
-                                       "pooled_ci_of_baseline": list(bootstrap_ci([rows[0]["score"]]))})
+    write_json(out / "ablation.json", {"rows": rows, "task": task.name, "model": config.model.name})
     fields = ["rank", "layers", "alpha", "head", "kinds", "score", "ci_low", "ci_high", "n", "loss", "delta_loss"]
 
     def write_csv(tmp):

@@ -76,9 +76,9 @@ def sample(model, tokenizer, prompts: Sequence[str], config: SamplingConfig, *, 
     return [texts[i * config.num_samples:(i + 1) * config.num_samples] for i in range(len(prompts))]
 
 
-def _read_records(path: Path) -> tuple[list[dict], int]:
-    """Complete records of a JSONL file and the byte length they take (a torn tail is left out)."""
-    records, good_bytes = [], 0
+def _read_records(path: Path) -> list[dict]:
+    """Complete records of a JSONL file (a torn tail from an interrupted write is left out)."""
+    records = []
     with open(path, "rb") as f:
         for line in f:
             if not line.endswith(b"\n"):
@@ -87,8 +87,7 @@ def _read_records(path: Path) -> tuple[list[dict], int]:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 break
-            good_bytes += len(line)
-    return records, good_bytes
+    return records
 
 
 def _settings_differences(old: dict, new: dict) -> list[str]:
@@ -124,7 +123,7 @@ def generate_jsonl(
     existing = partial if partial.exists() else out if out.exists() else None
     kept: list[dict] = []
     if existing is not None:
-        records, _ = _read_records(existing)
+        records = _read_records(existing)
         if records:
             differences = _settings_differences(records[0].get("settings", {}), settings)
             if differences:

@@ -28,7 +28,7 @@ import spd_lens
 from spd_lens.chat import encode_conversation
 from spd_lens.artifacts import read_json_object
 from spd_lens.errors import SpdLensError
-from spd_lens.tasks.records import jsonl_lines
+from spd_lens.tasks.records import read_jsonl
 
 DONE_FILE = "train.json"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -75,19 +75,14 @@ def read_training_records(path: str | Path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise SpdLensError(f"training data {str(path)!r} is not a file: pass a JSONL made by `spd-lens generate`")
     pairs = []
-    for number, line in jsonl_lines(path):
+    for number, record in enumerate(read_jsonl(path), start=1):
         try:
-            record = json.loads(line)
             turns = record["messages"]
             user = next(t["content"] for t in turns if t["role"] == "user")
             assistant = next(t["content"] for t in turns if t["role"] == "assistant")
-        except json.JSONDecodeError as err:
-            raise SpdLensError(f"{path}: line {number} is not valid JSON ({err.msg})") from err
         except (KeyError, TypeError, StopIteration, AttributeError) as err:
-            raise SpdLensError(f"{path}: line {number} has no user and assistant 'messages'") from err
+            raise SpdLensError(f"{path}: record {number} has no user and assistant 'messages'") from err
         pairs.append((str(user), str(assistant)))
-    if not pairs:
-        raise SpdLensError(f"training data {path} holds no records")
     return pairs
 
 

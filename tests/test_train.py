@@ -32,7 +32,7 @@ def test_bad_training_data_is_named(tmp_path):
         read_training_records(bad)
     shapeless = tmp_path / "shapeless.jsonl"
     shapeless.write_text(json.dumps({"prompt": "q"}) + "\n")
-    with pytest.raises(SpdLensError, match="line 1 has no user and assistant"):
+    with pytest.raises(SpdLensError, match="record 1 has no user and assistant"):
         read_training_records(shapeless)
     with pytest.raises(SpdLensError, match="loss_on must be"):
         TrainConfig(loss_on="prompt")
