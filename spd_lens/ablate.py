@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from spd_lens.artifacts import atomic_write, write_json
+from spd_lens.artifacts import atomic_write, read_json_object, write_json
 from spd_lens.attribution import correctness_loss
 from spd_lens.config import ExperimentConfig
 from spd_lens.errors import SpdLensError
@@ -111,11 +111,20 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
                 writer.writerow({**{k: r[k] for k in fields if k in r}, "ci_low": r["ci"][0], "ci_high": r["ci"][1]})
 
     atomic_write(out / "ablation.csv", write_csv)
+    write_ablation_report(out, f"spd_lens ablation {config.name}")
+    return rows
+
+
+def write_ablation_report(out: str | Path, title: str | None = None) -> Path:
+    """`OUT/ablation.html` (score and loss-change grids) from `OUT/ablation.json`."""
     from spd_lens.viz import ablation_figure, write_report
 
+    out = Path(out)
+    table = read_json_object(out / "ablation.json", "an ablation table (spd-lens ablate)")
+    rows = table["rows"]
     grid_rows = [r for r in rows if r["rank"] != "none"]
     figures = [ablation_figure(grid_rows, x="rank", y="layers", value="score"),
                ablation_figure(grid_rows, x="rank", y="layers", value="delta_loss")]
-    notes = f"baseline (no projection): score {rows[0]['score']:.3f}, correctness loss {baseline_loss:.4f}"
-    write_report(out / "ablation.html", figures, f"spd_lens ablation {config.name}", notes)
-    return rows
+    notes = f"baseline (no projection): score {rows[0]['score']:.3f}, correctness loss {rows[0]['loss']:.4f}"
+    write_report(out / "ablation.html", figures, title or f"spd_lens ablation on {table.get('task')}", notes)
+    return out / "ablation.html"

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
+from spd_lens.artifacts import read_json_object
 from spd_lens.extract import encode_examples, extract_subspace, model_shape
 from spd_lens.gradients import pad_batch, summed_example_means, target_mask
 from spd_lens.models import hf_model_of
@@ -112,3 +114,14 @@ def head_attribution(model, task, *, n: int = 16, seed: int = 0, layers: Sequenc
         row["baseline_loss"] = baseline
         row.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
     return rows
+
+
+def write_heads_report(out: str | Path) -> Path:
+    """`OUT/heads.html` (energy share, loss change and effective rank per layer x head) from `OUT/heads.json`."""
+    from spd_lens.viz import head_attribution_figure, write_report
+
+    out = Path(out)
+    table = read_json_object(out / "heads.json", "a head-attribution table (spd-lens heads)")
+    figures = [head_attribution_figure(table["rows"], v) for v in ("energy_share", "delta_loss", "effective_rank")]
+    write_report(out / "heads.html", figures, f"which heads carry {table.get('task')} ({table.get('model')})")
+    return out / "heads.html"

@@ -78,9 +78,16 @@ def method_scores_figure(metrics: dict) -> go.Figure:
     hover = [f"{m}<br>score {methods[m]['score']:.3f}<br>95% CI [{methods[m]['ci'][0]:.3f}, {methods[m]['ci'][1]:.3f}]"
              f"<br>n {methods[m]['n']}" for m in names]
     figure = go.Figure(go.Bar(x=names, y=scores, error_y={"type": "data", "array": upper, "arrayminus": lower},
-                              hovertext=hover, hoverinfo="text", marker_color="#4c78a8"))
+                              hovertext=hover, hoverinfo="text", marker_color="#4c78a8", name="mean over seeds"))
+    # Each seed's own score: the spread between seeds is often wider than the pooled interval.
+    seeded = [(m, seed, r["score"]) for m in names for seed, r in methods[m].get("seeds", {}).items()]
+    if seeded:
+        figure.add_scatter(x=[m for m, _, _ in seeded], y=[v for _, _, v in seeded], mode="markers", name="one seed",
+                           marker={"color": "#e45756", "size": 9, "symbol": "diamond"},
+                           hovertext=[f"{m} seed {seed}: {v:.3f}" for m, seed, v in seeded], hoverinfo="text")
+    top = max([methods[m]["ci"][1] for m in names] + [v for _, _, v in seeded])
     figure.update_layout(title=f"{metrics.get('task')} ({metrics.get('model')}): score per method, 95% bootstrap CI",
-                         yaxis_title="score", yaxis_range=[0, max(1e-3, max(methods[m]["ci"][1] for m in names)) * 1.1])
+                         yaxis_title="score", yaxis_range=[0, max(1e-3, top) * 1.1])
     return figure
 
 

@@ -60,6 +60,32 @@ def test_figures_name_what_they_show(tiny):
     assert grid.data[0].z == ((0.2, 0.4), (0.2, 0.4)) or [list(r) for r in grid.data[0].z] == [[0.2, 0.4], [0.2, 0.4]]
     metrics = {"task": "t", "model": "m", "methods": {"base": {"score": 0.1, "ci": [0.0, 0.2], "n": 10}}}
     assert "95% CI" in method_scores_figure(metrics).data[0].hovertext[0]
+    assert len(method_scores_figure(metrics).data) == 1  # no seeds, no seed markers
+    metrics["methods"]["spd"] = {"score": 0.3, "ci": [0.2, 0.4], "n": 20,
+                                 "seeds": {"0": {"score": 0.1}, "1": {"score": 0.5}}}
+    seeds = method_scores_figure(metrics).data[1]
+    assert list(seeds.x) == ["spd", "spd"] and list(seeds.y) == [0.1, 0.5]
+
+
+def test_report_redraws_ablation_and_head_tables(tmp_path, capsys):
+    ablation = tmp_path / "ablation"
+    ablation.mkdir()
+    rows = [{"rank": "none", "layers": "none", "score": 0.1, "loss": 3.0, "delta_loss": 0.0}]
+    rows += [{"rank": r, "layers": l, "score": r / 10, "loss": 3.0, "delta_loss": 0.1} for r in (2, 4) for l in ("1", "3")]
+    (ablation / "ablation.json").write_text(json.dumps({"rows": rows, "task": "arithmetic"}))
+    assert cli(["report", str(ablation)]) == 0
+    assert "score by rank and layers" in (ablation / "ablation.html").read_text()
+    heads = tmp_path / "heads"
+    heads.mkdir()
+    row = {"energy_share_k": 0.5, "energy_share_v": 0.5, "effective_rank_k": 1.0, "effective_rank_v": 2.0,
+           "delta_loss": 0.01}
+    head_rows = [{"layer": layer, "head": head, **row} for layer in range(2) for head in range(2)]
+    (heads / "heads.json").write_text(json.dumps({"task": "arithmetic", "model": "tiny", "rows": head_rows}))
+    assert cli(["report", str(heads)]) == 0
+    assert "which heads carry arithmetic" in (heads / "heads.html").read_text()
+    (heads / "heads.json").write_text("[1, 2]")
+    assert cli(["report", str(heads)]) == 2
+    assert "head-attribution table" in capsys.readouterr().err
 
 
 def test_ablate_cli_table_figure_and_resume(tmp_path, capsys):

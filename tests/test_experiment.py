@@ -51,3 +51,16 @@ def test_run_cli_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "hook-only" in out and "report.html" in out
     assert cli(["run", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_threads_option_sets_torch_threads_and_refuses_nonsense(capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert cli(["--threads", "1", "tasks"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert cli(["--threads", "0", "tasks"]) == 2
+    assert "--threads must be between 1" in capsys.readouterr().err
