@@ -301,8 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with `spd-lens demo`; `spd-lens COMMAND --help` for each command.",
     )
     parser.add_argument("--threads", type=int,
-                        help="CPU threads for torch (default: all cores). Two runs side by side with "
-                             "--threads 1 each generate about 1.5x faster in total on 2 cores")
+                        help="CPU threads for torch (default: all cores); see the README on running two jobs with 1 thread each")
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("tasks", help="list the tasks").set_defaults(func=cmd_tasks)
