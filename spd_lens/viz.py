@@ -166,7 +166,7 @@ def head_attribution_figure(rows: list[dict], value: str = "energy_share") -> go
         raise SpdLensError(f"unknown attribution value {value!r}: use energy_share, effective_rank, top_energy, "
                            "delta_loss or delta_score")
     figure = make_subplots(rows=1, cols=len(columns), subplot_titles=[c.replace("_", " ") for c in columns],
-                           horizontal_spacing=0.12)
+                           horizontal_spacing=0.28)  # room for the left panel's colour bar
     for i, column in enumerate(columns, start=1):
         z = [[by_key.get((layer, head), {}).get(column) for head in heads] for layer in layers]
         hover = [[f"layer {layer}<br>head {head}<br>{column} {by_key[(layer, head)][column]:.4g}"
@@ -174,8 +174,8 @@ def head_attribution_figure(rows: list[dict], value: str = "energy_share") -> go
         figure.add_trace(go.Heatmap(z=z, x=[f"head {h}" for h in heads], y=layers, hovertext=hover, hoverinfo="text",
                                     colorscale="RdBu" if value.startswith("delta") else "Viridis",
                                     zmid=0 if value.startswith("delta") else None,
-                                    colorbar={"x": 0.45 if (i == 1 and len(columns) == 2) else 1.0}), 1, i)
-        figure.update_yaxes(title_text="layer", row=1, col=i)
+                                    colorbar={"x": 0.38 if (i == 1 and len(columns) == 2) else 1.0}), 1, i)
+    figure.update_yaxes(title_text="layer", row=1, col=1)
     figure.update_layout(title=f"which KV heads carry the capability: {value.replace('_', ' ')}",
                          height=max(350, 18 * len(layers) + 150))
     return figure
