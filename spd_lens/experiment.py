@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from spd_lens.models import load_hf
 from spd_lens.projection import Projection
 from spd_lens.sampling import SamplingConfig, generate_jsonl
 from spd_lens.subspace import CapabilitySubspace, config_hash, random_like
-from spd_lens.tasks import get_task
+from spd_lens.tasks import Task, get_task
 from spd_lens.train import load_trained, train_on_jsonl
 
 Progress = Callable[[str], Callable] | None
@@ -47,6 +48,7 @@ class Run:
         data = config.subspace.data if config.subspace.task else config.task.data
         self.subspace_task = get_task(subspace_task, **({"path": data} if data else {}))
         self._base = None
+        self._eval_examples = None
 
     # --- shared pieces ------------------------------------------------------------------------
 
@@ -171,6 +173,9 @@ class Run:
                 "seeds": {str(r["seed"]): {"score": r["score"], "ci": r["ci"], "n": r["n"]} for r in per_seed}
                 if spec.seeded else {},
             }
+            answers = self._answer_counts([r for result in per_seed for r in result["results"]])
+            if answers:
+                methods[method]["answers"] = answers
         metrics = {"run": self.config.name, "task": self.task.name, "subspace_task": self.subspace_task.name,
                    "model": self.config.model.name, "methods": methods, "stage_seconds": self.stage_seconds,
                    "config_hash": config_hash(self.config.to_dict()), "spd_lens_version": spd_lens.__version__,
@@ -178,6 +183,17 @@ class Run:
         write_json(self.out / "metrics.json", metrics)
         write_run_report(self.out)
         return metrics
+
+    def _answer_counts(self, results: list[dict]) -> dict[str, int] | None:
+        """How often each answer was given (multiple choice: each letter; "none" = no answer found)."""
+        if type(self.task).answer is Task.answer:
+            return None
+        if self._eval_examples is None:
+            c = self.config.task
+            self._eval_examples = {e.id: e for e in self.task.examples(c.eval_split, n=c.eval_n, seed=0)}
+        counts = Counter(self.task.answer(self._eval_examples[r["prompt_id"]], r["completion"]) or "none"
+                         for r in results)
+        return dict(sorted(counts.items()))
 
     def _claim_directory(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -203,7 +219,8 @@ def format_table(metrics: dict) -> str:
     rows = [f"{'method':<12} {'score':>7}  {'95% CI':<17} {'n':>5}  per seed"]
     for name, m in metrics["methods"].items():
         seeds = "  ".join(f"{seed}: {s['score']:.3f}" for seed, s in m.get("seeds", {}).items())
-        rows.append(f"{name:<12} {m['score']:>7.3f}  [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]  {m['n']:>5}  {seeds}")
+        answers = "  answers " + " ".join(f"{a}:{k}" for a, k in m["answers"].items()) if m.get("answers") else ""
+        rows.append(f"{name:<12} {m['score']:>7.3f}  [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]  {m['n']:>5}  {seeds}{answers}")
     return "\n".join(rows)
 
 

@@ -64,3 +64,35 @@ def test_threads_option_sets_torch_threads_and_refuses_nonsense(capsys):
         torch.set_num_threads(before)
     assert cli(["--threads", "0", "tasks"]) == 2
     assert "--threads must be between 1" in capsys.readouterr().err
+
+
+def test_multiple_choice_runs_count_each_answer(tmp_path, capsys):
+    from spd_lens.experiment import format_table
+    from spd_lens.tasks import get_task
+
+    config = {**TINY, "seeds": [0], "methods": ["base"], "task": {"name": "family-mc", "train_n": 4, "eval_n": 6}}
+    metrics = run_experiment(config_from_dict(config), tmp_path)
+    answers = metrics["methods"]["base"]["answers"]
+    assert sum(answers.values()) == 6 and set(answers) <= {"A", "B", "C", "D", "none"}
+    # the counts agree with the task's own reading of each stored completion
+    task = get_task("family-mc")
+    examples = {e.id: e for e in task.examples("test", n=6, seed=0)}
+    stored = json.loads((tmp_path / "eval" / "base.json").read_text())["results"]
+    expected = {}
+    for r in stored:
+        letter = task.answer(examples[r["prompt_id"]], r["completion"]) or "none"
+        expected[letter] = expected.get(letter, 0) + 1
+    assert answers == expected
+    assert "answers " in format_table(metrics)
+    assert "answers" not in run_experiment(config_from_dict({**TINY, "seeds": [0], "methods": ["base"]}),
+                                           tmp_path / "math")["methods"]["base"]
+
+
+def test_mc_answer_is_the_chosen_letter():
+    from spd_lens.tasks import get_task
+
+    task = get_task("family-mc")
+    example = task.examples("test", n=1, seed=0)[0]
+    assert task.answer(example, "The answer is C.") == "C"
+    assert task.answer(example, "no idea") is None
+    assert get_task("arithmetic").answer(example, "The answer is C.") is None

@@ -108,6 +108,11 @@ class Task(ABC):
     def score(self, example: Example, completion: str) -> Score:
         """Whether `completion` (the assistant's text) answers `example` correctly."""
 
+    def answer(self, example: Example, completion: str) -> str | None:
+        """The answer a completion commits to, where the task has a small answer set (multiple
+        choice: the letter); None otherwise. Run metrics count these to expose answer biases."""
+        return None
+
     def locate(self, tokenizer: PreTrainedTokenizerBase, example: Example) -> EncodedExample:
         """Tokenise prompt + reference and mark the correctness-defining tokens."""
         return locate_spans(tokenizer, example)

@@ -39,8 +39,11 @@ class MultipleChoiceTask(Task):
     family = "mcqa"
     max_new_tokens = 16
 
+    def answer(self, example: Example, completion: str) -> str | None:
+        return extract_letter(completion, example.meta["labels"])
+
     def score(self, example: Example, completion: str) -> Score:
-        chosen = extract_letter(completion, example.meta["labels"])
+        chosen = self.answer(example, completion)
         ok = chosen == example.target
         return Score(ok, "passed" if ok else "failed", f"chose {chosen}, expected {example.target}")
 
