@@ -128,10 +128,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_and_report(config, out) -> int:
+def _run_and_report(config, out, reuse=()) -> int:
     from spd_lens.experiment import format_table, run_experiment
 
-    metrics = run_experiment(config, out, progress=_progress_labelled, log=lambda m: print(f"[spd-lens] {m}", flush=True))
+    metrics = run_experiment(config, out, progress=_progress_labelled, log=lambda m: print(f"[spd-lens] {m}", flush=True),
+                             reuse=reuse)
     print()
     print(format_table(metrics))
     print("\nstage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["stage_seconds"].items()))
@@ -152,7 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from spd_lens.config import load_config
 
     config = load_config(args.config)
-    return _run_and_report(config, args.out or str(Path("runs") / config.name))
+    return _run_and_report(config, args.out or str(Path("runs") / config.name), reuse=args.reuse)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -364,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="a full experiment from a TOML config (resumable)")
     run.add_argument("config")
     run.add_argument("--out", help="run directory (default runs/<config name>)")
+    run.add_argument("--reuse", action="append", default=[], metavar="RUN_DIR",
+                     help="take finished evaluations of methods that do not depend on the subspace (base, psr, "
+                          "ssd) from another run whose settings for them are the same; repeatable")
     run.set_defaults(func=cmd_run)
 
     train = commands.add_parser("train", help="fine-tune on an exported JSONL (LoRA by default)")

@@ -8,21 +8,23 @@
     RUN/metrics.json                     {"methods": {name: {"score", "ci", "n", "seeds", ...}}, ...}
 
 A finished stage (its artifact complete) is not redone. The gradient subspace, the base
-evaluation and the prompts are shared by all methods that need them.
+evaluation and the prompts are shared by all methods that need them; `reuse=[OTHER_RUN]` also
+takes base / psr / ssd evaluations from another run when nothing they depend on differs.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import spd_lens
 from spd_lens.config import ExperimentConfig
 from spd_lens.errors import SpdLensError
-from spd_lens.artifacts import write_json
+from spd_lens.artifacts import atomic_write, write_json
 from spd_lens.evaluate import bootstrap_ci, evaluate
 from spd_lens.extract import extract_subspace
 from spd_lens.methods import METHOD_TABLE
@@ -37,9 +39,15 @@ Progress = Callable[[str], Callable] | None
 
 
 class Run:
-    def __init__(self, config: ExperimentConfig, out: str | Path, progress: Progress = None, log: Callable = None):
+    def __init__(self, config: ExperimentConfig, out: str | Path, progress: Progress = None, log: Callable = None,
+                 reuse: Sequence[str | Path] = ()):
         self.config = config
         self.out = Path(out)
+        self.reuse = [Path(r) for r in reuse]
+        for other in self.reuse:
+            if not (other / "config.json").is_file():
+                raise SpdLensError(f"--reuse {other}: not a run directory (no config.json); pass a directory "
+                                   "written by `spd-lens run`")
         self.progress = progress
         self.log = log or (lambda message: None)
         self.stage_seconds: dict[str, float] = {}
@@ -130,6 +138,9 @@ class Run:
         result_path = self.out / "eval" / f"{stem}.json"
         if result_path.is_file():
             return json.loads(result_path.read_text())
+        reused = self._reused(method, stem)
+        if reused is not None:
+            return reused
         c = self.config
         if spec.sampling is not None:
             adapter = self.adapter(method, seed)
@@ -184,6 +195,29 @@ class Run:
         write_run_report(self.out)
         return metrics
 
+    def _reused(self, method: str, stem: str) -> dict | None:
+        """A finished evaluation of `method` from a `reuse` run that shares everything it depends on."""
+        spec = METHOD_TABLE[method]
+        if spec.subspace is not None:
+            return None  # depends on the subspace, which is what runs usually differ in
+        sections = ["model", "task", "eval"] + {"plain": ["sampling", "train"], "ssd": ["sampling", "ssd", "train"]}.get(
+            spec.sampling, [])
+        mine = self.config.to_dict()
+        for other in self.reuse:
+            theirs = json.loads((other / "config.json").read_text())
+            source = other / "eval" / f"{stem}.json"
+            if any(theirs.get(k) != mine[k] for k in sections) or not source.is_file():
+                continue
+            self.log(f"reusing {stem} from {other}")
+            record = {**json.loads(source.read_text()), "reused_from": str(other)}
+            (self.out / "eval").mkdir(parents=True, exist_ok=True)
+            if (other / "eval" / f"{stem}.jsonl").is_file():
+                atomic_write(self.out / "eval" / f"{stem}.jsonl",
+                             lambda tmp: shutil.copyfile(other / "eval" / f"{stem}.jsonl", tmp))
+            write_json(self.out / "eval" / f"{stem}.json", record)
+            return record
+        return None
+
     def _answer_counts(self, results: list[dict]) -> dict[str, int] | None:
         """How often each answer was given (multiple choice: each letter; "none" = no answer found)."""
         if type(self.task).answer is Task.answer:
@@ -209,9 +243,15 @@ class Run:
         write_json(path, {**resolved, "spd_lens_version": spd_lens.__version__})
 
 
-def run_experiment(config: ExperimentConfig, out: str | Path, *, progress: Progress = None, log: Callable = None) -> dict:
-    """Run every configured method; returns (and writes) the metrics. See the module docstring."""
-    return Run(config, out, progress, log).run()
+def run_experiment(config: ExperimentConfig, out: str | Path, *, progress: Progress = None, log: Callable = None,
+                   reuse: Sequence[str | Path] = ()) -> dict:
+    """Run every configured method; returns (and writes) the metrics. See the module docstring.
+
+    `reuse`: other run directories whose finished base / psr / ssd evaluations are taken over when
+    every setting they depend on (model, task, eval, and sampling / ssd / train for the trained
+    ones) is the same here; each such record names the run it came from (`reused_from`).
+    """
+    return Run(config, out, progress, log, reuse).run()
 
 
 def format_table(metrics: dict) -> str:

@@ -96,3 +96,26 @@ def test_mc_answer_is_the_chosen_letter():
     assert task.answer(example, "The answer is C.") == "C"
     assert task.answer(example, "no idea") is None
     assert get_task("arithmetic").answer(example, "The answer is C.") is None
+
+
+def test_reuse_takes_only_evaluations_whose_settings_match(tmp_path, capsys):
+    first = tmp_path / "first"
+    run_experiment(config_from_dict({**TINY, "seeds": [0], "methods": ["base", "psr"]}), first)
+    # Another subspace task, same everything else: base and psr are taken over, spd is computed.
+    other = {**TINY, "seeds": [0], "methods": ["base", "psr", "spd"], "subspace": {"n": 4, "task": "gsm-symbolic"}}
+    second = run_experiment(config_from_dict(other), tmp_path / "second", reuse=[first])
+    for stem in ("base", "psr-seed0"):
+        record = json.loads((tmp_path / "second" / "eval" / f"{stem}.json").read_text())
+        assert record["reused_from"] == str(first)
+        assert record["results"] == json.loads((first / "eval" / f"{stem}.json").read_text())["results"]
+    assert not (tmp_path / "second" / "adapters" / "psr-seed0").exists()
+    assert (tmp_path / "second" / "adapters" / "spd-seed0").is_dir()
+    assert "reused_from" not in json.loads((tmp_path / "second" / "eval" / "spd-seed0.json").read_text())
+    # Another learning rate changes what psr is, not what base is.
+    changed = {**TINY, "seeds": [0], "methods": ["base", "psr"], "train": {**TINY["train"], "lr": 5e-4}}
+    run_experiment(config_from_dict(changed), tmp_path / "third", reuse=[first])
+    assert "reused_from" in json.loads((tmp_path / "third" / "eval" / "base.json").read_text())
+    assert "reused_from" not in json.loads((tmp_path / "third" / "eval" / "psr-seed0.json").read_text())
+    with pytest.raises(SpdLensError, match="not a run directory"):
+        run_experiment(config_from_dict(changed), tmp_path / "fourth", reuse=[tmp_path / "nowhere"])
+    assert second["methods"]["base"]["score"] == json.loads((first / "metrics.json").read_text())["methods"]["base"]["score"]
