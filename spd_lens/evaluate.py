@@ -50,6 +50,29 @@ def bootstrap_ci(outcomes: Sequence[bool | float], *, resamples: int = 2000, see
     return means[int(tail * resamples)], means[min(resamples - 1, int((1 - tail) * resamples))]
 
 
+def paired_difference(a: Sequence[dict], b: Sequence[dict], *, resamples: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> dict:
+    """Score of `a` minus score of `b` on the prompts both answered, with a bootstrap interval
+    that resamples prompts (the pairing removes the questions' own difficulty from the noise).
+
+    `a` and `b` are per-example results (`prompt_id`, `passed`), possibly from several seeds:
+    each prompt's outcome is averaged over its seeds first.
+    """
+    def per_prompt(results: Sequence[dict]) -> dict[str, float]:
+        grouped: dict[str, list[float]] = {}
+        for r in results:
+            grouped.setdefault(r["prompt_id"], []).append(float(r["passed"]))
+        return {k: sum(v) / len(v) for k, v in grouped.items()}
+
+    first, second = per_prompt(a), per_prompt(b)
+    shared = sorted(first.keys() & second.keys())
+    if not shared:
+        raise SpdLensError("the two result sets share no prompt: compare evaluations of the same questions")
+    differences = [first[k] - second[k] for k in shared]
+    low, high = bootstrap_ci(differences, resamples=resamples, seed=seed, level=level)
+    return {"difference": sum(differences) / len(differences), "ci": [low, high], "n": len(shared)}
+
+
 def score_records(task: Task, examples_by_id: dict[str, Example], records: list[dict],
                   progress: Callable | None = None) -> EvalResult:
     """Score completion records (`prompt_id` + completion text) against the task's examples."""

@@ -5,6 +5,7 @@
     RUN/generations/{method}-seed{s}.jsonl      self-generated training data
     RUN/adapters/{method}-seed{s}/              trained LoRA adapters
     RUN/eval/{method}[-seed{s}].jsonl / .json   evaluation generations and scores
+    RUN/stage_seconds.json               wall-clock seconds per stage, summed over resumed calls
     RUN/metrics.json                     {"methods": {name: {"score", "ci", "n", "seeds", ...}}, ...}
 
 A finished stage (its artifact complete) is not redone. The gradient subspace, the base
@@ -24,8 +25,8 @@ from pathlib import Path
 import spd_lens
 from spd_lens.config import ExperimentConfig
 from spd_lens.errors import SpdLensError
-from spd_lens.artifacts import atomic_write, write_json
-from spd_lens.evaluate import bootstrap_ci, evaluate
+from spd_lens.artifacts import atomic_write, read_json_object, write_json
+from spd_lens.evaluate import bootstrap_ci, evaluate, paired_difference
 from spd_lens.extract import extract_subspace
 from spd_lens.methods import METHOD_TABLE
 from spd_lens.models import load_hf
@@ -36,6 +37,12 @@ from spd_lens.tasks import Task, get_task
 from spd_lens.train import load_trained, train_on_jsonl
 
 Progress = Callable[[str], Callable] | None
+
+
+# Paired differences every run reports: each method against the base model, and SPD against the
+# baselines and controls that isolate what its subspace adds.
+COMPARISONS = [(m, "base") for m in METHOD_TABLE if m != "base"] + [
+    ("spd", "psr"), ("spd", "ssd"), ("spd", "spd-random"), ("spd", "spd-fullseq")]
 
 
 class Run:
@@ -50,7 +57,6 @@ class Run:
                                    "written by `spd-lens run`")
         self.progress = progress
         self.log = log or (lambda message: None)
-        self.stage_seconds: dict[str, float] = {}
         self.task = get_task(config.task.name, **({"path": config.task.data} if config.task.data else {}))
         subspace_task = config.subspace.task or config.task.name
         data = config.subspace.data if config.subspace.task else config.task.data
@@ -71,7 +77,10 @@ class Run:
     def _timed(self, stage: str, fn):
         started = time.time()
         result = fn()
-        self.stage_seconds[stage] = round(self.stage_seconds.get(stage, 0) + time.time() - started, 2)
+        # Kept on disk after every stage, so the cost of a run interrupted and resumed adds up.
+        recorded = self._stage_seconds()
+        recorded[stage] = round(recorded.get(stage, 0) + time.time() - started, 2)
+        write_json(self.out / "stage_seconds.json", recorded)
         return result
 
     def subspace(self, kind: str, seed: int) -> CapabilitySubspace:
@@ -171,11 +180,12 @@ class Run:
 
     def run(self) -> dict:
         self._claim_directory()
-        methods = {}
+        methods, outcomes = {}, {}
         for method in self.config.methods:
             spec = METHOD_TABLE[method]
             seeds = self.config.seeds if spec.seeded else [None]
             per_seed = [self.evaluation(method, seed) for seed in seeds]
+            outcomes[method] = [r for result in per_seed for r in result["results"]]
             pooled = [r["passed"] for result in per_seed for r in result["results"]]
             methods[method] = {
                 "score": sum(r["score"] for r in per_seed) / len(per_seed),
@@ -187,13 +197,24 @@ class Run:
             answers = self._answer_counts([r for result in per_seed for r in result["results"]])
             if answers:
                 methods[method]["answers"] = answers
+        comparisons = {f"{a} - {b}": paired_difference(outcomes[a], outcomes[b])
+                       for a, b in COMPARISONS if a in outcomes and b in outcomes}
         metrics = {"run": self.config.name, "task": self.task.name, "subspace_task": self.subspace_task.name,
-                   "model": self.config.model.name, "methods": methods, "stage_seconds": self.stage_seconds,
+                   "model": self.config.model.name, "methods": methods, "comparisons": comparisons,
+                   "stage_seconds": self._stage_seconds(),
                    "config_hash": config_hash(self.config.to_dict()), "spd_lens_version": spd_lens.__version__,
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_json(self.out / "metrics.json", metrics)
         write_run_report(self.out)
         return metrics
+
+    def _stage_seconds(self) -> dict[str, float]:
+        """Wall-clock seconds per stage over every call that did work on this run directory."""
+        path = self.out / "stage_seconds.json"
+        if path.is_file():
+            return read_json_object(path, "seconds per stage")
+        previous = self.out / "metrics.json"  # run directories from before stage_seconds.json
+        return dict(read_json_object(previous, "a run's metrics").get("stage_seconds", {})) if previous.is_file() else {}
 
     def _reused(self, method: str, stem: str) -> dict | None:
         """A finished evaluation of `method` from a `reuse` run that shares everything it depends on."""
@@ -261,12 +282,16 @@ def format_table(metrics: dict) -> str:
         seeds = "  ".join(f"{seed}: {s['score']:.3f}" for seed, s in m.get("seeds", {}).items())
         answers = "  answers " + " ".join(f"{a}:{k}" for a, k in m["answers"].items()) if m.get("answers") else ""
         rows.append(f"{name:<12} {m['score']:>7.3f}  [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]  {m['n']:>5}  {seeds}{answers}")
+    if metrics.get("comparisons"):
+        rows += ["", f"{'paired difference':<24} {'mean':>7}  95% CI (bootstrap over the shared questions)"]
+        for name, c in metrics["comparisons"].items():
+            rows.append(f"{name:<24} {c['difference']:>+7.3f}  [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]")
     return "\n".join(rows)
 
 
 def write_run_report(run_dir: str | Path) -> Path:
     """`RUN/report.html`: method scores with CIs, and the gradient subspaces' spectra."""
-    from spd_lens.viz import method_scores_figure, spectrum_figure, write_report
+    from spd_lens.viz import comparison_figure, method_scores_figure, spectrum_figure, write_report
 
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
@@ -274,6 +299,8 @@ def write_run_report(run_dir: str | Path) -> Path:
         raise SpdLensError(f"{run_dir} has no metrics.json: run `spd-lens run CONFIG --out {run_dir}` first")
     metrics = json.loads(metrics_path.read_text())
     figures = [method_scores_figure(metrics)]
+    if metrics.get("comparisons"):
+        figures.append(comparison_figure(metrics))
     for directory in sorted((run_dir / "subspaces").glob("gradient-seed*")):
         try:
             subspace = CapabilitySubspace.load(directory)

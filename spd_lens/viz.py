@@ -91,6 +91,25 @@ def method_scores_figure(metrics: dict) -> go.Figure:
     return figure
 
 
+def comparison_figure(metrics: dict) -> go.Figure:
+    """Paired differences between methods (e.g. `spd - base`) with their 95% intervals; a bar
+    whose interval crosses zero is a difference the run cannot resolve."""
+    comparisons = metrics["comparisons"]
+    names = list(comparisons)
+    values = [comparisons[k]["difference"] for k in names]
+    figure = go.Figure(go.Bar(
+        x=names, y=values, marker_color=["#54a24b" if v >= 0 else "#e45756" for v in values],
+        error_y={"type": "data", "array": [comparisons[k]["ci"][1] - comparisons[k]["difference"] for k in names],
+                 "arrayminus": [comparisons[k]["difference"] - comparisons[k]["ci"][0] for k in names]},
+        hovertext=[f"{k}: {comparisons[k]['difference']:+.3f} [{comparisons[k]['ci'][0]:+.3f}, "
+                   f"{comparisons[k]['ci'][1]:+.3f}], {comparisons[k]['n']} questions" for k in names],
+        hoverinfo="text"))
+    figure.add_hline(y=0, line_color="black", line_width=1)
+    figure.update_layout(title=f"{metrics.get('task')}: paired differences, 95% bootstrap CI over shared questions",
+                         yaxis_title="score difference")
+    return figure
+
+
 def spectrum_figure(subspace, kind: str = "k", head="flat") -> go.Figure:
     """Cumulative gradient energy against rank per layer, with the chosen rank marked."""
     figure = go.Figure()

@@ -59,3 +59,22 @@ def test_eval_cli_humaneval_pass_at_1_on_the_default_model(tmp_path, capsys):
     statuses = {r["status"] for r in saved["results"]}
     assert statuses <= {"passed", "failed", "timeout", "error"} and "failed" in statuses
     assert saved["score"] == sum(r["passed"] for r in saved["results"]) / 20
+
+
+def test_paired_difference_pairs_prompts_and_averages_seeds():
+    from spd_lens.evaluate import paired_difference
+
+    base = [{"prompt_id": str(i), "passed": i < 5} for i in range(20)]
+    # Two seeds: seed 0 also solves prompts 5-9, seed 1 solves only what base solves.
+    method = [{"prompt_id": str(i), "passed": i < 10} for i in range(20)]
+    method += [{"prompt_id": str(i), "passed": i < 5} for i in range(20)]
+    result = paired_difference(method, base)
+    assert result["n"] == 20 and result["difference"] == pytest.approx(5 * 0.5 / 20)
+    assert result["ci"][0] <= result["difference"] <= result["ci"][1]
+    # Identical outcomes: the difference and its whole interval are zero, however hard the questions.
+    same = paired_difference(base, list(reversed(base)))
+    assert same["difference"] == 0 and same["ci"] == [0.0, 0.0]
+    # Only shared prompts count.
+    assert paired_difference(base[:3], base)["n"] == 3
+    with pytest.raises(SpdLensError, match="share no prompt"):
+        paired_difference(base[:3], base[3:])

@@ -19,13 +19,22 @@ def test_every_method_runs_and_reruns_do_no_work(tmp_path):
         assert 0 <= m["ci"][0] <= m["score"] <= m["ci"][1] <= 1 or m["ci"][0] <= m["score"]
         assert m["n"] == (5 if name in ("base", "hook-only") else 10)
     assert set(metrics["methods"]["spd"]["seeds"]) == {"0", "1"}
+    comparisons = metrics["comparisons"]
+    assert {"spd - base", "spd - spd-random", "psr - base", "hook-only - base"} <= set(comparisons)
+    for name, c in comparisons.items():
+        a, b = name.split(" - ")
+        expected = metrics["methods"][a]["score"] - metrics["methods"][b]["score"]
+        assert c["difference"] == pytest.approx(expected) and c["n"] == 5
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["methods"].keys() == metrics["methods"].keys()
     assert (tmp_path / "report.html").stat().st_size > 10_000
+    assert "paired differences" in (tmp_path / "report.html").read_text()
     assert (tmp_path / "subspaces" / "gradient-seed1" / "subspace.json").is_file()
     assert (tmp_path / "adapters" / "spd-seed0" / "train.json").is_file()
     again = run_experiment(config_from_dict(TINY), tmp_path)
-    assert again["stage_seconds"] == {} and again["methods"] == metrics["methods"]
+    # A rerun does no work: the recorded stage costs stay those of the first call.
+    assert set(metrics["stage_seconds"]) == {"extract", "generate", "train", "eval"}
+    assert again["stage_seconds"] == metrics["stage_seconds"] and again["methods"] == metrics["methods"]
 
 
 def test_spd_trains_on_projected_generations(tmp_path):
