@@ -153,6 +153,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from spd_lens.config import load_config
 
     config = load_config(args.config)
+    if args.methods:
+        import dataclasses
+
+        from spd_lens.config import METHODS
+
+        unknown = [m for m in args.methods if m not in METHODS]
+        if unknown:
+            raise SpdLensError(f"--methods: unknown method(s) {unknown}: use some of {list(METHODS)}")
+        config = dataclasses.replace(config, methods=args.methods)
     return _run_and_report(config, args.out or str(Path("runs") / config.name), reuse=args.reuse)
 
 
@@ -365,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="a full experiment from a TOML config (resumable)")
     run.add_argument("config")
     run.add_argument("--out", help="run directory (default runs/<config name>)")
+    run.add_argument("--methods", type=lambda t: [m for m in t.split(",") if m],
+                     help="comma-separated subset of the config's methods to run now (a run directory accepts "
+                          "more methods later)")
     run.add_argument("--reuse", action="append", default=[], metavar="RUN_DIR",
                      help="take finished evaluations of methods that do not depend on the subspace (base, psr, "
                           "ssd) from another run whose settings for them are the same; repeatable")

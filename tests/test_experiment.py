@@ -60,6 +60,13 @@ def test_run_cli_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "hook-only" in out and "report.html" in out
     assert cli(["run", str(tmp_path / "missing.toml")]) == 2
+    # --methods runs a subset now; the same directory takes the rest later.
+    assert cli(["run", str(config), "--out", str(tmp_path / "part"), "--methods", "base"]) == 0
+    assert list(json.loads((tmp_path / "part" / "metrics.json").read_text())["methods"]) == ["base"]
+    assert cli(["run", str(config), "--out", str(tmp_path / "part")]) == 0
+    assert list(json.loads((tmp_path / "part" / "metrics.json").read_text())["methods"]) == ["base", "hook-only"]
+    assert cli(["run", str(config), "--out", str(tmp_path / "part"), "--methods", "base,spd-magic"]) == 2
+    assert "spd-magic" in capsys.readouterr().err
 
 
 def test_threads_option_sets_torch_threads_and_refuses_nonsense(capsys):
