@@ -292,6 +292,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluation_results(spec: str) -> list[dict]:
+    """Per-example results of `RUN_DIR:METHOD` (every seed's evaluation of it)."""
+    import json
+    from pathlib import Path
+
+    run_dir, _, method = spec.rpartition(":")
+    if not run_dir or not method:
+        raise SpdLensError(f"{spec!r}: write RUN_DIR:METHOD, e.g. runs/math:spd")
+    files = sorted(Path(run_dir, "eval").glob(f"{method}.json")) + sorted(Path(run_dir, "eval").glob(f"{method}-seed*.json"))
+    if not files:
+        raise SpdLensError(f"{spec!r}: no evaluation of {method!r} in {run_dir}/eval (run it with spd-lens run first)")
+    return [r for f in files for r in json.loads(f.read_text())["results"]]
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Paired difference of two evaluations (possibly from different runs) on their shared questions."""
+    from spd_lens.evaluate import paired_difference
+
+    c = paired_difference(_evaluation_results(args.first), _evaluation_results(args.second))
+    print(f"{args.first} - {args.second}: {c['difference']:+.3f}  95% CI [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]  "
+          f"({c['n']} shared questions, each averaged over its seeds)")
+    return 0
+
+
 def _set_threads(threads: int) -> None:
     import os
 
@@ -431,6 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--score-n", type=int, default=32)
     heads.add_argument("--out", required=True)
     heads.set_defaults(func=cmd_heads)
+
+    compare = commands.add_parser("compare", help="paired difference of two evaluations, e.g. runs/ood:spd runs/math:spd")
+    compare.add_argument("first", help="RUN_DIR:METHOD")
+    compare.add_argument("second", help="RUN_DIR:METHOD")
+    compare.set_defaults(func=cmd_compare)
 
     report = commands.add_parser("report", help="figures again from a directory's tables: a run (metrics.json -> "
                                                 "report.html), an ablation (ablation.json) or head attribution (heads.json)")

@@ -68,6 +68,11 @@ def head_energy_figure(cache, kind: str = "k") -> go.Figure:
     return figure
 
 
+def _run_title(metrics: dict) -> str:
+    task, source = metrics.get("task"), metrics.get("subspace_task")
+    return f"{task}, subspace from {source}" if source and source != task else str(task)
+
+
 def method_scores_figure(metrics: dict) -> go.Figure:
     """Per-method score bars with 95% confidence intervals (hover: method, score, CI, n)."""
     methods = metrics["methods"]
@@ -86,7 +91,7 @@ def method_scores_figure(metrics: dict) -> go.Figure:
                            marker={"color": "#e45756", "size": 9, "symbol": "diamond"},
                            hovertext=[f"{m} seed {seed}: {v:.3f}" for m, seed, v in seeded], hoverinfo="text")
     top = max([methods[m]["ci"][1] for m in names] + [v for _, _, v in seeded])
-    figure.update_layout(title=f"{metrics.get('task')} ({metrics.get('model')}): score per method, 95% bootstrap CI",
+    figure.update_layout(title=f"{_run_title(metrics)} ({metrics.get('model')}): score per method, 95% bootstrap CI",
                          yaxis_title="score", yaxis_range=[0, max(1e-3, top) * 1.1])
     return figure
 
@@ -105,7 +110,7 @@ def comparison_figure(metrics: dict) -> go.Figure:
                    f"{comparisons[k]['ci'][1]:+.3f}], {comparisons[k]['n']} questions" for k in names],
         hoverinfo="text"))
     figure.add_hline(y=0, line_color="black", line_width=1)
-    figure.update_layout(title=f"{metrics.get('task')}: paired differences, 95% bootstrap CI over shared questions",
+    figure.update_layout(title=f"{_run_title(metrics)}: paired differences, 95% bootstrap CI over shared questions",
                          yaxis_title="score difference")
     return figure
 

@@ -114,6 +114,10 @@ def test_mc_answer_is_the_chosen_letter():
     assert get_task("arithmetic").answer(example, "The answer is C.") is None
 
 
+def metrics_of(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
 def test_reuse_takes_only_evaluations_whose_settings_match(tmp_path, capsys):
     first = tmp_path / "first"
     run_experiment(config_from_dict({**TINY, "seeds": [0], "methods": ["base", "psr"]}), first)
@@ -132,6 +136,12 @@ def test_reuse_takes_only_evaluations_whose_settings_match(tmp_path, capsys):
     run_experiment(config_from_dict(changed), tmp_path / "third", reuse=[first])
     assert "reused_from" in json.loads((tmp_path / "third" / "eval" / "base.json").read_text())
     assert "reused_from" not in json.loads((tmp_path / "third" / "eval" / "psr-seed0.json").read_text())
+    assert cli(["compare", f"{tmp_path / 'second'}:spd", f"{first}:psr"]) == 0
+    expected = metrics_of(tmp_path / "second")["methods"]["spd"]["score"] - metrics_of(first)["methods"]["psr"]["score"]
+    assert f"{expected:+.3f}" in capsys.readouterr().out
+    assert cli(["compare", f"{first}:spd", f"{first}:psr"]) == 2
+    assert "no evaluation of 'spd'" in capsys.readouterr().err
+    assert cli(["compare", "spd", f"{first}:psr"]) == 2
     with pytest.raises(SpdLensError, match="not a run directory"):
         run_experiment(config_from_dict(changed), tmp_path / "fourth", reuse=[tmp_path / "nowhere"])
     assert second["methods"]["base"]["score"] == json.loads((first / "metrics.json").read_text())["methods"]["base"]["score"]
