@@ -316,6 +316,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_overlap(args: argparse.Namespace) -> int:
+    """How much two saved subspaces share, beside a random subspace of the first one's ranks."""
+    from spd_lens.subspace import CapabilitySubspace, random_like
+
+    first, second = CapabilitySubspace.load(args.first), CapabilitySubspace.load(args.second)
+    overlap, control = first.overlap(second), random_like(first, seed=0).overlap(second)
+    print("mean cos² of principal angles (1 = same subspace); random control of the same ranks beside")
+    for (layer, kind), value in sorted(overlap.items()):
+        print(f"layer {layer:>2} {kind.upper()}: {value:.3f}   random: {control[(layer, kind)]:.3f}")
+    return 0
+
+
 def _set_threads(threads: int) -> None:
     import os
 
@@ -460,6 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("first", help="RUN_DIR:METHOD")
     compare.add_argument("second", help="RUN_DIR:METHOD")
     compare.set_defaults(func=cmd_compare)
+
+    overlap = commands.add_parser("overlap", help="how much two saved subspaces share (mean cos² of principal angles)")
+    overlap.add_argument("first", help="subspace directory (spd-lens extract --out, or RUN/subspaces/gradient-seed0)")
+    overlap.add_argument("second")
+    overlap.set_defaults(func=cmd_overlap)
 
     report = commands.add_parser("report", help="figures again from a directory's tables: a run (metrics.json -> "
                                                 "report.html), an ablation (ablation.json) or head attribution (heads.json)")

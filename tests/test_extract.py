@@ -194,6 +194,14 @@ def test_cli_extract_writes_a_subspace(tmp_path, capsys):
     loaded = CapabilitySubspace.load(out)
     assert loaded.layers == [0, 3] and loaded.rank(0, "k") == 4
     assert "layer" in capsys.readouterr().out
+    # A subspace shares everything with itself; a random one of the same ranks shares far less.
+    assert cli(["overlap", str(out), str(out)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("layer")]
+    assert len(lines) == 4
+    for line in lines:
+        same, control = float(line.split()[3]), float(line.split()[-1])
+        assert same == 1.0 and control < 0.9
+    assert cli(["overlap", str(out), str(tmp_path / "missing")]) == 2
 
 
 def test_cli_extract_bad_input_is_a_clear_error(tmp_path, capsys):
