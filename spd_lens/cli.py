@@ -294,7 +294,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _evaluation_results(spec: str) -> list[dict]:
     """Per-example results of `RUN_DIR:METHOD` (every seed's evaluation of it)."""
-    import json
     from pathlib import Path
 
     run_dir, _, method = spec.rpartition(":")
@@ -303,7 +302,15 @@ def _evaluation_results(spec: str) -> list[dict]:
     files = sorted(Path(run_dir, "eval").glob(f"{method}.json")) + sorted(Path(run_dir, "eval").glob(f"{method}-seed*.json"))
     if not files:
         raise SpdLensError(f"{spec!r}: no evaluation of {method!r} in {run_dir}/eval (run it with spd-lens run first)")
-    return [r for f in files for r in json.loads(f.read_text())["results"]]
+    from spd_lens.artifacts import read_json_object
+
+    results = []
+    for f in files:
+        record = read_json_object(f, "an evaluation written by spd-lens run")
+        if not isinstance(record.get("results"), list):
+            raise SpdLensError(f"{f} has no per-example 'results': rerun the evaluation with spd-lens run")
+        results += record["results"]
+    return results
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -186,7 +186,7 @@ class Run:
             seeds = self.config.seeds if spec.seeded else [None]
             per_seed = [self.evaluation(method, seed) for seed in seeds]
             outcomes[method] = [r for result in per_seed for r in result["results"]]
-            pooled = [r["passed"] for result in per_seed for r in result["results"]]
+            pooled = [r["passed"] for r in outcomes[method]]
             methods[method] = {
                 "score": sum(r["score"] for r in per_seed) / len(per_seed),
                 "ci": list(bootstrap_ci(pooled)),
@@ -194,7 +194,7 @@ class Run:
                 "seeds": {str(r["seed"]): {"score": r["score"], "ci": r["ci"], "n": r["n"]} for r in per_seed}
                 if spec.seeded else {},
             }
-            answers = self._answer_counts([r for result in per_seed for r in result["results"]])
+            answers = self._answer_counts(outcomes[method])
             if answers:
                 methods[method]["answers"] = answers
         comparisons = {f"{a} - {b}": paired_difference(outcomes[a], outcomes[b])
