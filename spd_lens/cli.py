@@ -153,14 +153,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from spd_lens.config import load_config
 
     config = load_config(args.config)
-    if args.methods:
+    if args.methods is not None:
         import dataclasses
 
-        from spd_lens.config import METHODS
+        from spd_lens.config import check_methods
 
-        unknown = [m for m in args.methods if m not in METHODS]
-        if unknown:
-            raise SpdLensError(f"--methods: unknown method(s) {unknown}: use some of {list(METHODS)}")
+        check_methods(args.methods)
         config = dataclasses.replace(config, methods=args.methods)
     return _run_and_report(config, args.out or str(Path("runs") / config.name), reuse=args.reuse)
 
@@ -296,14 +294,14 @@ def _evaluation_results(spec: str) -> list[dict]:
     """Per-example results of `RUN_DIR:METHOD` (every seed's evaluation of it)."""
     from pathlib import Path
 
+    from spd_lens.artifacts import read_json_object
+
     run_dir, _, method = spec.rpartition(":")
     if not run_dir or not method:
         raise SpdLensError(f"{spec!r}: write RUN_DIR:METHOD, e.g. runs/math:spd")
     files = sorted(Path(run_dir, "eval").glob(f"{method}.json")) + sorted(Path(run_dir, "eval").glob(f"{method}-seed*.json"))
     if not files:
         raise SpdLensError(f"{spec!r}: no evaluation of {method!r} in {run_dir}/eval (run it with spd-lens run first)")
-    from spd_lens.artifacts import read_json_object
-
     results = []
     for f in files:
         record = read_json_object(f, "an evaluation written by spd-lens run")

@@ -181,11 +181,16 @@ def _build(cls, values: dict, where: str):
     return cls(**kwargs)
 
 
+def check_methods(methods: list[str]) -> None:
+    """Every name is a method and there is at least one."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise SpdLensError(f"unknown method(s) {unknown or '(none given)'}: use some of {list(METHODS)}")
+
+
 def config_from_dict(values: dict) -> ExperimentConfig:
     config = _build(ExperimentConfig, values, "")
-    unknown = [m for m in config.methods if m not in METHODS]
-    if unknown or not config.methods:
-        raise SpdLensError(f"unknown method(s) {unknown or '(none given)'}: use some of {list(METHODS)}")
+    check_methods(config.methods)
     if not config.seeds:
         raise SpdLensError("seeds must list at least one seed")
     if config.task.train_n < 1 or config.subspace.n < 1:

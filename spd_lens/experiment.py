@@ -225,12 +225,12 @@ class Run:
             spec.sampling, [])
         mine = self.config.to_dict()
         for other in self.reuse:
-            theirs = json.loads((other / "config.json").read_text())
+            theirs = read_json_object(other / "config.json", "a run's resolved config")
             source = other / "eval" / f"{stem}.json"
             if any(theirs.get(k) != mine[k] for k in sections) or not source.is_file():
                 continue
             self.log(f"reusing {stem} from {other}")
-            record = {**json.loads(source.read_text()), "reused_from": str(other)}
+            record = {**read_json_object(source, "an evaluation written by spd-lens run"), "reused_from": str(other)}
             (self.out / "eval").mkdir(parents=True, exist_ok=True)
             if (other / "eval" / f"{stem}.jsonl").is_file():
                 atomic_write(self.out / "eval" / f"{stem}.jsonl",

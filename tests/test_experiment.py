@@ -67,6 +67,8 @@ def test_run_cli_prints_the_table(tmp_path, capsys):
     assert list(json.loads((tmp_path / "part" / "metrics.json").read_text())["methods"]) == ["base", "hook-only"]
     assert cli(["run", str(config), "--out", str(tmp_path / "part"), "--methods", "base,spd-magic"]) == 2
     assert "spd-magic" in capsys.readouterr().err
+    assert cli(["run", str(config), "--out", str(tmp_path / "part"), "--methods", ","]) == 2
+    assert "(none given)" in capsys.readouterr().err
 
 
 def test_threads_option_sets_torch_threads_and_refuses_nonsense(capsys):
