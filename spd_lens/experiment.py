@@ -197,6 +197,9 @@ class Run:
             answers = self._answer_counts(outcomes[method])
             if answers:
                 methods[method]["answers"] = answers
+            kinds = self._outcome_counts(outcomes[method])
+            if kinds:
+                methods[method]["outcomes"] = kinds
         comparisons = {f"{a} - {b}": paired_difference(outcomes[a], outcomes[b])
                        for a, b in COMPARISONS if a in outcomes and b in outcomes}
         metrics = {"run": self.config.name, "task": self.task.name, "subspace_task": self.subspace_task.name,
@@ -250,6 +253,13 @@ class Run:
                          for r in results)
         return dict(sorted(counts.items()))
 
+    def _outcome_counts(self, results: list[dict]) -> dict[str, int] | None:
+        """How often each kind of result occurred (code: passed, timeout, or the exception raised)."""
+        kinds = [self.task.outcome(r["status"], r.get("detail", "")) for r in results]
+        if not kinds or None in kinds:
+            return None
+        return dict(Counter(kinds).most_common())
+
     def _claim_directory(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / "config.json"
@@ -281,7 +291,8 @@ def format_table(metrics: dict) -> str:
     for name, m in metrics["methods"].items():
         seeds = "  ".join(f"{seed}: {s['score']:.3f}" for seed, s in m.get("seeds", {}).items())
         answers = "  answers " + " ".join(f"{a}:{k}" for a, k in m["answers"].items()) if m.get("answers") else ""
-        rows.append(f"{name:<12} {m['score']:>7.3f}  [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]  {m['n']:>5}  {seeds}{answers}")
+        kinds = "  outcomes " + " ".join(f"{k}:{v}" for k, v in m["outcomes"].items()) if m.get("outcomes") else ""
+        rows.append(f"{name:<12} {m['score']:>7.3f}  [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]  {m['n']:>5}  {seeds}{answers}{kinds}")
     if metrics.get("comparisons"):
         rows += ["", f"{'paired difference':<24} {'mean':>7}  95% CI (bootstrap over the shared questions)"]
         for name, c in metrics["comparisons"].items():

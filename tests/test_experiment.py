@@ -102,8 +102,24 @@ def test_multiple_choice_runs_count_each_answer(tmp_path, capsys):
         expected[letter] = expected.get(letter, 0) + 1
     assert answers == expected
     assert "answers " in format_table(metrics)
-    assert "answers" not in run_experiment(config_from_dict({**TINY, "seeds": [0], "methods": ["base"]}),
-                                           tmp_path / "math")["methods"]["base"]
+    assert "outcomes" not in metrics["methods"]["base"]  # multiple-choice failures are all of one kind
+    math = run_experiment(config_from_dict({**TINY, "seeds": [0], "methods": ["base"]}), tmp_path / "math")
+    assert "answers" not in math["methods"]["base"] and "outcomes" not in math["methods"]["base"]
+
+
+def test_code_runs_count_how_completions_fail(tmp_path):
+    from spd_lens.experiment import format_table
+    from spd_lens.tasks import get_task
+
+    config = {**TINY, "seeds": [0], "methods": ["base"], "task": {"name": "humaneval", "train_n": 3, "eval_n": 3}}
+    metrics = run_experiment(config_from_dict(config), tmp_path)
+    kinds = metrics["methods"]["base"]["outcomes"]
+    assert sum(kinds.values()) == 3 and kinds.get("passed", 0) == round(3 * metrics["methods"]["base"]["score"])
+    task = get_task("humaneval")
+    stored = json.loads((tmp_path / "eval" / "base.json").read_text())["results"]
+    assert sorted(task.outcome(r["status"], r["detail"]) for r in stored) == sorted(
+        k for k, v in kinds.items() for _ in range(v))
+    assert "outcomes " in format_table(metrics)
 
 
 def test_mc_answer_is_the_chosen_letter():

@@ -94,6 +94,23 @@ def test_humaneval_scoring_accepts_a_body_continuing_the_prompt():
     assert task.score(example, wrong).status == "failed"
 
 
+def test_code_outcome_names_how_a_completion_failed():
+    task = get_task("humaneval")
+    example = next(e for e in task.examples("train", seed=0) if e.id == "HumanEval/0")
+    body = example.reference.split('"""\n', 2)[-1].replace("```", "")
+    completions = {"passed": body, "AssertionError": body.replace("return True", "return False"),
+                   "SyntaxError": "def has_close_elements(numbers, threshold):\n    return (",
+                   "NameError": "def has_close_elements(numbers, threshold):\n    return undefined_name",
+                   "timeout": "def has_close_elements(numbers, threshold):\n    while True:\n        pass"}
+    task.timeout = 2.0  # the instance is this test's own; keeps the endless loop short
+    for kind, completion in completions.items():
+        verdict = task.score(example, completion)
+        assert task.outcome(verdict.status, verdict.detail) == kind, verdict
+    assert task.outcome("failed", "Traceback ...\njson.decoder.JSONDecodeError: bad") == "JSONDecodeError"
+    assert task.outcome("error", "Killed") == "error"
+    assert get_task("arithmetic").outcome("failed", "answer 3, expected 4") is None
+
+
 def test_math_answer_extraction():
     assert extract_number("so 3 + 4 = 7. The answer is 7.") == "7"
     assert extract_number("#### 1,234") == "1,234"

@@ -113,6 +113,11 @@ class Task(ABC):
         choice: the letter); None otherwise. Run metrics count these to expose answer biases."""
         return None
 
+    def outcome(self, status: str, detail: str) -> str | None:
+        """The kind of a scored result, where failures differ in kind (code: the exception the
+        tests raised); None otherwise. Run metrics count these to show how a method fails."""
+        return None
+
     def locate(self, tokenizer: PreTrainedTokenizerBase, example: Example) -> EncodedExample:
         """Tokenise prompt + reference and mark the correctness-defining tokens."""
         return locate_spans(tokenizer, example)

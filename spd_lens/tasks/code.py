@@ -22,6 +22,8 @@ from spd_lens.tasks.base import Example, Score, Task
 from spd_lens.tasks.records import load_split, require_fields
 
 _SKIPPED = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
+# The last line of a traceback names the exception ("AssertionError", "json.decoder.JSONDecodeError: ...").
+_EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt))\b")
 _FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
@@ -78,6 +80,17 @@ class CodeTask(Task):
     def score(self, example: Example, completion: str) -> Score:
         result = run_python(self.program(example, completion), timeout=self.timeout)
         return Score(result.passed, result.status, result.stderr[-500:])
+
+    def outcome(self, status: str, detail: str) -> str:
+        """passed, timeout, or the name of the exception that failed the tests (SyntaxError: the
+        completion is not valid code; AssertionError: it runs but gives wrong answers)."""
+        if status in ("passed", "timeout"):
+            return status
+        for line in reversed(detail.strip().splitlines()):
+            match = _EXCEPTION.match(line.strip())
+            if match:
+                return match.group(1).rsplit(".", 1)[-1]
+        return status
 
 
 class HumanEval(CodeTask):
