@@ -301,8 +301,9 @@ def format_table(metrics: dict) -> str:
 
 
 def write_run_report(run_dir: str | Path) -> Path:
-    """`RUN/report.html`: method scores with CIs, and the gradient subspaces' spectra."""
-    from spd_lens.viz import comparison_figure, method_scores_figure, spectrum_figure, write_report
+    """`RUN/report.html`: method scores with CIs, paired differences, the gradient subspaces'
+    spectra and, where counted, the kinds of result (code) or the answers chosen (multiple choice)."""
+    from spd_lens.viz import comparison_figure, method_scores_figure, outcome_figure, spectrum_figure, write_report
 
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
@@ -319,6 +320,9 @@ def write_run_report(run_dir: str | Path) -> Path:
             continue
         figures += [spectrum_figure(subspace, "k"), spectrum_figure(subspace, "v")]
         break
+    # after the spectra, so that the figures' file numbers stay those of earlier reports
+    figures += [outcome_figure(metrics, key) for key in ("outcomes", "answers")
+                if any(m.get(key) for m in metrics["methods"].values())]
     path = run_dir / "report.html"
     write_report(path, figures, f"spd_lens run {metrics.get('run')}", format_table(metrics))
     return path

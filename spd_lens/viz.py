@@ -115,6 +115,34 @@ def comparison_figure(metrics: dict) -> go.Figure:
     return figure
 
 
+def outcome_figure(metrics: dict, key: str = "outcomes", *, top: int = 6) -> go.Figure:
+    """Stacked shares of each kind of result per method: `outcomes` (code: passed, timeout, or
+    the exception raised) or `answers` (multiple choice: the letter chosen). Kinds beyond the
+    `top` most frequent are pooled as "other"."""
+    methods = {name: m[key] for name, m in metrics["methods"].items() if m.get(key)}
+    if not methods:
+        raise SpdLensError(f"no method of run {metrics.get('run')!r} has {key!r} counts "
+                           "(outcomes: code tasks; answers: multiple-choice tasks)")
+    totals: dict[str, int] = {}
+    for counts in methods.values():
+        for kind, count in counts.items():
+            totals[kind] = totals.get(kind, 0) + count
+    ranked = sorted(totals, key=lambda kind: (kind != "passed", -totals[kind], kind))
+    shown, pooled = ranked[:top], set(ranked[top:])
+    figure = go.Figure()
+    for kind in shown + (["other"] if pooled else []):
+        shares, hover = [], []
+        for name, counts in methods.items():
+            count = sum(v for k, v in counts.items() if k in pooled) if kind == "other" else counts.get(kind, 0)
+            shares.append(count / sum(counts.values()))
+            hover.append(f"{name}<br>{kind}: {count} of {sum(counts.values())}")
+        figure.add_bar(x=list(methods), y=shares, name=kind, hovertext=hover, hoverinfo="text")
+    what = "kind of result (passed, or the exception raised)" if key == "outcomes" else "answer chosen"
+    figure.update_layout(barmode="stack", title=f"{_run_title(metrics)}: share of each {what}",
+                         yaxis_title="share of answers (seeds pooled)", yaxis_range=[0, 1])
+    return figure
+
+
 def spectrum_figure(subspace, kind: str = "k", head="flat") -> go.Figure:
     """Cumulative gradient energy against rank per layer, with the chosen rank marked."""
     figure = go.Figure()

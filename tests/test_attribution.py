@@ -11,7 +11,8 @@ from spd_lens.extract import encode_examples, extract_subspace
 from spd_lens.models import load_hf
 from spd_lens.projection import Projection
 from spd_lens.subspace import random_like
-from spd_lens.viz import ablation_figure, head_attribution_figure, method_scores_figure, overlap_figure, spectrum_figure
+from spd_lens.viz import (ablation_figure, head_attribution_figure, method_scores_figure, outcome_figure, overlap_figure,
+                          spectrum_figure)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,20 @@ def test_figures_name_what_they_show(tiny):
                                  "seeds": {"0": {"score": 0.1}, "1": {"score": 0.5}}}
     seeds = method_scores_figure(metrics).data[1]
     assert list(seeds.x) == ["spd", "spd"] and list(seeds.y) == [0.1, 0.5]
+
+
+def test_outcome_figure_stacks_shares_and_pools_rare_kinds():
+    metrics = {"task": "humaneval", "methods": {
+        "base": {"outcomes": {"AssertionError": 6, "passed": 2, "SyntaxError": 1, "NameError": 1}},
+        "spd": {"outcomes": {"AssertionError": 10, "SyntaxError": 6, "passed": 4}}}}
+    figure = outcome_figure(metrics, top=3)
+    assert [trace.name for trace in figure.data] == ["passed", "AssertionError", "SyntaxError", "other"]
+    for column in range(2):  # each method's shares add up to one
+        assert sum(trace.y[column] for trace in figure.data) == pytest.approx(1.0)
+    assert figure.data[0].y == (0.2, 0.2) and figure.data[3].y == (0.1, 0.0)
+    assert "NameError" not in [trace.name for trace in figure.data]
+    with pytest.raises(SpdLensError, match="no method of run .* has 'answers' counts"):
+        outcome_figure(metrics, "answers")
 
 
 def test_report_redraws_ablation_and_head_tables(tmp_path, capsys):

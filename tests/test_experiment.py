@@ -102,6 +102,7 @@ def test_multiple_choice_runs_count_each_answer(tmp_path, capsys):
         expected[letter] = expected.get(letter, 0) + 1
     assert answers == expected
     assert "answers " in format_table(metrics)
+    assert "share of each answer chosen" in (tmp_path / "report.html").read_text()
     assert "outcomes" not in metrics["methods"]["base"]  # multiple-choice failures are all of one kind
     math = run_experiment(config_from_dict({**TINY, "seeds": [0], "methods": ["base"]}), tmp_path / "math")
     assert "answers" not in math["methods"]["base"] and "outcomes" not in math["methods"]["base"]
@@ -120,6 +121,7 @@ def test_code_runs_count_how_completions_fail(tmp_path):
     assert sorted(task.outcome(r["status"], r["detail"]) for r in stored) == sorted(
         k for k, v in kinds.items() for _ in range(v))
     assert "outcomes " in format_table(metrics)
+    assert "share of each kind of result" in (tmp_path / "report.html").read_text()
 
 
 def test_mc_answer_is_the_chosen_letter():
