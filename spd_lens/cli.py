@@ -6,6 +6,7 @@ Every subcommand is a function taking parsed arguments, so tests call `main([...
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from spd_lens.errors import SpdLensError
@@ -313,12 +314,23 @@ def _evaluation_results(spec: str) -> list[dict]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Paired difference of two evaluations (possibly from different runs) on their shared questions."""
-    from spd_lens.evaluate import paired_difference
+    from spd_lens.evaluate import paired_difference, per_prompt_scores
 
-    c = paired_difference(_evaluation_results(args.first), _evaluation_results(args.second))
+    first, second = _evaluation_results(args.first), _evaluation_results(args.second)
+    c = paired_difference(first, second)
     print(f"{args.first} - {args.second}: {c['difference']:+.3f}  95% CI [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]  "
           f"({c['n']} shared questions, each averaged over its seeds)")
+    a, b = per_prompt_scores(first), per_prompt_scores(second)
+    shared = sorted(a.keys() & b.keys(), key=_natural_key)
+    for name, better in ((args.first, [k for k in shared if a[k] > b[k]]), (args.second, [k for k in shared if b[k] > a[k]])):
+        print(f"better in {name} ({len(better)}): {', '.join(better) or '-'}")
+    print(f"solved by both (score 1 in each): {sum(a[k] == b[k] == 1 for k in shared)}")
     return 0
+
+
+def _natural_key(text: str) -> list:
+    """HumanEval/9 before HumanEval/10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def cmd_overlap(args: argparse.Namespace) -> int:

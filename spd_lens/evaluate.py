@@ -50,6 +50,14 @@ def bootstrap_ci(outcomes: Sequence[bool | float], *, resamples: int = 2000, see
     return means[int(tail * resamples)], means[min(resamples - 1, int((1 - tail) * resamples))]
 
 
+def per_prompt_scores(results: Sequence[dict]) -> dict[str, float]:
+    """Each prompt's outcome (`passed`) averaged over the results that answer it (its seeds)."""
+    grouped: dict[str, list[float]] = {}
+    for r in results:
+        grouped.setdefault(r["prompt_id"], []).append(float(r["passed"]))
+    return {k: sum(v) / len(v) for k, v in grouped.items()}
+
+
 def paired_difference(a: Sequence[dict], b: Sequence[dict], *, resamples: int = 2000, seed: int = 0,
                       level: float = 0.95) -> dict:
     """Score of `a` minus score of `b` on the prompts both answered, with a bootstrap interval
@@ -58,13 +66,7 @@ def paired_difference(a: Sequence[dict], b: Sequence[dict], *, resamples: int = 
     `a` and `b` are per-example results (`prompt_id`, `passed`), possibly from several seeds:
     each prompt's outcome is averaged over its seeds first.
     """
-    def per_prompt(results: Sequence[dict]) -> dict[str, float]:
-        grouped: dict[str, list[float]] = {}
-        for r in results:
-            grouped.setdefault(r["prompt_id"], []).append(float(r["passed"]))
-        return {k: sum(v) / len(v) for k, v in grouped.items()}
-
-    first, second = per_prompt(a), per_prompt(b)
+    first, second = per_prompt_scores(a), per_prompt_scores(b)
     shared = sorted(first.keys() & second.keys())
     if not shared:
         raise SpdLensError("the two result sets share no prompt: compare evaluations of the same questions")

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import plotly.graph_objects as go
 
@@ -123,23 +124,19 @@ def outcome_figure(metrics: dict, key: str = "outcomes", *, top: int = 6) -> go.
     if not methods:
         raise SpdLensError(f"no method of run {metrics.get('run')!r} has {key!r} counts "
                            "(outcomes: code tasks; answers: multiple-choice tasks)")
-    totals: dict[str, int] = {}
-    for counts in methods.values():
-        for kind, count in counts.items():
-            totals[kind] = totals.get(kind, 0) + count
+    totals = sum((Counter(counts) for counts in methods.values()), Counter())
     ranked = sorted(totals, key=lambda kind: (kind != "passed", -totals[kind], kind))
     shown, pooled = ranked[:top], set(ranked[top:])
+    sizes = {name: sum(counts.values()) for name, counts in methods.items()}
     figure = go.Figure()
     for kind in shown + (["other"] if pooled else []):
-        shares, hover = [], []
-        for name, counts in methods.items():
-            count = sum(v for k, v in counts.items() if k in pooled) if kind == "other" else counts.get(kind, 0)
-            shares.append(count / sum(counts.values()))
-            hover.append(f"{name}<br>{kind}: {count} of {sum(counts.values())}")
-        figure.add_bar(x=list(methods), y=shares, name=kind, hovertext=hover, hoverinfo="text")
+        counted = {name: sum(v for k, v in counts.items() if k in pooled) if kind == "other" else counts.get(kind, 0)
+                   for name, counts in methods.items()}
+        figure.add_bar(x=list(methods), y=[counted[m] / sizes[m] for m in methods], name=kind, hoverinfo="text",
+                       hovertext=[f"{m}<br>{kind}: {counted[m]} of {sizes[m]}" for m in methods])
     what = "kind of result (passed, or the exception raised)" if key == "outcomes" else "answer chosen"
     figure.update_layout(barmode="stack", title=f"{_run_title(metrics)}: share of each {what}",
-                         yaxis_title="share of answers (seeds pooled)", yaxis_range=[0, 1])
+                         yaxis_title="share of completions (seeds pooled)", yaxis_range=[0, 1])
     return figure
 
 

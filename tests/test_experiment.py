@@ -165,3 +165,20 @@ def test_reuse_takes_only_evaluations_whose_settings_match(tmp_path, capsys):
     with pytest.raises(SpdLensError, match="not a run directory"):
         run_experiment(config_from_dict(changed), tmp_path / "fourth", reuse=[tmp_path / "nowhere"])
     assert second["methods"]["base"]["score"] == json.loads((first / "metrics.json").read_text())["methods"]["base"]["score"]
+
+
+def test_compare_names_the_questions_each_side_gets_right(tmp_path, capsys):
+    def evaluation(run, stem, passed):
+        (tmp_path / run / "eval").mkdir(parents=True, exist_ok=True)
+        results = [{"prompt_id": f"Q/{i}", "passed": p} for i, p in enumerate(passed)]
+        (tmp_path / run / "eval" / f"{stem}.json").write_text(json.dumps({"results": results}))
+
+    evaluation("a", "spd-seed0", [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1])
+    evaluation("a", "spd-seed1", [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1])
+    evaluation("b", "base", [1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    assert cli(["compare", f"{tmp_path / 'a'}:spd", f"{tmp_path / 'b'}:base"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # Q/1 is right in one spd seed of two: still better than base's 0; numbers sort naturally
+    assert out[1] == f"better in {tmp_path / 'a'}:spd (2): Q/1, Q/10"
+    assert out[2] == f"better in {tmp_path / 'b'}:base (1): Q/2"
+    assert out[3] == "solved by both (score 1 in each): 1"
