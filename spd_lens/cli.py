@@ -308,7 +308,7 @@ def _evaluation_results(spec: str) -> list[dict]:
         record = read_json_object(f, "an evaluation written by spd-lens run")
         if not isinstance(record.get("results"), list):
             raise SpdLensError(f"{f} has no per-example 'results': rerun the evaluation with spd-lens run")
-        results += record["results"]
+        results += [{**r, "seed": record.get("seed")} for r in record["results"]]
     return results
 
 
@@ -319,7 +319,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     first, second = _evaluation_results(args.first), _evaluation_results(args.second)
     c = paired_difference(first, second)
     print(f"{args.first} - {args.second}: {c['difference']:+.3f}  95% CI [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]  "
-          f"({c['n']} shared questions, each averaged over its seeds)")
+          f"({c['n']} shared questions; interval over seeds, then questions)")
+    if c["seed_spread_exceeds_ci"]:
+        print(f"! the per-seed differences spread over {c['seed_spread']:.3f}, more than the interval is wide: "
+              "run more seeds before reading this difference")
     a, b = per_prompt_scores(first), per_prompt_scores(second)
     shared = sorted(a.keys() & b.keys(), key=_natural_key)
     for name, better in ((args.first, [k for k in shared if a[k] > b[k]]), (args.second, [k for k in shared if b[k] > a[k]])):

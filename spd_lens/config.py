@@ -67,11 +67,17 @@ class ProjectionSection:
 
 @dataclass(frozen=True)
 class SamplingSection:
-    """Self-generation for psr / spd / spd-random / spd-fullseq (one raw completion per prompt)."""
+    """Self-generation for every method that self-generates: psr, spd, spd-random, spd-fullseq and
+    (at its own temperature) ssd; one raw completion per prompt by default.
+
+    The default truncation (top-k 20, top-p 0.8) is the one SSD's released generator uses; the
+    SPD paper publishes none. Untruncated sampling (top-p 1, no top-k) from a small model is mostly
+    word salad, and every method gets the same truncation so none is handicapped by its data.
+    """
 
     temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    top_p: float = 0.8
+    top_k: int = 20
     max_new_tokens: int | None = None  # default: the task's budget
     num_samples: int = 1
     batch_size: int = 16
@@ -79,11 +85,17 @@ class SamplingSection:
 
 @dataclass(frozen=True)
 class SsdSection:
-    """Simple self-distillation: sampling at a shifted temperature (its released generator's settings)."""
+    """Simple self-distillation: the shared [sampling] settings at a shifted temperature (its
+    released generator: temperature 1.5-1.6 with top-k 20, top-p 0.8).
+
+    `top_p` / `top_k` default to [sampling]'s; other values are refused unless
+    `own_truncation = true` says the difference is meant.
+    """
 
     temperature: float = 1.5
-    top_p: float = 0.8
-    top_k: int = 20
+    top_p: float | None = None
+    top_k: int | None = None
+    own_truncation: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,7 +120,7 @@ class AblateSection:
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     model: ModelSection = field(default_factory=ModelSection)
     task: TaskSection = field(default_factory=TaskSection)
@@ -193,6 +205,15 @@ def config_from_dict(values: dict) -> ExperimentConfig:
     check_methods(config.methods)
     if not config.seeds:
         raise SpdLensError("seeds must list at least one seed")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise SpdLensError(f"seeds {config.seeds} repeat a seed: list each seed once")
+    ssd, sampling = config.ssd, config.sampling
+    differing = [f"ssd.{key} = {getattr(ssd, key)} vs sampling.{key} = {getattr(sampling, key)}"
+                 for key in ("top_p", "top_k") if getattr(ssd, key) is not None and getattr(ssd, key) != getattr(sampling, key)]
+    if differing and not ssd.own_truncation:
+        raise SpdLensError(f"ssd would sample with another truncation than the other methods ({'; '.join(differing)}): "
+                           "a method must not get better or worse sampling settings than its baselines. Remove the "
+                           "[ssd] value(s), or set ssd.own_truncation = true to mean it")
     if config.task.train_n < 1 or config.subspace.n < 1:
         raise SpdLensError("task.train_n and subspace.n must be positive")
     from spd_lens.tasks import task_names

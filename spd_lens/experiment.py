@@ -2,11 +2,18 @@
 
     RUN/config.json                      resolved config (a rerun with another config is refused)
     RUN/subspaces/{gradient,fullseq}-seed{s}/   capability subspaces (random ones derive from gradient)
-    RUN/generations/{method}-seed{s}.jsonl      self-generated training data
+    RUN/generations/{method}-seed{s}.jsonl      self-generated training data (with finish reasons)
+    RUN/generations/{method}-seed{s}.quality.json  its quality: share correct, share cut off, length
     RUN/adapters/{method}-seed{s}/              trained LoRA adapters
     RUN/eval/{method}[-seed{s}].jsonl / .json   evaluation generations and scores
     RUN/stage_seconds.json               wall-clock seconds per stage, summed over resumed calls
     RUN/metrics.json                     {"methods": {name: {"score", "ci", "n", "seeds", ...}}, ...}
+
+Intervals of seeded methods come from a hierarchical bootstrap (seeds, then questions), so a
+method whose seeds disagree gets a wide interval; a result whose per-seed spread exceeds its
+question-only interval is flagged. Every method that self-generates samples with the one
+[sampling] setting (ssd at its own temperature), and the quality of each training file is
+measured, never filtered.
 
 A finished stage (its artifact complete) is not redone. The gradient subspace, the base
 evaluation and the prompts are shared by all methods that need them; `reuse=[OTHER_RUN]` also
@@ -26,7 +33,7 @@ import spd_lens
 from spd_lens.config import ExperimentConfig
 from spd_lens.errors import SpdLensError
 from spd_lens.artifacts import atomic_write, read_json_object, write_json
-from spd_lens.evaluate import bootstrap_ci, evaluate, paired_difference
+from spd_lens.evaluate import evaluate, paired_difference, seeded_ci, training_data_quality
 from spd_lens.extract import extract_subspace
 from spd_lens.methods import METHOD_TABLE
 from spd_lens.models import load_hf
@@ -112,11 +119,8 @@ class Run:
         path = self.out / "generations" / f"{method}-seed{seed}.jsonl"
         if path.is_file():
             return path
+        config = self.sampling_config(method, seed)
         c = self.config
-        sampling = c.ssd if spec.sampling == "ssd" else c.sampling
-        config = SamplingConfig(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                                max_new_tokens=self.task.max_new_tokens if c.sampling.max_new_tokens is None else c.sampling.max_new_tokens,
-                                num_samples=c.sampling.num_samples, seed=seed, batch_size=c.sampling.batch_size)
         model, tokenizer = self.base_model()
         examples = self.task.examples("train", n=c.task.train_n, seed=seed)
         provenance = {"method": method, "projection": None}
@@ -131,6 +135,29 @@ class Run:
         return self._timed("generate", lambda: generate_jsonl(
             model, tokenizer, examples, path, config, task=self.task.name, provenance=provenance,
             progress=self._bar(f"generate {method}")))
+
+    def sampling_config(self, method: str, seed: int) -> SamplingConfig:
+        """The one [sampling] setting; ssd changes the temperature (and, when the config says so
+        explicitly, its truncation)."""
+        s, ssd = self.config.sampling, self.config.ssd
+        is_ssd = METHOD_TABLE[method].sampling == "ssd"
+        return SamplingConfig(
+            temperature=ssd.temperature if is_ssd else s.temperature,
+            top_p=ssd.top_p if is_ssd and ssd.top_p is not None else s.top_p,
+            top_k=ssd.top_k if is_ssd and ssd.top_k is not None else s.top_k,
+            max_new_tokens=self.task.max_new_tokens if s.max_new_tokens is None else s.max_new_tokens,
+            num_samples=s.num_samples, seed=seed, batch_size=s.batch_size)
+
+    def data_quality(self, method: str, seed: int) -> dict:
+        """Quality of the self-generated training data (cached beside it; code runs the tests)."""
+        data = self.generations(method, seed)
+        path = data.with_name(data.name.removesuffix(".jsonl") + ".quality.json")
+        if path.is_file():
+            return read_json_object(path, "a training file's quality")
+        examples = self.task.examples("train", n=self.config.task.train_n, seed=seed)
+        quality = training_data_quality(self.task, data, examples, progress=self._bar(f"score data {method}"))
+        write_json(path, quality)
+        return quality
 
     def adapter(self, method: str, seed: int) -> Path:
         data = self.generations(method, seed)
@@ -185,15 +212,21 @@ class Run:
             spec = METHOD_TABLE[method]
             seeds = self.config.seeds if spec.seeded else [None]
             per_seed = [self.evaluation(method, seed) for seed in seeds]
-            outcomes[method] = [r for result in per_seed for r in result["results"]]
-            pooled = [r["passed"] for r in outcomes[method]]
+            outcomes[method] = [{**r, "seed": result["seed"]} for result in per_seed for r in result["results"]]
+            stats = seeded_ci(outcomes[method])
             methods[method] = {
                 "score": sum(r["score"] for r in per_seed) / len(per_seed),
-                "ci": list(bootstrap_ci(pooled)),
-                "n": len(pooled),
+                "ci": stats["ci"],
+                "n": len(outcomes[method]),
+                "questions": stats["n"],
+                "seed_spread": stats["seed_spread"],
+                "seed_spread_exceeds_ci": stats["seed_spread_exceeds_ci"],
                 "seeds": {str(r["seed"]): {"score": r["score"], "ci": r["ci"], "n": r["n"]} for r in per_seed}
                 if spec.seeded else {},
+                "finish_reasons": dict(sorted(Counter(r.get("finish_reason", "unknown") for r in outcomes[method]).items())),
             }
+            if spec.sampling is not None:
+                methods[method]["training_data"] = self._training_data(method, seeds)
             answers = self._answer_counts(outcomes[method])
             if answers:
                 methods[method]["answers"] = answers
@@ -210,6 +243,19 @@ class Run:
         write_json(self.out / "metrics.json", metrics)
         write_run_report(self.out)
         return metrics
+
+    def _training_data(self, method: str, seeds: list[int]) -> dict:
+        """Each seed's training-data quality and their means."""
+        per_seed = {str(seed): self.data_quality(method, seed) for seed in seeds}
+        summary = {}
+        for key in ("correct", "cut_off", "mean_tokens"):
+            values = [q[key] for q in per_seed.values() if q.get(key) is not None]
+            summary[key] = sum(values) / len(values) if values else None
+        reasons = Counter()
+        for q in per_seed.values():
+            reasons.update(q.get("finish_reasons", {}))
+        return {**summary, "n": sum(q["n"] for q in per_seed.values()), "finish_reasons": dict(sorted(reasons.items())),
+                "seeds": per_seed}
 
     def _stage_seconds(self) -> dict[str, float]:
         """Wall-clock seconds per stage over every call that did work on this run directory."""
@@ -285,25 +331,39 @@ def run_experiment(config: ExperimentConfig, out: str | Path, *, progress: Progr
     return Run(config, out, progress, log, reuse).run()
 
 
+SPREAD_FLAG = "  ! seeds differ more than questions alone explain: more seeds needed"
+
+
 def format_table(metrics: dict) -> str:
-    """Score, pooled 95% CI, n, and each seed's score."""
+    """Score, 95% CI (seeds, then questions), n, each seed's score; the training data's quality;
+    paired differences. `!` marks a result whose seed spread exceeds its interval."""
     rows = [f"{'method':<12} {'score':>7}  {'95% CI':<17} {'n':>5}  per seed"]
     for name, m in metrics["methods"].items():
         seeds = "  ".join(f"{seed}: {s['score']:.3f}" for seed, s in m.get("seeds", {}).items())
         answers = "  answers " + " ".join(f"{a}:{k}" for a, k in m["answers"].items()) if m.get("answers") else ""
         kinds = "  outcomes " + " ".join(f"{k}:{v}" for k, v in m["outcomes"].items()) if m.get("outcomes") else ""
-        rows.append(f"{name:<12} {m['score']:>7.3f}  [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]  {m['n']:>5}  {seeds}{answers}{kinds}")
+        flag = SPREAD_FLAG if m.get("seed_spread_exceeds_ci") else ""
+        rows.append(f"{name:<12} {m['score']:>7.3f}  [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]  {m['n']:>5}  {seeds}{answers}{kinds}{flag}")
+    trained = {name: m["training_data"] for name, m in metrics["methods"].items() if m.get("training_data")}
+    if trained:
+        rows += ["", f"{'training data':<12} {'correct':>7}  {'cut off':>7}  {'tokens':>6}  {'n':>5}  correct per seed"]
+        for name, q in trained.items():
+            seeds = "  ".join(f"{seed}: {s['correct']:.3f}" for seed, s in q.get("seeds", {}).items())
+            tokens = f"{q['mean_tokens']:>6.1f}" if q.get("mean_tokens") is not None else f"{'-':>6}"
+            rows.append(f"{name:<12} {q['correct']:>7.3f}  {q['cut_off']:>7.3f}  {tokens}  {q['n']:>5}  {seeds}")
     if metrics.get("comparisons"):
-        rows += ["", f"{'paired difference':<24} {'mean':>7}  95% CI (bootstrap over the shared questions)"]
+        rows += ["", f"{'paired difference':<24} {'mean':>7}  95% CI (bootstrap over seeds, then the shared questions)"]
         for name, c in metrics["comparisons"].items():
-            rows.append(f"{name:<24} {c['difference']:>+7.3f}  [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]")
+            flag = SPREAD_FLAG if c.get("seed_spread_exceeds_ci") else ""
+            rows.append(f"{name:<24} {c['difference']:>+7.3f}  [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]{flag}")
     return "\n".join(rows)
 
 
 def write_run_report(run_dir: str | Path) -> Path:
     """`RUN/report.html`: method scores with CIs, paired differences, the gradient subspaces'
     spectra and, where counted, the kinds of result (code) or the answers chosen (multiple choice)."""
-    from spd_lens.viz import comparison_figure, method_scores_figure, outcome_figure, spectrum_figure, write_report
+    from spd_lens.viz import (comparison_figure, method_scores_figure, outcome_figure, spectrum_figure,
+                              training_data_figure, write_report)
 
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
@@ -323,6 +383,8 @@ def write_run_report(run_dir: str | Path) -> Path:
     # after the spectra, so that the figures' file numbers stay those of earlier reports
     figures += [outcome_figure(metrics, key) for key in ("outcomes", "answers")
                 if any(m.get(key) for m in metrics["methods"].values())]
+    if any(m.get("training_data") for m in metrics["methods"].values()):
+        figures.append(training_data_figure(metrics))
     path = run_dir / "report.html"
     write_report(path, figures, f"spd_lens run {metrics.get('run')}", format_table(metrics))
     return path

@@ -25,14 +25,58 @@ def answer_reference(reasoning: str, answer: str) -> tuple[str, tuple[tuple[int,
     return head + answer + ".", ((len(head), len(head) + len(answer)),)
 
 
+_OPERATOR = r"[-+*/×x÷^]"
+_MARKERS = (r"answer is:?", r"answer:", r"####", r"\\boxed\{")
+# What may stand before the number that ends an answer sentence when there is no marker.
+_ANSWER_VERB = r"(?:=|\bis|\bequals|\bwas|:)"
+
+
+def _final_sentence(text: str) -> str:
+    """The last non-empty sentence or line (a period inside a number does not end a sentence)."""
+    parts = [p for p in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if p.strip()]
+    return parts[-1] if parts else ""
+
+
+def _after_marker(segment: str) -> str | None:
+    """The number an answer marker commits to, read from the text that follows it.
+
+    "The answer is 72 apples" gives 72; "The answer is 59 + 13 = 72" gives the result of the
+    equation, 72, not its first operand; "The answer is 59 + 13." commits to no number.
+    """
+    sentence = re.split(r"(?<=[.!?])\s+|\n", segment.strip(), maxsplit=1)[0]
+    first = re.match(rf"\s*\$?\s*({_NUMBER})", sentence)
+    if not first:
+        return None
+    rest = sentence[first.end():]
+    if "=" in rest:
+        result = re.match(rf"\s*\$?\s*({_NUMBER})", rest[rest.rindex("=") + 1:])
+        return result.group(1) if result else None
+    if re.match(rf"\s*{_OPERATOR}\s*\$?\d", rest):
+        return None  # an expression with no result
+    return first.group(1)
+
+
 def extract_number(completion: str) -> str | None:
-    """The final answer of a completion: after "answer is", "####" or \\boxed, else the last number."""
-    for pattern in (rf"answer is:?\s*\$?({_NUMBER})", rf"####\s*\$?({_NUMBER})", rf"\\boxed\{{\s*({_NUMBER})"):
-        matches = re.findall(pattern, completion, flags=re.IGNORECASE)
-        if matches:
-            return matches[-1]
-    numbers = re.findall(_NUMBER, completion)
-    return numbers[-1] if numbers else None
+    """The final answer of a completion, or None when it commits to none.
+
+    1. After the last answer marker ("answer is", "answer:", "####", \\boxed{...}): the number it
+       introduces, or the result of the equation it introduces.
+    2. Else, a completion that is only a number ("72", "$72.") gives that number.
+    3. Else, the number ending the final sentence when an answer verb ("=", "is", "equals",
+       "was", ":") stands right before it and nothing numeric follows ("59 + 13 = 72.",
+       "The sum is 72 apples."). Rambling that merely ends on some number commits to nothing.
+    """
+    text = completion.replace("**", "")
+    markers = [m for pattern in _MARKERS for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
+    if markers:
+        last = max(markers, key=lambda m: m.start())
+        return _after_marker(text[last.end():])
+    alone = re.fullmatch(rf"\s*\$?\s*({_NUMBER})\s*\.?\s*", text)
+    if alone:
+        return alone.group(1)
+    sentence = _final_sentence(text)
+    ending = re.search(rf"{_ANSWER_VERB}\s*\$?\s*({_NUMBER})(?=[^\d=]*$)", sentence, flags=re.IGNORECASE)
+    return ending.group(1) if ending else None
 
 
 def numbers_equal(a: str, b: str) -> bool:
