@@ -19,6 +19,14 @@ def test_every_method_runs_and_reruns_do_no_work(tmp_path):
         assert 0 <= m["ci"][0] <= m["score"] <= m["ci"][1] <= 1 or m["ci"][0] <= m["score"]
         assert m["n"] == (5 if name in ("base", "hook-only") else 10)
     assert set(metrics["methods"]["spd"]["seeds"]) == {"0", "1"}
+    # Training-data quality of every self-generating method, per seed; finish reasons counted.
+    data = metrics["methods"]["spd"]["training_data"]
+    assert data["n"] == 12 and set(data["seeds"]) == {"0", "1"} and 0 <= data["correct"] <= 1
+    assert sum(data["finish_reasons"].values()) == 12 and data["cut_off"] == data["finish_reasons"].get("length", 0) / 12
+    assert "training_data" not in metrics["methods"]["base"] and "training_data" in metrics["methods"]["ssd"]
+    assert sum(metrics["methods"]["base"]["finish_reasons"].values()) == 5
+    assert (tmp_path / "generations" / "spd-seed0.quality.json").is_file()
+    assert metrics["methods"]["spd"]["questions"] == 5 and "seed_spread" in metrics["methods"]["spd"]
     comparisons = metrics["comparisons"]
     assert {"spd - base", "spd - spd-random", "psr - base", "hook-only - base"} <= set(comparisons)
     for name, c in comparisons.items():
@@ -29,6 +37,7 @@ def test_every_method_runs_and_reruns_do_no_work(tmp_path):
     assert saved["methods"].keys() == metrics["methods"].keys()
     assert (tmp_path / "report.html").stat().st_size > 10_000
     assert "paired differences" in (tmp_path / "report.html").read_text()
+    assert "quality of the self-generated training data" in (tmp_path / "report.html").read_text()
     assert (tmp_path / "subspaces" / "gradient-seed1" / "subspace.json").is_file()
     assert (tmp_path / "adapters" / "spd-seed0" / "train.json").is_file()
     again = run_experiment(config_from_dict(TINY), tmp_path)
