@@ -137,6 +137,8 @@ def _run_and_report(config, out, reuse=()) -> int:
     print()
     print(format_table(metrics))
     print("\nstage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["stage_seconds"].items()))
+    if metrics.get("stage_seconds_interrupted"):
+        print("lost to interrupted calls: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["stage_seconds_interrupted"].items()))
     print(f"metrics: {out}/metrics.json\nreport:  {out}/report.html")
     return 0
 
@@ -175,13 +177,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import json
+
     from spd_lens.train import TrainConfig, train_on_jsonl
 
     config = TrainConfig(lora=not args.full, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                          grad_accum=args.grad_accum, loss_on=args.loss_on, checkpoint_every=args.checkpoint_every,
-                         seed=args.seed)
+                         truncated=args.truncated, seed=args.seed)
     out = train_on_jsonl(args.model, args.data, args.out, config, progress=_progress_labelled("train"))
-    print(f"trained: {out}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # once, not once per process under torchrun
+        record = json.loads((out / "train.json").read_text())
+        print(f"trained: {out} ({record['steps']} optimizer steps of a global batch of {record['global_batch_size']}: "
+              f"{record['per_process_batch_size']} per process x {config.grad_accum} accumulation x "
+              f"{record['processes']} process(es))")
     return 0
 
 
@@ -445,8 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     train.add_argument("--lr", type=float, default=1e-5)
     train.add_argument("--epochs", type=int, default=5)
-    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--batch-size", type=int, default=4,
+                       help="examples per process per micro-batch; the global batch of one optimizer step is "
+                            "batch-size x grad-accum x processes (torchrun --nproc_per_node N)")
     train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--truncated", default="keep", choices=["keep", "drop"],
+                       help="completions cut off at their token budget: train on them without an end-of-turn "
+                            "marker (keep, default) or leave them out (drop)")
     train.add_argument("--loss-on", default="completion", choices=["completion", "all"])
     train.add_argument("--checkpoint-every", type=int, default=50)
     train.add_argument("--seed", type=int, default=0)

@@ -6,7 +6,9 @@
     RUN/generations/{method}-seed{s}.quality.json  its quality: share correct, share cut off, length
     RUN/adapters/{method}-seed{s}/              trained LoRA adapters
     RUN/eval/{method}[-seed{s}].jsonl / .json   evaluation generations and scores
-    RUN/stage_seconds.json               wall-clock seconds per stage, summed over resumed calls
+    RUN/stage_seconds.json               wall-clock seconds per stage: "completed" (calls that finished
+                                         the stage) and "interrupted" (calls that stopped with an
+                                         error or Ctrl-C; work they finished is kept and resumed)
     RUN/metrics.json                     {"methods": {name: {"score", "ci", "n", "seeds", ...}}, ...}
 
 Intervals of seeded methods come from a hierarchical bootstrap (seeds, then questions), so a
@@ -17,7 +19,10 @@ measured, never filtered.
 
 A finished stage (its artifact complete) is not redone. The gradient subspace, the base
 evaluation and the prompts are shared by all methods that need them; `reuse=[OTHER_RUN]` also
-takes base / psr / ssd evaluations from another run when nothing they depend on differs.
+takes base / psr / ssd evaluations from another run when none of the settings that can change
+them differs (`RESULT_SETTINGS`); every reuse decision is logged and kept in metrics["reuse"].
+`metrics.json` describes every method the directory holds evaluations for, whichever subset of
+methods the last call ran.
 """
 
 from __future__ import annotations
@@ -45,6 +50,37 @@ from spd_lens.train import load_trained, train_on_jsonl
 
 Progress = Callable[[str], Callable] | None
 
+# The settings that can change a reused evaluation, per kind of method (dotted config keys; a
+# section name stands for all of its keys). Not listed, so never blocking reuse: the run's name,
+# methods and seeds (an evaluation file is per method and seed), train.checkpoint_every,
+# the subspace / projection / ablate sections (methods that depend on them are never reused).
+RESULT_SETTINGS = {
+    None: ["model", "task", "eval"],
+    "plain": ["model", "task", "eval", "sampling", "train"],
+    "ssd": ["model", "task", "eval", "sampling", "ssd", "train"],
+}
+NO_EFFECT = {"train.checkpoint_every"}
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def setting_differences(old: dict, new: dict, sections: Sequence[str] | None = None) -> list[str]:
+    """'key: old -> new' for every setting that differs (within `sections`, when given)."""
+    a, b = flatten(old), flatten(new)
+    keys = sorted(set(a) | set(b))
+    if sections is not None:
+        keys = [k for k in keys if k.split(".")[0] in sections and k not in NO_EFFECT]
+    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in keys if a.get(k) != b.get(k)]
+
 
 # Paired differences every run reports: each method against the base model, and SPD against the
 # baselines and controls that isolate what its subspace adds.
@@ -70,6 +106,7 @@ class Run:
         self.subspace_task = get_task(subspace_task, **({"path": data} if data else {}))
         self._base = None
         self._eval_examples = None
+        self.reuse_decisions: dict[str, dict] = {}
 
     # --- shared pieces ------------------------------------------------------------------------
 
@@ -83,12 +120,17 @@ class Run:
 
     def _timed(self, stage: str, fn):
         started = time.time()
-        result = fn()
-        # Kept on disk after every stage, so the cost of a run interrupted and resumed adds up.
-        recorded = self._stage_seconds()
-        recorded[stage] = round(recorded.get(stage, 0) + time.time() - started, 2)
-        write_json(self.out / "stage_seconds.json", recorded)
-        return result
+        outcome = "interrupted"
+        try:
+            result = fn()
+            outcome = "completed"
+            return result
+        finally:
+            # Kept on disk after every stage: the cost of a run resumed over several calls adds up,
+            # and time spent by calls that stopped part way is kept apart.
+            recorded = self._stage_seconds()
+            recorded[outcome][stage] = round(recorded[outcome].get(stage, 0) + time.time() - started, 2)
+            write_json(self.out / "stage_seconds.json", recorded)
 
     def subspace(self, kind: str, seed: int) -> CapabilitySubspace:
         if kind == "random":
@@ -124,14 +166,15 @@ class Run:
         model, tokenizer = self.base_model()
         examples = self.task.examples("train", n=c.task.train_n, seed=seed)
         provenance = {"method": method, "projection": None}
-        self.log(f"self-generation for {method} (seed {seed})")
         if spec.sampling == "projected":
-            projection = self.projection(spec.subspace, seed)
+            projection = self.projection(spec.subspace, seed)  # extracts the subspace first if needed
             provenance["projection"] = projection.provenance()
+            self.log(f"self-generation for {method} (seed {seed})")
             with projection.apply(model):
                 return self._timed("generate", lambda: generate_jsonl(
                     model, tokenizer, examples, path, config, task=self.task.name, provenance=provenance,
                     progress=self._bar(f"generate {method}")))
+        self.log(f"self-generation for {method} (seed {seed})")
         return self._timed("generate", lambda: generate_jsonl(
             model, tokenizer, examples, path, config, task=self.task.name, provenance=provenance,
             progress=self._bar(f"generate {method}")))
@@ -207,11 +250,19 @@ class Run:
 
     def run(self) -> dict:
         self._claim_directory()
-        methods, outcomes = {}, {}
         for method in self.config.methods:
+            for seed in self._seeds(method):
+                self.evaluation(method, seed)
+        # Metrics describe every method this directory holds evaluations for, whether this call
+        # ran it or an earlier one did (`--methods` subsets).
+        methods, outcomes = {}, {}
+        for method in METHOD_TABLE:
             spec = METHOD_TABLE[method]
-            seeds = self.config.seeds if spec.seeded else [None]
-            per_seed = [self.evaluation(method, seed) for seed in seeds]
+            stored = {seed: self._stored_evaluation(method, seed) for seed in self._seeds(method)}
+            per_seed = [r for r in stored.values() if r is not None]
+            if not per_seed:
+                continue
+            seeds = [seed for seed, r in stored.items() if r is not None]
             outcomes[method] = [{**r, "seed": result["seed"]} for result in per_seed for r in result["results"]]
             stats = seeded_ci(outcomes[method])
             methods[method] = {
@@ -225,8 +276,12 @@ class Run:
                 if spec.seeded else {},
                 "finish_reasons": dict(sorted(Counter(r.get("finish_reason", "unknown") for r in outcomes[method]).items())),
             }
+            if len(seeds) < len(stored):
+                methods[method]["missing_seeds"] = [seed for seed, r in stored.items() if r is None]
             if spec.sampling is not None:
-                methods[method]["training_data"] = self._training_data(method, seeds)
+                training_data = self._training_data(method, seeds)
+                if training_data:
+                    methods[method]["training_data"] = training_data
             answers = self._answer_counts(outcomes[method])
             if answers:
                 methods[method]["answers"] = answers
@@ -235,18 +290,31 @@ class Run:
                 methods[method]["outcomes"] = kinds
         comparisons = {f"{a} - {b}": paired_difference(outcomes[a], outcomes[b])
                        for a, b in COMPARISONS if a in outcomes and b in outcomes}
+        seconds = self._stage_seconds()
         metrics = {"run": self.config.name, "task": self.task.name, "subspace_task": self.subspace_task.name,
                    "model": self.config.model.name, "methods": methods, "comparisons": comparisons,
-                   "stage_seconds": self._stage_seconds(),
+                   "stage_seconds": seconds["completed"], "stage_seconds_interrupted": seconds["interrupted"],
+                   "reuse": self.reuse_decisions,
                    "config_hash": config_hash(self.config.to_dict()), "spd_lens_version": spd_lens.__version__,
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_json(self.out / "metrics.json", metrics)
         write_run_report(self.out)
         return metrics
 
-    def _training_data(self, method: str, seeds: list[int]) -> dict:
-        """Each seed's training-data quality and their means."""
-        per_seed = {str(seed): self.data_quality(method, seed) for seed in seeds}
+    def _seeds(self, method: str) -> list:
+        return self.config.seeds if METHOD_TABLE[method].seeded else [None]
+
+    def _stored_evaluation(self, method: str, seed: int | None) -> dict | None:
+        path = self.out / "eval" / f"{method if seed is None else f'{method}-seed{seed}'}.json"
+        return read_json_object(path, "an evaluation written by spd-lens run") if path.is_file() else None
+
+    def _training_data(self, method: str, seeds: list[int]) -> dict | None:
+        """Each seed's training-data quality and their means, for the seeds whose training data is
+        in this directory (an evaluation reused from another run brings none)."""
+        per_seed = {str(seed): self.data_quality(method, seed) for seed in seeds
+                    if (self.out / "generations" / f"{method}-seed{seed}.jsonl").is_file()}
+        if not per_seed:
+            return None
         summary = {}
         for key in ("correct", "cut_off", "mean_tokens"):
             values = [q[key] for q in per_seed.values() if q.get(key) is not None]
@@ -257,28 +325,37 @@ class Run:
         return {**summary, "n": sum(q["n"] for q in per_seed.values()), "finish_reasons": dict(sorted(reasons.items())),
                 "seeds": per_seed}
 
-    def _stage_seconds(self) -> dict[str, float]:
-        """Wall-clock seconds per stage over every call that did work on this run directory."""
+    def _stage_seconds(self) -> dict[str, dict[str, float]]:
+        """Wall-clock seconds per stage over every call that did work on this run directory:
+        {"completed": {...}, "interrupted": {...}}."""
         path = self.out / "stage_seconds.json"
-        if path.is_file():
-            return read_json_object(path, "seconds per stage")
-        previous = self.out / "metrics.json"  # run directories from before stage_seconds.json
-        return dict(read_json_object(previous, "a run's metrics").get("stage_seconds", {})) if previous.is_file() else {}
+        recorded = read_json_object(path, "seconds per stage") if path.is_file() else {}
+        if not path.is_file() and (self.out / "metrics.json").is_file():  # run directories from before the file
+            recorded = read_json_object(self.out / "metrics.json", "a run's metrics").get("stage_seconds", {})
+        if recorded and "completed" not in recorded:  # the older flat layout: every call counted as completed
+            recorded = {"completed": recorded}
+        return {"completed": dict(recorded.get("completed", {})), "interrupted": dict(recorded.get("interrupted", {}))}
 
     def _reused(self, method: str, stem: str) -> dict | None:
-        """A finished evaluation of `method` from a `reuse` run that shares everything it depends on."""
+        """A finished evaluation of `method` from a `reuse` run that shares every setting that can
+        change it (`RESULT_SETTINGS`); each decision is logged and kept in `reuse_decisions`."""
+        if not self.reuse:
+            return None
         spec = METHOD_TABLE[method]
         if spec.subspace is not None:
-            return None  # depends on the subspace, which is what runs usually differ in
-        sections = ["model", "task", "eval"] + {"plain": ["sampling", "train"], "ssd": ["sampling", "ssd", "train"]}.get(
-            spec.sampling, [])
+            self._decide(stem, {"reused": False, "why": "depends on a subspace, which runs do not share"})
+            return None
+        sections = RESULT_SETTINGS[spec.sampling]
         mine = self.config.to_dict()
+        reasons = {}
         for other in self.reuse:
             theirs = read_json_object(other / "config.json", "a run's resolved config")
             source = other / "eval" / f"{stem}.json"
-            if any(theirs.get(k) != mine[k] for k in sections) or not source.is_file():
+            differences = setting_differences(theirs, mine, sections)
+            if differences or not source.is_file():
+                reasons[str(other)] = differences or [f"no finished evaluation {source.name}"]
                 continue
-            self.log(f"reusing {stem} from {other}")
+            self._decide(stem, {"reused": True, "from": str(other)})
             record = {**read_json_object(source, "an evaluation written by spd-lens run"), "reused_from": str(other)}
             (self.out / "eval").mkdir(parents=True, exist_ok=True)
             if (other / "eval" / f"{stem}.jsonl").is_file():
@@ -286,7 +363,18 @@ class Run:
                              lambda tmp: shutil.copyfile(other / "eval" / f"{stem}.jsonl", tmp))
             write_json(self.out / "eval" / f"{stem}.json", record)
             return record
+        self._decide(stem, {"reused": False, "why": reasons})
         return None
+
+    def _decide(self, stem: str, decision: dict) -> None:
+        self.reuse_decisions[stem] = decision
+        if decision["reused"]:
+            self.log(f"reusing {stem} from {decision['from']}")
+        elif isinstance(decision["why"], str):
+            self.log(f"not reusing {stem}: {decision['why']}")
+        else:
+            for other, why in decision["why"].items():
+                self.log(f"not reusing {stem} from {other}: {'; '.join(why)}")
 
     def _answer_counts(self, results: list[dict]) -> dict[str, int] | None:
         """How often each answer was given (multiple choice: each letter; "none" = no answer found)."""
@@ -312,10 +400,10 @@ class Run:
         resolved = self.config.to_dict()
         if path.is_file():
             # Adding methods to a finished run is fine; changing what they share is not.
-            previous = json.loads(path.read_text())
-            changed = sorted(k for k in resolved if k != "methods" and previous.get(k) != resolved[k])
+            previous = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("methods", "spd_lens_version")}
+            changed = setting_differences(previous, {k: v for k, v in resolved.items() if k != "methods"})
             if changed:
-                raise SpdLensError(f"{self.out} holds a run with another config (differs in {changed}); "
+                raise SpdLensError(f"{self.out} holds a run with another config ({'; '.join(changed)}); "
                                    "use another --out or the same config")
         write_json(path, {**resolved, "spd_lens_version": spd_lens.__version__})
 

@@ -237,15 +237,18 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     step = 0
+    losses: list[float] = []  # per optimizer step, averaged over micro-batches and processes
     resume = _last_checkpoint(out)
     if resume is not None:
         step, checkpoint = resume
         accelerator.load_state(str(checkpoint))
+        losses = _read_loss_history(checkpoint, step)
     started = time.time()
     bar = progress(range(total_steps)) if progress and accelerator.is_main_process else None
-    if bar is not None and hasattr(bar, "update"):
-        bar.update(step)
-    losses = []
+    if bar is not None and hasattr(bar, "refresh") and step:
+        bar.n = bar.initial = step  # resumed steps count as done, not as instant progress in the rate
+        bar.refresh()
+    step_losses = []
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         batches = epoch_batches([len(f["input_ids"]) for f in features], config.batch_size, config.seed * 1000 + epoch)
@@ -260,6 +263,7 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
         for batch in loader:
             with accelerator.accumulate(model):
                 loss = next_token_loss(model, batch)
+                step_losses.append(loss.detach())
                 if not torch.isfinite(loss):
                     raise SpdLensError(f"training loss is {loss.item()} at step {step} (epoch {epoch}): stopping before "
                                        "the adapter is poisoned; lower lr or check the data")
@@ -272,12 +276,14 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
             micro += 1
             if accelerator.sync_gradients:
                 step += 1
-                losses.append(float(loss.detach()))
+                mean = torch.stack(step_losses).mean()
+                losses.append(float(accelerator.reduce(mean, reduction="mean")))
+                step_losses = []
                 if bar is not None and hasattr(bar, "update"):
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 if step % config.checkpoint_every == 0 and step < total_steps:
-                    _save_checkpoint(accelerator, out, step)
+                    _save_checkpoint(accelerator, out, step, losses)
                 if step >= total_steps or step % steps_per_epoch == 0:
                     break
     if bar is not None and hasattr(bar, "close"):
@@ -296,8 +302,12 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
         unfinished = sum(not r.finished for r in pairs)
         record = {"base_model": model_name, "data": str(data), "n_records": len(pairs),
                   "n_unfinished": unfinished, "n_trained": len(features), "config": asdict(config),
-                  "steps": total_steps, "final_losses": losses[-5:], "seconds_this_run": round(time.time() - started, 2),
-                  "processes": accelerator.num_processes, "spd_lens_version": spd_lens.__version__,
+                  "steps": total_steps, "processes": accelerator.num_processes,
+                  "per_process_batch_size": config.batch_size,
+                  "global_batch_size": config.batch_size * config.grad_accum * accelerator.num_processes,
+                  "loss_history": losses, "final_losses": losses[-5:],
+                  "seconds_this_run": round(time.time() - started, 2), "resumed_at_step": resume[0] if resume else 0,
+                  "spd_lens_version": spd_lens.__version__,
                   **(provenance or {})}
         tmp_json = out / (DONE_FILE + ".tmp")
         tmp_json.write_text(json.dumps(record, indent=2))
@@ -307,15 +317,25 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
     return out
 
 
-def _save_checkpoint(accelerator, out: Path, step: int) -> None:
+def _save_checkpoint(accelerator, out: Path, step: int, losses: list[float]) -> None:
     directory = out / "checkpoints" / f"step-{step}"
     accelerator.save_state(str(directory))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (directory / "losses.json").write_text(json.dumps(losses))
         (directory / "complete").write_text(str(step))
         for older in (out / "checkpoints").glob("step-*"):  # keep only the newest complete one
             if older != directory:
                 shutil.rmtree(older, ignore_errors=True)
+
+
+def _read_loss_history(checkpoint: Path, step: int) -> list[float]:
+    """The per-step losses up to a checkpoint (checkpoints from before the history have none)."""
+    path = checkpoint / "losses.json"
+    losses = json.loads(path.read_text()) if path.is_file() else []
+    if len(losses) != step:
+        return [float("nan")] * (step - len(losses)) + losses[:step]
+    return losses
 
 
 def load_trained(model_name: str, trained: str | Path, *, merge: bool = True):

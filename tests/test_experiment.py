@@ -57,7 +57,7 @@ def test_spd_trains_on_projected_generations(tmp_path):
 def test_a_run_directory_refuses_another_config(tmp_path):
     run_experiment(config_from_dict({**TINY, "seeds": [0], "methods": ["base"]}), tmp_path)
     changed = {**TINY, "seeds": [0], "methods": ["base"], "task": {**TINY["task"], "eval_n": 6}}
-    with pytest.raises(SpdLensError, match=r"another config \(differs in \['task'\]\)"):
+    with pytest.raises(SpdLensError, match=r"another config \(task.eval_n: 5 -> 6\)"):
         run_experiment(config_from_dict(changed), tmp_path)
 
 
@@ -191,3 +191,49 @@ def test_compare_names_the_questions_each_side_gets_right(tmp_path, capsys):
     assert out[1] == f"better in {tmp_path / 'a'}:spd (2): Q/1, Q/10"
     assert out[2] == f"better in {tmp_path / 'b'}:base (1): Q/2"
     assert out[3] == "solved by both (score 1 in each): 1"
+
+
+def test_subset_runs_keep_every_method_in_the_metrics(tmp_path):
+    config = {**TINY, "seeds": [0]}
+    run_experiment(config_from_dict({**config, "methods": ["base", "psr"]}), tmp_path)
+    later = run_experiment(config_from_dict({**config, "methods": ["hook-only"]}), tmp_path)
+    assert list(later["methods"]) == ["base", "psr", "hook-only"]
+    assert {"psr - base", "hook-only - base"} <= set(later["comparisons"])
+    assert later["methods"]["psr"]["training_data"]["n"] == 6
+    assert list(metrics_of(tmp_path)["methods"]) == ["base", "psr", "hook-only"]
+    assert "hook-only" in (tmp_path / "report.html").read_text()
+
+
+def test_reuse_decisions_are_logged_and_ignore_settings_without_effect(tmp_path):
+    first = tmp_path / "first"
+    run_experiment(config_from_dict({**TINY, "seeds": [0], "methods": ["base", "psr"]}), first)
+    logged = []
+    # Checkpointing cannot change a result: psr is still reused. A changed eval budget blocks both.
+    same = {**TINY, "seeds": [0], "methods": ["base", "psr"], "train": {**TINY["train"], "checkpoint_every": 7}}
+    metrics = run_experiment(config_from_dict(same), tmp_path / "same", reuse=[first], log=logged.append)
+    assert metrics["reuse"]["psr-seed0"] == {"reused": True, "from": str(first)}
+    assert any(m == f"reusing psr-seed0 from {first}" for m in logged)
+    other = {**TINY, "seeds": [0], "methods": ["base"], "eval": {"max_new_tokens": 6}}
+    logged.clear()
+    metrics = run_experiment(config_from_dict(other), tmp_path / "other", reuse=[first], log=logged.append)
+    why = metrics["reuse"]["base"]["why"][str(first)]
+    assert metrics["reuse"]["base"]["reused"] is False and why == ["eval.max_new_tokens: 8 -> 6"]
+    assert any("not reusing base" in m and "eval.max_new_tokens: 8 -> 6" in m for m in logged)
+
+
+def test_interrupted_stage_time_is_kept_apart(tmp_path, monkeypatch):
+    import spd_lens.experiment as experiment
+
+    config = config_from_dict({**TINY, "seeds": [0], "methods": ["base"]})
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "evaluate", broken)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, tmp_path)
+    monkeypatch.undo()
+    metrics = run_experiment(config, tmp_path)
+    assert set(metrics["stage_seconds"]) == {"eval"} and set(metrics["stage_seconds_interrupted"]) == {"eval"}
+    saved = json.loads((tmp_path / "stage_seconds.json").read_text())
+    assert set(saved) == {"completed", "interrupted"}
