@@ -222,6 +222,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     """Score completions from a JSONL file (any source) with the task's scorer."""
     import json
+    from collections import Counter
 
     from spd_lens.artifacts import write_json
     from spd_lens.evaluate import score_file
@@ -230,7 +231,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     write_json(args.out, {"task": result.task, "score": result.score, "ci": list(result.ci), "n": result.n,
                           "results": [{"prompt_id": r["prompt_id"], "passed": r["passed"], "status": r["status"]}
                                       for r in result.results]})
-    print(json.dumps({"task": result.task, "score": result.score, "ci": list(result.ci), "n": result.n}))
+    summary = {"task": result.task, "score": result.score, "ci": list(result.ci), "n": result.n}
+    reasons = Counter(r["finish_reason"] for r in result.results if "finish_reason" in r)
+    if reasons:  # files from spd-lens generate say why each completion ended
+        summary["finish_reasons"] = dict(sorted(reasons.items()))
+    print(json.dumps(summary))
     return 0
 
 

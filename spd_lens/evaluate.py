@@ -188,7 +188,10 @@ def read_completions(path: str | Path) -> list[dict]:
         if not isinstance(prompt_id, str) or not isinstance(completion, str):
             raise SpdLensError(f"{path}: record {number} needs a string 'prompt_id' and a 'completion' (or chat "
                                "'messages' with an assistant turn)")
-        records.append({"prompt_id": prompt_id, "completion": completion})
+        record_out = {"prompt_id": prompt_id, "completion": completion}
+        if record.get("finish_reason") in ("stop", "length"):
+            record_out["finish_reason"] = record["finish_reason"]
+        records.append(record_out)
     return records
 
 
