@@ -27,6 +27,13 @@ REAL_COMPLETIONS = [
     ("A MaineRailge provided helpful advice, specifically managing the Sarah model, which", None),
     ("A Persian wedding is a marvel baked in the park", None),
     ('First, we identify "A" as a parent (Mother-in-Law', None),
+    # "answer is a" is the article, whatever the case-insensitive reader made of it (it read A)
+    ("C. father-in-law\n\nThis answer is a typical Aceradian pattern, where the second letter is changed "
+     "to a letter (Cor.)", "C"),
+    # the letter A as a word, then the stated choice (the old reader took A)
+    ("A is not a specific option in this scenario. The correct choice is C, son. The answer D (father) is a "
+     "correct option.", "C"),
+    ("A is the only correct answer without any restrictions.", "A"),
     # a closed letter, stated or not
     ("A. husband", "A"),
     ("C. grandmother", "C"),

@@ -28,13 +28,17 @@ def format_question(question: str, options: list[str], labels: list[str] | None 
 
 # A label stands alone (no letter or digit before it; "(", "[" or "*" may open it) and is closed:
 # followed by ")", "]", ":", "*" or a "." that ends it ("A.M." and "1.5" are no labels), or by
-# nothing but whitespace up to the end of the text.
-# "A nephew is ..." is the article, not option A; "a" is never a label.
+# nothing but whitespace up to the end of the text. "A nephew is ..." is the article, not option A;
+# "a" is never a label.
 _OPEN = r"(?<![A-Za-z0-9])[(\[*]*"
 _CLOSE = r"(?=[)\]:*]|\.(?![A-Za-z0-9])|\s*$)"
-# An explicit statement of the choice: "answer is C", "Answer: (C)", "correct option is **C**".
-_STATEMENT = (r"(?i:\b(?:answer|option|choice)\b)(?:\s+(?i:is|would\s+be|will\s+be))?\s*:?\s*"
-              r"(?:(?i:option|letter|choice)\s+)?")
+# An explicit statement of the choice, where a comma closes the label too: "answer is C",
+# "Answer: (C)", "the correct choice is C, son", "correct option is **C**" ...
+_STATED = (r"(?i:\b(?:answer|option|choice)\b)(?:\s+(?i:is|would\s+be|will\s+be))?\s*:?\s*"
+           r"(?:(?i:option|letter|choice)\s+)?" + _OPEN + "({labels})" + r"(?=[)\]:*,]|\.(?![A-Za-z0-9])|\s*$)")
+# ... or the other way round: "A is the only correct answer", "(B) would be the answer".
+_STATED_AFTER = _OPEN + "({labels})" + r"[)\]*]*\s+(?i:is|would\s+be)\s+((?:[\w-]+\s+){{0,3}}?)(?i:answer|option|choice)\b"
+_NEGATION = re.compile(r"(?i)\b(?:not|no|never|wrong|incorrect)\b")
 
 
 def extract_letter(completion: str, labels: list[str]) -> str | None:
@@ -42,10 +46,10 @@ def extract_letter(completion: str, labels: list[str]) -> str | None:
 
     A label counts only as a label: matched case-sensitively, standing alone and closed (followed
     by ".", ")", "]", ":" or "*", or ending the text), so neither "The answer is a nephew." nor
-    the article in "A nephew is the son of ..." reads as option A. An explicit statement ("The
-    answer is C", "Answer: (C)", "**C**" after "answer is") wins; otherwise the first closed
-    label. A completion that starts by reading the options back as a list ("A. wife\nB. father\n...")
-    and states no choice commits to none.
+    the article in "A nephew is the son of ..." reads as option A. The first explicit statement
+    ("The answer is C", "Answer: (C)", "the correct choice is C, son", "A is the only correct
+    answer") wins; otherwise the first closed label. A completion that starts by reading the
+    options back as a list ("A. wife\nB. father\n...") and states no choice commits to none.
 
     Example:
         >>> extract_letter("A nephew is the son of one's sibling. So C.", ["A", "B", "C", "D"])
@@ -54,15 +58,16 @@ def extract_letter(completion: str, labels: list[str]) -> str | None:
         True
     """
     alternatives = "|".join(re.escape(label) for label in sorted(labels, key=len, reverse=True))
-    label = rf"{_OPEN}({alternatives}){_CLOSE}"
-    stated = re.search(_STATEMENT + label, completion)
-    if stated:
-        return stated.group(1)
+    statements = list(re.finditer(_STATED.format(labels=alternatives), completion))
+    statements += [m for m in re.finditer(_STATED_AFTER.format(labels=alternatives), completion)
+                   if not _NEGATION.search(m.group(2))]
+    if statements:
+        return min(statements, key=lambda m: m.start()).group(1)
     # Two option lines with different labels, one under the other at the start: the list read back.
     listed = re.match(rf"\s*({alternatives})[.)][ \t]+\S[^\n]*\n[ \t]*({alternatives})[.)][ \t]+\S", completion)
     if listed and listed.group(1) != listed.group(2):
         return None
-    first = re.search(label, completion)
+    first = re.search(rf"{_OPEN}({alternatives}){_CLOSE}", completion)
     return first.group(1) if first else None
 
 
