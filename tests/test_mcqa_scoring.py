@@ -47,6 +47,10 @@ REAL_COMPLETIONS = [
     ("B. daughter\n\n\n\nA. please right fill up the answer", "B"),
     ('B. mother-in-law\n\nSolution: "A. husband"', "B"),
     ("B. grandmother\n\nGenus: A\nOptions: A. baby,", "B"),
+    ("C. NEMONY\n\nOption D. Lauren", "C"),  # naming an option is not choosing it
+    ("B. wife was the correct answer to the question, but we need to reach the D, which is opposite the answer "
+     "we want.\nA. brother is", "B"),  # an answer sentence, not a list
+    ("D.FATHER", "D"),
 ]
 
 

@@ -27,15 +27,17 @@ def format_question(question: str, options: list[str], labels: list[str] | None 
 
 
 # A label stands alone (no letter or digit before it; "(", "[" or "*" may open it) and is closed:
-# followed by ")", "]", ":", "*" or a "." that ends it ("A.M." and "1.5" are no labels), or by
+# followed by ")", "]", ":", "*" or a "." ("D.FATHER" is D; "A.M." and "1.5" hold no label), or by
 # nothing but whitespace up to the end of the text. "A nephew is ..." is the article, not option A;
 # "a" is never a label.
 _OPEN = r"(?<![A-Za-z0-9])[(\[*]*"
-_CLOSE = r"(?=[)\]:*]|\.(?![A-Za-z0-9])|\s*$)"
+_CLOSE = r"(?=[)\]:*]|\.(?![0-9]|[A-Za-z]\.)|\s*$)"
 # An explicit statement of the choice, where a comma closes the label too: "answer is C",
 # "Answer: (C)", "the correct choice is C, son", "correct option is **C**" ...
-_STATED = (r"(?i:\b(?:answer|option|choice)\b)(?:\s+(?i:is|would\s+be|will\s+be))?\s*:?\s*"
-           r"(?:(?i:option|letter|choice)\s+)?" + _OPEN + "({labels})" + r"(?=[)\]:*,]|\.(?![A-Za-z0-9])|\s*$)")
+# "Option D." alone only names an option.
+_STATED = (r"(?i:\banswer\b(?:\s+(?:is|would\s+be|will\s+be))?|\b(?:option|choice)\b(?=\s*:|\s+(?:is|would|will)\b)"
+           r"(?:\s+(?:is|would\s+be|will\s+be))?)\s*:?\s*(?:(?i:option|letter|choice)\s+)?" + _OPEN + "({labels})"
+           + r"(?=[)\]:*,]|\.(?![0-9]|[A-Za-z]\.)|\s*$)")
 # ... or the other way round: "A is the only correct answer", "(B) would be the answer".
 _STATED_AFTER = _OPEN + "({labels})" + r"[)\]*]*\s+(?i:is|would\s+be)\s+((?:[\w-]+\s+){{0,3}}?)(?i:answer|option|choice)\b"
 _NEGATION = re.compile(r"(?i)\b(?:not|no|never|wrong|incorrect)\b")
@@ -63,8 +65,9 @@ def extract_letter(completion: str, labels: list[str]) -> str | None:
                    if not _NEGATION.search(m.group(2))]
     if statements:
         return min(statements, key=lambda m: m.start()).group(1)
-    # Two option lines with different labels, one under the other at the start: the list read back.
-    listed = re.match(rf"\s*({alternatives})[.)][ \t]+\S[^\n]*\n[ \t]*({alternatives})[.)][ \t]+\S", completion)
+    # A short option line and, under it, another label: the list read back ("A. aunt\nB. son").
+    listed = re.match(rf"\s*({alternatives})[.)](?:[ \t]+[^\s]+){{1,5}}[ \t]*\n[ \t]*({alternatives})[.)][ \t]+\S",
+                      completion)
     if listed and listed.group(1) != listed.group(2):
         return None
     first = re.search(rf"{_OPEN}({alternatives}){_CLOSE}", completion)
