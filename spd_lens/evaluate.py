@@ -243,3 +243,146 @@ def training_data_quality(task: str | Task, path: str | Path, examples: Sequence
     return {"n": len(records), "correct": scored.score, "cut_off": reasons.get("length", 0) / len(records),
             "mean_tokens": sum(tokens) / len(tokens) if tokens else None,
             "finish_reasons": dict(sorted(reasons.items()))}
+
+
+def choice_rates(chosen: Sequence[str | None], labels: Sequence[str]) -> dict[str, float]:
+    """The share of answers that chose each label (and `none`, when some chose none), in label order."""
+    if not chosen:
+        raise SpdLensError("no answers to count")
+    rates = {label: sum(c == label for c in chosen) / len(chosen) for label in labels}
+    unread = sum(c is None or c not in labels for c in chosen)
+    return {**rates, "none": unread / len(chosen)} if unread else rates
+
+
+def summarise_choices(rows: Sequence[dict], examples: dict[str, Example]) -> dict:
+    """Accuracy, interval, per-label choice rates and per-question results of scored choices.
+
+    `rows` hold `prompt_id`, `chosen` and `passed`, for the questions as asked and (optionally)
+    their option rotations (`spd_lens.tasks.mcqa.rotate_options`). The headline figures use the
+    questions as asked; `debiased` (present when rotations were asked) averages every rotation:
+    `accuracy` is the mean over questions of the share of rotations answered right (the interval
+    resamples questions), `consistent` the share of questions right under every rotation, and
+    `choice_rates` counts all rotations, where a model without a preference for a label picks
+    each about equally often. Each `results` list holds one entry per question (`prompt_id`,
+    `passed`), ready for `paired_difference`.
+    """
+    by_source: dict[str, list[dict]] = {}
+    for row in rows:
+        meta = examples[row["prompt_id"]].meta
+        by_source.setdefault(meta.get("source_id", row["prompt_id"]), []).append(
+            {**row, "rotation": meta.get("rotation", 0)})
+    labels = list(dict.fromkeys(label for row in rows for label in examples[row["prompt_id"]].meta["labels"]))
+    asked = [r for group in by_source.values() for r in group if r["rotation"] == 0]
+    outcomes = [r["passed"] for r in asked]
+    summary = {
+        "accuracy": sum(outcomes) / len(outcomes), "ci": list(bootstrap_ci(outcomes)), "n": len(outcomes),
+        "choice_rates": choice_rates([r["chosen"] for r in asked], labels),
+        "results": [{"prompt_id": r["prompt_id"], "passed": r["passed"], "chosen": r["chosen"],
+                     "target": examples[r["prompt_id"]].target} for r in asked],
+    }
+    if any(r["rotation"] for group in by_source.values() for r in group):
+        shares = {source: sum(r["passed"] for r in group) / len(group) for source, group in by_source.items()}
+        summary["debiased"] = {
+            "accuracy": sum(shares.values()) / len(shares), "ci": list(bootstrap_ci(list(shares.values()))),
+            "consistent": sum(all(r["passed"] for r in group) for group in by_source.values()) / len(by_source),
+            "rotations": sum(len(group) for group in by_source.values()),
+            "choice_rates": choice_rates([r["chosen"] for group in by_source.values() for r in group], labels),
+            "results": [{"prompt_id": source, "passed": shares[source],
+                         "consistent": all(r["passed"] for r in group),
+                         "chosen": [r["chosen"] for r in sorted(group, key=lambda r: r["rotation"])]}
+                        for source, group in by_source.items()],
+        }
+    return summary
+
+
+def option_average(rows: Sequence[dict], examples: dict[str, Example]) -> dict:
+    """Log-likelihood choice with the label preference averaged out.
+
+    Under all rotations every option is read once under every label, so the mean of an option's
+    log-probability over its labels carries no preference for a label; the choice is the option
+    with the highest mean (`chosen` is its label in the question as asked). `rows` are
+    `loglik_choices` rows for every rotation of each question.
+    """
+    per_option: dict[str, list[list[float]]] = {}
+    for row in rows:
+        example = examples[row["prompt_id"]]
+        labels, shift = example.meta["labels"], example.meta.get("rotation", 0)
+        sums = per_option.setdefault(example.meta.get("source_id", example.id), [[] for _ in labels])
+        for position, label in enumerate(labels):
+            # The option under this label is the unrotated option `shift` places further on.
+            sums[(position + shift) % len(labels)].append(row["logprobs"][label])
+    results = []
+    for source, values in per_option.items():
+        original = examples[source]
+        means = [sum(v) / len(v) for v in values]
+        chosen = original.meta["labels"][means.index(max(means))]
+        results.append({"prompt_id": source, "passed": chosen == original.target, "chosen": chosen,
+                        "target": original.target})
+    outcomes = [r["passed"] for r in results]
+    return {"accuracy": sum(outcomes) / len(outcomes), "ci": list(bootstrap_ci(outcomes)), "results": results}
+
+
+def evaluate_mc(model, tokenizer, task: str | Task, *, n: int | None = None, split: str = "test", seed: int = 0,
+                config: SamplingConfig | None = None, generations: str | Path | None = None, rotations: bool = True,
+                loglik: bool = True, batch_size: int = 8, provenance: dict | None = None,
+                progress: Callable | None = None) -> dict:
+    """A multiple-choice evaluation read three ways: generated letter, label log-likelihood, rotations.
+
+    Generative (when `generations` is a path): sampling as in `evaluate` (greedy by default),
+    scored by the task's letter reader. Log-likelihood (when `loglik`): the most probable label
+    at the answer position (`spd_lens.mc_loglik`). With `rotations`, every question is also asked
+    with its options cyclically rotated (ids `<id>@rot<k>`), and each reading gains a `debiased`
+    part (see `summarise_choices`); log-likelihood also gains `option_average`, the choice with
+    the label preference averaged out. The rotated questions follow the unrotated ones in the
+    generations file (all questions' first rotation, then the second, ...).
+
+    Returns `{"task", "split", "seed", "n", "rotations", "generative", "loglik"}`; a reading not
+    asked for is None.
+
+    Example:
+        >>> from spd_lens import load_hf
+        >>> model, tok = load_hf("tiny")
+        >>> result = evaluate_mc(model, tok, "family-mc", n=4)
+        >>> result["loglik"]["debiased"]["choice_rates"].keys() == {"A", "B", "C", "D"}
+        True
+    """
+    from spd_lens.mc_loglik import loglik_choices
+    from spd_lens.tasks.mcqa import option_rotations
+
+    task = get_task(task)
+    if task.family != "mcqa":
+        raise SpdLensError(f"task {task.name!r} is not multiple choice ({task.family}): evaluate_mc reads option "
+                           "letters; use evaluate() for it")
+    if generations is None and not loglik:
+        raise SpdLensError("nothing to evaluate: give generations=PATH for generative accuracy, loglik=True, or both")
+    examples = task.examples(split, n=n, seed=seed)
+    asked = list(examples)
+    if rotations:
+        # Unrotated questions first, then each rotation in turn (all questions' rot1, then rot2, ...).
+        rotated = [option_rotations(e)[1:] for e in examples]
+        asked += [r[k] for k in range(max(map(len, rotated), default=0)) for r in rotated if k < len(r)]
+    by_id = {e.id: e for e in asked}
+    result = {"task": task.name, "split": split, "seed": seed, "n": len(examples),
+              "rotations": rotations, "generative": None, "loglik": None}
+    if generations is not None:
+        config = config or SamplingConfig(temperature=0.0, max_new_tokens=task.max_new_tokens, seed=seed)
+        path = generate_jsonl(model, tokenizer, asked, generations, config, task=task.name,
+                              provenance={"split": split, "rotations": rotations, **(provenance or {})},
+                              progress=progress)
+        rows = []
+        for record in read_completions(path):
+            example = by_id[record["prompt_id"]]
+            rows.append({"prompt_id": example.id, "chosen": task.answer(example, record["completion"]),
+                         "passed": task.score(example, record["completion"]).passed})
+        result["generative"] = {**summarise_choices(rows, by_id), "generations": str(path)}
+    if loglik:
+        rows = loglik_choices(model, tokenizer, asked, batch_size=batch_size, progress=progress)
+        summary = summarise_choices(rows, by_id)
+        by_prompt = {r["prompt_id"]: r for r in rows}
+        for entry in summary["results"]:
+            entry.update(logprobs=by_prompt[entry["prompt_id"]]["logprobs"],
+                         label_mass=by_prompt[entry["prompt_id"]]["label_mass"])
+        if rotations:
+            summary["debiased"]["option_average"] = option_average(rows, by_id)
+        result["loglik"] = summary
+    return result
