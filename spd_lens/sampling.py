@@ -1,7 +1,8 @@
 """Batched self-generation and its JSONL export, resumable.
 
 `sample(model, tokenizer, prompts, config)` generates `num_samples` completions per prompt with
-left padding, a KV cache, temperature / top-p / top-k, stopping at end of turn. Each batch is
+left padding, a KV cache, temperature / top-p / top-k, stopping at end of turn (and, for a
+model without a chat template, where it starts the next exchange: `chat.stop_strings`). Each batch is
 seeded from (seed, index of its first prompt), so a resumed run produces what an uninterrupted
 run would have.
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 import spd_lens
-from spd_lens.chat import encode, end_of_turn_ids, messages, render_prompt
+from spd_lens.chat import cut_at_stop, encode, end_of_turn_ids, messages, render_prompt, stop_strings
 from spd_lens.errors import SpdLensError
 from spd_lens.models import hf_model_of, model_id
 from spd_lens.tasks import Example
@@ -69,10 +70,13 @@ def sample(model, tokenizer, prompts: Sequence[str], config: SamplingConfig, *, 
         options.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None)
     else:
         options.update(temperature=None, top_p=None, top_k=None)
+    stops = stop_strings(tokenizer)
+    if stops:
+        options.update(stop_strings=stops, tokenizer=tokenizer)
     torch.manual_seed(config.seed * 1_000_003 + first_index)
     with torch.no_grad():
         output = hf.generate(input_ids=ids, attention_mask=attention, **options)
-    texts = tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
+    texts = [cut_at_stop(t, stops) for t in tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)]
     return [texts[i * config.num_samples:(i + 1) * config.num_samples] for i in range(len(prompts))]
 
 
@@ -129,6 +133,13 @@ def generate_jsonl(
             if differences:
                 raise SpdLensError(f"{existing} was made with other settings; refusing to mix ({'; '.join(differences)}). "
                                    "Use another output path or the same settings")
+            # Same ids, other prompt text: another number of shots (or prompt wording).
+            prompts = {e.id: e.prompt for e in examples}
+            stale = next((r["prompt_id"] for r in records if r.get("prompt_id") in prompts
+                          and (r.get("messages") or [{}])[0].get("content") != prompts[r["prompt_id"]]), None)
+            if stale is not None:
+                raise SpdLensError(f"{existing} holds another prompt for {stale!r} (other shots or wording); refusing "
+                                   "to mix. Use another output path or the same task settings")
         by_key = {(r.get("prompt_id"), r.get("sample_index")): r for r in records if r.get("prompt_id") in batch_of}
         for batch in sorted(set(batch_of.values())):
             members = [e.id for e in examples if batch_of[e.id] == batch]
