@@ -124,7 +124,13 @@ class ExperimentConfig:
     ablate: AblateSection = field(default_factory=AblateSection)
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        values = json.loads(json.dumps(dataclasses.asdict(self)))
+        # Settings added after run directories already existed are written only when set, so a
+        # run directory made before them still matches its config on resume and --reuse.
+        for key in ("preset", "options", "shots"):
+            if values["task"][key] in (None, {}):
+                del values["task"][key]
+        return values
 
 
 def _check_type(value, annotation, where: str):

@@ -38,7 +38,8 @@ def test_default_ids_are_unchanged_and_other_difficulties_are_named_in_the_id():
     # Explicit options equal to a preset are that preset; others are spelled out.
     easy = get_task("arithmetic").presets["easy"]
     assert get_task("arithmetic", **easy).variant == "easy"
-    assert get_task("arithmetic", max_digits=1).variant == "max_digits=1"
+    assert get_task("arithmetic", max_digits=1).variant == "easy"
+    assert get_task("arithmetic", operators="+").variant == "operators=+"
     assert get_task("family-mc", num_options=3, max_family_size=5).variant == "max_family_size=5,num_options=3"
 
 
@@ -224,15 +225,15 @@ def test_resume_refuses_generations_of_other_shots(tmp_path, tiny_hf):
 
 
 def test_config_takes_preset_options_and_shots(tiny_tokenizer, plain_tokenizer):
-    config = config_from_dict({"task": {"name": "family-mc", "preset": "easy", "options": {"num_options": 3}}})
+    config = config_from_dict({"task": {"name": "family-mc", "preset": "easy", "options": {"max_family_size": 5}}})
     task = build_task(config, tiny_tokenizer)
-    assert (task.num_options, task.variant, task.shots) == (3, "num_options=3", 0)
+    assert (task.num_options, task.variant, task.shots) == (3, "max_family_size=5,num_options=3", 0)
     assert build_task(config, plain_tokenizer).shots == 3
     assert build_task(config_from_dict({"task": {"shots": 1}}), plain_tokenizer).shots == 1
     with pytest.raises(SpdLensError, match="pass the model's tokenizer"):
         build_task(config)
     # The calibration task is [task] itself, or another task at its default difficulty.
-    assert build_task(config, plain_tokenizer, calibration=True).variant == "num_options=3"
+    assert build_task(config, plain_tokenizer, calibration=True).variant == "max_family_size=5,num_options=3"
     other = config_from_dict({"task": {"preset": "easy", "shots": 2}, "subspace": {"task": "family-mc"}})
     calibration = build_task(other, calibration=True)
     assert (calibration.name, calibration.variant, calibration.shots) == ("family-mc", "", 2)
@@ -261,3 +262,10 @@ def test_eval_cli_with_preset_and_shots(tmp_path, capsys):
     assert all(g["messages"][0]["content"].count("\nAssistant: ") == 2 for g in generations)
     assert main(["eval", "--model", "tiny", "--task", "arithmetic", "--option", "max_digits", "--out", str(out)]) == 2
     assert "write KEY=VALUE" in capsys.readouterr().err
+
+
+def test_resolved_config_of_earlier_runs_is_unchanged():
+    # A run directory written before these settings existed must still match its config.
+    assert set(config_from_dict({}).to_dict()["task"]) == {"name", "data", "train_n", "eval_n", "eval_split"}
+    task = config_from_dict({"task": {"preset": "easy", "shots": 0}}).to_dict()["task"]
+    assert (task["preset"], task["shots"]) == ("easy", 0) and "options" not in task

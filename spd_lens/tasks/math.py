@@ -116,7 +116,7 @@ class Arithmetic(ReasoningGymMath):
     description = "sums and differences (reasoning-gym chain_sum); presets easy, hard (default: 2 terms of 1-2 digits), offline"
     dataset = "chain_sum"
     presets = {
-        "easy": {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1, "operators": "+-"},
+        "easy": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": "+-"},
         "hard": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2, "operators": "+-"},
     }
     default_preset = "hard"

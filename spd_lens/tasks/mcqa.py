@@ -4,7 +4,8 @@
 truth) turned into multiple-choice questions (four options by default) whose distractors are other
 kinship words. It asks for reasoning over a short text rather than arithmetic, so it tests a
 capability other than the math tasks. Its difficulty options are the number of options and the
-family size, with presets: `get_task("family-mc", preset="easy")`. `mmlu` and `arc` come from the hub or a local JSONL in their public formats.
+family size, with presets: `get_task("family-mc", preset="easy")`. `mmlu` and `arc` come from
+the hub or a local JSONL in their public formats.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class FamilyMC(MultipleChoiceTask):
     name = "family-mc"
     description = "kinship puzzles as multiple choice (reasoning-gym family_relationships); presets easy, hard (default: 4 options, 4-8 people), offline"
     presets = {
-        "easy": {"num_options": 2, "min_family_size": 4, "max_family_size": 8},
+        "easy": {"num_options": 3, "min_family_size": 4, "max_family_size": 8},
         "hard": {"num_options": 4, "min_family_size": 4, "max_family_size": 8},
     }
     default_preset = "hard"
