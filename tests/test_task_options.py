@@ -211,6 +211,30 @@ def test_sampling_stops_where_the_next_exchange_would_start(tiny_hf, plain_token
     assert sample(model, plain_tokenizer, [prompt], config)[0][0] == free[:start + 2]
 
 
+def test_a_base_model_sees_one_prompt_in_every_stage(tiny_hf, plain_tokenizer, tmp_path):
+    from spd_lens.extract import extract_subspace
+    from spd_lens.train import TrainConfig, build_features, read_training_records
+
+    model, _ = tiny_hf
+    task = get_task("arithmetic", preset="easy", shots=2)
+    examples = task.examples("train", n=3, seed=1)
+    rendered = [render_prompt(plain_tokenizer, e.prompt) for e in examples]
+    assert all(text.count("\nAssistant: ") == 3 for text in rendered)
+    # Extraction: the gradients' sequences start with the same rendered prompt (one token a byte).
+    for example, text in zip(examples, rendered):
+        encoded = task.locate(plain_tokenizer, example)
+        assert plain_tokenizer.decode(encoded.input_ids[:encoded.prompt_length]) == text
+    subspace = extract_subspace(model, task, n=3, seed=1, rank=2, tokenizer=plain_tokenizer)
+    assert subspace.meta["n_rows"] > sum(len(text) for text in rendered)  # every position, demonstrations too
+    # Self-generation exports the prompt; training renders it again the same way.
+    path = generate_jsonl(model, plain_tokenizer, examples, tmp_path / "gen.jsonl", SamplingConfig(max_new_tokens=4),
+                          task=task.name)
+    features = build_features(plain_tokenizer, read_training_records(path), TrainConfig())
+    assert [plain_tokenizer.decode(f["input_ids"])[:len(t)] for f, t in zip(features, rendered)] == rendered
+    # Evaluation and scoring rebuild the same prompts from the ids.
+    assert [task.example_by_id(e.id).prompt for e in examples] == [e.prompt for e in examples]
+
+
 def test_resume_refuses_generations_of_other_shots(tmp_path, tiny_hf):
     model, tokenizer = tiny_hf
     config = SamplingConfig(max_new_tokens=4)

@@ -8,7 +8,7 @@ Example:
     True
     >>> easy = get_task("arithmetic", preset="easy", shots=3)   # difficulty preset, 3 demonstrations
     >>> easy.examples("test", n=1)[0].id
-    'arithmetic@easy/test/0/0'
+    'arithmetic@easy/test/0/1'
 """
 
 from __future__ import annotations
