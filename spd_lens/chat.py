@@ -15,12 +15,15 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
 # Used when a tokenizer has no chat template of its own (base models).
 PLAIN_TEMPLATE_USER = "User: {user}\nAssistant: "
+# Where a base model that has finished its answer starts the next exchange of a transcript.
+PLAIN_STOP = "\nUser:"
 
 
 @dataclass(frozen=True)
@@ -95,3 +98,35 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
             ids.add(token_id)
     return sorted(i for i in ids if i is not None)
+
+
+def few_shot_user(demonstrations: Sequence[tuple[str, str]], user: str) -> str:
+    """A user turn that holds worked exchanges before `user`, written in the plain template's format.
+
+    `render_prompt` of the result on a tokenizer without a chat template is one transcript, each
+    demonstration an exchange of its own, ending where the model answers `user`:
+
+    >>> from spd_lens.tiny_tokenizer import build_byte_tokenizer
+    >>> tok = build_byte_tokenizer()
+    >>> tok.chat_template = None
+    >>> render_prompt(tok, few_shot_user([("1+1?", "2"), ("2+3?", "5")], "4+4?")).split("\\n\\n")
+    ['User: 1+1?\\nAssistant: 2', 'User: 2+3?\\nAssistant: 5', 'User: 4+4?\\nAssistant: ']
+
+    With a chat template the same text is one user message.
+    """
+    head, tail = PLAIN_TEMPLATE_USER.split("{user}")
+    exchanges = [PLAIN_TEMPLATE_USER.format(user=q) + a for q, a in demonstrations]
+    transcript = "\n\n".join([*exchanges, PLAIN_TEMPLATE_USER.format(user=user)])
+    return transcript[len(head):len(transcript) - len(tail)]
+
+
+def stop_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Text that ends an answer besides the end-of-turn tokens: without a chat template, the start
+    of the next exchange (a base model rarely emits its end-of-text token after an answer)."""
+    return [] if tokenizer.chat_template else [PLAIN_STOP]
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the first of `stops` (all of it when none occurs)."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]

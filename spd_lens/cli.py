@@ -60,6 +60,23 @@ def _progress(desc: str):
     return lambda iterable: tqdm(iterable, desc=desc, unit="batch")
 
 
+def _task_options(args: argparse.Namespace, tokenizer) -> dict:
+    """get_task options from --data, --preset, --option and --shots (default: `tasks.default_shots`)."""
+    from spd_lens.tasks import TASKS, default_shots
+
+    options = {"path": args.data} if args.data else {}
+    if args.preset:
+        options["preset"] = args.preset
+    for text in args.option or []:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise SpdLensError(f"--option {text!r}: write KEY=VALUE, e.g. --option max_digits=1")
+        options[key] = int(value) if value.lstrip("-").isdigit() else value
+    task_class = TASKS.get(args.task)
+    shots = args.shots if args.shots is not None else default_shots(task_class, tokenizer) if task_class else 0
+    return {**options, "shots": shots}
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     """Capability subspace of a model for a task, saved to --out."""
     import json
@@ -76,7 +93,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     subspace = extract_subspace(
         target, args.task, n=args.n, split=args.split, seed=args.seed, layers=args.layers, rank=args.rank,
         rank_frac=args.rank_frac, energy=args.energy, loss=args.loss, batch_size=args.batch_size, tokenizer=tokenizer,
-        task_options={"path": args.data} if args.data else None, progress=_progress("gradients"),
+        task_options=_task_options(args, tokenizer), progress=_progress("gradients"),
     )
     subspace.save(out)
     print(f"{'layer':>5} {'kv':>2} {'head':>4} {'rank':>4}/{'dim':<4} {'energy':>6}")
@@ -97,14 +114,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from spd_lens.subspace import CapabilitySubspace
     from spd_lens.tasks import get_task
 
-    task = get_task(args.task, **({"path": args.data} if args.data else {}))
+    if (args.fold or args.save_folded) and not args.subspace:
+        raise SpdLensError("--fold and --save-folded need --subspace DIR")
+    model, tokenizer = load_hf(args.model)
+    task = get_task(args.task, **_task_options(args, tokenizer))
     config = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=task.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
                             num_samples=args.num_samples,
                             seed=args.seed, batch_size=args.batch_size)
-    if (args.fold or args.save_folded) and not args.subspace:
-        raise SpdLensError("--fold and --save-folded need --subspace DIR")
-    model, tokenizer = load_hf(args.model)
     examples = task.examples(args.split, n=args.n, seed=args.seed)
     provenance: dict = {"split": args.split, "projection": None}
     hooks = nullcontext()
@@ -206,8 +223,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from spd_lens.tasks import get_task
     from spd_lens.train import load_trained
 
-    task = get_task(args.task, **({"path": args.data} if args.data else {}))
     model, tokenizer = load_trained(args.model, args.adapter) if args.adapter else load_hf(args.model)
+    task = get_task(args.task, **_task_options(args, tokenizer))
     config = SamplingConfig(temperature=args.temperature,
                             max_new_tokens=task.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
                             seed=args.seed, batch_size=args.batch_size)
@@ -374,6 +391,14 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", help="difficulty preset of a procedural task (arithmetic, family-mc: easy, hard)")
+    parser.add_argument("--option", action="append", metavar="KEY=VALUE",
+                        help="a task option, e.g. max_digits=1 or num_options=3 (repeatable)")
+    parser.add_argument("--shots", type=int, help="demonstrations from the train split before each question "
+                        "(default: 0 with a chat template, the task's base_shots without one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spd-lens",
@@ -398,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--model", default="smollm2-135m-instruct")
     extract.add_argument("--task", required=True)
     extract.add_argument("--data", help="local JSONL (or directory) for hub tasks such as gsm8k, mbpp, mmlu")
+    _add_task_arguments(extract)
     extract.add_argument("--n", type=int, required=True, help="number of calibration examples")
     extract.add_argument("--split", default="train", choices=["train", "test"])
     extract.add_argument("--seed", type=int, default=0)
@@ -417,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", default="smollm2-135m-instruct")
     generate.add_argument("--task", required=True)
     generate.add_argument("--data", help="local JSONL (or directory) for hub tasks")
+    _add_task_arguments(generate)
     generate.add_argument("--n", type=int, required=True, help="number of prompts")
     generate.add_argument("--split", default="train", choices=["train", "test"])
     generate.add_argument("--subspace", help="directory of a saved subspace: project K/V onto it")
@@ -477,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", help="directory written by spd-lens train")
     evaluate.add_argument("--task", required=True)
     evaluate.add_argument("--data")
+    _add_task_arguments(evaluate)
     evaluate.add_argument("--n", type=int)
     evaluate.add_argument("--split", default="test", choices=["train", "test"])
     evaluate.add_argument("--temperature", type=float, default=0.0)

@@ -43,6 +43,9 @@ class TaskSection:
     train_n: int = 64  # prompts for self-generation (the training set)
     eval_n: int | None = 100  # held-out examples (None = the whole split)
     eval_split: str = "test"
+    preset: str | None = None  # difficulty preset of a procedural task (arithmetic, family-mc: "easy", "hard")
+    options: dict = field(default_factory=dict)  # more constructor options, e.g. {max_digits = 1}
+    shots: int | None = None  # demonstrations per prompt; None: 0 with a chat template, the task's base_shots without
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,13 @@ class ExperimentConfig:
     ablate: AblateSection = field(default_factory=AblateSection)
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        values = json.loads(json.dumps(dataclasses.asdict(self)))
+        # Settings added after run directories already existed are written only when set, so a
+        # run directory made before them still matches its config on resume and --reuse.
+        for key in ("preset", "options", "shots"):
+            if values["task"][key] in (None, {}):
+                del values["task"][key]
+        return values
 
 
 def _check_type(value, annotation, where: str):
@@ -155,6 +164,10 @@ def _check_type(value, annotation, where: str):
         inner = typing.get_args(annotation)[0]
         items = [_check_type(item, inner, f"{where}[{i}]") for i, item in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise SpdLensError(f"{where} must be a table, got {value!r}")
+        return dict(value)
     if annotation is bool:
         if not isinstance(value, bool):
             raise SpdLensError(f"{where} must be true or false, got {value!r}")
@@ -221,7 +234,37 @@ def config_from_dict(values: dict) -> ExperimentConfig:
     for where, name in (("task.name", config.task.name), ("subspace.task", config.subspace.task)):
         if name is not None and name not in task_names():
             raise SpdLensError(f"{where} = {name!r} is not a task: use one of {task_names()}")
+    build_task(config, shots=config.task.shots or 0)  # bad options are errors now, not after model loading
     return config
+
+
+def build_task(config: ExperimentConfig, tokenizer=None, *, calibration: bool = False, shots: int | None = None):
+    """The [task] task with its data, difficulty (`preset`, `options`) and shots, or with
+    `calibration=True` the subspace's calibration task: [task] itself unless `subspace.task` names
+    another, which then gets its own `subspace.data`, its default difficulty and the same shots.
+
+    `task.shots` unset resolves with the model's tokenizer (`tasks.default_shots`): no
+    demonstrations with a chat template, the task's `base_shots` without one.
+
+    >>> config = config_from_dict({"task": {"name": "arithmetic", "preset": "easy", "shots": 2}})
+    >>> task = build_task(config)
+    >>> task.variant, task.shots
+    ('easy', 2)
+    """
+    from spd_lens.tasks import TASKS, default_shots, get_task
+
+    c = config.task
+    other = calibration and config.subspace.task is not None
+    name = config.subspace.task if other else c.name
+    data = config.subspace.data if other else c.data
+    options = {} if other else {**({"preset": c.preset} if c.preset is not None else {}), **c.options}
+    shots = c.shots if shots is None else shots
+    if shots is None:
+        if tokenizer is None:
+            raise SpdLensError("task.shots is not set: pass the model's tokenizer to choose the default number "
+                               "of demonstrations")
+        shots = default_shots(TASKS[name], tokenizer)
+    return get_task(name, **({"path": data} if data else {}), **options, shots=shots)
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

@@ -1,7 +1,8 @@
 """Batched self-generation and its JSONL export, resumable.
 
 `sample(model, tokenizer, prompts, config)` generates `num_samples` completions per prompt with
-left padding, a KV cache, temperature / top-p / top-k, stopping at end of turn. Each batch is
+left padding, a KV cache, temperature / top-p / top-k, stopping at end of turn (and, for a
+model without a chat template, where it starts the next exchange: `chat.stop_strings`). Each batch is
 seeded from (seed, index of its first prompt), so a resumed run produces what an uninterrupted
 run would have. `sample_completions` gives the same with each completion's finish reason:
 `stop` (it ended its turn) or `length` (cut off at `max_new_tokens`), which the trainer needs so
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 import spd_lens
-from spd_lens.chat import encode, end_of_turn_ids, messages, render_prompt
+from spd_lens.chat import cut_at_stop, encode, end_of_turn_ids, messages, render_prompt, stop_strings
 from spd_lens.errors import SpdLensError
 from spd_lens.models import hf_model_of, model_id
 from spd_lens.tasks import Example
@@ -91,16 +92,20 @@ def sample_completions(model, tokenizer, prompts: Sequence[str], config: Samplin
         options.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None)
     else:
         options.update(temperature=None, top_p=None, top_k=None)
+    stops = stop_strings(tokenizer)
+    if stops:
+        options.update(stop_strings=stops, tokenizer=tokenizer)
     torch.manual_seed(config.seed * 1_000_003 + first_index)
     with torch.no_grad():
         output = hf.generate(input_ids=ids, attention_mask=attention, **options)
     generated = output[:, length:]
-    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-    # A row that ended its turn holds an end-of-turn id (generation pads after it with the pad id,
-    # which may be the same token); a row without one ran out of budget.
-    is_stop = torch.isin(generated, torch.tensor(stop_ids, device=generated.device))
-    stopped = is_stop.any(dim=1).tolist()
-    counts = torch.where(is_stop.any(dim=1), is_stop.int().argmax(dim=1), generated.shape[1]).tolist()
+    decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    texts = [cut_at_stop(t, stops) for t in decoded]
+    # A row that ended its turn holds an end-of-turn id, or (a model without a chat template)
+    # reached a stop string, after which generation pads it; a row with neither ran out of budget.
+    ended = torch.isin(generated, torch.tensor(stop_ids + ([pad] if stops else []), device=generated.device))
+    stopped = [bool(e) or text != full for e, text, full in zip(ended.any(dim=1).tolist(), texts, decoded)]
+    counts = torch.where(ended.any(dim=1), ended.int().argmax(dim=1), generated.shape[1]).tolist()
     completions = [Completion(text, "stop" if done else "length", count)
                    for text, done, count in zip(texts, stopped, counts)]
     return [completions[i * config.num_samples:(i + 1) * config.num_samples] for i in range(len(prompts))]
@@ -159,6 +164,13 @@ def generate_jsonl(
             if differences:
                 raise SpdLensError(f"{existing} was made with other settings; refusing to mix ({'; '.join(differences)}). "
                                    "Use another output path or the same settings")
+            # Same ids, other prompt text: another number of shots (or prompt wording).
+            prompts = {e.id: e.prompt for e in examples}
+            stale = next((r["prompt_id"] for r in records if r.get("prompt_id") in prompts
+                          and (r.get("messages") or [{}])[0].get("content") != prompts[r["prompt_id"]]), None)
+            if stale is not None:
+                raise SpdLensError(f"{existing} holds another prompt for {stale!r} (other shots or wording); refusing "
+                                   "to mix. Use another output path or the same task settings")
         by_key = {(r.get("prompt_id"), r.get("sample_index")): r for r in records if r.get("prompt_id") in batch_of}
         for batch in sorted(set(batch_of.values())):
             members = [e.id for e in examples if batch_of[e.id] == batch]

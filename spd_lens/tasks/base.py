@@ -3,21 +3,30 @@
 An `Example` carries a reference answer and the character ranges inside it that decide whether
 an answer is right (its correctness spans). `locate()` turns those into a token mask over the
 chat-formatted sequence: the tokens the SPD loss is taken on.
+
+Two settings change what a task asks. Procedural tasks take difficulty options and named presets
+(`presets`); an example's id names the non-default ones (`arithmetic@easy/test/0/5`), so the id
+alone rebuilds the question. `shots` puts k worked examples of the train split before each
+question (`chat.few_shot_user`), for models without a chat template; they live in the example's
+prompt text, so extraction, self-generation, training and evaluation all see the same prompt.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from transformers import PreTrainedTokenizerBase
 
-from spd_lens.chat import encode_conversation
+from spd_lens.chat import encode_conversation, few_shot_user
 from spd_lens.errors import SpdLensError
 
 SPLITS = ("train", "test")
+SHOT_POOL = 32  # train examples the demonstrations are drawn from
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,13 @@ class Task(ABC):
     family: ClassVar[str]  # "code", "math" or "mcqa"
     description: ClassVar[str]
     max_new_tokens: ClassVar[int] = 64  # a generation budget that fits the task's answers
+    base_shots: ClassVar[int] = 3  # demonstrations for a model without a chat template (`default_shots`)
+    # Difficulty presets of a procedural task: name -> constructor options; `default_preset` is the
+    # one whose example ids carry no variant (the task's original settings).
+    presets: ClassVar[dict[str, dict]] = {}
+    default_preset: ClassVar[str | None] = None
+    shots: int = 0  # demonstrations before each question; set by `get_task(name, shots=k)`
+    variant: str = ""  # the non-default difficulty in example ids ("" = the default preset)
 
     def examples(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[Example]:
         """`n` labelled examples of `split` (all when None), chosen reproducibly by `seed`.
@@ -88,14 +104,42 @@ class Task(ABC):
             raise SpdLensError(
                 f"task {self.name!r} has only {len(examples)} {split} examples, but n={n} were asked for"
             )
-        return examples if n is None else examples[:n]
+        examples = examples if n is None else examples[:n]
+        return [self.with_shots(e) for e in examples] if self.shots else examples
+
+    def with_shots(self, example: Example) -> Example:
+        """`example` with `self.shots` demonstrations before its question.
+
+        The demonstrations are train examples (question and reference answer) drawn from the first
+        `SHOT_POOL` of the train split (seed 0), by a random generator seeded with the example's id:
+        fixed for an example, different between examples (so no one answer letter or number is
+        shown to every question), never the example's own question.
+        """
+        if not self.shots:
+            return example
+        pool = getattr(self, "_shot_pool", None)
+        if pool is None:
+            pool = self._examples("train", SHOT_POOL, 0)[:SHOT_POOL]
+            self._shot_pool = pool
+        candidates = [d for d in pool if d.prompt != example.prompt]
+        if len(candidates) < self.shots:
+            raise SpdLensError(f"task {self.name!r} has {len(candidates)} train examples to show, fewer than "
+                               f"shots={self.shots}; use fewer shots")
+        demonstrations = random.Random(example.id).sample(candidates, self.shots)
+        prompt = few_shot_user([(d.prompt, d.reference) for d in demonstrations], example.prompt)
+        return dataclasses.replace(example, prompt=prompt,
+                                   meta={**example.meta, "shots": [d.id for d in demonstrations]})
 
     @abstractmethod
     def _examples(self, split: str, n: int | None, seed: int) -> list[Example]:
         """At least `n` examples of `split` (when the task has them), in a seed-determined order."""
 
     def example_by_id(self, example_id: str) -> Example:
-        """The example with this id (from either split); an unknown id is an error naming it."""
+        """The example with this id (from either split), with this task's shots; an unknown id is
+        an error naming it."""
+        return self.with_shots(self._example_by_id(example_id))
+
+    def _example_by_id(self, example_id: str) -> Example:
         index = getattr(self, "_id_index", None)
         if index is None:
             index = {e.id: e for split in SPLITS for e in self._examples(split, None, 0)}
@@ -103,6 +147,42 @@ class Task(ABC):
         if example_id not in index:
             raise SpdLensError(f"{example_id!r} is not an example id of task {self.name!r}")
         return index[example_id]
+
+    def _set_difficulty(self, preset: str | None, explicit: dict) -> dict:
+        """The difficulty options: the preset's (default: `default_preset`), then the explicit ones
+        that are not None. Sets `variant`, the name example ids carry: "" for the default preset,
+        another preset's name, or `key=value` pairs that differ from the default preset."""
+        preset = self.default_preset if preset is None else preset
+        if preset not in self.presets:
+            raise SpdLensError(f"task {self.name!r} has no preset {preset!r}: use one of {list(self.presets)}")
+        options = {**self.presets[preset], **{k: v for k, v in explicit.items() if v is not None}}
+        same = [name for name, values in self.presets.items() if values == options]
+        if same:
+            self.variant = "" if self.default_preset in same else same[0]
+        else:
+            default = self.presets[self.default_preset]
+            self.variant = ",".join(f"{k}={v}" for k, v in sorted(options.items()) if default.get(k) != v)
+        return options
+
+    def _with_variant(self, variant: str) -> Task:
+        """This task with the difficulty an example id names (itself when it is the same)."""
+        if variant == self.variant:
+            return self
+        made = self.__dict__.setdefault("_variants", {})
+        if variant in made:
+            return made[variant]
+        if variant in self.presets:
+            other = type(self)(preset=variant)
+        else:
+            try:
+                pairs = dict(part.split("=", 1) for part in variant.split(","))
+                other = type(self)(**{k: int(v) if v.lstrip("-").isdigit() else v for k, v in pairs.items()})
+            except (ValueError, TypeError, SpdLensError):
+                raise SpdLensError(f"{variant!r} is not a difficulty of task {self.name!r}: use a preset "
+                                   f"{list(self.presets)} or key=value options") from None
+        other.shots = self.shots
+        made[variant] = other
+        return other
 
     @abstractmethod
     def score(self, example: Example, completion: str) -> Score:
@@ -154,3 +234,28 @@ def locate_spans(tokenizer: PreTrainedTokenizerBase, example: Example) -> Encode
         answer_mask=answer,
         prompt_length=prompt_length,
     )
+
+
+def procedural_id(task: Task, split: str, seed: int, index: int) -> str:
+    """`name/split/seed/index`, the name followed by `@variant` when the difficulty is not the default."""
+    return f"{task.name}{'@' + task.variant if task.variant else ''}/{split}/{seed}/{index}"
+
+
+def parse_procedural_id(task: str, example_id: str) -> tuple[str, str, int, int]:
+    """(variant, split, seed, index) of a procedural example id."""
+    parts = example_id.split("/")
+    name, _, variant = parts[0].partition("@")
+    try:
+        if len(parts) != 4 or name != task or parts[1] not in ("train", "test") or parts[0].endswith("@"):
+            raise ValueError
+        return variant, parts[1], int(parts[2]), int(parts[3])
+    except ValueError:
+        raise SpdLensError(f"{example_id!r} is not an example id of task {task!r} "
+                           f"(expected '{task}[@VARIANT]/SPLIT/SEED/INDEX')") from None
+
+
+def default_shots(task: Task | type[Task], tokenizer: PreTrainedTokenizerBase) -> int:
+    """How many demonstrations a model gets by default: none when its tokenizer has a chat template
+    (the instruction is enough for a chat model), the task's `base_shots` when it has none (a base
+    model given a bare question continues the text instead of answering it)."""
+    return 0 if tokenizer.chat_template else task.base_shots

@@ -72,6 +72,7 @@ def _imports_of(prompt: str) -> str:
 class CodeTask(Task):
     family = "code"
     max_new_tokens = 384
+    base_shots = 1  # each demonstration is a whole problem and solution: one shows the format
     timeout = 10.0
 
     def program(self, example: Example, completion: str) -> str:

@@ -1,9 +1,11 @@
 """Multiple-choice tasks: the correctness span is the option letter.
 
 `family-mc` works offline: reasoning-gym's family-relationship puzzles (Apache-2.0, exact ground
-truth) turned into four-option questions whose distractors are other kinship words. It asks for
-reasoning over a short text rather than arithmetic, so it tests a capability other than the math
-tasks. `mmlu` and `arc` come from the hub or a local JSONL in their public formats.
+truth) turned into multiple-choice questions (four options by default) whose distractors are other
+kinship words. It asks for reasoning over a short text rather than arithmetic, so it tests a
+capability other than the math tasks. Its difficulty options are the number of options and the
+family size, with presets: `get_task("family-mc", preset="easy")`. `mmlu` and `arc` come from
+the hub or a local JSONL in their public formats.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import string
 from dataclasses import replace
 
 from spd_lens.errors import SpdLensError
-from spd_lens.tasks.base import Example, Score, Task, hash_split
+from spd_lens.tasks.base import Example, Score, Task, hash_split, parse_procedural_id, procedural_id
 from spd_lens.tasks.records import load_split, require_fields
 
 INSTRUCTION = "Answer with the letter of the correct option."
@@ -131,8 +133,29 @@ def option_rotations(example: Example) -> list[Example]:
 
 
 class FamilyMC(MultipleChoiceTask):
+    """Kinship puzzles. Options: `num_options` (2-6 answer options), `min_family_size` /
+    `max_family_size` (people in the story, 3-12: 3 is grandparents and a son, 4 adds his wife,
+    more add children, a second pair of grandparents, an uncle and an aunt). A preset sets them
+    all; explicit options override it."""
+
     name = "family-mc"
-    description = "kinship puzzles as 4-option questions (reasoning-gym family_relationships), offline"
+    description = "kinship puzzles as multiple choice (reasoning-gym family_relationships); presets easy, hard (default: 4 options, 4-8 people), offline"
+    presets = {
+        "easy": {"num_options": 3, "min_family_size": 4, "max_family_size": 8},
+        "hard": {"num_options": 4, "min_family_size": 4, "max_family_size": 8},
+    }
+    default_preset = "hard"
+
+    def __init__(self, preset: str | None = None, *, num_options: int | None = None,
+                 min_family_size: int | None = None, max_family_size: int | None = None):
+        options = self._set_difficulty(preset, {"num_options": num_options, "min_family_size": min_family_size,
+                                                "max_family_size": max_family_size})
+        self.num_options = options.pop("num_options")
+        if not (isinstance(self.num_options, int) and 2 <= self.num_options <= 6) or not (
+                3 <= options["min_family_size"] <= options["max_family_size"] <= 12):
+            raise SpdLensError(f"family-mc options num_options={self.num_options}, {options} are not valid: "
+                               "num_options must be 2-6 and 3 <= min_family_size <= max_family_size <= 12")
+        self.dataset_options = options
 
     def _examples(self, split: str, n: int | None, seed: int) -> list[Example]:
         import reasoning_gym
@@ -140,7 +163,8 @@ class FamilyMC(MultipleChoiceTask):
         if n is None:
             raise SpdLensError(f"task {self.name!r} is procedural: pass n, the number of examples to generate")
         size = 20 * n + 200
-        data = reasoning_gym.create_dataset("family_relationships", size=size, seed=seed * 2 + (split == "test"))
+        data = reasoning_gym.create_dataset("family_relationships", size=size, seed=seed * 2 + (split == "test"),
+                                            **self.dataset_options)
         examples, seen = [], set()
         for index in range(size):
             example = self._example(data[index], split, seed, index)
@@ -160,20 +184,20 @@ class FamilyMC(MultipleChoiceTask):
         question = re.sub(r"\s*(Respond only|Answer) with .*$", "", item["question"].strip())
         rng = random.Random(f"{seed}/{index}")
         answer = str(item["answer"])
-        options = [answer, *rng.sample([w for w in words if w != answer], 3)]
+        options = [answer, *rng.sample([w for w in words if w != answer], self.num_options - 1)]
         rng.shuffle(options)
-        example = mc_example(f"{self.name}/{split}/{seed}/{index}", question, options, options.index(answer))
+        example = mc_example(procedural_id(self, split, seed, index), question, options, options.index(answer))
         example.meta["question"] = question
         return example
 
     def example_by_id(self, example_id: str) -> Example:
         import reasoning_gym
 
-        from spd_lens.tasks.math import _parse_procedural_id
-
-        split, seed, index = _parse_procedural_id(self.name, example_id)
-        data = reasoning_gym.create_dataset("family_relationships", size=index + 1, seed=seed * 2 + (split == "test"))
-        return self._example(data[index], split, seed, index)
+        variant, split, seed, index = parse_procedural_id(self.name, example_id)
+        task = self._with_variant(variant)
+        data = reasoning_gym.create_dataset("family_relationships", size=index + 1, seed=seed * 2 + (split == "test"),
+                                            **task.dataset_options)
+        return task.with_shots(task._example(data[index], split, seed, index))
 
 
 class Mmlu(MultipleChoiceTask):
