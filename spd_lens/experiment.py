@@ -32,8 +32,10 @@ from spd_lens.methods import METHOD_TABLE
 from spd_lens.models import load_hf
 from spd_lens.projection import Projection
 from spd_lens.sampling import SamplingConfig, generate_jsonl
+from spd_lens.sandbox import describe_isolation, summarise_isolation
 from spd_lens.subspace import CapabilitySubspace, config_hash, random_like
 from spd_lens.tasks import Task, get_task
+from spd_lens.tasks.code import configure_sandbox
 from spd_lens.train import load_trained, train_on_jsonl
 
 Progress = Callable[[str], Callable] | None
@@ -58,6 +60,7 @@ class Run:
         self.progress = progress
         self.log = log or (lambda message: None)
         self.task = get_task(config.task.name, **({"path": config.task.data} if config.task.data else {}))
+        configure_sandbox(self.task, config.sandbox)  # code: refuse now, not after training, where no sandbox works
         subspace_task = config.subspace.task or config.task.name
         data = config.subspace.data if config.subspace.task else config.task.data
         self.subspace_task = get_task(subspace_task, **({"path": data} if data else {}))
@@ -205,6 +208,7 @@ class Run:
         metrics = {"run": self.config.name, "task": self.task.name, "subspace_task": self.subspace_task.name,
                    "model": self.config.model.name, "methods": methods, "comparisons": comparisons,
                    "stage_seconds": self._stage_seconds(),
+                   "sandbox": summarise_isolation(r for results in outcomes.values() for r in results),
                    "config_hash": config_hash(self.config.to_dict()), "spd_lens_version": spd_lens.__version__,
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_json(self.out / "metrics.json", metrics)
@@ -267,7 +271,7 @@ class Run:
         if path.is_file():
             # Adding methods to a finished run is fine; changing what they share is not.
             previous = json.loads(path.read_text())
-            changed = sorted(k for k in resolved if k != "methods" and previous.get(k) != resolved[k])
+            changed = sorted(k for k in resolved if k not in ("methods", "sandbox") and previous.get(k) != resolved[k])
             if changed:
                 raise SpdLensError(f"{self.out} holds a run with another config (differs in {changed}); "
                                    "use another --out or the same config")
@@ -297,6 +301,8 @@ def format_table(metrics: dict) -> str:
         rows += ["", f"{'paired difference':<24} {'mean':>7}  95% CI (bootstrap over the shared questions)"]
         for name, c in metrics["comparisons"].items():
             rows.append(f"{name:<24} {c['difference']:>+7.3f}  [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]")
+    if metrics.get("sandbox"):
+        rows += ["", describe_isolation(metrics["sandbox"])]
     return "\n".join(rows)
 
 
