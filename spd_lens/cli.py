@@ -144,7 +144,8 @@ def _run_and_report(config, out, reuse=()) -> int:
 def _sandbox_options(args: argparse.Namespace):
     from spd_lens.sandbox import SandboxOptions
 
-    return SandboxOptions(strict=args.strict_sandbox, unsafe=args.unsafe_sandbox, backend=args.sandbox_backend or "builtin")
+    return SandboxOptions(strict=args.strict_sandbox, unsafe=args.unsafe_sandbox,
+                          backend=args.sandbox_backend or "builtin")
 
 
 def _configured_task(args: argparse.Namespace, **options):

@@ -209,7 +209,10 @@ def _execute(program: str, mode: str, *, strict: bool, timeout: float, memory_mb
     """One run in `mode`: root, user-namespaces, bubblewrap or unsafe."""
     as_root = os.geteuid() == 0
     program_uid = SANDBOX_UID if as_root and mode in ("root", "unsafe") else os.geteuid()
-    python = sandbox_python() if program_uid == SANDBOX_UID else os.environ.get("SPD_LENS_SANDBOX_PYTHON") or sys.executable
+    if program_uid == SANDBOX_UID:
+        python = sandbox_python()
+    else:
+        python = os.environ.get("SPD_LENS_SANDBOX_PYTHON") or sys.executable
     if strict and mode != "unsafe":
         python = os.path.join(os.path.realpath(os.path.dirname(python)), os.path.basename(python))
     limits = _limits(mode, timeout, memory_mb)

@@ -28,6 +28,7 @@ import errno
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -45,7 +46,8 @@ SCRATCH = ("tmp", "var/tmp", "run")
 DEVICES = ("null", "zero", "full", "random", "urandom")
 # Per-mount options that a read-only remount must keep (a user namespace may not drop them).
 KEPT_OPTIONS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
-                "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
+                "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME,
+                "nosymfollow": 256}
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -100,7 +102,7 @@ def mounts_under(path: str, recursive: bool) -> list[tuple[str, list[str]]]:
         for line in f:
             fields = line.split()
             # Mount points escape spaces, tabs, newlines and backslashes as octal.
-            target = fields[4].encode().decode("unicode_escape")
+            target = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
             inside = target == path or (recursive and target.startswith(path.rstrip("/") + "/"))
             if inside:
                 found.append((target, fields[5].split(",")))

@@ -4,9 +4,10 @@ uid with a Python that uid can execute (the system python3), so standard library
     python3 -I sandbox_driver.py LIB_DIR PLAN.json   ->   JSON results on stdout
 
 LIB_DIR holds a world-readable copy of spd_lens's sandbox modules. PLAN: {"runs": [{"name",
-"program", "timeout", "options"}], "block_user_namespaces": bool, "background_processes": int}. Each result has the run's
-status, seconds, stdout/stderr tails, isolation, and the processes of this uid still alive after it
-(besides this driver and a sentinel it started, which must survive every run).
+"program", "timeout", "options"}], "block_user_namespaces": bool, "background_processes": int}.
+Each result has the run's status, seconds, stdout/stderr tails, isolation, and the processes of
+this uid still alive after it (besides this driver, a sentinel it started, which must survive
+every run, and the background processes).
 """
 
 import ctypes

@@ -4,6 +4,7 @@ as an ordinary uid: each fails (or times out) within its limit, and the machine 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -108,8 +109,16 @@ def invoker_places(protected_dir):
 
 
 def _processes_of(uid: int) -> list[str]:
-    out = subprocess.run(["ps", "-o", "pid=,stat=,comm=", "-u", str(uid)], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if line.split()[1][0] != "Z"]  # zombies are already dead
+    """'pid name' of the live processes of `uid` (zombies are already dead)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        if int(status["Uid"].split()[0]) == uid and not status["State"].strip().startswith("Z"):
+            found.append(f"{pid} {status['Name'].strip()}")
+    return found
 
 
 @pytest.mark.parametrize("name", list(hostile_programs("HOME", "RUN")))
@@ -194,11 +203,21 @@ def user_table_driver(request):
         yield None
         return
     programs = hostile_programs(str(unprivileged.home), str(unprivileged.run_dir))
-    driver = unprivileged.start([{"name": n, "program": p, "timeout": TIMEOUT} for n, p in programs.items()])
+    runs = [{"name": n, "program": p, "timeout": TIMEOUT} for n, p in programs.items()]
+    runs += [{"name": f"strict: {n}", "program": programs[n], "timeout": TIMEOUT, "options": {"strict": True}}
+             for n in STRICT_TOO]
+    runs.append({"name": "count forks", "program": COUNT_FORKS, "timeout": 4})
+    # The user's own session runs more processes than the sandbox's bound all along.
+    driver = unprivileged.start(runs, background_processes=BACKGROUND)
     yield driver
-    if driver.poll() is None:
+    if driver.poll() is None:  # only some tests ran: stop it and the processes it started
         driver.kill()
         driver.wait()
+        for line in _processes_of(USER_UID):
+            try:
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +234,17 @@ def user_table(unprivileged, user_table_driver):
     return results
 
 
-@pytest.mark.parametrize("name", list(hostile_programs("HOME", "RUN")))
+BACKGROUND = sandbox.PROCESSES + 6
+COUNT_FORKS = ("import os, time\ncount = 0\ntry:\n    while count < 500:\n        if os.fork() == 0:\n"
+               "            time.sleep(5)\n            os._exit(0)\n        count += 1\nexcept OSError:\n    pass\n"
+               "print(count, flush=True)\nassert count == 500")
+# Strict mode changes what is visible, not the limits: the table without the CPU, memory and
+# process bombs, whose outcome the view does not decide.
+STRICT_TOO = [n for n in hostile_programs("HOME", "RUN") if n not in (
+    "infinite loop", "fork bomb", "memory bomb", "deep recursion", "raise own limits", "become root")]
+
+
+@pytest.mark.parametrize("name", list(hostile_programs("HOME", "RUN")) + [f"strict: {n}" for n in STRICT_TOO])
 def test_hostile_program_fails_as_an_ordinary_user(name, user_table, unprivileged):
     result = user_table[name]
     assert "exception" not in result, result
@@ -225,10 +254,11 @@ def test_hostile_program_fails_as_an_ordinary_user(name, user_table, unprivilege
     assert SECRET not in result["stdout"]
     assert result["left"] == [] and result["sentinel_alive"], result
     assert result["isolation"]["mode"] == "user-namespaces" and result["isolation"]["uid"] == USER_UID
-    assert _processes_of(USER_UID) == []  # the driver has exited: nothing of the run outlived it
+    assert result["isolation"]["strict"] == name.startswith("strict: ")
 
 
 def test_isolation_is_reported_as_an_ordinary_user(user_table):
+    assert _processes_of(USER_UID) == []  # the driver has exited: nothing of any run outlived it
     isolation = user_table["infinite loop"]["isolation"]
     assert isolation["namespaces"] == ["user", "mount", "pid", "network"]
     assert isolation["read_only_root"] and not isolation["strict"] and not isolation["network"]
@@ -236,16 +266,13 @@ def test_isolation_is_reported_as_an_ordinary_user(user_table):
                                    "open_files": 64, "processes": 64}
 
 
-def test_process_bound_counts_the_run_not_the_users_session(unprivileged, user_table):
-    """The user already runs 100 processes, more than the bound: the run can still fork (the limit
-    counts its own user namespace), and a fork bomb stops at the bound."""
-    count_forks = ("import os, time\ncount = 0\ntry:\n    while count < 500:\n        if os.fork() == 0:\n"
-                   "            time.sleep(5)\n            os._exit(0)\n        count += 1\nexcept OSError:\n    pass\n"
-                   "print(count, flush=True)\nassert count == 500")
-    results = unprivileged.run([{"name": "bomb", "program": count_forks, "timeout": 4}], background_processes=100)
-    forks = int(results["bomb"]["stdout"].strip())
-    assert 20 <= forks < sandbox.PROCESSES, results["bomb"]
-    assert results["bomb"]["status"] == "failed" and results["bomb"]["left"] == []
+def test_process_bound_counts_the_run_not_the_users_session(user_table):
+    """The user runs more processes than the bound: the run can still fork (the limit counts its
+    own user namespace, not the user's session), and a fork bomb stops at the bound."""
+    result = user_table["count forks"]
+    forks = int(result["stdout"].strip())
+    assert 20 <= forks < sandbox.PROCESSES, result
+    assert result["status"] == "failed" and result["left"] == [] and result["sentinel_alive"]
 
 
 def test_reading_the_users_files(invoker_places, unprivileged):
@@ -333,22 +360,27 @@ def test_isolation_is_reported():
     assert summarise_isolation([{"passed": True}]) is None
 
 
-def test_a_world_writable_host_directory_is_read_only_inside(tmp_path):
+def test_a_world_writable_host_directory_is_read_only_inside(tmp_path, unprivileged):
     """Permissions alone would let the program write here; the read-only view does not. Also with
-    the remount fallback for kernels without mount_setattr."""
+    the remount fallback for kernels without mount_setattr (sandbox_init run directly), as root and
+    as the ordinary uid."""
     shared = Path(f"/var/lib/spd_lens_sandbox_shared_{os.getpid()}")
     shared.mkdir(mode=0o777)
     shared.chmod(0o777)
     try:
         program = f"open({str(shared / 'planted')!r}, 'w').write('x')"
         assert run_python(program).status == "failed"
-        spec = {"mode": "root" if IS_ROOT else "user", "network": False, "strict": False, "workdir": str(tmp_path),
-                "uid": SANDBOX_UID if IS_ROOT else None, "visible": [], "legacy_remount": True,
-                "argv": [sandbox.sandbox_python(), "-I", "-c", program]}
-        tmp_path.chmod(0o755)
-        legacy = subprocess.run([sys.executable, "-I", "-S", sandbox.INIT, json.dumps(spec)], cwd=tmp_path,
-                                capture_output=True, text=True, timeout=60)
-        assert legacy.returncode == 1 and "Read-only file system" in legacy.stderr, legacy.stderr
+        staging = unprivileged.root / "staging"
+        staging.mkdir()
+        os.chown(staging, USER_UID, USER_UID)
+        for mode, python, uid in (("root", sandbox.sandbox_python(), SANDBOX_UID), ("user", SYSTEM_PYTHON, None)):
+            spec = {"mode": mode, "network": False, "strict": False, "workdir": str(staging), "uid": uid,
+                    "visible": [], "legacy_remount": True, "argv": [python, "-I", "-c", program]}
+            as_user = {} if mode == "root" else {"user": USER_UID, "group": USER_UID, "extra_groups": []}
+            legacy = subprocess.run([python, "-I", "-S", str(unprivileged.lib / "spd_lens" / "sandbox_init.py"),
+                                     json.dumps(spec)], cwd=staging, capture_output=True, text=True, timeout=60,
+                                    **as_user)
+            assert legacy.returncode == 1 and "Read-only file system" in legacy.stderr, (mode, legacy.stderr)
         assert not (shared / "planted").exists()
     finally:
         shutil.rmtree(shared, ignore_errors=True)
@@ -414,6 +446,19 @@ def test_sandbox_options_reach_the_code_task():
     assert verdict.passed and verdict.isolation["strict"]
     with pytest.raises(SpdLensError, match="unknown sandbox backend 'docker'"):
         SandboxOptions(backend="docker")
+
+
+def test_config_sandbox_section(tmp_path):
+    from spd_lens.config import config_from_dict
+    from spd_lens.sandbox import SandboxOptions
+
+    config = config_from_dict({"sandbox": {"strict": True, "unsafe": True, "backend": "bwrap"}})
+    assert config.sandbox == SandboxOptions(strict=True, unsafe=True, backend="bwrap")
+    assert config_from_dict({}).sandbox == SandboxOptions()
+    with pytest.raises(SpdLensError, match="unknown sandbox backend 'nsjail'"):
+        config_from_dict({"sandbox": {"backend": "nsjail"}})
+    with pytest.raises(SpdLensError, match="did you mean 'unsafe'"):
+        config_from_dict({"sandbox": {"unsafe_": True}})
 
 
 def test_score_accepts_the_generate_export_and_rejects_unknown_ids(tmp_path, capsys):

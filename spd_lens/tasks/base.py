@@ -53,7 +53,8 @@ class Score:
     passed: bool
     status: str
     detail: str = ""
-    isolation: dict | None = None  # code: how the program was sandboxed (`SandboxResult.isolation`)
+    # code: how the program was sandboxed (`SandboxResult.isolation`)
+    isolation: dict | None = field(default=None, compare=False, hash=False)
 
 
 def hash_split(key: str, test_fraction: float = 0.2) -> str:
