@@ -160,6 +160,31 @@ def _run_and_report(config, out, reuse=()) -> int:
     return 0
 
 
+def _sandbox_options(args: argparse.Namespace):
+    from spd_lens.sandbox import SandboxOptions
+
+    return SandboxOptions(strict=args.strict_sandbox, unsafe=args.unsafe_sandbox,
+                          backend=args.sandbox_backend or "builtin")
+
+
+def _configured_task(args: argparse.Namespace, **options):
+    """The task named on the command line, its code sandbox set from the flags and checked."""
+    from spd_lens.tasks import get_task
+    from spd_lens.tasks.code import configure_sandbox
+
+    return configure_sandbox(get_task(args.task, **options), _sandbox_options(args))
+
+
+def _with_sandbox_flags(config, args: argparse.Namespace):
+    """A config whose [sandbox] settings include the command line's flags."""
+    import dataclasses
+
+    s = config.sandbox
+    return dataclasses.replace(config, sandbox=dataclasses.replace(
+        s, strict=s.strict or args.strict_sandbox, unsafe=s.unsafe or args.unsafe_sandbox,
+        backend=args.sandbox_backend or s.backend))
+
+
 def _progress_labelled(label: str):
     from tqdm.auto import tqdm
 
@@ -172,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from spd_lens.config import load_config
 
-    config = load_config(args.config)
+    config = _with_sandbox_flags(load_config(args.config), args)
     if args.methods is not None:
         import dataclasses
 
@@ -220,18 +245,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from spd_lens.evaluate import evaluate
     from spd_lens.models import load_hf
     from spd_lens.sampling import SamplingConfig
-    from spd_lens.tasks import get_task
+    from spd_lens.sandbox import summarise_isolation
     from spd_lens.train import load_trained
 
     model, tokenizer = load_trained(args.model, args.adapter) if args.adapter else load_hf(args.model)
-    task = get_task(args.task, **_task_options(args, tokenizer))
+    task = _configured_task(args, **_task_options(args, tokenizer))
     config = SamplingConfig(temperature=args.temperature,
                             max_new_tokens=task.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
                             seed=args.seed, batch_size=args.batch_size)
     out = Path(args.out)
     result = evaluate(model, tokenizer, task, n=args.n, split=args.split, seed=args.seed, config=config,
                       generations=out.with_suffix(".generations.jsonl"), progress=_progress_labelled("eval"))
-    write_json(out, {**result.as_dict(), "model": args.model, "adapter": args.adapter})
+    write_json(out, {**result.as_dict(), "model": args.model, "adapter": args.adapter,
+                     "sandbox": summarise_isolation(result.results)})
     print(json.dumps({"task": task.name, "score": result.score, "ci": result.ci, "n": result.n}))
     return 0
 
@@ -243,9 +269,11 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     from spd_lens.artifacts import write_json
     from spd_lens.evaluate import score_file
+    from spd_lens.sandbox import summarise_isolation
 
-    result = score_file(args.task, args.completions, progress=_progress_labelled("score"))
+    result = score_file(_configured_task(args), args.completions, progress=_progress_labelled("score"))
     write_json(args.out, {"task": result.task, "score": result.score, "ci": list(result.ci), "n": result.n,
+                          "sandbox": summarise_isolation(result.results),
                           "results": [{"prompt_id": r["prompt_id"], "passed": r["passed"], "status": r["status"]}
                                       for r in result.results]})
     summary = {"task": result.task, "score": result.score, "ci": list(result.ci), "n": result.n}
@@ -263,7 +291,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from spd_lens.ablate import run_ablation
     from spd_lens.config import load_config
 
-    config = load_config(args.config)
+    config = _with_sandbox_flags(load_config(args.config), args)
     out = Path(args.out or Path("runs") / f"{config.name}-ablation")
     rows = run_ablation(config, out, progress=_progress_labelled("ablation"))
     print(f"{'rank':>5} {'layers':>8} {'alpha':>5} {'head':>4} {'score':>6}  {'loss':>7}")
@@ -282,8 +310,9 @@ def cmd_heads(args: argparse.Namespace) -> int:
     from spd_lens.attribution import head_attribution, write_heads_report
     from spd_lens.models import load_hf
 
+    task = _configured_task(args)
     model, tokenizer = load_hf(args.model)
-    rows = head_attribution(model, args.task, n=args.n, seed=args.seed, layers=args.layers, score_top=args.score_top,
+    rows = head_attribution(model, task, n=args.n, seed=args.seed, layers=args.layers, score_top=args.score_top,
                             score_n=args.score_n, tokenizer=tokenizer, progress=_progress_labelled("heads"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -399,6 +428,18 @@ def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: 0 with a chat template, the task's base_shots without one)")
 
 
+def _add_sandbox_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("code sandbox (tasks that run model-written code)")
+    group.add_argument("--unsafe-sandbox", action="store_true",
+                       help="where neither root nor user namespaces are available, run the code anyway with only "
+                            "resource limits (recorded in the output as unsafe); use only inside a throwaway VM")
+    group.add_argument("--strict-sandbox", action="store_true",
+                       help="show programs only the interpreter's installation and their working directory "
+                            "(nothing of $HOME, /etc, /var, ...)")
+    group.add_argument("--sandbox-backend", choices=["builtin", "bwrap"],
+                       help="bwrap: build the sandbox with bubblewrap where installed (non-root runs); default builtin")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spd-lens",
@@ -478,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--reuse", action="append", default=[], metavar="RUN_DIR",
                      help="take finished evaluations of methods that do not depend on the subspace (base, psr, "
                           "ssd) from another run whose settings for them are the same; repeatable")
+    _add_sandbox_flags(run)
     run.set_defaults(func=cmd_run)
 
     train = commands.add_parser("train", help="fine-tune on an exported JSONL (LoRA by default)")
@@ -512,17 +554,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", required=True, help="JSON file for the score, CI and per-example results")
+    _add_sandbox_flags(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     score = commands.add_parser("score", help="score completions from a JSONL file (spd-lens generate, vLLM, ...)")
     score.add_argument("--task", required=True)
     score.add_argument("--completions", required=True, help="JSONL: generate export or {prompt_id, completion}")
     score.add_argument("--out", required=True)
+    _add_sandbox_flags(score)
     score.set_defaults(func=cmd_score)
 
     ablate = commands.add_parser("ablate", help="sweep ranks x layers x alphas (x heads) of projected decoding")
     ablate.add_argument("config")
     ablate.add_argument("--out", help="run directory (default runs/<config name>-ablation)")
+    _add_sandbox_flags(ablate)
     ablate.set_defaults(func=cmd_ablate)
 
     heads = commands.add_parser("heads", help="which KV heads carry a capability (all layers)")
@@ -534,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--score-top", type=int, default=5, help="heads whose task-score change is measured")
     heads.add_argument("--score-n", type=int, default=32)
     heads.add_argument("--out", required=True)
+    _add_sandbox_flags(heads)
     heads.set_defaults(func=cmd_heads)
 
     compare = commands.add_parser("compare", help="paired difference of two evaluations, e.g. runs/ood:spd runs/math:spd")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spd_lens.errors import SpdLensError
+from spd_lens.sandbox import SandboxOptions
 from spd_lens.train import TrainConfig
 
 if sys.version_info >= (3, 11):
@@ -134,6 +135,9 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalSection = field(default_factory=EvalSection)
     ablate: AblateSection = field(default_factory=AblateSection)
+    # How code tasks run programs ([sandbox] strict / unsafe / backend): how, not what, is computed,
+    # so a run directory accepts a change of it.
+    sandbox: SandboxOptions = field(default_factory=SandboxOptions)
 
     def to_dict(self) -> dict:
         values = json.loads(json.dumps(dataclasses.asdict(self)))

@@ -167,6 +167,8 @@ def score_records(task: Task, examples_by_id: dict[str, Example], records: list[
                   "completion": record["completion"], "detail": verdict.detail[-300:]}
         if "finish_reason" in record:
             result["finish_reason"] = record["finish_reason"]
+        if verdict.isolation is not None:
+            result["sandbox"] = verdict.isolation
         results.append(result)
     if not results:
         raise SpdLensError("no completions to score")
@@ -198,6 +200,7 @@ def read_completions(path: str | Path) -> list[dict]:
 def score_file(task: str | Task, path: str | Path, progress: Callable | None = None) -> EvalResult:
     """Score completions made anywhere (spd-lens generate, vLLM, by hand) against `task`."""
     task = get_task(task)
+    task.check_ready()
     records = read_completions(path)
     examples = {pid: task.example_by_id(pid) for pid in dict.fromkeys(r["prompt_id"] for r in records)}
     return score_records(task, examples, records, progress=progress)
@@ -208,6 +211,7 @@ def evaluate(model, tokenizer, task: str | Task, *, n: int | None = None, split:
              progress: Callable | None = None) -> EvalResult:
     """Greedy (by default) generation on `split` examples, scored; generations saved to `generations`."""
     task = get_task(task)
+    task.check_ready()  # e.g. no code sandbox here: refuse before generating
     examples = task.examples(split, n=n, seed=seed)
     config = config or SamplingConfig(temperature=0.0, max_new_tokens=task.max_new_tokens, seed=seed)
     path = generate_jsonl(model, tokenizer, examples, generations, config, task=task.name,

@@ -44,8 +44,10 @@ from spd_lens.methods import METHOD_TABLE
 from spd_lens.models import load_hf
 from spd_lens.projection import Projection
 from spd_lens.sampling import SamplingConfig, generate_jsonl
+from spd_lens.sandbox import describe_isolation, summarise_isolation
 from spd_lens.subspace import CapabilitySubspace, config_hash, random_like
 from spd_lens.tasks import Task, get_task
+from spd_lens.tasks.code import configure_sandbox
 from spd_lens.train import load_trained, train_on_jsonl
 
 Progress = Callable[[str], Callable] | None
@@ -101,6 +103,7 @@ class Run:
         self.progress = progress
         self.log = log or (lambda message: None)
         self.task = get_task(config.task.name, **({"path": config.task.data} if config.task.data else {}))
+        configure_sandbox(self.task, config.sandbox)  # code: refuse now, not after training, where no sandbox works
         subspace_task = config.subspace.task or config.task.name
         data = config.subspace.data if config.subspace.task else config.task.data
         self.subspace_task = get_task(subspace_task, **({"path": data} if data else {}))
@@ -295,6 +298,7 @@ class Run:
                    "model": self.config.model.name, "methods": methods, "comparisons": comparisons,
                    "stage_seconds": seconds["completed"], "stage_seconds_interrupted": seconds["interrupted"],
                    "reuse": self.reuse_decisions,
+                   "sandbox": summarise_isolation(r for results in outcomes.values() for r in results),
                    "config_hash": config_hash(self.config.to_dict()), "spd_lens_version": spd_lens.__version__,
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_json(self.out / "metrics.json", metrics)
@@ -400,8 +404,9 @@ class Run:
         resolved = self.config.to_dict()
         if path.is_file():
             # Adding methods to a finished run is fine; changing what they share is not.
-            previous = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("methods", "spd_lens_version")}
-            changed = setting_differences(previous, {k: v for k, v in resolved.items() if k != "methods"})
+            previous = {k: v for k, v in json.loads(path.read_text()).items()
+                        if k not in ("methods", "sandbox", "spd_lens_version")}
+            changed = setting_differences(previous, {k: v for k, v in resolved.items() if k not in ("methods", "sandbox")})
             if changed:
                 raise SpdLensError(f"{self.out} holds a run with another config ({'; '.join(changed)}); "
                                    "use another --out or the same config")
@@ -444,6 +449,8 @@ def format_table(metrics: dict) -> str:
         for name, c in metrics["comparisons"].items():
             flag = SPREAD_FLAG if c.get("seed_spread_exceeds_ci") else ""
             rows.append(f"{name:<24} {c['difference']:>+7.3f}  [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]{flag}")
+    if metrics.get("sandbox"):
+        rows += ["", describe_isolation(metrics["sandbox"])]
     return "\n".join(rows)
 
 

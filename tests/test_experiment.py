@@ -131,6 +131,8 @@ def test_code_runs_count_how_completions_fail(tmp_path):
         k for k, v in kinds.items() for _ in range(v))
     assert "outcomes " in format_table(metrics)
     assert "share of each kind of result" in (tmp_path / "report.html").read_text()
+    assert metrics["sandbox"]["runs"] == 3 and metrics["sandbox"]["unsafe_runs"] == 0  # how the code was isolated
+    assert "code sandbox: " in format_table(metrics) and stored[0]["sandbox"]["read_only_root"]
 
 
 def test_mc_answer_is_the_chosen_letter():

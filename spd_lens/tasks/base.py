@@ -62,6 +62,8 @@ class Score:
     passed: bool
     status: str
     detail: str = ""
+    # code: how the program was sandboxed (`SandboxResult.isolation`)
+    isolation: dict | None = field(default=None, compare=False, hash=False)
 
 
 def hash_split(key: str, test_fraction: float = 0.2) -> str:
@@ -187,6 +189,10 @@ class Task(ABC):
     @abstractmethod
     def score(self, example: Example, completion: str) -> Score:
         """Whether `completion` (the assistant's text) answers `example` correctly."""
+
+    def check_ready(self) -> None:
+        """Raise `SpdLensError` now if this task cannot score here (code: no sandbox), so that an
+        evaluation refuses before it generates anything."""
 
     def answer(self, example: Example, completion: str) -> str | None:
         """The answer a completion commits to, where the task has a small answer set (multiple
