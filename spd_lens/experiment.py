@@ -25,13 +25,14 @@ from pathlib import Path
 import spd_lens
 from spd_lens.config import ExperimentConfig
 from spd_lens.errors import SpdLensError
-from spd_lens.artifacts import atomic_write, read_json_object, write_json
+from spd_lens.artifacts import atomic_write, canonical, read_json_object, settings_differences, write_json
 from spd_lens.evaluate import bootstrap_ci, evaluate, paired_difference
 from spd_lens.extract import extract_subspace
 from spd_lens.methods import METHOD_TABLE
 from spd_lens.models import load_hf
 from spd_lens.projection import Projection
 from spd_lens.sampling import SamplingConfig, generate_jsonl
+from spd_lens.subspace import META_FILE as SUBSPACE_META
 from spd_lens.subspace import CapabilitySubspace, config_hash, random_like
 from spd_lens.tasks import Task, get_task
 from spd_lens.train import load_trained, train_on_jsonl
@@ -88,18 +89,18 @@ class Run:
             return random_like(self.subspace("gradient", seed), seed=seed)
         directory = self.out / "subspaces" / f"{kind}-seed{seed}"
         model, tokenizer = self.base_model()
-        try:
-            return CapabilitySubspace.load(directory, model)
-        except SpdLensError:
-            pass
-        self.log(f"extracting the {kind} subspace (seed {seed})")
         s = self.config.subspace
-        subspace = self._timed("extract", lambda: extract_subspace(
-            model, self.subspace_task, n=s.n, split="train", seed=seed, layers=s.layers, rank=s.rank,
-            rank_frac=s.rank_frac, energy=s.energy, loss="full" if kind == "fullseq" else "correctness",
-            batch_size=s.batch_size, tokenizer=tokenizer, progress=self._bar(f"gradients {kind}")))
-        subspace.save(directory)
-        return subspace
+
+        def extract():  # a saved subspace with these settings is loaded; one with others is refused
+            return extract_subspace(
+                model, self.subspace_task, n=s.n, split="train", seed=seed, layers=s.layers, rank=s.rank,
+                rank_frac=s.rank_frac, energy=s.energy, loss="full" if kind == "fullseq" else "correctness",
+                batch_size=s.batch_size, tokenizer=tokenizer, progress=self._bar(f"gradients {kind}"), out=directory)
+
+        if (directory / SUBSPACE_META).is_file():
+            return extract()
+        self.log(f"extracting the {kind} subspace (seed {seed})")
+        return self._timed("extract", extract)
 
     def projection(self, kind: str, seed: int) -> Projection:
         p = self.config.projection
@@ -110,8 +111,8 @@ class Run:
     def generations(self, method: str, seed: int) -> Path:
         spec = METHOD_TABLE[method]
         path = self.out / "generations" / f"{method}-seed{seed}.jsonl"
-        if path.is_file():
-            return path
+        # A finished file is not skipped here: generate_jsonl checks its settings (the projection
+        # included) and returns it untouched when they match.
         c = self.config
         sampling = c.ssd if spec.sampling == "ssd" else c.sampling
         config = SamplingConfig(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
@@ -119,11 +120,10 @@ class Run:
                                 num_samples=c.sampling.num_samples, seed=seed, batch_size=c.sampling.batch_size)
         model, tokenizer = self.base_model()
         examples = self.task.examples("train", n=c.task.train_n, seed=seed)
-        provenance = {"method": method, "projection": None}
+        provenance = {"method": method}  # the projection is recorded from the model
         self.log(f"self-generation for {method} (seed {seed})")
         if spec.sampling == "projected":
             projection = self.projection(spec.subspace, seed)
-            provenance["projection"] = projection.provenance()
             with projection.apply(model):
                 return self._timed("generate", lambda: generate_jsonl(
                     model, tokenizer, examples, path, config, task=self.task.name, provenance=provenance,
@@ -207,6 +207,11 @@ class Run:
                    "stage_seconds": self._stage_seconds(),
                    "config_hash": config_hash(self.config.to_dict()), "spd_lens_version": spd_lens.__version__,
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        previous = self.out / "metrics.json"
+        if previous.is_file() and (self.out / "report.html").is_file():
+            kept = read_json_object(previous, "a run's metrics")
+            if canonical({**kept, "finished": None}) == canonical({**metrics, "finished": None}):
+                return kept  # nothing changed: the files stay byte for byte as they were
         write_json(self.out / "metrics.json", metrics)
         write_run_report(self.out)
         return metrics
@@ -230,7 +235,7 @@ class Run:
         for other in self.reuse:
             theirs = read_json_object(other / "config.json", "a run's resolved config")
             source = other / "eval" / f"{stem}.json"
-            if any(theirs.get(k) != mine[k] for k in sections) or not source.is_file():
+            if any(canonical(theirs.get(k)) != canonical(mine[k]) for k in sections) or not source.is_file():
                 continue
             self.log(f"reusing {stem} from {other}")
             record = {**read_json_object(source, "an evaluation written by spd-lens run"), "reused_from": str(other)}
@@ -266,10 +271,11 @@ class Run:
         resolved = self.config.to_dict()
         if path.is_file():
             # Adding methods to a finished run is fine; changing what they share is not.
-            previous = json.loads(path.read_text())
-            changed = sorted(k for k in resolved if k != "methods" and previous.get(k) != resolved[k])
+            previous = read_json_object(path, "a run's resolved config")
+            changed = settings_differences({k: previous.get(k) for k in resolved if k != "methods"},
+                                           {k: v for k, v in resolved.items() if k != "methods"}, recorded="run has")
             if changed:
-                raise SpdLensError(f"{self.out} holds a run with another config (differs in {changed}); "
+                raise SpdLensError(f"{self.out} holds a run with another config (differs in {'; '.join(changed)}); "
                                    "use another --out or the same config")
         write_json(path, {**resolved, "spd_lens_version": spd_lens.__version__})
 

@@ -26,11 +26,12 @@ import torch
 
 import spd_lens
 from spd_lens.chat import encode_conversation
-from spd_lens.artifacts import read_json_object
+from spd_lens.artifacts import canonical, check_same_settings, read_json_object, sha256_file
 from spd_lens.errors import SpdLensError
 from spd_lens.tasks.records import read_jsonl
 
 DONE_FILE = "train.json"
+SETTINGS_FILE = "settings.json"  # in each checkpoint: a resume with other settings is refused
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -171,7 +172,9 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
                    progress: Callable | None = None, provenance: dict | None = None) -> Path:
     """Fine-tune `model_name` on `data`, saving into `out` (adapter/ or model/, plus train.json).
 
-    A finished `out` (train.json present) is returned as is; an interrupted one resumes.
+    A finished `out` (train.json present) made with the same settings (`training_settings`: base
+    model, the data's content, the config) is returned as is; an interrupted one resumes from its
+    last checkpoint. Either made with other settings is refused, naming them.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -180,9 +183,15 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
     from spd_lens.models import load_hf
 
     out = Path(out)
-    if (out / DONE_FILE).is_file():
-        return out
     pairs = read_training_records(data)
+    settings = training_settings(model_name, data, config)
+    if (out / DONE_FILE).is_file():
+        record = read_json_object(out / DONE_FILE, "a training run's record")
+        # A record written before settings were kept names the base model and the config.
+        old = record.get("settings") or {"base_model": record.get("base_model"), "config": record.get("config")}
+        check_same_settings(old, {k: settings[k] for k in old}, str(out), "Use another --out or the same settings",
+                            recorded="directory has")
+        return out
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=config.grad_accum)
     set_seed(config.seed)
     model, tokenizer = load_hf(model_name)
@@ -202,6 +211,9 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
     resume = _last_checkpoint(out)
     if resume is not None:
         step, checkpoint = resume
+        if (checkpoint / SETTINGS_FILE).is_file():
+            check_same_settings(read_json_object(checkpoint / SETTINGS_FILE, "a checkpoint's settings"), settings,
+                                str(checkpoint), "Use another --out or the same settings", recorded="checkpoint has")
         accelerator.load_state(str(checkpoint))
     started = time.time()
     bar = progress(range(total_steps)) if progress and accelerator.is_main_process else None
@@ -239,7 +251,7 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 if step % config.checkpoint_every == 0 and step < total_steps:
-                    _save_checkpoint(accelerator, out, step)
+                    _save_checkpoint(accelerator, out, step, settings)
                 if step >= total_steps or step % steps_per_epoch == 0:
                     break
     if bar is not None and hasattr(bar, "close"):
@@ -256,6 +268,7 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
         record = {"base_model": model_name, "data": str(data), "n_records": len(pairs), "config": asdict(config),
+                  "settings": settings,
                   "steps": total_steps, "final_losses": losses[-5:], "seconds_this_run": round(time.time() - started, 2),
                   "processes": accelerator.num_processes, "spd_lens_version": spd_lens.__version__,
                   **(provenance or {})}
@@ -267,11 +280,17 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
     return out
 
 
-def _save_checkpoint(accelerator, out: Path, step: int) -> None:
+def training_settings(model_name: str, data: str | Path, config: TrainConfig) -> dict:
+    """What a trained directory must share with a new call to be reused or resumed (canonical form)."""
+    return canonical({"base_model": model_name, "data_sha256": sha256_file(data), "config": asdict(config)})
+
+
+def _save_checkpoint(accelerator, out: Path, step: int, settings: dict) -> None:
     directory = out / "checkpoints" / f"step-{step}"
     accelerator.save_state(str(directory))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
         (directory / "complete").write_text(str(step))
         for older in (out / "checkpoints").glob("step-*"):  # keep only the newest complete one
             if older != directory:

@@ -48,7 +48,7 @@ def test_spd_trains_on_projected_generations(tmp_path):
 def test_a_run_directory_refuses_another_config(tmp_path):
     run_experiment(config_from_dict({**TINY, "seeds": [0], "methods": ["base"]}), tmp_path)
     changed = {**TINY, "seeds": [0], "methods": ["base"], "task": {**TINY["task"], "eval_n": 6}}
-    with pytest.raises(SpdLensError, match=r"another config \(differs in \['task'\]\)"):
+    with pytest.raises(SpdLensError, match=r"another config \(differs in task.eval_n: run has 5, now 6\)"):
         run_experiment(config_from_dict(changed), tmp_path)
 
 
