@@ -8,7 +8,8 @@
     RUN/stage_seconds.json               wall-clock seconds per stage, summed over resumed calls
     RUN/metrics.json                     {"methods": {name: {"score", "ci", "n", "seeds", ...}}, ...}
 
-A finished stage (its artifact complete) is not redone. The gradient subspace, the base
+A finished stage (its artifact complete) is not redone, and an artifact made with other settings
+(the projection included) is refused rather than reused. The gradient subspace, the base
 evaluation and the prompts are shared by all methods that need them; `reuse=[OTHER_RUN]` also
 takes base / psr / ssd evaluations from another run when nothing they depend on differs.
 """

@@ -192,6 +192,10 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
         check_same_settings(old, {k: settings[k] for k in old}, str(out), "Use another --out or the same settings",
                             recorded="directory has")
         return out
+    resume = _last_checkpoint(out)
+    if resume is not None and (resume[1] / SETTINGS_FILE).is_file():
+        check_same_settings(read_json_object(resume[1] / SETTINGS_FILE, "a checkpoint's settings"), settings,
+                            str(resume[1]), "Use another --out or the same settings", recorded="checkpoint has")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=config.grad_accum)
     set_seed(config.seed)
     model, tokenizer = load_hf(model_name)
@@ -208,12 +212,8 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     step = 0
-    resume = _last_checkpoint(out)
     if resume is not None:
         step, checkpoint = resume
-        if (checkpoint / SETTINGS_FILE).is_file():
-            check_same_settings(read_json_object(checkpoint / SETTINGS_FILE, "a checkpoint's settings"), settings,
-                                str(checkpoint), "Use another --out or the same settings", recorded="checkpoint has")
         accelerator.load_state(str(checkpoint))
     started = time.time()
     bar = progress(range(total_steps)) if progress and accelerator.is_main_process else None

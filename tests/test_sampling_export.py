@@ -66,6 +66,9 @@ def test_hooked_and_folded_generation_agree_on_the_default_model(tmp_path):
     common = ["generate", "--model", "smollm2-135m-instruct", "--task", "arithmetic", "--n", "4", "--subspace",
               str(sub), "--temperature", "0", "--max-new-tokens", "32"]
     assert cli([*common, "--out", str(tmp_path / "A.jsonl")]) == 0
+    before = (tmp_path / "A.jsonl").read_bytes()
+    assert cli([*common, "--out", str(tmp_path / "A.jsonl")]) == 0  # projected output resumes (layers 15, 29)
+    assert (tmp_path / "A.jsonl").read_bytes() == before
     assert cli([*common, "--fold", "--out", str(tmp_path / "B.jsonl")]) == 0
     a, b = read_records(tmp_path / "A.jsonl"), read_records(tmp_path / "B.jsonl")
     assert len(a) == len(b) == 4
