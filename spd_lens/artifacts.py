@@ -50,3 +50,39 @@ def read_json_object(path: str | Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise SpdLensError(f"{path} holds a {type(data).__name__}, not the JSON object of {what}")
     return data
+
+
+def canonical(settings):
+    """Settings as JSON gives them back (tuples become lists, keys strings, other objects their
+    `str`): the one form settings are compared in, so what is read from a file equals what is in
+    memory.
+
+    Example:
+        >>> canonical({"layers": (15, 29), "heads": None}) == canonical({"layers": [15, 29], "heads": None})
+        True
+    """
+    return json.loads(json.dumps(settings, default=str))
+
+
+def settings_differences(old: dict, new: dict, *, recorded: str = "file has") -> list[str]:
+    """Each setting that differs between recorded settings `old` and current ones `new`, as
+    `"name: file has X, now Y"`; nested tables are compared key by key (`projection.alpha: ...`).
+    Both are compared in `canonical` form."""
+    differences: list[str] = []
+
+    def walk(a, b, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{prefix}{key}.")
+        elif a != b:
+            differences.append(f"{prefix.rstrip('.')}: {recorded} {a!r}, now {b!r}")
+
+    walk(canonical(old), canonical(new), "")
+    return differences
+
+
+def check_same_settings(old: dict, new: dict, what: str, fix: str, *, recorded: str = "file has") -> None:
+    """Refuse (naming every setting that differs) unless `old` and `new` are the same settings."""
+    differences = settings_differences(old, new, recorded=recorded)
+    if differences:
+        raise SpdLensError(f"{what} was made with other settings; refusing to mix ({'; '.join(differences)}). {fix}")

@@ -93,9 +93,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     subspace = extract_subspace(
         target, args.task, n=args.n, split=args.split, seed=args.seed, layers=args.layers, rank=args.rank,
         rank_frac=args.rank_frac, energy=args.energy, loss=args.loss, batch_size=args.batch_size, tokenizer=tokenizer,
-        task_options=_task_options(args, tokenizer), progress=_progress("gradients"),
-    )
-    subspace.save(out)
+        task_options=_task_options(args, tokenizer), progress=_progress("gradients"), out=out,
+    )  # a directory holding this extraction already is reused; one made with other settings is refused
     print(f"{'layer':>5} {'kv':>2} {'head':>4} {'rank':>4}/{'dim':<4} {'energy':>6}")
     for row in subspace.summary():
         print(f"{row['layer']:>5} {row['kind']:>2} {str(row['head']):>4} {row['rank']:>4}/{row['dim']:<4} "
@@ -123,13 +122,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             num_samples=args.num_samples,
                             seed=args.seed, batch_size=args.batch_size)
     examples = task.examples(args.split, n=args.n, seed=args.seed)
-    provenance: dict = {"split": args.split, "projection": None}
+    provenance: dict = {"split": args.split}  # the projection is recorded from the model (hooks or folded weights)
     hooks = nullcontext()
     if args.subspace:
         subspace = CapabilitySubspace.load(args.subspace, model)
         projection = Projection.build(subspace, layers=args.layers, kinds=args.kinds, layout=args.layout,
                                       heads=args.heads, alpha=args.alpha)
-        provenance["projection"] = projection.provenance()
         if args.fold or args.save_folded:
             folded = fold_projection(model, projection)
             if args.save_folded:
@@ -239,24 +237,41 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
+    from dataclasses import asdict
     from pathlib import Path
 
-    from spd_lens.artifacts import write_json
+    from spd_lens.artifacts import canonical, check_same_settings, read_json_object, write_json
     from spd_lens.evaluate import evaluate
     from spd_lens.models import load_hf
     from spd_lens.sampling import SamplingConfig
     from spd_lens.sandbox import summarise_isolation
-    from spd_lens.train import load_trained
+    from spd_lens.train import DONE_FILE, load_trained
 
+    # The model first: a task's default shots depend on whether its tokenizer has a chat template.
     model, tokenizer = load_trained(args.model, args.adapter) if args.adapter else load_hf(args.model)
-    task = _configured_task(args, **_task_options(args, tokenizer))
+    task_options = _task_options(args, tokenizer)
+    task = _configured_task(args, **task_options)
     config = SamplingConfig(temperature=args.temperature,
                             max_new_tokens=task.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
                             seed=args.seed, batch_size=args.batch_size)
+    trained = Path(args.adapter) / DONE_FILE if args.adapter else None
+    settings = canonical({
+        "model": args.model, "adapter": args.adapter, "task": task.name, "task_options": task_options, "n": args.n,
+        "split": args.split, "seed": args.seed, "sampling": asdict(config),
+        # what the adapter was trained from, so a retrained adapter is not taken for the old one
+        "adapter_settings": read_json_object(trained, "a training run's record").get("settings")
+        if trained is not None and trained.is_file() else None})
     out = Path(args.out)
+    if out.is_file():
+        previous = read_json_object(out, "an evaluation written by spd-lens eval")
+        if "settings" in previous:  # evaluations written before settings were kept are redone
+            check_same_settings(previous["settings"], settings, str(out), "Use another --out or the same settings")
+            print(json.dumps({"task": previous["task"], "score": previous["score"], "ci": previous["ci"],
+                              "n": previous["n"]}))
+            return 0
     result = evaluate(model, tokenizer, task, n=args.n, split=args.split, seed=args.seed, config=config,
                       generations=out.with_suffix(".generations.jsonl"), progress=_progress_labelled("eval"))
-    write_json(out, {**result.as_dict(), "model": args.model, "adapter": args.adapter,
+    write_json(out, {**result.as_dict(), "model": args.model, "adapter": args.adapter, "settings": settings,
                      "sandbox": summarise_isolation(result.results)})
     print(json.dumps({"task": task.name, "score": result.score, "ci": result.ci, "n": result.n}))
     return 0

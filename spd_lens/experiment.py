@@ -17,7 +17,8 @@ question-only interval is flagged. Every method that self-generates samples with
 [sampling] setting (ssd at its own temperature), and the quality of each training file is
 measured, never filtered.
 
-A finished stage (its artifact complete) is not redone. The gradient subspace, the base
+A finished stage (its artifact complete) is not redone, and an artifact made with other settings
+(the projection included) is refused rather than reused. The gradient subspace, the base
 evaluation and the prompts are shared by all methods that need them; `reuse=[OTHER_RUN]` also
 takes base / psr / ssd evaluations from another run when none of the settings that can change
 them differs (`RESULT_SETTINGS`); every reuse decision is logged and kept in metrics["reuse"].
@@ -37,7 +38,7 @@ from pathlib import Path
 import spd_lens
 from spd_lens.config import ExperimentConfig
 from spd_lens.errors import SpdLensError
-from spd_lens.artifacts import atomic_write, read_json_object, write_json
+from spd_lens.artifacts import atomic_write, canonical, read_json_object, settings_differences, write_json
 from spd_lens.evaluate import evaluate, paired_difference, seeded_ci, training_data_quality
 from spd_lens.extract import extract_subspace
 from spd_lens.methods import METHOD_TABLE
@@ -45,6 +46,7 @@ from spd_lens.models import load_hf
 from spd_lens.projection import Projection
 from spd_lens.sampling import SamplingConfig, generate_jsonl
 from spd_lens.sandbox import describe_isolation, summarise_isolation
+from spd_lens.subspace import META_FILE as SUBSPACE_META
 from spd_lens.subspace import CapabilitySubspace, config_hash, random_like
 from spd_lens.tasks import Task, get_task
 from spd_lens.tasks.code import configure_sandbox
@@ -64,30 +66,14 @@ RESULT_SETTINGS = {
 NO_EFFECT = {"train.checkpoint_every"}
 
 
-def flatten(values: dict, prefix: str = "") -> dict:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def setting_differences(old: dict, new: dict, sections: Sequence[str] | None = None) -> list[str]:
-    """'key: old -> new' for every setting that differs (within `sections`, when given)."""
-    a, b = flatten(old), flatten(new)
-    keys = sorted(set(a) | set(b))
-    if sections is not None:
-        keys = [k for k in keys if k.split(".")[0] in sections and k not in NO_EFFECT]
-    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in keys if a.get(k) != b.get(k)]
-
-
-# Paired differences every run reports: each method against the base model, and SPD against the
-# baselines and controls that isolate what its subspace adds.
-COMPARISONS = [(m, "base") for m in METHOD_TABLE if m != "base"] + [
-    ("spd", "psr"), ("spd", "ssd"), ("spd", "spd-random"), ("spd", "spd-fullseq")]
+def _result_settings(config: dict, sections: Sequence[str]) -> dict:
+    """The sections of a resolved config that can change a reused result, less `NO_EFFECT` keys."""
+    picked = canonical({section: config.get(section) for section in sections})
+    for key in NO_EFFECT:
+        section, name = key.split(".")
+        if isinstance(picked.get(section), dict):
+            picked[section].pop(name, None)
+    return picked
 
 
 class Run:
@@ -140,18 +126,18 @@ class Run:
             return random_like(self.subspace("gradient", seed), seed=seed)
         directory = self.out / "subspaces" / f"{kind}-seed{seed}"
         model, tokenizer = self.base_model()
-        try:
-            return CapabilitySubspace.load(directory, model)
-        except SpdLensError:
-            pass
-        self.log(f"extracting the {kind} subspace (seed {seed})")
         s = self.config.subspace
-        subspace = self._timed("extract", lambda: extract_subspace(
-            model, self.subspace_task, n=s.n, split="train", seed=seed, layers=s.layers, rank=s.rank,
-            rank_frac=s.rank_frac, energy=s.energy, loss="full" if kind == "fullseq" else "correctness",
-            batch_size=s.batch_size, tokenizer=tokenizer, progress=self._bar(f"gradients {kind}")))
-        subspace.save(directory)
-        return subspace
+
+        def extract():  # a saved subspace with these settings is loaded; one with others is refused
+            return extract_subspace(
+                model, self.subspace_task, n=s.n, split="train", seed=seed, layers=s.layers, rank=s.rank,
+                rank_frac=s.rank_frac, energy=s.energy, loss="full" if kind == "fullseq" else "correctness",
+                batch_size=s.batch_size, tokenizer=tokenizer, progress=self._bar(f"gradients {kind}"), out=directory)
+
+        if (directory / SUBSPACE_META).is_file():
+            return extract()
+        self.log(f"extracting the {kind} subspace (seed {seed})")
+        return self._timed("extract", extract)
 
     def projection(self, kind: str, seed: int) -> Projection:
         p = self.config.projection
@@ -162,16 +148,15 @@ class Run:
     def generations(self, method: str, seed: int) -> Path:
         spec = METHOD_TABLE[method]
         path = self.out / "generations" / f"{method}-seed{seed}.jsonl"
-        if path.is_file():
-            return path
+        # A finished file is not skipped here: generate_jsonl checks its settings (the projection
+        # included) and returns it untouched when they match.
         config = self.sampling_config(method, seed)
         c = self.config
         model, tokenizer = self.base_model()
         examples = self.task.examples("train", n=c.task.train_n, seed=seed)
-        provenance = {"method": method, "projection": None}
+        provenance = {"method": method}  # the projection is recorded from the model
         if spec.sampling == "projected":
             projection = self.projection(spec.subspace, seed)  # extracts the subspace first if needed
-            provenance["projection"] = projection.provenance()
             self.log(f"self-generation for {method} (seed {seed})")
             with projection.apply(model):
                 return self._timed("generate", lambda: generate_jsonl(
@@ -196,7 +181,7 @@ class Run:
 
     def data_quality(self, method: str, seed: int) -> dict:
         """Quality of the self-generated training data (cached beside it; code runs the tests)."""
-        data = self.generations(method, seed)
+        data = self.out / "generations" / f"{method}-seed{seed}.jsonl"
         path = data.with_name(data.name.removesuffix(".jsonl") + ".quality.json")
         if path.is_file():
             return read_json_object(path, "a training file's quality")
@@ -301,6 +286,11 @@ class Run:
                    "sandbox": summarise_isolation(r for results in outcomes.values() for r in results),
                    "config_hash": config_hash(self.config.to_dict()), "spd_lens_version": spd_lens.__version__,
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        previous = self.out / "metrics.json"
+        if previous.is_file() and (self.out / "report.html").is_file():
+            kept = read_json_object(previous, "a run's metrics")
+            if canonical({**kept, "finished": None}) == canonical({**metrics, "finished": None}):
+                return kept  # nothing changed: the files stay byte for byte as they were
         write_json(self.out / "metrics.json", metrics)
         write_run_report(self.out)
         return metrics
@@ -355,7 +345,8 @@ class Run:
         for other in self.reuse:
             theirs = read_json_object(other / "config.json", "a run's resolved config")
             source = other / "eval" / f"{stem}.json"
-            differences = setting_differences(theirs, mine, sections)
+            differences = settings_differences(_result_settings(theirs, sections), _result_settings(mine, sections),
+                                               recorded="run has")
             if differences or not source.is_file():
                 reasons[str(other)] = differences or [f"no finished evaluation {source.name}"]
                 continue
@@ -404,11 +395,12 @@ class Run:
         resolved = self.config.to_dict()
         if path.is_file():
             # Adding methods to a finished run is fine; changing what they share is not.
-            previous = {k: v for k, v in json.loads(path.read_text()).items()
-                        if k not in ("methods", "sandbox", "spd_lens_version")}
-            changed = setting_differences(previous, {k: v for k, v in resolved.items() if k not in ("methods", "sandbox")})
+            previous = read_json_object(path, "a run's resolved config")
+            ignored = ("methods", "sandbox")  # what is run, and how code runs: not what a result is
+            changed = settings_differences({k: previous.get(k) for k in resolved if k not in ignored},
+                                           {k: v for k, v in resolved.items() if k not in ignored}, recorded="run has")
             if changed:
-                raise SpdLensError(f"{self.out} holds a run with another config ({'; '.join(changed)}); "
+                raise SpdLensError(f"{self.out} holds a run with another config (differs in {'; '.join(changed)}); "
                                    "use another --out or the same config")
         write_json(path, {**resolved, "spd_lens_version": spd_lens.__version__})
 

@@ -14,19 +14,24 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 import spd_lens
+from spd_lens.artifacts import check_same_settings, read_json_object
 from spd_lens.errors import SpdLensError
 from spd_lens.gradients import KINDS, GradientBatch, Progress, check_layers, iterate_gradients
 from spd_lens.models import hf_model_of, model_id
-from spd_lens.subspace import CapabilitySubspace, RankPolicy, config_hash
+from spd_lens.subspace import META_FILE, CapabilitySubspace, RankPolicy, config_hash
 from spd_lens.tasks import EncodedExample, Example, Task, get_task, locate_spans
+from spd_lens.tasks.base import check_unique_ids
 
 
 class GramAccumulator:
@@ -56,7 +61,16 @@ class GramAccumulator:
 
 
 def encode_examples(model, task_or_examples, *, n, split, seed, tokenizer, task_options=None):
-    """(task name, encoded examples) from a task name, a Task, Examples or EncodedExamples."""
+    """(task name, encoded examples) from a task name, a Task, Examples or EncodedExamples.
+
+    Repeated example ids are an error naming the id (results are keyed by id)."""
+    task_name, encoded = _encode_examples(model, task_or_examples, n=n, split=split, seed=seed, tokenizer=tokenizer,
+                                          task_options=task_options)
+    check_unique_ids([e.example_id for e in encoded])
+    return task_name, encoded
+
+
+def _encode_examples(model, task_or_examples, *, n, split, seed, tokenizer, task_options=None):
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
     if isinstance(task_or_examples, (str, Task)):
         task = get_task(task_or_examples, **(task_options or {}))
@@ -101,12 +115,17 @@ def extract_subspace(
     tokenizer=None,
     task_options: dict | None = None,
     progress: Progress | None = None,
+    out: str | Path | None = None,
 ) -> CapabilitySubspace:
     """The capability subspace of `model` for a task (SPD steps 1-3).
 
     `layers` defaults to {L//2, L-1}; the rank policy is one of `rank`, `rank_frac` (default 0.5
     of the numerical rank) or `energy`; `loss="full"` takes the full-sequence loss (the ablation).
     Works on a `TransformerBridge` (hook_k/hook_v backward hooks) or a plain HF model (faster).
+
+    With `out`, the subspace is saved there; a directory already holding one made with the same
+    settings (`EXTRACTION_SETTINGS`) is loaded instead (no gradients taken), and one made with
+    other settings is refused, naming them.
     """
     policy = RankPolicy.make(rank, rank_frac, energy)
     shape = model_shape(model)
@@ -117,6 +136,16 @@ def extract_subspace(
     torch.manual_seed(seed)
     task_name, encoded = encode_examples(model, task_or_examples, n=n, split=split, seed=seed, tokenizer=tokenizer,
                                          task_options=task_options)
+    settings = {"model_id": model_id(model), "task": task_name, "n": len(encoded), "split": split, "seed": seed,
+                "layers": layers, "loss": loss, "batch_size": batch_size, "examples_sha256": examples_hash(encoded)}
+    if out is not None and (Path(out) / META_FILE).is_file():
+        saved = read_json_object(Path(out) / META_FILE, "a subspace's metadata")
+        # Settings a subspace saved by an earlier version does not record are not compared.
+        recorded = [k for k in EXTRACTION_SETTINGS if k in saved]
+        current = {**settings, "rank_policy": policy.describe()}
+        check_same_settings({k: saved[k] for k in recorded}, {k: current[k] for k in recorded}, str(out),
+                            "Use another --out or the same settings", recorded="directory has")
+        return CapabilitySubspace.load(out, model)
     known_tokenizer = tokenizer or getattr(model, "tokenizer", None)
     pad_id = known_tokenizer.pad_token_id if known_tokenizer is not None else None
     started = time.time()
@@ -125,10 +154,22 @@ def extract_subspace(
                                    progress=progress):
         accumulator.add(batch)
     accumulator.check()
-    settings = {"model_id": model_id(model), "task": task_name, "n": len(encoded), "split": split, "seed": seed,
-                "layers": layers, "loss": loss, "batch_size": batch_size}
     meta = {**settings, **shape, "kinds": list(KINDS), "n_rows": accumulator.n_rows,
             "example_ids": [e.example_id for e in encoded], "spd_lens_version": spd_lens.__version__,
             "config_hash": config_hash({**settings, "policy": policy.describe()}),
             "seconds": round(time.time() - started, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return CapabilitySubspace.from_grams(accumulator.grams, meta, policy)
+    subspace = CapabilitySubspace.from_grams(accumulator.grams, meta, policy)
+    if out is not None:
+        subspace.save(out)
+    return subspace
+
+
+# What a saved subspace must share with a new extraction for the saved one to be reused.
+EXTRACTION_SETTINGS = ("model_id", "task", "n", "split", "seed", "layers", "loss", "batch_size", "examples_sha256",
+                       "rank_policy")
+
+
+def examples_hash(encoded: Sequence[EncodedExample]) -> str:
+    """A short hash of the examples (ids, tokens, correctness masks): names the data a result was made from."""
+    rows = [[e.example_id, e.input_ids, [int(x) for x in e.correctness_mask]] for e in encoded]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]

@@ -24,7 +24,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from spd_lens.errors import SpdLensError
-from spd_lens.tasks.base import EncodedExample
+from spd_lens.tasks.base import EncodedExample, check_unique_ids
 
 KINDS = ("k", "v")
 LOSSES = ("correctness", "full")
@@ -108,6 +108,7 @@ def iterate_gradients(
         raise SpdLensError(f"batch_size must be at least 1, got {batch_size}")
     if not encoded:
         raise SpdLensError("no examples to take gradients on")
+    check_unique_ids([e.example_id for e in encoded])  # batches name their rows by example id
     pad_id = pad_id if pad_id is not None else (hf.config.pad_token_id or 0)
     # Batch examples of similar length: padding costs quadratic attention time. Sums over
     # examples (what the subspace needs) do not depend on the order.

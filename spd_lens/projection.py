@@ -37,7 +37,7 @@ from torch import Tensor
 from spd_lens.errors import SpdLensError
 from spd_lens.gradients import KINDS
 from spd_lens.models import hf_model_of
-from spd_lens.subspace import FLAT, CapabilitySubspace
+from spd_lens.subspace import FLAT, CapabilitySubspace, derivation
 
 LAYOUTS = ("flat", "head")
 
@@ -105,12 +105,20 @@ class Projection:
         return cls(subspace, settings, maps)
 
     def provenance(self) -> dict:
+        """What this projection is, as recorded with every output made under it: the subspace's id
+        (its parent and derivation where it was derived, a selection of heads included), task,
+        model, rank policy and ranks, and the settings."""
         meta = self.subspace.meta
         ranks = {f"layer{layer}.{kind}": self.subspace.rank(layer, kind, FLAT) for layer, kind in self.maps}
         if self.settings.layout == "head":
             ranks = {f"layer{layer}.{kind}.head{h}": self.subspace.rank(layer, kind, h) for layer, kind in self.maps
                      for h in (self.settings.heads or range(self.subspace.n_kv_heads))}
-        return {"subspace_id": meta.get("config_hash"), "subspace_task": meta.get("task"),
+        ids = {"config_hash": meta.get("config_hash"), "parent_id": meta.get("parent_id"),
+               "derivation": meta.get("derivation")}
+        if self.settings.heads is not None:  # a selection of heads is a subspace of its own
+            ids = derivation(ids["config_hash"], f"heads({list(self.settings.heads)})")
+        return {"subspace_id": ids["config_hash"], "subspace_parent": ids["parent_id"],
+                "subspace_derivation": ids["derivation"], "subspace_task": meta.get("task"),
                 "subspace_model": meta.get("model_id"), "rank_policy": meta.get("rank_policy"), "ranks": ranks,
                 **self.settings.as_dict()}
 
@@ -124,7 +132,9 @@ class Projection:
             handle.remove()
 
     def attach(self, model) -> "ProjectionHandle":
-        """Install the hooks and return a handle whose `remove()` takes exactly them off."""
+        """Install the hooks and return a handle whose `remove()` takes exactly them off.
+
+        The model knows it is projected: see `active_projections`."""
         self.subspace.check_compatible(model)
         if hasattr(model, "original_model"):
             handles = []
@@ -137,7 +147,9 @@ class Projection:
             for (layer, kind), matrix in self.maps.items():
                 module = getattr(attention[layer].self_attn, f"{kind}_proj")
                 handles.append(module.register_forward_hook(_linear_hook(matrix)))
-        return ProjectionHandle(handles)
+        handle = ProjectionHandle(handles, self, _registry(model))
+        handle._registry.append(handle)
+        return handle
 
 
 class _LensRemover:
@@ -150,21 +162,98 @@ class _LensRemover:
         self.lens_handle.hook.remove()
         self.hook_point.fwd_hooks = [h for h in self.hook_point.fwd_hooks if h is not self.lens_handle]
 
+    def present(self) -> bool:
+        return _hook_present(self.lens_handle.hook)
+
+
+def _hook_present(handle) -> bool:
+    """Whether a torch hook handle's hook is still registered (not removed by anyone)."""
+    if isinstance(handle, _LensRemover):
+        return handle.present()
+    hooks = handle.hooks_dict_ref()
+    return hooks is not None and handle.id in hooks
+
 
 class ProjectionHandle:
-    """Removes the hooks one `Projection.attach` installed (and no others)."""
+    """Removes the hooks one `Projection.attach` installed (and no others); `provenance()` says
+    what they project."""
 
-    def __init__(self, handles: list):
+    def __init__(self, handles: list, projection: "Projection | None" = None, registry: list | None = None):
         self._handles = handles
+        self.projection = projection
+        self._registry = registry if registry is not None else []
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._registry[:] = [h for h in self._registry if h is not self]
 
     @property
     def active(self) -> bool:
-        return bool(self._handles)
+        """Whether every hook is still on the model (`model.reset_hooks()` takes bridge hooks off)."""
+        return bool(self._handles) and all(_hook_present(h) for h in self._handles)
+
+    def provenance(self) -> dict:
+        """The attached projection's `Projection.provenance()`."""
+        if self.projection is None:
+            raise SpdLensError("this handle was made without its Projection, so it cannot say what it projects")
+        return self.projection.provenance()
+
+
+_REGISTRY = "_spd_lens_projections"
+
+
+def _registry(model) -> list:
+    """The handles of projections attached to `model`, kept on its Hugging Face module (which a
+    bridge shares with its `original_model`, so both see the same list)."""
+    hf = hf_model_of(model)
+    if _REGISTRY not in hf.__dict__:
+        hf.__dict__[_REGISTRY] = []
+    return hf.__dict__[_REGISTRY]
+
+
+def active_projections(model) -> list[ProjectionHandle]:
+    """The projections whose hooks are on `model` now, in the order they were attached.
+
+    Read from the hooks themselves: a projection taken off by its handle, by leaving `project()`,
+    or by `model.reset_hooks()` is not listed. A projection with only some of its hooks left
+    is an error (its outputs would be neither projected nor plain).
+
+    Example:
+        >>> from spd_lens import load_model, extract_subspace
+        >>> model = load_model("tiny")
+        >>> subspace = extract_subspace(model, "arithmetic", n=2, rank=4)
+        >>> with project(model, subspace) as handle:
+        ...     active_projections(model) == [handle]
+        True
+        >>> active_projections(model)
+        []
+    """
+    registry = _registry(model)
+    live = []
+    for handle in registry:
+        present = [_hook_present(h) for h in handle._handles]
+        if all(present) and present:
+            live.append(handle)
+        elif any(present):
+            raise SpdLensError(
+                f"a projection on this model has lost {present.count(False)} of its {len(present)} hooks (some hook "
+                "points were cleared): its outputs would be only partly projected; call its handle's remove() "
+                "(or model.reset_hooks()) and attach it again")
+    registry[:] = live
+    return list(live)
+
+
+def projection_provenance(model) -> dict | list[dict] | None:
+    """What projects `model`'s keys and values now, as generation records it: None, one
+    projection's provenance, or a list of them (folded into the weights first, then the attached
+    ones in order)."""
+    hf = hf_model_of(model)
+    folded = getattr(hf.config, "spd_lens_projection", None)
+    found = list(folded) if isinstance(folded, list) else [folded] if folded else []
+    found += [handle.provenance() for handle in active_projections(model)]
+    return None if not found else found[0] if len(found) == 1 else found
 
 
 def _apply_map(flat: Tensor, matrix: Tensor) -> Tensor:
@@ -193,6 +282,8 @@ def project(model, subspace: CapabilitySubspace, *, layers: Sequence[int] | None
 
     Works on a TransformerBridge (hooks on `hook_k`/`hook_v`, also active during
     `model.original_model.generate`) and on a plain HF model (hooks on `k_proj`/`v_proj`).
+    Yields the `ProjectionHandle`; while inside, `active_projections(model)` lists it and
+    `generate_jsonl` records `handle.provenance()` with every output.
     """
     projection = Projection.build(subspace, layers=layers, kinds=kinds, layout=layout, heads=heads, alpha=alpha)
     with projection.apply(model) as handle:
@@ -205,7 +296,11 @@ def fold_projection(model, projection: Projection):
         raise SpdLensError("fold on the plain model from spd_lens.load_hf, not a TransformerBridge "
                            "(booting rewires the modules, so a booted copy cannot be saved as a plain checkpoint)")
     projection.subspace.check_compatible(model)
+    if active_projections(model):
+        raise SpdLensError("the model has projection hooks attached: a folded copy would carry them too; fold the "
+                           "model without hooks (leave `project()` or call the handle's remove() first)")
     folded = copy.deepcopy(model)
+    folded.__dict__.pop(_REGISTRY, None)  # the copy's projections are in its weights (recorded below), not hooks
     attention = folded.model.layers
     with torch.no_grad():
         for (layer, kind), matrix in projection.maps.items():
@@ -214,7 +309,10 @@ def fold_projection(model, projection: Projection):
             linear.weight.copy_((m @ linear.weight.double()).to(linear.weight.dtype))
             if linear.bias is not None:
                 linear.bias.copy_((m @ linear.bias.double()).to(linear.bias.dtype))
-    folded.config.spd_lens_projection = projection.provenance()
+    earlier = getattr(model.config, "spd_lens_projection", None)  # a model folded before
+    earlier = list(earlier) if isinstance(earlier, list) else [earlier] if earlier else []
+    now = {**projection.provenance(), "folded": True}
+    folded.config.spd_lens_projection = [*earlier, now] if earlier else now
     return folded
 
 

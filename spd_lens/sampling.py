@@ -12,11 +12,15 @@ that a cut-off text is never taught as a finished answer.
 `finish_reason` and `completion_tokens`), into
 `OUT.partial` batch by batch (each batch one write + fsync), renamed to `OUT` when complete.
 Rerunning the same command resumes: records of prompts already complete are kept, a torn tail is
-dropped, and nothing is duplicated. Settings that differ from the file's are refused.
+dropped, and nothing is duplicated; a finished file is left untouched. Each record's `settings`
+name the model, task, prompts, sampling settings and the projection active on the model (read
+from the model itself: hooks attached with `project()` / `Projection.attach`, or folded weights),
+and settings that differ from the file's, the projection included, are refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -26,10 +30,13 @@ from pathlib import Path
 import torch
 
 import spd_lens
+from spd_lens.artifacts import canonical, check_same_settings
 from spd_lens.chat import cut_at_stop, encode, end_of_turn_ids, messages, render_prompt, stop_strings
 from spd_lens.errors import SpdLensError
 from spd_lens.models import hf_model_of, model_id
+from spd_lens.projection import projection_provenance
 from spd_lens.tasks import Example
+from spd_lens.tasks.base import check_unique_ids
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,8 @@ class SamplingConfig:
             (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
+            (self.num_samples == 1 or self.temperature > 0,
+             f"num_samples={self.num_samples} needs sampling (temperature > 0): greedy decoding gives one completion"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
         ]
         for ok, message in checks:
@@ -125,9 +134,25 @@ def _read_records(path: Path) -> list[dict]:
     return records
 
 
-def _settings_differences(old: dict, new: dict) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: file has {old.get(k)!r}, now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+def prompts_hash(examples: Sequence[Example]) -> str:
+    """A short hash of the prompts (ids and text): names the prompts a file was generated for."""
+    return hashlib.sha256(json.dumps([[e.id, e.prompt] for e in examples]).encode()).hexdigest()[:16]
+
+
+def generation_settings(model, examples: Sequence[Example], config: SamplingConfig, *, task: str,
+                        provenance: dict | None = None) -> dict:
+    """The `settings` each record of `generate_jsonl` carries, in canonical (JSON) form.
+
+    `projection` is read from the model (`spd_lens.projection.projection_provenance`); a
+    `provenance["projection"]` that disagrees with it is an error."""
+    given = dict(provenance or {})
+    projection = projection_provenance(model)
+    if "projection" in given and canonical(given["projection"]) != canonical(projection):
+        raise SpdLensError(f"provenance names the projection {given['projection']!r}, but the model is projected by "
+                           f"{projection!r}: the projection is read from the model; leave it out of provenance")
+    given["projection"] = projection
+    return canonical({"model": model_id(model), "task": task, **asdict(config), "n_prompts": len(examples),
+                      "prompts_sha256": prompts_hash(examples), **given, "spd_lens_version": spd_lens.__version__})
 
 
 def generate_jsonl(
@@ -150,8 +175,8 @@ def generate_jsonl(
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise SpdLensError(f"cannot create the directory of {str(out)!r}: {err}") from err
-    settings = {"model": model_id(model), "task": task, **asdict(config), **(provenance or {}),
-                "spd_lens_version": spd_lens.__version__}
+    check_unique_ids([e.id for e in examples])  # records and resumed batches are keyed by prompt id
+    settings = generation_settings(model, examples, config, task=task, provenance=provenance)
     # Only whole batches are kept on resume: a batch's output depends on its members (padding,
     # random stream), so a batch is regenerated whole or not at all.
     batch_of = {e.id: i // config.batch_size for i, e in enumerate(examples)}
@@ -159,11 +184,10 @@ def generate_jsonl(
     kept: list[dict] = []
     if existing is not None:
         records = _read_records(existing)
+        for record in records[:1]:
+            check_same_settings(record.get("settings", {}), settings, str(existing),
+                                "Use another output path or the same settings")
         if records:
-            differences = _settings_differences(records[0].get("settings", {}), settings)
-            if differences:
-                raise SpdLensError(f"{existing} was made with other settings; refusing to mix ({'; '.join(differences)}). "
-                                   "Use another output path or the same settings")
             # Same ids, other prompt text: another number of shots (or prompt wording).
             prompts = {e.id: e.prompt for e in examples}
             stale = next((r["prompt_id"] for r in records if r.get("prompt_id") in prompts
@@ -177,6 +201,8 @@ def generate_jsonl(
             keys = [(pid, k) for pid in members for k in range(config.num_samples)]
             if all(key in by_key for key in keys):
                 kept.extend(by_key[key] for key in keys)
+        if existing == out and kept == records and len(kept) == len(examples) * config.num_samples:
+            return out  # finished with these settings: nothing to do, the file stays as it is
         _rewrite(partial, kept)
         if existing == out:
             out.unlink()

@@ -138,13 +138,19 @@ class CapabilitySubspace:
                 grams[(layer, kind)] = rows.T @ rows
         if not grams:
             raise SpdLensError(f"the cache holds none of the layers {layers}: it has {cache.layers}")
-        meta = {**cache.meta, "layers": sorted({layer for layer, _ in grams}), "n_rows": int(cache.attention_mask.sum()),
-                "example_ids": cache.example_ids, "source": "gradient_cache"}
-        return cls(grams, meta, RankPolicy.make(rank, rank_frac, energy))
+        policy = RankPolicy.make(rank, rank_frac, energy)
+        chosen = sorted({layer for layer, _ in grams})
+        meta = {**cache.meta, "layers": chosen, "n_rows": int(cache.attention_mask.sum()),
+                "example_ids": cache.example_ids, "source": "gradient_cache",
+                **derivation(cache.meta.get("config_hash"), f"from_cache(layers={chosen}, {policy.describe()})")}
+        return cls(grams, meta, policy)
 
     def with_rank(self, rank: int | None = None, frac: float | None = None, energy: float | None = None):
-        """The same subspace under another rank policy (no new gradients needed)."""
-        return CapabilitySubspace(self.grams, self.meta, RankPolicy.make(rank, frac, energy))
+        """The same subspace under another rank policy (no new gradients needed); its own id names
+        this one as its parent (`parent_id`, `derivation`)."""
+        policy = RankPolicy.make(rank, frac, energy)
+        meta = {**self.meta, **derivation(self.meta.get("config_hash"), f"with_rank({policy.describe()})")}
+        return CapabilitySubspace(self.grams, meta, policy)
 
     # --- what it holds ----------------------------------------------------------------------
 
@@ -311,7 +317,8 @@ def random_like(subspace: CapabilitySubspace, seed: int = 0) -> CapabilitySubspa
         dim = gram.shape[0]
         q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
         grams[key] = q @ torch.diag(torch.linspace(2.0, 1.0, dim, dtype=torch.float64)) @ q.T
-    meta = {**subspace.meta, "random_seed": seed, "source": "random", "task": f"random({subspace.meta.get('task')})"}
+    meta = {**subspace.meta, "random_seed": seed, "source": "random", "task": f"random({subspace.meta.get('task')})",
+            **derivation(subspace.meta.get("config_hash"), f"random_like(seed={seed})")}
     result = CapabilitySubspace(grams, meta, subspace.policy)
     result._ranks = dict(subspace._ranks)
     return result
@@ -319,3 +326,17 @@ def random_like(subspace: CapabilitySubspace, seed: int = 0) -> CapabilitySubspa
 
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def derivation(parent_id: str | None, how: str) -> dict:
+    """The id of a subspace derived from the one with id `parent_id` by `how` (e.g.
+    `"random_like(seed=0)"`), with its parent and derivation beside it: metadata keys
+    `config_hash`, `parent_id`, `derivation`.
+
+    Example:
+        >>> d = derivation("0123456789ab", "with_rank(rank=4)")
+        >>> d["parent_id"], d["derivation"], d["config_hash"] != "0123456789ab"
+        ('0123456789ab', 'with_rank(rank=4)', True)
+    """
+    return {"config_hash": config_hash({"parent_id": parent_id, "derivation": how}), "parent_id": parent_id,
+            "derivation": how}

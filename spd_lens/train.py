@@ -29,11 +29,12 @@ import torch
 
 import spd_lens
 from spd_lens.chat import encode_conversation
-from spd_lens.artifacts import read_json_object
+from spd_lens.artifacts import canonical, check_same_settings, read_json_object, sha256_file
 from spd_lens.errors import SpdLensError
 from spd_lens.tasks.records import read_jsonl
 
 DONE_FILE = "train.json"
+SETTINGS_FILE = "settings.json"  # in each checkpoint: a resume with other settings is refused
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -205,7 +206,9 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
                    progress: Callable | None = None, provenance: dict | None = None) -> Path:
     """Fine-tune `model_name` on `data`, saving into `out` (adapter/ or model/, plus train.json).
 
-    A finished `out` (train.json present) is returned as is; an interrupted one resumes.
+    A finished `out` (train.json present) made with the same settings (`training_settings`: base
+    model, the data's content, the config) is returned as is; an interrupted one resumes from its
+    last checkpoint. Either made with other settings is refused, naming them.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -214,9 +217,19 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
     from spd_lens.models import load_hf
 
     out = Path(out)
-    if (out / DONE_FILE).is_file():
-        return out
     pairs = read_training_records(data)
+    settings = training_settings(model_name, data, config)
+    if (out / DONE_FILE).is_file():
+        record = read_json_object(out / DONE_FILE, "a training run's record")
+        # A record written before settings were kept names the base model and the config.
+        old = record.get("settings") or {"base_model": record.get("base_model"), "config": record.get("config")}
+        check_same_settings(old, {k: settings[k] for k in old}, str(out), "Use another --out or the same settings",
+                            recorded="directory has")
+        return out
+    resume = _last_checkpoint(out)
+    if resume is not None and (resume[1] / SETTINGS_FILE).is_file():
+        check_same_settings(read_json_object(resume[1] / SETTINGS_FILE, "a checkpoint's settings"), settings,
+                            str(resume[1]), "Use another --out or the same settings", recorded="checkpoint has")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=config.grad_accum)
     set_seed(config.seed)
     model, tokenizer = load_hf(model_name)
@@ -238,7 +251,6 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
 
     step = 0
     losses: list[float] = []  # per optimizer step, averaged over micro-batches and processes
-    resume = _last_checkpoint(out)
     if resume is not None:
         step, checkpoint = resume
         accelerator.load_state(str(checkpoint))
@@ -283,7 +295,7 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 if step % config.checkpoint_every == 0 and step < total_steps:
-                    _save_checkpoint(accelerator, out, step, losses)
+                    _save_checkpoint(accelerator, out, step, settings, losses)
                 if step >= total_steps or step % steps_per_epoch == 0:
                     break
     if bar is not None and hasattr(bar, "close"):
@@ -302,6 +314,7 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
         unfinished = sum(not r.finished for r in pairs)
         record = {"base_model": model_name, "data": str(data), "n_records": len(pairs),
                   "n_unfinished": unfinished, "n_trained": len(features), "config": asdict(config),
+                  "settings": settings,
                   "steps": total_steps, "processes": accelerator.num_processes,
                   "per_process_batch_size": config.batch_size,
                   "global_batch_size": config.batch_size * config.grad_accum * accelerator.num_processes,
@@ -317,12 +330,18 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
     return out
 
 
-def _save_checkpoint(accelerator, out: Path, step: int, losses: list[float]) -> None:
+def training_settings(model_name: str, data: str | Path, config: TrainConfig) -> dict:
+    """What a trained directory must share with a new call to be reused or resumed (canonical form)."""
+    return canonical({"base_model": model_name, "data_sha256": sha256_file(data), "config": asdict(config)})
+
+
+def _save_checkpoint(accelerator, out: Path, step: int, settings: dict, losses: list[float]) -> None:
     directory = out / "checkpoints" / f"step-{step}"
     accelerator.save_state(str(directory))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (directory / "losses.json").write_text(json.dumps(losses))
+        (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
         (directory / "complete").write_text(str(step))
         for older in (out / "checkpoints").glob("step-*"):  # keep only the newest complete one
             if older != directory:

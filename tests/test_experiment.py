@@ -57,7 +57,7 @@ def test_spd_trains_on_projected_generations(tmp_path):
 def test_a_run_directory_refuses_another_config(tmp_path):
     run_experiment(config_from_dict({**TINY, "seeds": [0], "methods": ["base"]}), tmp_path)
     changed = {**TINY, "seeds": [0], "methods": ["base"], "task": {**TINY["task"], "eval_n": 6}}
-    with pytest.raises(SpdLensError, match=r"another config \(task.eval_n: 5 -> 6\)"):
+    with pytest.raises(SpdLensError, match=r"another config \(differs in task.eval_n: run has 5, now 6\)"):
         run_experiment(config_from_dict(changed), tmp_path)
 
 
@@ -219,8 +219,8 @@ def test_reuse_decisions_are_logged_and_ignore_settings_without_effect(tmp_path)
     logged.clear()
     metrics = run_experiment(config_from_dict(other), tmp_path / "other", reuse=[first], log=logged.append)
     why = metrics["reuse"]["base"]["why"][str(first)]
-    assert metrics["reuse"]["base"]["reused"] is False and why == ["eval.max_new_tokens: 8 -> 6"]
-    assert any("not reusing base" in m and "eval.max_new_tokens: 8 -> 6" in m for m in logged)
+    assert metrics["reuse"]["base"]["reused"] is False and why == ["eval.max_new_tokens: run has 8, now 6"]
+    assert any("not reusing base" in m and "eval.max_new_tokens: run has 8, now 6" in m for m in logged)
 
 
 def test_interrupted_stage_time_is_kept_apart(tmp_path, monkeypatch):

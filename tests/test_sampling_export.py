@@ -1,7 +1,9 @@
 
 import pytest
 
-from spd_lens import SpdLensError, get_task
+from spd_lens import SpdLensError, extract_subspace, get_task
+from spd_lens.artifacts import canonical
+from spd_lens.projection import project
 from spd_lens.cli import main as cli
 from spd_lens.models import load_hf
 from spd_lens.sampling import SamplingConfig, generate_jsonl
@@ -19,8 +21,10 @@ def test_export_format_and_provenance(tmp_path, tiny):
     model, tokenizer = tiny
     examples = get_task("arithmetic").examples("train", n=3, seed=0)
     config = SamplingConfig(temperature=0.7, max_new_tokens=6, num_samples=2, seed=5, batch_size=2)
-    out = generate_jsonl(model, tokenizer, examples, tmp_path / "g.jsonl", config, task="arithmetic",
-                         provenance={"projection": {"alpha": 1.0}})
+    subspace = extract_subspace(model, "arithmetic", n=2, tokenizer=tokenizer)
+    with project(model, subspace, alpha=0.5) as handle:  # recorded from the model, not passed in
+        out = generate_jsonl(model, tokenizer, examples, tmp_path / "g.jsonl", config, task="arithmetic",
+                             provenance={"method": "spd"})
     records = read_records(out)
     assert len(records) == 6 and not (tmp_path / "g.jsonl.partial").exists()
     first = records[0]
@@ -29,7 +33,8 @@ def test_export_format_and_provenance(tmp_path, tiny):
     assert {first["id"], first["task"], first["prompt_id"], first["sample_index"]} == {f"{examples[0].id}#0", "arithmetic", examples[0].id, 0}
     settings = first["settings"]
     assert settings["model"] == "tiny" and settings["seed"] == 5 and settings["temperature"] == 0.7
-    assert settings["projection"] == {"alpha": 1.0} and "spd_lens_version" in settings
+    assert settings["projection"] == canonical(handle.provenance()) and settings["projection"]["alpha"] == 0.5
+    assert settings["method"] == "spd" and "spd_lens_version" in settings
     assert sorted((r["prompt_id"], r["sample_index"]) for r in records) == sorted(
         (e.id, k) for e in examples for k in range(2))
 
@@ -61,6 +66,9 @@ def test_hooked_and_folded_generation_agree_on_the_default_model(tmp_path):
     common = ["generate", "--model", "smollm2-135m-instruct", "--task", "arithmetic", "--n", "4", "--subspace",
               str(sub), "--temperature", "0", "--max-new-tokens", "32"]
     assert cli([*common, "--out", str(tmp_path / "A.jsonl")]) == 0
+    before = (tmp_path / "A.jsonl").read_bytes()
+    assert cli([*common, "--out", str(tmp_path / "A.jsonl")]) == 0  # projected output resumes (layers 15, 29)
+    assert (tmp_path / "A.jsonl").read_bytes() == before
     assert cli([*common, "--fold", "--out", str(tmp_path / "B.jsonl")]) == 0
     a, b = read_records(tmp_path / "A.jsonl"), read_records(tmp_path / "B.jsonl")
     assert len(a) == len(b) == 4

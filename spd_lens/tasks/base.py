@@ -78,6 +78,17 @@ def check_split(split: str) -> str:
     return split
 
 
+def check_unique_ids(ids, what: str = "examples") -> None:
+    """Refuse a list of examples in which an id repeats: results are keyed by id, so a repeated
+    one would silently overwrite (or drop) another example's rows."""
+    seen: set[str] = set()
+    for example_id in ids:
+        if example_id in seen:
+            raise SpdLensError(f"the {what} repeat the id {example_id!r}: every example needs its own id "
+                               "(results are stored by id); drop the repeat or give it another id")
+        seen.add(example_id)
+
+
 class Task(ABC):
     """A capability to calibrate on and evaluate. Subclasses implement `_examples` and `score`."""
 
