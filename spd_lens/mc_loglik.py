@@ -4,7 +4,8 @@ As evaluation harnesses score MMLU: the model reads the rendered prompt once, an
 the option whose label is the most probable next token at the answer position. Which token that
 is depends on the template. With a chat template the label is the first token of the assistant
 turn, written without a space ("A" after "<|im_start|>assistant\\n": the template ends the line;
-for SmolLM2-135M-Instruct "A" takes about 60% of the probability on family-mc, " A" under 0.02%).
+for SmolLM2-135M-Instruct the four letters take 87% of the next-token probability on 200 family-mc
+questions, " A" under 0.02% on the one looked at).
 With the plain "User: ...\\nAssistant: " prompt of models without a template, the prompt's
 trailing space moves into the label (" A"), the way the text tokenises had the model written it.
 Every label must be a single token there; a label that is not is an error naming it.

@@ -183,7 +183,7 @@ def _limits(mode: str, timeout: float, memory_mb: int) -> dict[str, int]:
 
 def _bwrap_command(python: str, strict: bool, network: bool, workdir: str, program_fd: int, info_fd: int) -> list[str]:
     command = [shutil.which("bwrap") or "bwrap", "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-               "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+               "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--as-pid-1",
                "--info-fd", str(info_fd)]
     if not network:
         command.append("--unshare-net")
