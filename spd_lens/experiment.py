@@ -39,7 +39,7 @@ import spd_lens
 from spd_lens.config import ExperimentConfig
 from spd_lens.errors import SpdLensError
 from spd_lens.artifacts import atomic_write, canonical, read_json_object, settings_differences, write_json
-from spd_lens.evaluate import evaluate, paired_difference, seeded_ci, training_data_quality
+from spd_lens.evaluate import evaluate, evaluate_mc, paired_difference, seeded_ci, training_data_quality
 from spd_lens.extract import extract_subspace
 from spd_lens.methods import METHOD_TABLE
 from spd_lens.models import load_hf
@@ -74,6 +74,26 @@ def _result_settings(config: dict, sections: Sequence[str]) -> dict:
         if isinstance(picked.get(section), dict):
             picked[section].pop(name, None)
     return picked
+
+
+def _loglik_summary(loglik: dict) -> dict:
+    """The figures of a log-likelihood multiple-choice reading that a run keeps."""
+    debiased = loglik["debiased"]
+    return {"accuracy": loglik["accuracy"], "ci": loglik["ci"], "choice_rates": loglik["choice_rates"],
+            "debiased_accuracy": debiased["accuracy"], "debiased_ci": debiased["ci"],
+            "consistent": debiased["consistent"], "debiased_choice_rates": debiased["choice_rates"],
+            "option_average_accuracy": debiased["option_average"]["accuracy"]}
+
+
+def _mean_loglik(per_seed: list[dict]) -> dict:
+    """Seed means of the log-likelihood figures (choice rates label by label)."""
+    mean = {}
+    for key, value in per_seed[0].items():
+        if isinstance(value, dict):
+            mean[key] = {label: sum(r[key].get(label, 0) for r in per_seed) / len(per_seed) for label in value}
+        elif isinstance(value, (int, float)):
+            mean[key] = sum(r[key] for r in per_seed) / len(per_seed)
+    return mean
 
 
 class Run:
@@ -219,9 +239,17 @@ class Run:
         provenance = {"method": method, "seed": seed}
 
         def run():
-            return evaluate(model, tokenizer, self.task, n=c.task.eval_n, split=c.task.eval_split, seed=0, config=config,
-                            generations=self.out / "eval" / f"{stem}.jsonl", provenance=provenance,
-                            progress=self._bar(f"eval {stem}"))
+            result = evaluate(model, tokenizer, self.task, n=c.task.eval_n, split=c.task.eval_split, seed=0,
+                              config=config, generations=self.out / "eval" / f"{stem}.jsonl", provenance=provenance,
+                              progress=self._bar(f"eval {stem}"))
+            extra = {}
+            if self.task.family == "mcqa":
+                # Beside the generated letter: the label log-likelihood, as asked and averaged over
+                # cyclic rotations of the options (no generation; a few forward passes).
+                mc = evaluate_mc(model, tokenizer, self.task, n=c.task.eval_n, split=c.task.eval_split, seed=0,
+                                 rotations=True, loglik=True, batch_size=c.eval.batch_size)
+                extra["loglik"] = _loglik_summary(mc["loglik"])
+            return result, extra
 
         self.log(f"evaluating {stem}")
         if spec.eval_hooks:
@@ -230,7 +258,8 @@ class Run:
                 result = self._timed("eval", run)
         else:
             result = self._timed("eval", run)
-        record = {**result.as_dict(), "method": method, "seed": seed}
+        result, extra = result
+        record = {**result.as_dict(), **extra, "method": method, "seed": seed}
         write_json(result_path, record)
         return record
 
@@ -264,6 +293,8 @@ class Run:
                 if spec.seeded else {},
                 "finish_reasons": dict(sorted(Counter(r.get("finish_reason", "unknown") for r in outcomes[method]).items())),
             }
+            if all("loglik" in r for r in per_seed):
+                methods[method]["loglik"] = _mean_loglik([r["loglik"] for r in per_seed])
             if len(seeds) < len(stored):
                 methods[method]["missing_seeds"] = [seed for seed, r in stored.items() if r is None]
             if spec.sampling is not None:
@@ -429,6 +460,13 @@ def format_table(metrics: dict) -> str:
         kinds = "  outcomes " + " ".join(f"{k}:{v}" for k, v in m["outcomes"].items()) if m.get("outcomes") else ""
         flag = SPREAD_FLAG if m.get("seed_spread_exceeds_ci") else ""
         rows.append(f"{name:<12} {m['score']:>7.3f}  [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]  {m['n']:>5}  {seeds}{answers}{kinds}{flag}")
+    scored = {name: m["loglik"] for name, m in metrics["methods"].items() if m.get("loglik")}
+    if scored:
+        rows += ["", f"{'log-likelihood':<14} {'as asked':>8}  {'rotated':>7}  {'opt.avg':>7}  choice rates as asked"]
+        for name, q in scored.items():
+            rates = " ".join(f"{label}:{rate:.2f}" for label, rate in q["choice_rates"].items())
+            rows.append(f"{name:<14} {q['accuracy']:>8.3f}  {q['debiased_accuracy']:>7.3f}  "
+                        f"{q['option_average_accuracy']:>7.3f}  {rates}")
     trained = {name: m["training_data"] for name, m in metrics["methods"].items() if m.get("training_data")}
     if trained:
         rows += ["", f"{'training data':<12} {'correct':>7}  {'cut off':>7}  {'tokens':>6}  {'n':>5}  correct per seed"]

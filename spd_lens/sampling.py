@@ -187,14 +187,6 @@ def generate_jsonl(
         for record in records[:1]:
             check_same_settings(record.get("settings", {}), settings, str(existing),
                                 "Use another output path or the same settings")
-        if records:
-            # Same ids, other prompt text: another number of shots (or prompt wording).
-            prompts = {e.id: e.prompt for e in examples}
-            stale = next((r["prompt_id"] for r in records if r.get("prompt_id") in prompts
-                          and (r.get("messages") or [{}])[0].get("content") != prompts[r["prompt_id"]]), None)
-            if stale is not None:
-                raise SpdLensError(f"{existing} holds another prompt for {stale!r} (other shots or wording); refusing "
-                                   "to mix. Use another output path or the same task settings")
         by_key = {(r.get("prompt_id"), r.get("sample_index")): r for r in records if r.get("prompt_id") in batch_of}
         for batch in sorted(set(batch_of.values())):
             members = [e.id for e in examples if batch_of[e.id] == batch]

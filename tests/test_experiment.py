@@ -113,6 +113,10 @@ def test_multiple_choice_runs_count_each_answer(tmp_path, capsys):
     assert "answers " in format_table(metrics)
     assert "share of each answer chosen" in (tmp_path / "report.html").read_text()
     assert "outcomes" not in metrics["methods"]["base"]  # multiple-choice failures are all of one kind
+    # Label log-likelihood beside the generated letter, as asked and over rotated options.
+    loglik = metrics["methods"]["base"]["loglik"]
+    assert 0 <= loglik["accuracy"] <= 1 and 0 <= loglik["debiased_accuracy"] <= 1
+    assert sum(loglik["choice_rates"].values()) == pytest.approx(1.0) and "log-likelihood" in format_table(metrics)
     math = run_experiment(config_from_dict({**TINY, "seeds": [0], "methods": ["base"]}), tmp_path / "math")
     assert "answers" not in math["methods"]["base"] and "outcomes" not in math["methods"]["base"]
 
