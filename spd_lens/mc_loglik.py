@@ -69,7 +69,8 @@ def choice_query(tokenizer: PreTrainedTokenizerBase, example: Example) -> Choice
     return ChoiceQuery(example, context_ids, label_ids)
 
 
-def answer_logprobs(model, ids: Int[Tensor, "batch pos"], attention: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch vocab"]:
+def answer_logprobs(model, ids: Int[Tensor, "batch pos"],
+                    attention: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch vocab"]:
     """Log-probabilities of the next token after each left-padded row."""
     hf = hf_model_of(model)
     # Positions count from each row's first real token, as in generation.

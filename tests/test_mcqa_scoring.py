@@ -162,7 +162,8 @@ def test_loglik_reads_the_label_token_at_the_answer_position():
             assert row["logprobs"][label] == pytest.approx(float(expected[token]), abs=1e-4)
         assert row["chosen"] == max(row["logprobs"], key=row["logprobs"].get)
         assert row["passed"] == (row["chosen"] == example.target) and row["prompt_id"] == example.id
-        assert row["label_mass"] == pytest.approx(sum(float(expected[tok.convert_tokens_to_ids(x)].exp()) for x in ABCD))
+        mass = sum(float(expected[tok.convert_tokens_to_ids(label)].exp()) for label in ABCD)
+        assert row["label_mass"] == pytest.approx(mass)
     bridge = load_model("tiny")
     through_bridge = loglik_choices(bridge, bridge.tokenizer, examples, batch_size=2)
     assert [r["chosen"] for r in through_bridge] == [r["chosen"] for r in batched]

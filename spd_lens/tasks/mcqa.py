@@ -41,7 +41,8 @@ _STATED = (r"(?i:\banswer\b(?:\s+(?:is|would\s+be|will\s+be))?|\b(?:option|choic
            r"(?:\s+(?:is|would\s+be|will\s+be))?)\s*:?\s*(?:(?i:option|letter|choice)\s+)?" + _OPEN + "({labels})"
            + r"(?=[)\]:*,]|\.(?![0-9]|[A-Za-z]\.)|\s*$)")
 # ... or the other way round: "A is the only correct answer", "(B) would be the answer".
-_STATED_AFTER = _OPEN + "({labels})" + r"[)\]*]*\s+(?i:is|would\s+be)\s+((?:[\w-]+\s+){{0,3}}?)(?i:answer|option|choice)\b"
+_STATED_AFTER = (_OPEN + "({labels})"
+                 + r"[)\]*]*\s+(?i:is|would\s+be)\s+((?:[\w-]+\s+){{0,3}}?)(?i:answer|option|choice)\b")
 _NEGATION = re.compile(r"(?i)\b(?:not|no|never|wrong|incorrect)\b")
 
 
