@@ -55,8 +55,9 @@ def token_gradient_figure(cache, tokenizer, *, example: int = 0, layer: int, kin
                                     else ""))
             else:
                 z[-1].append(None), text[-1].append(""), hover[-1].append("")
-    figure = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}", hovertext=hover, hoverinfo="text",
-                                  colorscale="Viridis", colorbar={"title": "|dL/d" + kind.upper() + "|"}))
+    figure = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}", textfont={"size": 10}, hovertext=hover,
+                                  hoverinfo="text", colorscale="Viridis",
+                                  colorbar={"title": "|dL/d" + kind.upper() + "|"}))
     for p in (p for p in range(length) if correct[p]):
         r, c = divmod(p, width)
         figure.add_shape(type="rect", x0=c - 0.5, x1=c + 0.5, y0=r - 0.5, y1=r + 0.5,
@@ -64,10 +65,10 @@ def token_gradient_figure(cache, tokenizer, *, example: int = 0, layer: int, kin
     where = "all KV heads" if head is None else f"KV head {head}"
     figure.update_layout(
         title={"text": f"{cache.example_ids[example]}: gradient norm at layer {layer} {kind.upper()} ({where})<br>"
-                       "<sup>outlined = correctness tokens; bold = the positions that predict them (a token is "
+                       "<sup>outlined = correctness tokens; bold = the positions that predict them<br>(a token is "
                        "predicted from the position before it, so the last correctness token gets no gradient)</sup>"},
         yaxis={"autorange": "reversed", "showticklabels": False}, xaxis={"showticklabels": False},
-        height=max(250, 28 * rows + 140),
+        height=max(280, 28 * rows + 170), margin={"t": 110},
     )
     return figure
 
