@@ -505,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--subspace", help="directory of a saved subspace: project K/V onto it")
     generate.add_argument("--fold", action="store_true", help="fold the projection into the weights (no hooks)")
     generate.add_argument("--save-folded", help="also save the folded model as a Hugging Face checkpoint here")
-    generate.add_argument("--alpha", type=float, default=1.0, help="projection strength in [0, 1] (1 = K·P)")
+    generate.add_argument("--alpha", type=float, default=1.0,
+                          help="projection strength: 0 = none, 1 = K·P; outside [0, 1] extrapolates")
     generate.add_argument("--layout", default="flat", choices=["flat", "head"])
     generate.add_argument("--heads", type=_int_list, help="KV heads to project (layout head)")
     generate.add_argument("--layers", type=_int_list, help="subset of the subspace's layers to project")

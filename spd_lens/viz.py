@@ -24,7 +24,12 @@ def token_gradient_figure(cache, tokenizer, *, example: int = 0, layer: int, kin
                           head: int | None = None, width: int = 24) -> go.Figure:
     """The example's tokens laid out in rows of `width`, coloured by the gradient norm at `layer`.
 
-    Correctness-defining tokens are outlined in bold; hover shows position, token and value.
+    A token is predicted from the position before it, so the loss on a correctness token is taken
+    at the previous position, and a position's K/V can only change predictions made at or after
+    it. The figure therefore marks both: correctness tokens are outlined (the last one, and every
+    position after it, always shows zero gradient: no prediction the loss is taken on comes after
+    it), and the positions that predict them are in bold (where the loss is taken). Hover shows
+    position, token, value and role.
     """
     if not 0 <= example < len(cache):
         raise SpdLensError(f"example {example} out of range: the cache holds {len(cache)} examples (0..{len(cache) - 1})")
@@ -32,6 +37,7 @@ def token_gradient_figure(cache, tokenizer, *, example: int = 0, layer: int, kin
     length = int(cache.attention_mask[example].sum())
     ids = cache.input_ids[example, :length].tolist()
     correct = cache.correctness_mask[example, :length].tolist()
+    predicting = correct[1:] + [False]  # position p predicts token p + 1
     tokens = [tokenizer.decode([i]) for i in ids]
     rows = math.ceil(length / width)
     z, text, hover = [], [], []
@@ -42,18 +48,27 @@ def token_gradient_figure(cache, tokenizer, *, example: int = 0, layer: int, kin
             if p < length:
                 label = tokens[p].replace("\n", "⏎").replace(" ", "·") or "∅"
                 z[-1].append(float(norms[p]))
-                text[-1].append(f"<b>{label}</b>" if correct[p] else label)
+                text[-1].append(f"<b>{label}</b>" if predicting[p] else label)
                 hover[-1].append(f"pos {p}<br>token {tokens[p]!r}<br>|grad| {float(norms[p]):.3g}"
-                                 + ("<br>correctness token" if correct[p] else ""))
+                                 + (f"<br>correctness token (predicted at pos {p - 1})" if correct[p] else "")
+                                 + (f"<br>predicts correctness token at pos {p + 1}: loss taken here" if predicting[p]
+                                    else ""))
             else:
                 z[-1].append(None), text[-1].append(""), hover[-1].append("")
-    figure = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}", hovertext=hover, hoverinfo="text",
-                                  colorscale="Viridis", colorbar={"title": "|dL/d" + kind.upper() + "|"}))
+    figure = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}", textfont={"size": 10}, hovertext=hover,
+                                  hoverinfo="text", colorscale="Viridis",
+                                  colorbar={"title": "|dL/d" + kind.upper() + "|"}))
+    for p in (p for p in range(length) if correct[p]):
+        r, c = divmod(p, width)
+        figure.add_shape(type="rect", x0=c - 0.5, x1=c + 0.5, y0=r - 0.5, y1=r + 0.5,
+                         line={"color": "#e45756", "width": 3})
     where = "all KV heads" if head is None else f"KV head {head}"
     figure.update_layout(
-        title=f"{cache.example_ids[example]}: gradient norm at layer {layer} {kind.upper()} ({where}); bold = correctness tokens",
+        title={"text": f"{cache.example_ids[example]}: gradient norm at layer {layer} {kind.upper()} ({where})<br>"
+                       "<sup>outlined = correctness tokens; bold = the positions that predict them<br>(a token is "
+                       "predicted from the position before it, so the last correctness token gets no gradient)</sup>"},
         yaxis={"autorange": "reversed", "showticklabels": False}, xaxis={"showticklabels": False},
-        height=max(250, 28 * rows + 120),
+        height=max(280, 28 * rows + 170), margin={"t": 110},
     )
     return figure
 

@@ -260,3 +260,15 @@ def test_hub_failure_says_how_to_pass_a_local_file(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(SpdLensError, match=r"unreachable.*local JSONL.*--data"):
         get_task("mmlu").examples("test")
+
+
+def test_example_spans_given_as_lists_become_tuples_and_stay_hashable(tiny_tokenizer):
+    from_json = Example("mine/0", "What is 12 + 7?", "19", [[0, 2]])
+    assert from_json.spans == ((0, 2),) and from_json == Example("mine/0", "What is 12 + 7?", "19", ((0, 2),))
+    assert len({from_json, Example("mine/0", "What is 12 + 7?", "19", ((0, 2),))}) == 1
+    assert Example("mine/1", "Q", "19", (0, 2)).spans == ((0, 2),)  # one bare span
+    assert locate_spans(tiny_tokenizer, from_json).correctness_mask.count(True) == 2
+    with pytest.raises(SpdLensError, match=r"spans must be \(start, end\) pairs.*\[\[0, 1, 2\]\]"):
+        Example("mine/2", "Q", "19", [[0, 1, 2]])
+    with pytest.raises(SpdLensError, match=r"spans must be \(start, end\) pairs"):
+        Example("mine/3", "Q", "19", "0-2")

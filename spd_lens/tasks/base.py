@@ -31,7 +31,17 @@ SHOT_POOL = 32  # train examples the demonstrations are drawn from
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled prompt. `spans` are `(start, end)` character ranges inside `reference`."""
+    """One labelled prompt. `spans` are `(start, end)` character ranges inside `reference`.
+
+    Spans given as lists (`[[0, 2]]`, as JSON gives them) are stored as tuples, so an example
+    stays hashable. `system`: the chat turn before the prompt (None: the template's default
+    system prompt, "" leaves it out, text: that system prompt; see `spd_lens.chat`).
+
+    Example:
+        >>> e = Example("mine/0", "What is 12 + 7?", "19", [[0, 2]])
+        >>> e.spans, e.span_texts(), hash(e) == hash(Example("mine/0", "What is 12 + 7?", "19", ((0, 2),)))
+        (((0, 2),), ['19'], True)
+    """
 
     id: str
     prompt: str
@@ -39,6 +49,16 @@ class Example:
     spans: tuple[tuple[int, int], ...]
     target: Any = None  # what the scorer compares against (a number, a letter, test code, ...)
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    system: str | None = None
+
+    def __post_init__(self):
+        spans = [self.spans] if _is_span(self.spans) else self.spans
+        try:
+            normalised = tuple((int(a), int(b)) for a, b in spans)
+        except (TypeError, ValueError) as err:
+            raise SpdLensError(f"example {self.id!r}: spans must be (start, end) pairs of character offsets "
+                               f"into the reference, e.g. ((0, 2),), got {self.spans!r}") from err
+        object.__setattr__(self, "spans", normalised)
 
     def span_texts(self) -> list[str]:
         return [self.reference[a:b] for a, b in self.spans]
@@ -64,6 +84,10 @@ class Score:
     detail: str = ""
     # code: how the program was sandboxed (`SandboxResult.isolation`)
     isolation: dict | None = field(default=None, compare=False, hash=False)
+
+
+def _is_span(value) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value)
 
 
 def hash_split(key: str, test_fraction: float = 0.2) -> str:
@@ -233,7 +257,7 @@ def locate_spans(tokenizer: PreTrainedTokenizerBase, example: Example) -> Encode
             f"example {example.id!r}: correctness spans {bad or 'none'} do not lie inside its reference answer "
             f"of {len(example.reference)} characters; each span must be (start, end) with 0 <= start < end <= length"
         )
-    encoded = encode_conversation(tokenizer, example.prompt, example.reference)
+    encoded = encode_conversation(tokenizer, example.prompt, example.reference, system=example.system)
     start = encoded.conversation.answer_start
     absolute = [(start + a, start + b) for a, b in example.spans]
     correctness = [any(s < span_end and e > span_start for span_start, span_end in absolute) for s, e in encoded.offsets]
