@@ -66,6 +66,12 @@ RESULT_SETTINGS = {
 NO_EFFECT = {"train.checkpoint_every"}
 
 
+# Paired differences every run reports: each method against the base model, and SPD against the
+# baselines and controls that isolate what its subspace adds.
+COMPARISONS = [(m, "base") for m in METHOD_TABLE if m != "base"] + [
+    ("spd", "psr"), ("spd", "ssd"), ("spd", "spd-random"), ("spd", "spd-fullseq")]
+
+
 def _result_settings(config: dict, sections: Sequence[str]) -> dict:
     """The sections of a resolved config that can change a reused result, less `NO_EFFECT` keys."""
     picked = canonical({section: config.get(section) for section in sections})
@@ -177,12 +183,14 @@ class Run:
         provenance = {"method": method}  # the projection is recorded from the model
         if spec.sampling == "projected":
             projection = self.projection(spec.subspace, seed)  # extracts the subspace first if needed
-            self.log(f"self-generation for {method} (seed {seed})")
+            if not path.is_file():
+                self.log(f"self-generation for {method} (seed {seed})")
             with projection.apply(model):
                 return self._timed("generate", lambda: generate_jsonl(
                     model, tokenizer, examples, path, config, task=self.task.name, provenance=provenance,
                     progress=self._bar(f"generate {method}")))
-        self.log(f"self-generation for {method} (seed {seed})")
+        if not path.is_file():
+            self.log(f"self-generation for {method} (seed {seed})")
         return self._timed("generate", lambda: generate_jsonl(
             model, tokenizer, examples, path, config, task=self.task.name, provenance=provenance,
             progress=self._bar(f"generate {method}")))
