@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import spd_lens
-from spd_lens.config import ExperimentConfig
+from spd_lens.config import ExperimentConfig, build_task
 from spd_lens.errors import SpdLensError
 from spd_lens.artifacts import atomic_write, canonical, read_json_object, settings_differences, write_json
 from spd_lens.evaluate import evaluate, evaluate_mc, paired_difference, seeded_ci, training_data_quality
@@ -48,7 +48,7 @@ from spd_lens.sampling import SamplingConfig, generate_jsonl
 from spd_lens.sandbox import describe_isolation, summarise_isolation
 from spd_lens.subspace import META_FILE as SUBSPACE_META
 from spd_lens.subspace import CapabilitySubspace, config_hash, random_like
-from spd_lens.tasks import Task, get_task
+from spd_lens.tasks import Task
 from spd_lens.tasks.code import configure_sandbox
 from spd_lens.train import load_trained, train_on_jsonl
 
@@ -114,12 +114,12 @@ class Run:
                                    "written by `spd-lens run`")
         self.progress = progress
         self.log = log or (lambda message: None)
-        self.task = get_task(config.task.name, **({"path": config.task.data} if config.task.data else {}))
-        configure_sandbox(self.task, config.sandbox)  # code: refuse now, not after training, where no sandbox works
-        subspace_task = config.subspace.task or config.task.name
-        data = config.subspace.data if config.subspace.task else config.task.data
-        self.subspace_task = get_task(subspace_task, **({"path": data} if data else {}))
         self._base = None
+        # Difficulty and shots from [task]; shots left unset depend on the model's chat template.
+        tokenizer = self.base_model()[1] if config.task.shots is None else None
+        self.task = build_task(config, tokenizer)
+        configure_sandbox(self.task, config.sandbox)  # code: refuse now, not after training, where no sandbox works
+        self.subspace_task = build_task(config, tokenizer, calibration=True)
         self._eval_examples = None
         self.reuse_decisions: dict[str, dict] = {}
 
