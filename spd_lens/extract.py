@@ -33,6 +33,10 @@ from spd_lens.subspace import META_FILE, CapabilitySubspace, RankPolicy, config_
 from spd_lens.tasks import EncodedExample, Example, Task, get_task, locate_spans
 from spd_lens.tasks.base import check_unique_ids
 
+# What a saved subspace must share with a new extraction for the saved one to be reused.
+EXTRACTION_SETTINGS = ("model_id", "task", "n", "split", "seed", "layers", "loss", "batch_size", "examples_sha256",
+                       "rank_policy")
+
 
 class GramAccumulator:
     """Running GᵀG (float64) of the gradient rows per (layer, K/V), flattened across KV heads."""
@@ -162,11 +166,6 @@ def extract_subspace(
     if out is not None:
         subspace.save(out)
     return subspace
-
-
-# What a saved subspace must share with a new extraction for the saved one to be reused.
-EXTRACTION_SETTINGS = ("model_id", "task", "n", "split", "seed", "layers", "loss", "batch_size", "examples_sha256",
-                       "rank_policy")
 
 
 def examples_hash(encoded: Sequence[EncodedExample]) -> str:
