@@ -29,13 +29,14 @@ from spd_lens.artifacts import check_same_settings, read_json_object
 from spd_lens.errors import SpdLensError
 from spd_lens.gradients import KINDS, GradientBatch, Progress, check_layers, iterate_gradients
 from spd_lens.models import hf_model_of, model_id
+from spd_lens.projection import projection_provenance
 from spd_lens.subspace import META_FILE, CapabilitySubspace, RankPolicy, config_hash
 from spd_lens.tasks import EncodedExample, Example, Task, get_task, locate_spans
 from spd_lens.tasks.base import check_unique_ids
 
 # What a saved subspace must share with a new extraction for the saved one to be reused.
 EXTRACTION_SETTINGS = ("model_id", "task", "n", "split", "seed", "layers", "loss", "batch_size", "examples_sha256",
-                       "rank_policy")
+                       "projection", "rank_policy")
 
 
 class GramAccumulator:
@@ -141,7 +142,8 @@ def extract_subspace(
     task_name, encoded = encode_examples(model, task_or_examples, n=n, split=split, seed=seed, tokenizer=tokenizer,
                                          task_options=task_options)
     settings = {"model_id": model_id(model), "task": task_name, "n": len(encoded), "split": split, "seed": seed,
-                "layers": layers, "loss": loss, "batch_size": batch_size, "examples_sha256": examples_hash(encoded)}
+                "layers": layers, "loss": loss, "batch_size": batch_size, "examples_sha256": examples_hash(encoded),
+                "projection": projection_provenance(model)}  # gradients taken under a projection say so
     if out is not None and (Path(out) / META_FILE).is_file():
         saved = read_json_object(Path(out) / META_FILE, "a subspace's metadata")
         # Settings a subspace saved by an earlier version does not record are not compared.

@@ -32,6 +32,7 @@ from spd_lens.errors import SpdLensError
 from spd_lens.extract import encode_examples, model_shape
 from spd_lens.gradients import Progress, check_layers, iterate_gradients
 from spd_lens.models import model_id
+from spd_lens.projection import projection_provenance
 from spd_lens.artifacts import atomic_write, read_json_object, sha256_file
 from spd_lens.subspace import config_hash
 
@@ -210,6 +211,7 @@ def cache_gradients(
                 grads[(layer, kind)][rows, :width] = grad.float().cpu()
     settings = {"model_id": model_id(model), "task": task_name, "n": len(encoded), "split": split, "seed": seed,
                 "layers": layers, "loss": loss, "batch_size": batch_size}
+    settings["projection"] = projection_provenance(model)  # gradients taken under a projection say so
     meta = {**settings, **shape, "kinds": kinds, "spd_lens_version": spd_lens.__version__,
             "config_hash": config_hash(settings), "seconds": round(time.time() - started, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

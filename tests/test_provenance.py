@@ -203,6 +203,17 @@ def test_generation_under_a_projection_never_reuses_unprojected_output(tmp_path,
         evaluate(model, tokenizer, "arithmetic", n=2, config=config, generations=tmp_path / "eval.jsonl")
 
 
+def test_gradients_taken_under_a_projection_record_it(tmp_path, tiny, subspace):
+    model, tokenizer = tiny
+    plain = extract_subspace(model, "arithmetic", n=2, tokenizer=tokenizer, out=tmp_path / "s")
+    assert plain.meta["projection"] is None
+    with project(model, subspace) as handle:
+        with pytest.raises(SpdLensError, match=r"projection: directory has None, now \{"):
+            extract_subspace(model, "arithmetic", n=2, tokenizer=tokenizer, out=tmp_path / "s")
+        cache = cache_gradients(model, "arithmetic", n=2, layers=[3], tokenizer=tokenizer)
+    assert cache.meta["projection"] == handle.provenance()
+
+
 # --- derived subspaces have their own ids -----------------------------------------------------
 
 def test_every_derived_subspace_has_its_own_id_naming_its_parent(tmp_path, tiny, subspace):
