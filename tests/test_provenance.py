@@ -370,7 +370,7 @@ def _generate(tiny, subspace, s: dict, out: Path, progress=None) -> Path:
         return generate_jsonl(model, tokenizer, examples, out, config, task="arithmetic", progress=progress)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(s=GENERATION, data=st.data())
 def test_generate_jsonl_any_settings_rerun_resume_refuse(tmp_path_factory, tiny, subspace, s, data):
     directory = tmp_path_factory.mktemp("gen")
