@@ -11,12 +11,14 @@ Example:
 __version__ = "0.1.0"
 
 from spd_lens.errors import SpdLensError
+from spd_lens.attribution import correctness_loss
+from spd_lens.chat import to_chat_tokens
 from spd_lens.extract import extract_subspace
 from spd_lens.gradient_cache import GradientCache, cache_gradients
 from spd_lens.models import DEFAULT_MODEL, load_hf, load_model, model_names
 from spd_lens.projection import Projection, fold_projection, project
-from spd_lens.subspace import CapabilitySubspace, RankPolicy
-from spd_lens.tasks import get_task, task_names
+from spd_lens.subspace import CapabilitySubspace, RankPolicy, random_like
+from spd_lens.tasks import Example, get_task, task_names
 
 __all__ = [
     "CapabilitySubspace",
@@ -26,7 +28,11 @@ __all__ = [
     "fold_projection",
     "project",
     "cache_gradients",
+    "correctness_loss",
     "extract_subspace",
+    "random_like",
+    "to_chat_tokens",
+    "Example",
     "DEFAULT_MODEL",
     "SpdLensError",
     "__version__",

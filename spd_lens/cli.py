@@ -60,6 +60,23 @@ def _progress(desc: str):
     return lambda iterable: tqdm(iterable, desc=desc, unit="batch")
 
 
+def _task_options(args: argparse.Namespace, tokenizer) -> dict:
+    """get_task options from --data, --preset, --option and --shots (default: `tasks.default_shots`)."""
+    from spd_lens.tasks import TASKS, default_shots
+
+    options = {"path": args.data} if args.data else {}
+    if args.preset:
+        options["preset"] = args.preset
+    for text in args.option or []:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise SpdLensError(f"--option {text!r}: write KEY=VALUE, e.g. --option max_digits=1")
+        options[key] = int(value) if value.lstrip("-").isdigit() else value
+    task_class = TASKS.get(args.task)
+    shots = args.shots if args.shots is not None else default_shots(task_class, tokenizer) if task_class else 0
+    return {**options, "shots": shots}
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     """Capability subspace of a model for a task, saved to --out."""
     import json
@@ -76,7 +93,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     subspace = extract_subspace(
         target, args.task, n=args.n, split=args.split, seed=args.seed, layers=args.layers, rank=args.rank,
         rank_frac=args.rank_frac, energy=args.energy, loss=args.loss, batch_size=args.batch_size, tokenizer=tokenizer,
-        task_options={"path": args.data} if args.data else None, progress=_progress("gradients"), out=out,
+        task_options=_task_options(args, tokenizer), progress=_progress("gradients"), out=out,
     )  # a directory holding this extraction already is reused; one made with other settings is refused
     print(f"{'layer':>5} {'kv':>2} {'head':>4} {'rank':>4}/{'dim':<4} {'energy':>6}")
     for row in subspace.summary():
@@ -96,14 +113,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from spd_lens.subspace import CapabilitySubspace
     from spd_lens.tasks import get_task
 
-    task = get_task(args.task, **({"path": args.data} if args.data else {}))
+    if (args.fold or args.save_folded) and not args.subspace:
+        raise SpdLensError("--fold and --save-folded need --subspace DIR")
+    model, tokenizer = load_hf(args.model)
+    task = get_task(args.task, **_task_options(args, tokenizer))
     config = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=task.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
                             num_samples=args.num_samples,
                             seed=args.seed, batch_size=args.batch_size)
-    if (args.fold or args.save_folded) and not args.subspace:
-        raise SpdLensError("--fold and --save-folded need --subspace DIR")
-    model, tokenizer = load_hf(args.model)
     examples = task.examples(args.split, n=args.n, seed=args.seed)
     provenance: dict = {"split": args.split}  # the projection is recorded from the model (hooks or folded weights)
     hooks = nullcontext()
@@ -135,8 +152,35 @@ def _run_and_report(config, out, reuse=()) -> int:
     print()
     print(format_table(metrics))
     print("\nstage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["stage_seconds"].items()))
+    if metrics.get("stage_seconds_interrupted"):
+        print("lost to interrupted calls: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["stage_seconds_interrupted"].items()))
     print(f"metrics: {out}/metrics.json\nreport:  {out}/report.html")
     return 0
+
+
+def _sandbox_options(args: argparse.Namespace):
+    from spd_lens.sandbox import SandboxOptions
+
+    return SandboxOptions(strict=args.strict_sandbox, unsafe=args.unsafe_sandbox,
+                          backend=args.sandbox_backend or "builtin")
+
+
+def _configured_task(args: argparse.Namespace, **options):
+    """The task named on the command line, its code sandbox set from the flags and checked."""
+    from spd_lens.tasks import get_task
+    from spd_lens.tasks.code import configure_sandbox
+
+    return configure_sandbox(get_task(args.task, **options), _sandbox_options(args))
+
+
+def _with_sandbox_flags(config, args: argparse.Namespace):
+    """A config whose [sandbox] settings include the command line's flags."""
+    import dataclasses
+
+    s = config.sandbox
+    return dataclasses.replace(config, sandbox=dataclasses.replace(
+        s, strict=s.strict or args.strict_sandbox, unsafe=s.unsafe or args.unsafe_sandbox,
+        backend=args.sandbox_backend or s.backend))
 
 
 def _progress_labelled(label: str):
@@ -151,7 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from spd_lens.config import load_config
 
-    config = load_config(args.config)
+    config = _with_sandbox_flags(load_config(args.config), args)
     if args.methods is not None:
         import dataclasses
 
@@ -173,13 +217,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import json
+
     from spd_lens.train import TrainConfig, train_on_jsonl
 
     config = TrainConfig(lora=not args.full, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                          grad_accum=args.grad_accum, loss_on=args.loss_on, checkpoint_every=args.checkpoint_every,
-                         seed=args.seed)
+                         truncated=args.truncated, seed=args.seed)
     out = train_on_jsonl(args.model, args.data, args.out, config, progress=_progress_labelled("train"))
-    print(f"trained: {out}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # once, not once per process under torchrun
+        record = json.loads((out / "train.json").read_text())
+        print(f"trained: {out} ({record['steps']} optimizer steps of a global batch of {record['global_batch_size']}: "
+              f"{record['per_process_batch_size']} per process x {config.grad_accum} accumulation x "
+              f"{record['processes']} process(es))")
     return 0
 
 
@@ -192,16 +244,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from spd_lens.evaluate import evaluate
     from spd_lens.models import load_hf
     from spd_lens.sampling import SamplingConfig
-    from spd_lens.tasks import get_task
+    from spd_lens.sandbox import summarise_isolation
     from spd_lens.train import DONE_FILE, load_trained
 
-    task = get_task(args.task, **({"path": args.data} if args.data else {}))
+    # The model first: a task's default shots depend on whether its tokenizer has a chat template.
+    model, tokenizer = load_trained(args.model, args.adapter) if args.adapter else load_hf(args.model)
+    task_options = _task_options(args, tokenizer)
+    task = _configured_task(args, **task_options)
     config = SamplingConfig(temperature=args.temperature,
                             max_new_tokens=task.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
                             seed=args.seed, batch_size=args.batch_size)
     trained = Path(args.adapter) / DONE_FILE if args.adapter else None
     settings = canonical({
-        "model": args.model, "adapter": args.adapter, "task": task.name, "data": args.data, "n": args.n,
+        "model": args.model, "adapter": args.adapter, "task": task.name, "task_options": task_options, "n": args.n,
         "split": args.split, "seed": args.seed, "sampling": asdict(config),
         # what the adapter was trained from, so a retrained adapter is not taken for the old one
         "adapter_settings": read_json_object(trained, "a training run's record").get("settings")
@@ -214,10 +269,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(json.dumps({"task": previous["task"], "score": previous["score"], "ci": previous["ci"],
                               "n": previous["n"]}))
             return 0
-    model, tokenizer = load_trained(args.model, args.adapter) if args.adapter else load_hf(args.model)
     result = evaluate(model, tokenizer, task, n=args.n, split=args.split, seed=args.seed, config=config,
                       generations=out.with_suffix(".generations.jsonl"), progress=_progress_labelled("eval"))
-    write_json(out, {**result.as_dict(), "model": args.model, "adapter": args.adapter, "settings": settings})
+    write_json(out, {**result.as_dict(), "model": args.model, "adapter": args.adapter, "settings": settings,
+                     "sandbox": summarise_isolation(result.results)})
     print(json.dumps({"task": task.name, "score": result.score, "ci": result.ci, "n": result.n}))
     return 0
 
@@ -225,15 +280,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     """Score completions from a JSONL file (any source) with the task's scorer."""
     import json
+    from collections import Counter
 
     from spd_lens.artifacts import write_json
     from spd_lens.evaluate import score_file
+    from spd_lens.sandbox import summarise_isolation
 
-    result = score_file(args.task, args.completions, progress=_progress_labelled("score"))
+    result = score_file(_configured_task(args), args.completions, progress=_progress_labelled("score"))
     write_json(args.out, {"task": result.task, "score": result.score, "ci": list(result.ci), "n": result.n,
+                          "sandbox": summarise_isolation(result.results),
                           "results": [{"prompt_id": r["prompt_id"], "passed": r["passed"], "status": r["status"]}
                                       for r in result.results]})
-    print(json.dumps({"task": result.task, "score": result.score, "ci": list(result.ci), "n": result.n}))
+    summary = {"task": result.task, "score": result.score, "ci": list(result.ci), "n": result.n}
+    reasons = Counter(r["finish_reason"] for r in result.results if "finish_reason" in r)
+    if reasons:  # files from spd-lens generate say why each completion ended
+        summary["finish_reasons"] = dict(sorted(reasons.items()))
+    print(json.dumps(summary))
     return 0
 
 
@@ -244,7 +306,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from spd_lens.ablate import run_ablation
     from spd_lens.config import load_config
 
-    config = load_config(args.config)
+    config = _with_sandbox_flags(load_config(args.config), args)
     out = Path(args.out or Path("runs") / f"{config.name}-ablation")
     rows = run_ablation(config, out, progress=_progress_labelled("ablation"))
     print(f"{'rank':>5} {'layers':>8} {'alpha':>5} {'head':>4} {'score':>6}  {'loss':>7}")
@@ -263,8 +325,9 @@ def cmd_heads(args: argparse.Namespace) -> int:
     from spd_lens.attribution import head_attribution, write_heads_report
     from spd_lens.models import load_hf
 
+    task = _configured_task(args)
     model, tokenizer = load_hf(args.model)
-    rows = head_attribution(model, args.task, n=args.n, seed=args.seed, layers=args.layers, score_top=args.score_top,
+    rows = head_attribution(model, task, n=args.n, seed=args.seed, layers=args.layers, score_top=args.score_top,
                             score_n=args.score_n, tokenizer=tokenizer, progress=_progress_labelled("heads"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -321,7 +384,7 @@ def _evaluation_results(spec: str) -> list[dict]:
         record = read_json_object(f, "an evaluation written by spd-lens run")
         if not isinstance(record.get("results"), list):
             raise SpdLensError(f"{f} has no per-example 'results': rerun the evaluation with spd-lens run")
-        results += record["results"]
+        results += [{**r, "seed": record.get("seed")} for r in record["results"]]
     return results
 
 
@@ -332,7 +395,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     first, second = _evaluation_results(args.first), _evaluation_results(args.second)
     c = paired_difference(first, second)
     print(f"{args.first} - {args.second}: {c['difference']:+.3f}  95% CI [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]  "
-          f"({c['n']} shared questions, each averaged over its seeds)")
+          f"({c['n']} shared questions; interval over seeds, then questions)")
+    if c["seed_spread_exceeds_ci"]:
+        print(f"! the per-seed differences spread over {c['seed_spread']:.3f}, more than the interval is wide: "
+              "run more seeds before reading this difference")
     a, b = per_prompt_scores(first), per_prompt_scores(second)
     shared = sorted(a.keys() & b.keys(), key=_natural_key)
     for name, better in ((args.first, [k for k in shared if a[k] > b[k]]), (args.second, [k for k in shared if b[k] > a[k]])):
@@ -369,6 +435,26 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", help="difficulty preset of a procedural task (arithmetic, family-mc: easy, hard)")
+    parser.add_argument("--option", action="append", metavar="KEY=VALUE",
+                        help="a task option, e.g. max_digits=1 or num_options=3 (repeatable)")
+    parser.add_argument("--shots", type=int, help="demonstrations from the train split before each question "
+                        "(default: 0 with a chat template, the task's base_shots without one)")
+
+
+def _add_sandbox_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("code sandbox (tasks that run model-written code)")
+    group.add_argument("--unsafe-sandbox", action="store_true",
+                       help="where neither root nor user namespaces are available, run the code anyway with only "
+                            "resource limits (recorded in the output as unsafe); use only inside a throwaway VM")
+    group.add_argument("--strict-sandbox", action="store_true",
+                       help="show programs only the interpreter's installation and their working directory "
+                            "(nothing of $HOME, /etc, /var, ...)")
+    group.add_argument("--sandbox-backend", choices=["builtin", "bwrap"],
+                       help="bwrap: build the sandbox with bubblewrap where installed (non-root runs); default builtin")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spd-lens",
@@ -393,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--model", default="smollm2-135m-instruct")
     extract.add_argument("--task", required=True)
     extract.add_argument("--data", help="local JSONL (or directory) for hub tasks such as gsm8k, mbpp, mmlu")
+    _add_task_arguments(extract)
     extract.add_argument("--n", type=int, required=True, help="number of calibration examples")
     extract.add_argument("--split", default="train", choices=["train", "test"])
     extract.add_argument("--seed", type=int, default=0)
@@ -412,12 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", default="smollm2-135m-instruct")
     generate.add_argument("--task", required=True)
     generate.add_argument("--data", help="local JSONL (or directory) for hub tasks")
+    _add_task_arguments(generate)
     generate.add_argument("--n", type=int, required=True, help="number of prompts")
     generate.add_argument("--split", default="train", choices=["train", "test"])
     generate.add_argument("--subspace", help="directory of a saved subspace: project K/V onto it")
     generate.add_argument("--fold", action="store_true", help="fold the projection into the weights (no hooks)")
     generate.add_argument("--save-folded", help="also save the folded model as a Hugging Face checkpoint here")
-    generate.add_argument("--alpha", type=float, default=1.0, help="projection strength in [0, 1] (1 = K·P)")
+    generate.add_argument("--alpha", type=float, default=1.0,
+                          help="projection strength: 0 = none, 1 = K·P; outside [0, 1] extrapolates")
     generate.add_argument("--layout", default="flat", choices=["flat", "head"])
     generate.add_argument("--heads", type=_int_list, help="KV heads to project (layout head)")
     generate.add_argument("--layers", type=_int_list, help="subset of the subspace's layers to project")
@@ -446,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--reuse", action="append", default=[], metavar="RUN_DIR",
                      help="take finished evaluations of methods that do not depend on the subspace (base, psr, "
                           "ssd) from another run whose settings for them are the same; repeatable")
+    _add_sandbox_flags(run)
     run.set_defaults(func=cmd_run)
 
     train = commands.add_parser("train", help="fine-tune on an exported JSONL (LoRA by default)")
@@ -455,8 +545,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     train.add_argument("--lr", type=float, default=1e-5)
     train.add_argument("--epochs", type=int, default=5)
-    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--batch-size", type=int, default=4,
+                       help="examples per process per micro-batch; the global batch of one optimizer step is "
+                            "batch-size x grad-accum x processes (torchrun --nproc_per_node N)")
     train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--truncated", default="keep", choices=["keep", "drop"],
+                       help="completions cut off at their token budget: train on them without an end-of-turn "
+                            "marker (keep, default) or leave them out (drop)")
     train.add_argument("--loss-on", default="completion", choices=["completion", "all"])
     train.add_argument("--checkpoint-every", type=int, default=50)
     train.add_argument("--seed", type=int, default=0)
@@ -467,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", help="directory written by spd-lens train")
     evaluate.add_argument("--task", required=True)
     evaluate.add_argument("--data")
+    _add_task_arguments(evaluate)
     evaluate.add_argument("--n", type=int)
     evaluate.add_argument("--split", default="test", choices=["train", "test"])
     evaluate.add_argument("--temperature", type=float, default=0.0)
@@ -474,17 +570,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", required=True, help="JSON file for the score, CI and per-example results")
+    _add_sandbox_flags(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     score = commands.add_parser("score", help="score completions from a JSONL file (spd-lens generate, vLLM, ...)")
     score.add_argument("--task", required=True)
     score.add_argument("--completions", required=True, help="JSONL: generate export or {prompt_id, completion}")
     score.add_argument("--out", required=True)
+    _add_sandbox_flags(score)
     score.set_defaults(func=cmd_score)
 
     ablate = commands.add_parser("ablate", help="sweep ranks x layers x alphas (x heads) of projected decoding")
     ablate.add_argument("config")
     ablate.add_argument("--out", help="run directory (default runs/<config name>-ablation)")
+    _add_sandbox_flags(ablate)
     ablate.set_defaults(func=cmd_ablate)
 
     heads = commands.add_parser("heads", help="which KV heads carry a capability (all layers)")
@@ -496,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--score-top", type=int, default=5, help="heads whose task-score change is measured")
     heads.add_argument("--score-n", type=int, default=32)
     heads.add_argument("--out", required=True)
+    _add_sandbox_flags(heads)
     heads.set_defaults(func=cmd_heads)
 
     compare = commands.add_parser("compare", help="paired difference of two evaluations, e.g. runs/ood:spd runs/math:spd")

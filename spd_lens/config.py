@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spd_lens.errors import SpdLensError
+from spd_lens.sandbox import SandboxOptions
 from spd_lens.train import TrainConfig
 
 if sys.version_info >= (3, 11):
@@ -43,6 +44,9 @@ class TaskSection:
     train_n: int = 64  # prompts for self-generation (the training set)
     eval_n: int | None = 100  # held-out examples (None = the whole split)
     eval_split: str = "test"
+    preset: str | None = None  # difficulty preset of a procedural task (arithmetic, family-mc: "easy", "hard")
+    options: dict = field(default_factory=dict)  # more constructor options, e.g. {max_digits = 1}
+    shots: int | None = None  # demonstrations per prompt; None: 0 with a chat template, the task's base_shots without
 
 
 @dataclass(frozen=True)
@@ -67,11 +71,17 @@ class ProjectionSection:
 
 @dataclass(frozen=True)
 class SamplingSection:
-    """Self-generation for psr / spd / spd-random / spd-fullseq (one raw completion per prompt)."""
+    """Self-generation for every method that self-generates: psr, spd, spd-random, spd-fullseq and
+    (at its own temperature) ssd; one raw completion per prompt by default.
+
+    The default truncation (top-k 20, top-p 0.8) is the one SSD's released generator uses; the
+    SPD paper publishes none. Untruncated sampling (top-p 1, no top-k) from a small model is mostly
+    word salad, and every method gets the same truncation so none is handicapped by its data.
+    """
 
     temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    top_p: float = 0.8
+    top_k: int = 20
     max_new_tokens: int | None = None  # default: the task's budget
     num_samples: int = 1
     batch_size: int = 16
@@ -79,11 +89,17 @@ class SamplingSection:
 
 @dataclass(frozen=True)
 class SsdSection:
-    """Simple self-distillation: sampling at a shifted temperature (its released generator's settings)."""
+    """Simple self-distillation: the shared [sampling] settings at a shifted temperature (its
+    released generator: temperature 1.5-1.6 with top-k 20, top-p 0.8).
+
+    `top_p` / `top_k` default to [sampling]'s; other values are refused unless
+    `own_truncation = true` says the difference is meant.
+    """
 
     temperature: float = 1.5
-    top_p: float = 0.8
-    top_k: int = 20
+    top_p: float | None = None
+    top_k: int | None = None
+    own_truncation: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,7 +124,7 @@ class AblateSection:
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     model: ModelSection = field(default_factory=ModelSection)
     task: TaskSection = field(default_factory=TaskSection)
@@ -119,9 +135,18 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalSection = field(default_factory=EvalSection)
     ablate: AblateSection = field(default_factory=AblateSection)
+    # How code tasks run programs ([sandbox] strict / unsafe / backend): how, not what, is computed,
+    # so a run directory accepts a change of it.
+    sandbox: SandboxOptions = field(default_factory=SandboxOptions)
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        values = json.loads(json.dumps(dataclasses.asdict(self)))
+        # Settings added after run directories already existed are written only when set, so a
+        # run directory made before them still matches its config on resume and --reuse.
+        for key in ("preset", "options", "shots"):
+            if values["task"][key] in (None, {}):
+                del values["task"][key]
+        return values
 
 
 def _check_type(value, annotation, where: str):
@@ -143,6 +168,10 @@ def _check_type(value, annotation, where: str):
         inner = typing.get_args(annotation)[0]
         items = [_check_type(item, inner, f"{where}[{i}]") for i, item in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise SpdLensError(f"{where} must be a table, got {value!r}")
+        return dict(value)
     if annotation is bool:
         if not isinstance(value, bool):
             raise SpdLensError(f"{where} must be true or false, got {value!r}")
@@ -193,6 +222,15 @@ def config_from_dict(values: dict) -> ExperimentConfig:
     check_methods(config.methods)
     if not config.seeds:
         raise SpdLensError("seeds must list at least one seed")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise SpdLensError(f"seeds {config.seeds} repeat a seed: list each seed once")
+    ssd, sampling = config.ssd, config.sampling
+    differing = [f"ssd.{key} = {getattr(ssd, key)} vs sampling.{key} = {getattr(sampling, key)}"
+                 for key in ("top_p", "top_k") if getattr(ssd, key) is not None and getattr(ssd, key) != getattr(sampling, key)]
+    if differing and not ssd.own_truncation:
+        raise SpdLensError(f"ssd would sample with another truncation than the other methods ({'; '.join(differing)}): "
+                           "a method must not get better or worse sampling settings than its baselines. Remove the "
+                           "[ssd] value(s), or set ssd.own_truncation = true to mean it")
     if config.task.train_n < 1 or config.subspace.n < 1:
         raise SpdLensError("task.train_n and subspace.n must be positive")
     from spd_lens.tasks import task_names
@@ -200,7 +238,37 @@ def config_from_dict(values: dict) -> ExperimentConfig:
     for where, name in (("task.name", config.task.name), ("subspace.task", config.subspace.task)):
         if name is not None and name not in task_names():
             raise SpdLensError(f"{where} = {name!r} is not a task: use one of {task_names()}")
+    build_task(config, shots=config.task.shots or 0)  # bad options are errors now, not after model loading
     return config
+
+
+def build_task(config: ExperimentConfig, tokenizer=None, *, calibration: bool = False, shots: int | None = None):
+    """The [task] task with its data, difficulty (`preset`, `options`) and shots, or with
+    `calibration=True` the subspace's calibration task: [task] itself unless `subspace.task` names
+    another, which then gets its own `subspace.data`, its default difficulty and the same shots.
+
+    `task.shots` unset resolves with the model's tokenizer (`tasks.default_shots`): no
+    demonstrations with a chat template, the task's `base_shots` without one.
+
+    >>> config = config_from_dict({"task": {"name": "arithmetic", "preset": "easy", "shots": 2}})
+    >>> task = build_task(config)
+    >>> task.variant, task.shots
+    ('easy', 2)
+    """
+    from spd_lens.tasks import TASKS, default_shots, get_task
+
+    c = config.task
+    other = calibration and config.subspace.task is not None
+    name = config.subspace.task if other else c.name
+    data = config.subspace.data if other else c.data
+    options = {} if other else {**({"preset": c.preset} if c.preset is not None else {}), **c.options}
+    shots = c.shots if shots is None else shots
+    if shots is None:
+        if tokenizer is None:
+            raise SpdLensError("task.shots is not set: pass the model's tokenizer to choose the default number "
+                               "of demonstrations")
+        shots = default_shots(TASKS[name], tokenizer)
+    return get_task(name, **({"path": data} if data else {}), **options, shots=shots)
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import numpy as np
 
 from spd_lens.artifacts import write_json  # noqa: F401  (re-exported for callers)
 from spd_lens.errors import SpdLensError
@@ -58,21 +61,97 @@ def per_prompt_scores(results: Sequence[dict]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in grouped.items()}
 
 
+def by_seed(results: Sequence[dict]) -> dict:
+    """{seed: {prompt_id: mean outcome}}; results without a `seed` key form one group (None)."""
+    grouped: dict = {}
+    for r in results:
+        grouped.setdefault(r.get("seed"), []).append(r)
+    return {seed: per_prompt_scores(rs) for seed, rs in grouped.items()}
+
+
+def _outcome_matrix(results: Sequence[dict], prompts: list[str]) -> np.ndarray:
+    """Seeds x prompts outcomes (a prompt a seed did not answer takes that seed's own mean)."""
+    rows = []
+    for scores in by_seed(results).values():
+        mean = sum(scores.values()) / len(scores)
+        rows.append([scores.get(p, mean) for p in prompts])
+    return np.array(rows, dtype=np.float64)
+
+
+def _hierarchical_means(matrices: Sequence[np.ndarray], signs: Sequence[float], resamples: int,
+                        seed: int) -> np.ndarray:
+    """Bootstrap distribution of sum(sign * mean): each matrix's seeds resampled on their own,
+    the prompts (columns, shared by all matrices) resampled once per draw."""
+    rng = np.random.default_rng(seed)
+    n_prompts = matrices[0].shape[1]
+    prompt_counts = rng.multinomial(n_prompts, np.full(n_prompts, 1 / n_prompts), size=resamples) / n_prompts
+    total = np.zeros(resamples)
+    for matrix, sign in zip(matrices, signs):
+        n_seeds = matrix.shape[0]
+        seed_counts = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=resamples) / n_seeds
+        total += sign * np.einsum("rs,sq,rq->r", seed_counts, matrix, prompt_counts)
+    return total
+
+
+def _interval(draws: np.ndarray, level: float) -> list[float]:
+    tail = (1 - level) / 2
+    return [float(np.quantile(draws, tail)), float(np.quantile(draws, 1 - tail))]
+
+
+def seeded_ci(results: Sequence[dict], *, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Score and a hierarchical bootstrap interval over seeds, then questions.
+
+    `results` are per-question results (`prompt_id`, `passed`, optional `seed`). Each draw
+    resamples the seeds with replacement and the questions with replacement, so the interval
+    widens when seeds disagree; with one seed it is the usual question bootstrap. Also returns
+    `ci_questions` (the interval resampling questions alone, seeds averaged) and `seed_spread`
+    (largest minus smallest seed score), flagged as `seed_spread_exceeds_ci` when the seeds differ
+    by more than `ci_questions` is wide: seed noise then dominates, and more seeds, not more
+    questions, are what narrows the result.
+    """
+    if not results:
+        raise SpdLensError("no outcomes to compute a confidence interval from")
+    prompts = sorted({r["prompt_id"] for r in results})
+    matrix = _outcome_matrix(results, prompts)
+    ci = _interval(_hierarchical_means([matrix], [1.0], resamples, seed), level)
+    questions = _interval(_hierarchical_means([matrix.mean(axis=0, keepdims=True)], [1.0], resamples, seed), level)
+    seed_scores = matrix.mean(axis=1)
+    spread = float(seed_scores.max() - seed_scores.min())
+    return {"score": float(matrix.mean()), "ci": ci, "ci_questions": questions, "n": len(prompts),
+            "n_seeds": int(matrix.shape[0]), "seed_spread": spread,
+            "seed_spread_exceeds_ci": bool(matrix.shape[0] > 1 and spread > questions[1] - questions[0])}
+
+
 def paired_difference(a: Sequence[dict], b: Sequence[dict], *, resamples: int = 2000, seed: int = 0,
                       level: float = 0.95) -> dict:
-    """Score of `a` minus score of `b` on the prompts both answered, with a bootstrap interval
-    that resamples prompts (the pairing removes the questions' own difficulty from the noise).
+    """Score of `a` minus score of `b` on the prompts both answered, with a hierarchical
+    bootstrap interval: each side's seeds are resampled on their own, the shared prompts once
+    per draw (the pairing removes the questions' own difficulty from the noise).
 
-    `a` and `b` are per-example results (`prompt_id`, `passed`), possibly from several seeds:
-    each prompt's outcome is averaged over its seeds first.
+    `a` and `b` are per-example results (`prompt_id`, `passed`, and `seed` where a method has
+    several). `seed_spread` is the spread of the per-seed differences (seeds paired by name when
+    both sides have them, else each seed of one side against the other side's mean); the
+    comparison is flagged (`seed_spread_exceeds_ci`) when that spread is wider than
+    `ci_questions`, the interval that resampling questions alone gives (see `seeded_ci`).
     """
     first, second = per_prompt_scores(a), per_prompt_scores(b)
     shared = sorted(first.keys() & second.keys())
     if not shared:
         raise SpdLensError("the two result sets share no prompt: compare evaluations of the same questions")
-    differences = [first[k] - second[k] for k in shared]
-    low, high = bootstrap_ci(differences, resamples=resamples, seed=seed, level=level)
-    return {"difference": sum(differences) / len(differences), "ci": [low, high], "n": len(shared)}
+    left, right = _outcome_matrix(a, shared), _outcome_matrix(b, shared)
+    ci = _interval(_hierarchical_means([left, right], [1.0, -1.0], resamples, seed), level)
+    questions = _interval(_hierarchical_means([left.mean(axis=0, keepdims=True), right.mean(axis=0, keepdims=True)],
+                                              [1.0, -1.0], resamples, seed), level)
+    seeds_a, seeds_b = list(by_seed(a)), list(by_seed(b))
+    if len(seeds_a) > 1 and seeds_a == seeds_b:
+        per_seed = (left - right).mean(axis=1)
+    elif len(seeds_a) > 1 or len(seeds_b) > 1:
+        per_seed = np.concatenate([left.mean(axis=1) - right.mean(), left.mean() - right.mean(axis=1)])
+    else:
+        per_seed = np.array([left.mean() - right.mean()])
+    spread = float(per_seed.max() - per_seed.min())
+    return {"difference": float(left.mean() - right.mean()), "ci": ci, "ci_questions": questions, "n": len(shared),
+            "seed_spread": spread, "seed_spread_exceeds_ci": bool(spread > questions[1] - questions[0])}
 
 
 def score_records(task: Task, examples_by_id: dict[str, Example], records: list[dict],
@@ -84,8 +163,13 @@ def score_records(task: Task, examples_by_id: dict[str, Example], records: list[
         if example is None:
             raise SpdLensError(f"prompt id {record['prompt_id']!r} is not an example of task {task.name!r}")
         verdict = task.score(example, record["completion"])
-        results.append({"prompt_id": record["prompt_id"], "passed": verdict.passed, "status": verdict.status,
-                        "completion": record["completion"], "detail": verdict.detail[-300:]})
+        result = {"prompt_id": record["prompt_id"], "passed": verdict.passed, "status": verdict.status,
+                  "completion": record["completion"], "detail": verdict.detail[-300:]}
+        if "finish_reason" in record:
+            result["finish_reason"] = record["finish_reason"]
+        if verdict.isolation is not None:
+            result["sandbox"] = verdict.isolation
+        results.append(result)
     if not results:
         raise SpdLensError("no completions to score")
     outcomes = [r["passed"] for r in results]
@@ -106,13 +190,17 @@ def read_completions(path: str | Path) -> list[dict]:
         if not isinstance(prompt_id, str) or not isinstance(completion, str):
             raise SpdLensError(f"{path}: record {number} needs a string 'prompt_id' and a 'completion' (or chat "
                                "'messages' with an assistant turn)")
-        records.append({"prompt_id": prompt_id, "completion": completion})
+        record_out = {"prompt_id": prompt_id, "completion": completion}
+        if record.get("finish_reason") in ("stop", "length"):
+            record_out["finish_reason"] = record["finish_reason"]
+        records.append(record_out)
     return records
 
 
 def score_file(task: str | Task, path: str | Path, progress: Callable | None = None) -> EvalResult:
     """Score completions made anywhere (spd-lens generate, vLLM, by hand) against `task`."""
     task = get_task(task)
+    task.check_ready()
     records = read_completions(path)
     examples = {pid: task.example_by_id(pid) for pid in dict.fromkeys(r["prompt_id"] for r in records)}
     return score_records(task, examples, records, progress=progress)
@@ -123,10 +211,182 @@ def evaluate(model, tokenizer, task: str | Task, *, n: int | None = None, split:
              progress: Callable | None = None) -> EvalResult:
     """Greedy (by default) generation on `split` examples, scored; generations saved to `generations`."""
     task = get_task(task)
+    task.check_ready()  # e.g. no code sandbox here: refuse before generating
     examples = task.examples(split, n=n, seed=seed)
     config = config or SamplingConfig(temperature=0.0, max_new_tokens=task.max_new_tokens, seed=seed)
     path = generate_jsonl(model, tokenizer, examples, generations, config, task=task.name,
                           provenance={"split": split, **(provenance or {})}, progress=progress)
     records = [json.loads(line) for line in open(path, encoding="utf-8")]
-    records = [{"prompt_id": r["prompt_id"], "completion": r["messages"][-1]["content"]} for r in records]
+    records = [{"prompt_id": r["prompt_id"], "completion": r["messages"][-1]["content"],
+                "finish_reason": r.get("finish_reason", "stop")} for r in records]
     return score_records(task, {e.id: e for e in examples}, records)
+
+
+def training_data_quality(task: str | Task, path: str | Path, examples: Sequence[Example] | None = None,
+                          progress: Callable | None = None) -> dict:
+    """How good a self-generated training file is, measured and never used to filter.
+
+    The share of completions the task's scorer marks correct (against each prompt's reference),
+    the share cut off at the token budget (`finish_reason` "length"), their mean length in
+    tokens, and the count of each finish reason. SPD's mechanism predicts that projected
+    sampling yields correct completions more often than plain (psr) or random-subspace sampling.
+    """
+    from spd_lens.tasks.records import read_jsonl
+
+    task = get_task(task)
+    raw = list(read_jsonl(path))
+    if not raw:
+        raise SpdLensError(f"{path} holds no generations to measure")
+    known = {e.id: e for e in examples} if examples is not None else {}
+    examples_by_id = {pid: known.get(pid) or task.example_by_id(pid) for pid in dict.fromkeys(r["prompt_id"] for r in raw)}
+    records = [{"prompt_id": r["prompt_id"], "completion": r["messages"][-1]["content"],
+                "finish_reason": r.get("finish_reason", "unknown")} for r in raw]
+    scored = score_records(task, examples_by_id, records, progress=progress)
+    reasons = Counter(r["finish_reason"] for r in records)
+    tokens = [r["completion_tokens"] for r in raw if isinstance(r.get("completion_tokens"), int)]
+    return {"n": len(records), "correct": scored.score, "cut_off": reasons.get("length", 0) / len(records),
+            "mean_tokens": sum(tokens) / len(tokens) if tokens else None,
+            "finish_reasons": dict(sorted(reasons.items()))}
+
+
+def choice_rates(chosen: Sequence[str | None], labels: Sequence[str]) -> dict[str, float]:
+    """The share of answers that chose each label (and `none`, when some chose none), in label order."""
+    if not chosen:
+        raise SpdLensError("no answers to count")
+    rates = {label: sum(c == label for c in chosen) / len(chosen) for label in labels}
+    unread = sum(c is None or c not in labels for c in chosen)
+    return {**rates, "none": unread / len(chosen)} if unread else rates
+
+
+def summarise_choices(rows: Sequence[dict], examples: dict[str, Example]) -> dict:
+    """Accuracy, interval, per-label choice rates and per-question results of scored choices.
+
+    `rows` hold `prompt_id`, `chosen` and `passed`, for the questions as asked and (optionally)
+    their option rotations (`spd_lens.tasks.mcqa.rotate_options`). The headline figures use the
+    questions as asked; `debiased` (present when rotations were asked) averages every rotation:
+    `accuracy` is the mean over questions of the share of rotations answered right (the interval
+    resamples questions), `consistent` the share of questions right under every rotation, and
+    `choice_rates` counts all rotations, where a model without a preference for a label picks
+    each about equally often. Each `results` list holds one entry per question (`prompt_id`,
+    `passed`), ready for `paired_difference`.
+    """
+    by_source: dict[str, list[dict]] = {}
+    for row in rows:
+        meta = examples[row["prompt_id"]].meta
+        by_source.setdefault(meta.get("source_id", row["prompt_id"]), []).append(
+            {**row, "rotation": meta.get("rotation", 0)})
+    labels = list(dict.fromkeys(label for row in rows for label in examples[row["prompt_id"]].meta["labels"]))
+    asked = [r for group in by_source.values() for r in group if r["rotation"] == 0]
+    outcomes = [r["passed"] for r in asked]
+    summary = {
+        "accuracy": sum(outcomes) / len(outcomes), "ci": list(bootstrap_ci(outcomes)), "n": len(outcomes),
+        "choice_rates": choice_rates([r["chosen"] for r in asked], labels),
+        "results": [{"prompt_id": r["prompt_id"], "passed": r["passed"], "chosen": r["chosen"],
+                     "target": examples[r["prompt_id"]].target} for r in asked],
+    }
+    if any(r["rotation"] for group in by_source.values() for r in group):
+        shares = {source: sum(r["passed"] for r in group) / len(group) for source, group in by_source.items()}
+        summary["debiased"] = {
+            "accuracy": sum(shares.values()) / len(shares), "ci": list(bootstrap_ci(list(shares.values()))),
+            "consistent": sum(all(r["passed"] for r in group) for group in by_source.values()) / len(by_source),
+            "rotations": sum(len(group) for group in by_source.values()),
+            "choice_rates": choice_rates([r["chosen"] for group in by_source.values() for r in group], labels),
+            "results": [{"prompt_id": source, "passed": shares[source],
+                         "consistent": all(r["passed"] for r in group),
+                         "chosen": [r["chosen"] for r in sorted(group, key=lambda r: r["rotation"])]}
+                        for source, group in by_source.items()],
+        }
+    return summary
+
+
+def option_average(rows: Sequence[dict], examples: dict[str, Example]) -> dict:
+    """Log-likelihood choice with the label preference averaged out.
+
+    Under all rotations every option is read once under every label, so the mean of an option's
+    log-probability over its labels carries no preference for a label; the choice is the option
+    with the highest mean (`chosen` is its label in the question as asked). `rows` are
+    `loglik_choices` rows for every rotation of each question.
+    """
+    per_option: dict[str, list[list[float]]] = {}
+    for row in rows:
+        example = examples[row["prompt_id"]]
+        labels, shift = example.meta["labels"], example.meta.get("rotation", 0)
+        sums = per_option.setdefault(example.meta.get("source_id", example.id), [[] for _ in labels])
+        for position, label in enumerate(labels):
+            # The option under this label is the unrotated option `shift` places further on.
+            sums[(position + shift) % len(labels)].append(row["logprobs"][label])
+    results = []
+    for source, values in per_option.items():
+        original = examples[source]
+        means = [sum(v) / len(v) for v in values]
+        chosen = original.meta["labels"][means.index(max(means))]
+        results.append({"prompt_id": source, "passed": chosen == original.target, "chosen": chosen,
+                        "target": original.target})
+    outcomes = [r["passed"] for r in results]
+    return {"accuracy": sum(outcomes) / len(outcomes), "ci": list(bootstrap_ci(outcomes)), "results": results}
+
+
+def evaluate_mc(model, tokenizer, task: str | Task, *, n: int | None = None, split: str = "test", seed: int = 0,
+                config: SamplingConfig | None = None, generations: str | Path | None = None, rotations: bool = True,
+                loglik: bool = True, batch_size: int = 8, provenance: dict | None = None,
+                progress: Callable | None = None) -> dict:
+    """A multiple-choice evaluation read three ways: generated letter, label log-likelihood, rotations.
+
+    Generative (when `generations` is a path): sampling as in `evaluate` (greedy by default),
+    scored by the task's letter reader. Log-likelihood (when `loglik`): the most probable label
+    at the answer position (`spd_lens.mc_loglik`). With `rotations`, every question is also asked
+    with its options cyclically rotated (ids `<id>@rot<k>`), and each reading gains a `debiased`
+    part (see `summarise_choices`); log-likelihood also gains `option_average`, the choice with
+    the label preference averaged out. The rotated questions follow the unrotated ones in the
+    generations file (all questions' first rotation, then the second, ...).
+
+    Returns `{"task", "split", "seed", "n", "rotations", "generative", "loglik"}`; a reading not
+    asked for is None.
+
+    Example:
+        >>> from spd_lens import load_hf
+        >>> model, tok = load_hf("tiny")
+        >>> result = evaluate_mc(model, tok, "family-mc", n=4)
+        >>> result["loglik"]["debiased"]["choice_rates"].keys() == {"A", "B", "C", "D"}
+        True
+    """
+    from spd_lens.mc_loglik import loglik_choices
+    from spd_lens.tasks.mcqa import option_rotations
+
+    task = get_task(task)
+    if task.family != "mcqa":
+        raise SpdLensError(f"task {task.name!r} is not multiple choice ({task.family}): evaluate_mc reads option "
+                           "letters; use evaluate() for it")
+    if generations is None and not loglik:
+        raise SpdLensError("nothing to evaluate: give generations=PATH for generative accuracy, loglik=True, or both")
+    examples = task.examples(split, n=n, seed=seed)
+    asked = list(examples)
+    if rotations:
+        # Unrotated questions first, then each rotation in turn (all questions' rot1, then rot2, ...).
+        rotated = [option_rotations(e)[1:] for e in examples]
+        asked += [r[k] for k in range(max(map(len, rotated), default=0)) for r in rotated if k < len(r)]
+    by_id = {e.id: e for e in asked}
+    result = {"task": task.name, "split": split, "seed": seed, "n": len(examples),
+              "rotations": rotations, "generative": None, "loglik": None}
+    if generations is not None:
+        config = config or SamplingConfig(temperature=0.0, max_new_tokens=task.max_new_tokens, seed=seed)
+        path = generate_jsonl(model, tokenizer, asked, generations, config, task=task.name,
+                              provenance={"split": split, "rotations": rotations, **(provenance or {})},
+                              progress=progress)
+        rows = []
+        for record in read_completions(path):
+            example = by_id[record["prompt_id"]]
+            rows.append({"prompt_id": example.id, "chosen": task.answer(example, record["completion"]),
+                         "passed": task.score(example, record["completion"]).passed})
+        result["generative"] = {**summarise_choices(rows, by_id), "generations": str(path)}
+    if loglik:
+        rows = loglik_choices(model, tokenizer, asked, batch_size=batch_size, progress=progress)
+        summary = summarise_choices(rows, by_id)
+        by_prompt = {r["prompt_id"]: r for r in rows}
+        for entry in summary["results"]:
+            entry.update(logprobs=by_prompt[entry["prompt_id"]]["logprobs"],
+                         label_mass=by_prompt[entry["prompt_id"]]["label_mass"])
+        if rotations:
+            summary["debiased"]["option_average"] = option_average(rows, by_id)
+        result["loglik"] = summary
+    return result

@@ -2,16 +2,28 @@
 
     RUN/config.json                      resolved config (a rerun with another config is refused)
     RUN/subspaces/{gradient,fullseq}-seed{s}/   capability subspaces (random ones derive from gradient)
-    RUN/generations/{method}-seed{s}.jsonl      self-generated training data
+    RUN/generations/{method}-seed{s}.jsonl      self-generated training data (with finish reasons)
+    RUN/generations/{method}-seed{s}.quality.json  its quality: share correct, share cut off, length
     RUN/adapters/{method}-seed{s}/              trained LoRA adapters
     RUN/eval/{method}[-seed{s}].jsonl / .json   evaluation generations and scores
-    RUN/stage_seconds.json               wall-clock seconds per stage, summed over resumed calls
+    RUN/stage_seconds.json               wall-clock seconds per stage: "completed" (calls that finished
+                                         the stage) and "interrupted" (calls that stopped with an
+                                         error or Ctrl-C; work they finished is kept and resumed)
     RUN/metrics.json                     {"methods": {name: {"score", "ci", "n", "seeds", ...}}, ...}
+
+Intervals of seeded methods come from a hierarchical bootstrap (seeds, then questions), so a
+method whose seeds disagree gets a wide interval; a result whose per-seed spread exceeds its
+question-only interval is flagged. Every method that self-generates samples with the one
+[sampling] setting (ssd at its own temperature), and the quality of each training file is
+measured, never filtered.
 
 A finished stage (its artifact complete) is not redone, and an artifact made with other settings
 (the projection included) is refused rather than reused. The gradient subspace, the base
 evaluation and the prompts are shared by all methods that need them; `reuse=[OTHER_RUN]` also
-takes base / psr / ssd evaluations from another run when nothing they depend on differs.
+takes base / psr / ssd evaluations from another run when none of the settings that can change
+them differs (`RESULT_SETTINGS`); every reuse decision is logged and kept in metrics["reuse"].
+`metrics.json` describes every method the directory holds evaluations for, whichever subset of
+methods the last call ran.
 """
 
 from __future__ import annotations
@@ -27,24 +39,67 @@ import spd_lens
 from spd_lens.config import ExperimentConfig
 from spd_lens.errors import SpdLensError
 from spd_lens.artifacts import atomic_write, canonical, read_json_object, settings_differences, write_json
-from spd_lens.evaluate import bootstrap_ci, evaluate, paired_difference
+from spd_lens.evaluate import evaluate, evaluate_mc, paired_difference, seeded_ci, training_data_quality
 from spd_lens.extract import extract_subspace
 from spd_lens.methods import METHOD_TABLE
 from spd_lens.models import load_hf
 from spd_lens.projection import Projection
 from spd_lens.sampling import SamplingConfig, generate_jsonl
+from spd_lens.sandbox import describe_isolation, summarise_isolation
 from spd_lens.subspace import META_FILE as SUBSPACE_META
 from spd_lens.subspace import CapabilitySubspace, config_hash, random_like
 from spd_lens.tasks import Task, get_task
+from spd_lens.tasks.code import configure_sandbox
 from spd_lens.train import load_trained, train_on_jsonl
 
 Progress = Callable[[str], Callable] | None
+
+# The settings that can change a reused evaluation, per kind of method (dotted config keys; a
+# section name stands for all of its keys). Not listed, so never blocking reuse: the run's name,
+# methods and seeds (an evaluation file is per method and seed), train.checkpoint_every,
+# the subspace / projection / ablate sections (methods that depend on them are never reused).
+RESULT_SETTINGS = {
+    None: ["model", "task", "eval"],
+    "plain": ["model", "task", "eval", "sampling", "train"],
+    "ssd": ["model", "task", "eval", "sampling", "ssd", "train"],
+}
+NO_EFFECT = {"train.checkpoint_every"}
 
 
 # Paired differences every run reports: each method against the base model, and SPD against the
 # baselines and controls that isolate what its subspace adds.
 COMPARISONS = [(m, "base") for m in METHOD_TABLE if m != "base"] + [
     ("spd", "psr"), ("spd", "ssd"), ("spd", "spd-random"), ("spd", "spd-fullseq")]
+
+
+def _result_settings(config: dict, sections: Sequence[str]) -> dict:
+    """The sections of a resolved config that can change a reused result, less `NO_EFFECT` keys."""
+    picked = canonical({section: config.get(section) for section in sections})
+    for key in NO_EFFECT:
+        section, name = key.split(".")
+        if isinstance(picked.get(section), dict):
+            picked[section].pop(name, None)
+    return picked
+
+
+def _loglik_summary(loglik: dict) -> dict:
+    """The figures of a log-likelihood multiple-choice reading that a run keeps."""
+    debiased = loglik["debiased"]
+    return {"accuracy": loglik["accuracy"], "ci": loglik["ci"], "choice_rates": loglik["choice_rates"],
+            "debiased_accuracy": debiased["accuracy"], "debiased_ci": debiased["ci"],
+            "consistent": debiased["consistent"], "debiased_choice_rates": debiased["choice_rates"],
+            "option_average_accuracy": debiased["option_average"]["accuracy"]}
+
+
+def _mean_loglik(per_seed: list[dict]) -> dict:
+    """Seed means of the log-likelihood figures (choice rates label by label)."""
+    mean = {}
+    for key, value in per_seed[0].items():
+        if isinstance(value, dict):
+            mean[key] = {label: sum(r[key].get(label, 0) for r in per_seed) / len(per_seed) for label in value}
+        elif isinstance(value, (int, float)):
+            mean[key] = sum(r[key] for r in per_seed) / len(per_seed)
+    return mean
 
 
 class Run:
@@ -60,11 +115,13 @@ class Run:
         self.progress = progress
         self.log = log or (lambda message: None)
         self.task = get_task(config.task.name, **({"path": config.task.data} if config.task.data else {}))
+        configure_sandbox(self.task, config.sandbox)  # code: refuse now, not after training, where no sandbox works
         subspace_task = config.subspace.task or config.task.name
         data = config.subspace.data if config.subspace.task else config.task.data
         self.subspace_task = get_task(subspace_task, **({"path": data} if data else {}))
         self._base = None
         self._eval_examples = None
+        self.reuse_decisions: dict[str, dict] = {}
 
     # --- shared pieces ------------------------------------------------------------------------
 
@@ -78,12 +135,17 @@ class Run:
 
     def _timed(self, stage: str, fn):
         started = time.time()
-        result = fn()
-        # Kept on disk after every stage, so the cost of a run interrupted and resumed adds up.
-        recorded = self._stage_seconds()
-        recorded[stage] = round(recorded.get(stage, 0) + time.time() - started, 2)
-        write_json(self.out / "stage_seconds.json", recorded)
-        return result
+        outcome = "interrupted"
+        try:
+            result = fn()
+            outcome = "completed"
+            return result
+        finally:
+            # Kept on disk after every stage: the cost of a run resumed over several calls adds up,
+            # and time spent by calls that stopped part way is kept apart.
+            recorded = self._stage_seconds()
+            recorded[outcome][stage] = round(recorded[outcome].get(stage, 0) + time.time() - started, 2)
+            write_json(self.out / "stage_seconds.json", recorded)
 
     def subspace(self, kind: str, seed: int) -> CapabilitySubspace:
         if kind == "random":
@@ -114,24 +176,47 @@ class Run:
         path = self.out / "generations" / f"{method}-seed{seed}.jsonl"
         # A finished file is not skipped here: generate_jsonl checks its settings (the projection
         # included) and returns it untouched when they match.
+        config = self.sampling_config(method, seed)
         c = self.config
-        sampling = c.ssd if spec.sampling == "ssd" else c.sampling
-        config = SamplingConfig(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                                max_new_tokens=self.task.max_new_tokens if c.sampling.max_new_tokens is None else c.sampling.max_new_tokens,
-                                num_samples=c.sampling.num_samples, seed=seed, batch_size=c.sampling.batch_size)
         model, tokenizer = self.base_model()
         examples = self.task.examples("train", n=c.task.train_n, seed=seed)
         provenance = {"method": method}  # the projection is recorded from the model
-        self.log(f"self-generation for {method} (seed {seed})")
         if spec.sampling == "projected":
-            projection = self.projection(spec.subspace, seed)
+            projection = self.projection(spec.subspace, seed)  # extracts the subspace first if needed
+            if not path.is_file():
+                self.log(f"self-generation for {method} (seed {seed})")
             with projection.apply(model):
                 return self._timed("generate", lambda: generate_jsonl(
                     model, tokenizer, examples, path, config, task=self.task.name, provenance=provenance,
                     progress=self._bar(f"generate {method}")))
+        if not path.is_file():
+            self.log(f"self-generation for {method} (seed {seed})")
         return self._timed("generate", lambda: generate_jsonl(
             model, tokenizer, examples, path, config, task=self.task.name, provenance=provenance,
             progress=self._bar(f"generate {method}")))
+
+    def sampling_config(self, method: str, seed: int) -> SamplingConfig:
+        """The one [sampling] setting; ssd changes the temperature (and, when the config says so
+        explicitly, its truncation)."""
+        s, ssd = self.config.sampling, self.config.ssd
+        is_ssd = METHOD_TABLE[method].sampling == "ssd"
+        return SamplingConfig(
+            temperature=ssd.temperature if is_ssd else s.temperature,
+            top_p=ssd.top_p if is_ssd and ssd.top_p is not None else s.top_p,
+            top_k=ssd.top_k if is_ssd and ssd.top_k is not None else s.top_k,
+            max_new_tokens=self.task.max_new_tokens if s.max_new_tokens is None else s.max_new_tokens,
+            num_samples=s.num_samples, seed=seed, batch_size=s.batch_size)
+
+    def data_quality(self, method: str, seed: int) -> dict:
+        """Quality of the self-generated training data (cached beside it; code runs the tests)."""
+        data = self.out / "generations" / f"{method}-seed{seed}.jsonl"
+        path = data.with_name(data.name.removesuffix(".jsonl") + ".quality.json")
+        if path.is_file():
+            return read_json_object(path, "a training file's quality")
+        examples = self.task.examples("train", n=self.config.task.train_n, seed=seed)
+        quality = training_data_quality(self.task, data, examples, progress=self._bar(f"score data {method}"))
+        write_json(path, quality)
+        return quality
 
     def adapter(self, method: str, seed: int) -> Path:
         data = self.generations(method, seed)
@@ -162,9 +247,17 @@ class Run:
         provenance = {"method": method, "seed": seed}
 
         def run():
-            return evaluate(model, tokenizer, self.task, n=c.task.eval_n, split=c.task.eval_split, seed=0, config=config,
-                            generations=self.out / "eval" / f"{stem}.jsonl", provenance=provenance,
-                            progress=self._bar(f"eval {stem}"))
+            result = evaluate(model, tokenizer, self.task, n=c.task.eval_n, split=c.task.eval_split, seed=0,
+                              config=config, generations=self.out / "eval" / f"{stem}.jsonl", provenance=provenance,
+                              progress=self._bar(f"eval {stem}"))
+            extra = {}
+            if self.task.family == "mcqa":
+                # Beside the generated letter: the label log-likelihood, as asked and averaged over
+                # cyclic rotations of the options (no generation; a few forward passes).
+                mc = evaluate_mc(model, tokenizer, self.task, n=c.task.eval_n, split=c.task.eval_split, seed=0,
+                                 rotations=True, loglik=True, batch_size=c.eval.batch_size)
+                extra["loglik"] = _loglik_summary(mc["loglik"])
+            return result, extra
 
         self.log(f"evaluating {stem}")
         if spec.eval_hooks:
@@ -173,7 +266,8 @@ class Run:
                 result = self._timed("eval", run)
         else:
             result = self._timed("eval", run)
-        record = {**result.as_dict(), "method": method, "seed": seed}
+        result, extra = result
+        record = {**result.as_dict(), **extra, "method": method, "seed": seed}
         write_json(result_path, record)
         return record
 
@@ -181,20 +275,40 @@ class Run:
 
     def run(self) -> dict:
         self._claim_directory()
-        methods, outcomes = {}, {}
         for method in self.config.methods:
+            for seed in self._seeds(method):
+                self.evaluation(method, seed)
+        # Metrics describe every method this directory holds evaluations for, whether this call
+        # ran it or an earlier one did (`--methods` subsets).
+        methods, outcomes = {}, {}
+        for method in METHOD_TABLE:
             spec = METHOD_TABLE[method]
-            seeds = self.config.seeds if spec.seeded else [None]
-            per_seed = [self.evaluation(method, seed) for seed in seeds]
-            outcomes[method] = [r for result in per_seed for r in result["results"]]
-            pooled = [r["passed"] for r in outcomes[method]]
+            stored = {seed: self._stored_evaluation(method, seed) for seed in self._seeds(method)}
+            per_seed = [r for r in stored.values() if r is not None]
+            if not per_seed:
+                continue
+            seeds = [seed for seed, r in stored.items() if r is not None]
+            outcomes[method] = [{**r, "seed": result["seed"]} for result in per_seed for r in result["results"]]
+            stats = seeded_ci(outcomes[method])
             methods[method] = {
                 "score": sum(r["score"] for r in per_seed) / len(per_seed),
-                "ci": list(bootstrap_ci(pooled)),
-                "n": len(pooled),
+                "ci": stats["ci"],
+                "n": len(outcomes[method]),
+                "questions": stats["n"],
+                "seed_spread": stats["seed_spread"],
+                "seed_spread_exceeds_ci": stats["seed_spread_exceeds_ci"],
                 "seeds": {str(r["seed"]): {"score": r["score"], "ci": r["ci"], "n": r["n"]} for r in per_seed}
                 if spec.seeded else {},
+                "finish_reasons": dict(sorted(Counter(r.get("finish_reason", "unknown") for r in outcomes[method]).items())),
             }
+            if all("loglik" in r for r in per_seed):
+                methods[method]["loglik"] = _mean_loglik([r["loglik"] for r in per_seed])
+            if len(seeds) < len(stored):
+                methods[method]["missing_seeds"] = [seed for seed, r in stored.items() if r is None]
+            if spec.sampling is not None:
+                training_data = self._training_data(method, seeds)
+                if training_data:
+                    methods[method]["training_data"] = training_data
             answers = self._answer_counts(outcomes[method])
             if answers:
                 methods[method]["answers"] = answers
@@ -203,9 +317,12 @@ class Run:
                 methods[method]["outcomes"] = kinds
         comparisons = {f"{a} - {b}": paired_difference(outcomes[a], outcomes[b])
                        for a, b in COMPARISONS if a in outcomes and b in outcomes}
+        seconds = self._stage_seconds()
         metrics = {"run": self.config.name, "task": self.task.name, "subspace_task": self.subspace_task.name,
                    "model": self.config.model.name, "methods": methods, "comparisons": comparisons,
-                   "stage_seconds": self._stage_seconds(),
+                   "stage_seconds": seconds["completed"], "stage_seconds_interrupted": seconds["interrupted"],
+                   "reuse": self.reuse_decisions,
+                   "sandbox": summarise_isolation(r for results in outcomes.values() for r in results),
                    "config_hash": config_hash(self.config.to_dict()), "spd_lens_version": spd_lens.__version__,
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         previous = self.out / "metrics.json"
@@ -217,28 +334,62 @@ class Run:
         write_run_report(self.out)
         return metrics
 
-    def _stage_seconds(self) -> dict[str, float]:
-        """Wall-clock seconds per stage over every call that did work on this run directory."""
+    def _seeds(self, method: str) -> list:
+        return self.config.seeds if METHOD_TABLE[method].seeded else [None]
+
+    def _stored_evaluation(self, method: str, seed: int | None) -> dict | None:
+        path = self.out / "eval" / f"{method if seed is None else f'{method}-seed{seed}'}.json"
+        return read_json_object(path, "an evaluation written by spd-lens run") if path.is_file() else None
+
+    def _training_data(self, method: str, seeds: list[int]) -> dict | None:
+        """Each seed's training-data quality and their means, for the seeds whose training data is
+        in this directory (an evaluation reused from another run brings none)."""
+        per_seed = {str(seed): self.data_quality(method, seed) for seed in seeds
+                    if (self.out / "generations" / f"{method}-seed{seed}.jsonl").is_file()}
+        if not per_seed:
+            return None
+        summary = {}
+        for key in ("correct", "cut_off", "mean_tokens"):
+            values = [q[key] for q in per_seed.values() if q.get(key) is not None]
+            summary[key] = sum(values) / len(values) if values else None
+        reasons = Counter()
+        for q in per_seed.values():
+            reasons.update(q.get("finish_reasons", {}))
+        return {**summary, "n": sum(q["n"] for q in per_seed.values()), "finish_reasons": dict(sorted(reasons.items())),
+                "seeds": per_seed}
+
+    def _stage_seconds(self) -> dict[str, dict[str, float]]:
+        """Wall-clock seconds per stage over every call that did work on this run directory:
+        {"completed": {...}, "interrupted": {...}}."""
         path = self.out / "stage_seconds.json"
-        if path.is_file():
-            return read_json_object(path, "seconds per stage")
-        previous = self.out / "metrics.json"  # run directories from before stage_seconds.json
-        return dict(read_json_object(previous, "a run's metrics").get("stage_seconds", {})) if previous.is_file() else {}
+        recorded = read_json_object(path, "seconds per stage") if path.is_file() else {}
+        if not path.is_file() and (self.out / "metrics.json").is_file():  # run directories from before the file
+            recorded = read_json_object(self.out / "metrics.json", "a run's metrics").get("stage_seconds", {})
+        if recorded and "completed" not in recorded:  # the older flat layout: every call counted as completed
+            recorded = {"completed": recorded}
+        return {"completed": dict(recorded.get("completed", {})), "interrupted": dict(recorded.get("interrupted", {}))}
 
     def _reused(self, method: str, stem: str) -> dict | None:
-        """A finished evaluation of `method` from a `reuse` run that shares everything it depends on."""
+        """A finished evaluation of `method` from a `reuse` run that shares every setting that can
+        change it (`RESULT_SETTINGS`); each decision is logged and kept in `reuse_decisions`."""
+        if not self.reuse:
+            return None
         spec = METHOD_TABLE[method]
         if spec.subspace is not None:
-            return None  # depends on the subspace, which is what runs usually differ in
-        sections = ["model", "task", "eval"] + {"plain": ["sampling", "train"], "ssd": ["sampling", "ssd", "train"]}.get(
-            spec.sampling, [])
+            self._decide(stem, {"reused": False, "why": "depends on a subspace, which runs do not share"})
+            return None
+        sections = RESULT_SETTINGS[spec.sampling]
         mine = self.config.to_dict()
+        reasons = {}
         for other in self.reuse:
             theirs = read_json_object(other / "config.json", "a run's resolved config")
             source = other / "eval" / f"{stem}.json"
-            if any(canonical(theirs.get(k)) != canonical(mine[k]) for k in sections) or not source.is_file():
+            differences = settings_differences(_result_settings(theirs, sections), _result_settings(mine, sections),
+                                               recorded="run has")
+            if differences or not source.is_file():
+                reasons[str(other)] = differences or [f"no finished evaluation {source.name}"]
                 continue
-            self.log(f"reusing {stem} from {other}")
+            self._decide(stem, {"reused": True, "from": str(other)})
             record = {**read_json_object(source, "an evaluation written by spd-lens run"), "reused_from": str(other)}
             (self.out / "eval").mkdir(parents=True, exist_ok=True)
             if (other / "eval" / f"{stem}.jsonl").is_file():
@@ -246,7 +397,18 @@ class Run:
                              lambda tmp: shutil.copyfile(other / "eval" / f"{stem}.jsonl", tmp))
             write_json(self.out / "eval" / f"{stem}.json", record)
             return record
+        self._decide(stem, {"reused": False, "why": reasons})
         return None
+
+    def _decide(self, stem: str, decision: dict) -> None:
+        self.reuse_decisions[stem] = decision
+        if decision["reused"]:
+            self.log(f"reusing {stem} from {decision['from']}")
+        elif isinstance(decision["why"], str):
+            self.log(f"not reusing {stem}: {decision['why']}")
+        else:
+            for other, why in decision["why"].items():
+                self.log(f"not reusing {stem} from {other}: {'; '.join(why)}")
 
     def _answer_counts(self, results: list[dict]) -> dict[str, int] | None:
         """How often each answer was given (multiple choice: each letter; "none" = no answer found)."""
@@ -273,8 +435,9 @@ class Run:
         if path.is_file():
             # Adding methods to a finished run is fine; changing what they share is not.
             previous = read_json_object(path, "a run's resolved config")
-            changed = settings_differences({k: previous.get(k) for k in resolved if k != "methods"},
-                                           {k: v for k, v in resolved.items() if k != "methods"}, recorded="run has")
+            ignored = ("methods", "sandbox")  # what is run, and how code runs: not what a result is
+            changed = settings_differences({k: previous.get(k) for k in resolved if k not in ignored},
+                                           {k: v for k, v in resolved.items() if k not in ignored}, recorded="run has")
             if changed:
                 raise SpdLensError(f"{self.out} holds a run with another config (differs in {'; '.join(changed)}); "
                                    "use another --out or the same config")
@@ -292,25 +455,48 @@ def run_experiment(config: ExperimentConfig, out: str | Path, *, progress: Progr
     return Run(config, out, progress, log, reuse).run()
 
 
+SPREAD_FLAG = "  ! seeds differ more than questions alone explain: more seeds needed"
+
+
 def format_table(metrics: dict) -> str:
-    """Score, pooled 95% CI, n, and each seed's score."""
+    """Score, 95% CI (seeds, then questions), n, each seed's score; the training data's quality;
+    paired differences. `!` marks a result whose seed spread exceeds its interval."""
     rows = [f"{'method':<12} {'score':>7}  {'95% CI':<17} {'n':>5}  per seed"]
     for name, m in metrics["methods"].items():
         seeds = "  ".join(f"{seed}: {s['score']:.3f}" for seed, s in m.get("seeds", {}).items())
         answers = "  answers " + " ".join(f"{a}:{k}" for a, k in m["answers"].items()) if m.get("answers") else ""
         kinds = "  outcomes " + " ".join(f"{k}:{v}" for k, v in m["outcomes"].items()) if m.get("outcomes") else ""
-        rows.append(f"{name:<12} {m['score']:>7.3f}  [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]  {m['n']:>5}  {seeds}{answers}{kinds}")
+        flag = SPREAD_FLAG if m.get("seed_spread_exceeds_ci") else ""
+        rows.append(f"{name:<12} {m['score']:>7.3f}  [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]  {m['n']:>5}  {seeds}{answers}{kinds}{flag}")
+    scored = {name: m["loglik"] for name, m in metrics["methods"].items() if m.get("loglik")}
+    if scored:
+        rows += ["", f"{'log-likelihood':<14} {'as asked':>8}  {'rotated':>7}  {'opt.avg':>7}  choice rates as asked"]
+        for name, q in scored.items():
+            rates = " ".join(f"{label}:{rate:.2f}" for label, rate in q["choice_rates"].items())
+            rows.append(f"{name:<14} {q['accuracy']:>8.3f}  {q['debiased_accuracy']:>7.3f}  "
+                        f"{q['option_average_accuracy']:>7.3f}  {rates}")
+    trained = {name: m["training_data"] for name, m in metrics["methods"].items() if m.get("training_data")}
+    if trained:
+        rows += ["", f"{'training data':<12} {'correct':>7}  {'cut off':>7}  {'tokens':>6}  {'n':>5}  correct per seed"]
+        for name, q in trained.items():
+            seeds = "  ".join(f"{seed}: {s['correct']:.3f}" for seed, s in q.get("seeds", {}).items())
+            tokens = f"{q['mean_tokens']:>6.1f}" if q.get("mean_tokens") is not None else f"{'-':>6}"
+            rows.append(f"{name:<12} {q['correct']:>7.3f}  {q['cut_off']:>7.3f}  {tokens}  {q['n']:>5}  {seeds}")
     if metrics.get("comparisons"):
-        rows += ["", f"{'paired difference':<24} {'mean':>7}  95% CI (bootstrap over the shared questions)"]
+        rows += ["", f"{'paired difference':<24} {'mean':>7}  95% CI (bootstrap over seeds, then the shared questions)"]
         for name, c in metrics["comparisons"].items():
-            rows.append(f"{name:<24} {c['difference']:>+7.3f}  [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]")
+            flag = SPREAD_FLAG if c.get("seed_spread_exceeds_ci") else ""
+            rows.append(f"{name:<24} {c['difference']:>+7.3f}  [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]{flag}")
+    if metrics.get("sandbox"):
+        rows += ["", describe_isolation(metrics["sandbox"])]
     return "\n".join(rows)
 
 
 def write_run_report(run_dir: str | Path) -> Path:
     """`RUN/report.html`: method scores with CIs, paired differences, the gradient subspaces'
     spectra and, where counted, the kinds of result (code) or the answers chosen (multiple choice)."""
-    from spd_lens.viz import comparison_figure, method_scores_figure, outcome_figure, spectrum_figure, write_report
+    from spd_lens.viz import (comparison_figure, method_scores_figure, outcome_figure, spectrum_figure,
+                              training_data_figure, write_report)
 
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
@@ -330,6 +516,8 @@ def write_run_report(run_dir: str | Path) -> Path:
     # after the spectra, so that the figures' file numbers stay those of earlier reports
     figures += [outcome_figure(metrics, key) for key in ("outcomes", "answers")
                 if any(m.get(key) for m in metrics["methods"].values())]
+    if any(m.get("training_data") for m in metrics["methods"].values()):
+        figures.append(training_data_figure(metrics))
     path = run_dir / "report.html"
     write_report(path, figures, f"spd_lens run {metrics.get('run')}", format_table(metrics))
     return path

@@ -65,10 +65,16 @@ class GramAccumulator:
                 )
 
 
+CUSTOM = "custom"  # the task name recorded for examples given directly
+
+
 def encode_examples(model, task_or_examples, *, n, split, seed, tokenizer, task_options=None):
     """(task name, encoded examples) from a task name, a Task, Examples or EncodedExamples.
 
-    Repeated example ids are an error naming the id (results are keyed by id)."""
+    A task draws `n` examples of `split` by `seed`; given examples are taken as they are, the
+    first `n` of them when `n` is set (more than there are is an error). Repeated example ids are
+    an error naming the id (results are keyed by id).
+    """
     task_name, encoded = _encode_examples(model, task_or_examples, n=n, split=split, seed=seed, tokenizer=tokenizer,
                                           task_options=task_options)
     check_unique_ids([e.example_id for e in encoded])
@@ -83,16 +89,37 @@ def _encode_examples(model, task_or_examples, *, n, split, seed, tokenizer, task
             raise SpdLensError("a plain Hugging Face model carries no tokenizer: pass tokenizer=")
         examples = task.examples(split, n=n, seed=seed)
         return task.name, [task.locate(tokenizer, e) for e in examples]
+    if isinstance(task_or_examples, (Example, EncodedExample)):
+        task_or_examples = [task_or_examples]
     items = list(task_or_examples)
     if not items:
         raise SpdLensError("no examples given")
+    if n is not None:
+        if n < 1 or n > len(items):
+            raise SpdLensError(f"n={n} but {len(items)} examples were given: pass n between 1 and {len(items)}, "
+                               "or n=None to use them all")
+        items = items[:n]
     if all(isinstance(e, EncodedExample) for e in items):
-        return "custom", items
+        return CUSTOM, items
     if all(isinstance(e, Example) for e in items):
         if tokenizer is None:
             raise SpdLensError("a plain Hugging Face model carries no tokenizer: pass tokenizer=")
-        return "custom", [locate_spans(tokenizer, e) for e in items]
+        return CUSTOM, [locate_spans(tokenizer, e) for e in items]
     raise SpdLensError("task_or_examples must be a task name, a Task, or a list of Example / EncodedExample")
+
+
+def run_settings(model, task_name: str, n_examples: int, *, split: str, seed: int, **more) -> dict:
+    """What an extraction records about its inputs; `split` and `seed` only where a task drew the
+    examples (given examples have neither). Gradients taken under a projection say so."""
+    settings = {"model_id": model_id(model), "task": task_name, "n": n_examples}
+    if task_name != CUSTOM:
+        settings.update(split=split, seed=seed)
+    return {**settings, **more, "projection": projection_provenance(model)}
+
+
+def model_dtype(model) -> str:
+    """The model's parameter dtype as a name (`"float32"`): bases are handed out in it."""
+    return str(hf_model_of(model).dtype).removeprefix("torch.")
 
 
 def model_shape(model) -> dict:
@@ -124,6 +151,8 @@ def extract_subspace(
 ) -> CapabilitySubspace:
     """The capability subspace of `model` for a task (SPD steps 1-3).
 
+    `task_or_examples` is a task name, a `Task` (then `n` examples of `split`, drawn by `seed`),
+    or your own `Example`s / `EncodedExample`s (all of them, or the first `n`).
     `layers` defaults to {L//2, L-1}; the rank policy is one of `rank`, `rank_frac` (default 0.5
     of the numerical rank) or `energy`; `loss="full"` takes the full-sequence loss (the ablation).
     Works on a `TransformerBridge` (hook_k/hook_v backward hooks) or a plain HF model (faster).
@@ -141,9 +170,8 @@ def extract_subspace(
     torch.manual_seed(seed)
     task_name, encoded = encode_examples(model, task_or_examples, n=n, split=split, seed=seed, tokenizer=tokenizer,
                                          task_options=task_options)
-    settings = {"model_id": model_id(model), "task": task_name, "n": len(encoded), "split": split, "seed": seed,
-                "layers": layers, "loss": loss, "batch_size": batch_size, "examples_sha256": examples_hash(encoded),
-                "projection": projection_provenance(model)}  # gradients taken under a projection say so
+    settings = run_settings(model, task_name, len(encoded), split=split, seed=seed, layers=layers, loss=loss,
+                            batch_size=batch_size, examples_sha256=examples_hash(encoded))
     if out is not None and (Path(out) / META_FILE).is_file():
         saved = read_json_object(Path(out) / META_FILE, "a subspace's metadata")
         # Settings a subspace saved by an earlier version does not record are not compared.
@@ -160,7 +188,7 @@ def extract_subspace(
                                    progress=progress):
         accumulator.add(batch)
     accumulator.check()
-    meta = {**settings, **shape, "kinds": list(KINDS), "n_rows": accumulator.n_rows,
+    meta = {**settings, **shape, "dtype": model_dtype(model), "kinds": list(KINDS), "n_rows": accumulator.n_rows,
             "example_ids": [e.example_id for e in encoded], "spd_lens_version": spd_lens.__version__,
             "config_hash": config_hash({**settings, "policy": policy.describe()}),
             "seconds": round(time.time() - started, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

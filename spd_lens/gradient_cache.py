@@ -1,7 +1,10 @@
 """`GradientCache`: the per-token K/V gradients themselves, for looking at before choosing a subspace.
 
-In the spirit of TransformerLens's `ActivationCache`: indexable by hook name
-(`cache["blocks.15.attn.hook_k"]` or `cache[15, "k"]`), `.keys()`, `.to(device)`, per-head views.
+In the spirit of TransformerLens's `ActivationCache`, and indexed the same way:
+`cache["k", 15]` (TransformerLens's `get_act_name` shorthand, so also `cache["k15"]` and negative
+layers, `cache["v", -1]`) or the hook name `cache["blocks.15.attn.hook_k"]`; `(layer, kind)` tuples
+(`cache[15, "k"]`, the order of `CapabilitySubspace.basis(layer, kind)`) are accepted too.
+`.keys()`, `.to(device)`, per-head views.
 Rows are `[example, pos, kv_head, d_head]`, right-padded, in the order the examples were given,
 with the token ids, attention and correctness masks and example ids beside them.
 
@@ -13,6 +16,8 @@ Example:
     >>> cache = cache_gradients(load_model("tiny"), "arithmetic", n=2, layers=[0, 3])
     >>> cache["blocks.3.attn.hook_v"].shape[2:], cache.keys()[:1]
     (torch.Size([2, 8]), ['blocks.0.attn.hook_k'])
+    >>> cache["v", 3] is cache["blocks.3.attn.hook_v"] is cache["v", -1] is cache[3, "v"]
+    True
 """
 
 from __future__ import annotations
@@ -26,13 +31,12 @@ import torch
 from jaxtyping import Bool, Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
 import spd_lens
 from spd_lens.errors import SpdLensError
-from spd_lens.extract import encode_examples, model_shape
+from spd_lens.extract import encode_examples, model_dtype, model_shape, run_settings
 from spd_lens.gradients import Progress, check_layers, iterate_gradients
-from spd_lens.models import model_id
-from spd_lens.projection import projection_provenance
 from spd_lens.artifacts import atomic_write, read_json_object, sha256_file
 from spd_lens.subspace import config_hash
 
@@ -47,8 +51,10 @@ def hook_name(layer: int, kind: str) -> str:
 
 def parse_hook_name(name: str) -> tuple[int, str]:
     parts = name.split(".")
-    if len(parts) != 4 or parts[0] != "blocks" or parts[2] != "attn" or parts[3] not in ("hook_k", "hook_v"):
-        raise SpdLensError(f"{name!r} is not a K/V hook name: use 'blocks.{{layer}}.attn.hook_k' or '...hook_v'")
+    if (len(parts) != 4 or parts[0] != "blocks" or not parts[1].lstrip("-").isdigit() or parts[2] != "attn"
+            or parts[3] not in ("hook_k", "hook_v")):
+        raise SpdLensError(f"{name!r} is not a K/V hook name: a gradient cache holds only keys and values; "
+                           "index it as cache['k', layer], cache['v', layer] or cache['blocks.{layer}.attn.hook_k']")
     return int(parts[1]), parts[3][-1]
 
 
@@ -67,7 +73,19 @@ class GradientCache:
     # --- ActivationCache-like access ------------------------------------------------------
 
     def _key(self, name) -> tuple[int, str]:
-        key = parse_hook_name(name) if isinstance(name, str) else tuple(name)
+        if isinstance(name, str):  # a hook name, or TransformerLens shorthand such as "k15"
+            layer, kind = parse_hook_name(name if "." in name else get_act_name(name))
+        elif isinstance(name, tuple) and 2 <= len(name) <= 3 and isinstance(name[0], str):
+            layer, kind = parse_hook_name(get_act_name(*name))  # TransformerLens order: ("k", 15)
+        elif isinstance(name, tuple) and len(name) == 2 and isinstance(name[1], str) and not isinstance(name[0], bool):
+            layer, kind = int(name[0]), name[1]  # (layer, kind), the order CapabilitySubspace uses
+        else:
+            raise SpdLensError(f"cannot index a gradient cache with {name!r}: use cache['k', layer], "
+                               "cache['v', layer] or cache['blocks.{layer}.attn.hook_k']")
+        n_layers = self.meta.get("n_layers")
+        if layer < 0 and n_layers:  # negative layers count from the end, as in ActivationCache
+            layer += int(n_layers)
+        key = (layer, kind)
         if key not in self.grads:
             raise SpdLensError(f"no gradients cached for {hook_name(*key)}: the cache has {self.keys()}")
         return key
@@ -173,7 +191,11 @@ def cache_gradients(
     max_bytes: int = DEFAULT_MAX_BYTES,
     progress: Progress | None = None,
 ) -> GradientCache:
-    """Cache the correctness-token K/V gradients of every chosen layer (all layers by default)."""
+    """Cache the correctness-token K/V gradients of every chosen layer (all layers by default).
+
+    `task_or_examples` as in `extract_subspace`: a task (n examples of `split` by `seed`) or your
+    own examples (all, or the first `n`).
+    """
     shape = model_shape(model)
     layers = list(range(shape["n_layers"])) if layers is None else check_layers(layers, shape["n_layers"])
     kinds = []
@@ -209,10 +231,9 @@ def cache_gradients(
         for (layer, kind), grad in batch.grads.items():
             if kind in kinds:
                 grads[(layer, kind)][rows, :width] = grad.float().cpu()
-    settings = {"model_id": model_id(model), "task": task_name, "n": len(encoded), "split": split, "seed": seed,
-                "layers": layers, "loss": loss, "batch_size": batch_size}
-    settings["projection"] = projection_provenance(model)  # gradients taken under a projection say so
-    meta = {**settings, **shape, "kinds": kinds, "spd_lens_version": spd_lens.__version__,
+    settings = run_settings(model, task_name, len(encoded), split=split, seed=seed, layers=layers, loss=loss,
+                            batch_size=batch_size)
+    meta = {**settings, **shape, "dtype": model_dtype(model), "kinds": kinds, "spd_lens_version": spd_lens.__version__,
             "config_hash": config_hash(settings), "seconds": round(time.time() - started, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return GradientCache(grads, input_ids, attention, correct, [e.example_id for e in encoded], meta)

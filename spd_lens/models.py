@@ -111,10 +111,15 @@ def load_model(
 ) -> TransformerBridge:
     """A `TransformerBridge` around `name` (see `load_hf`), with `.tokenizer` set.
 
+    For chat models (a tokenizer with a chat template) the bridge's `cfg.default_prepend_bos` is
+    False: text given to `model.to_tokens`, `model(text)` or `run_with_cache(text)` is taken to be
+    rendered chat text (`spd_lens.chat.render_prompt`), which holds its own special tokens, so the
+    ids equal `spd_lens.chat.to_chat_tokens(model, prompt)`. Pass `prepend_bos=True` for a BOS.
+
     Example:
         >>> model = load_model("tiny")
-        >>> model.blocks[0].attn.hook_k.name
-        'blocks.0.attn.hook_k'
+        >>> "blocks.0.attn.hook_k" in model.hook_dict, model.cfg.default_prepend_bos
+        (True, False)
     """
     hf_model, tokenizer = load_hf(name, device=device, dtype=dtype)
     return boot(hf_model, tokenizer)
@@ -134,6 +139,11 @@ def boot(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Trans
         model_id or "local-model", hf_model=hf_model, tokenizer=bridge_tokenizer, device=hf_model.device,
         dtype=hf_model.dtype,
     )
+    # Rendered chat text already starts with its own special tokens: TransformerLens's default of
+    # prepending a BOS would give `model.to_tokens(text)` / `model(text)` a second `<|im_start|>`
+    # (different ids and logits from spd_lens's own encoding). `prepend_bos=True` still adds one.
+    if tokenizer.chat_template:
+        bridge.cfg.default_prepend_bos = False
     bridge.eval()
     return bridge
 

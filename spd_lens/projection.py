@@ -7,7 +7,21 @@ TransformerLens's `blocks.{l}.attn.hook_k` / `hook_v` (shape `[batch, pos, kv_he
     M = (1 - alpha)·I + alpha·P,   P = V_r V_rᵀ  (alpha = 1 is the paper's hard projection K·P)
 
 in the flattened layout (`kv_heads*d_head`), or block-diagonal with one `d_head` projector per
-selected KV head in the per-head layout (unselected heads pass unchanged).
+selected KV head in the per-head layout (unselected heads pass unchanged). `complement=True`
+uses I - P in place of P: the subspace is removed and the rest kept ("ablate the capability").
+
+alpha: the removed part (the complement of the subspace, or with `complement=True` the subspace
+itself) is multiplied by 1 - alpha, the kept part is unchanged. 0 = no change, 1 = removed,
+between = partly removed; outside [0, 1] it extrapolates: alpha = 2 flips the sign of the removed
+part (a reflection), alpha < 0 amplifies it (alpha = -1 doubles it). Any finite number is allowed.
+
+One head at one layer: `project(model, subspace, layers=15, heads=1)` (a head selection implies
+the per-head layout).
+
+Hook lifetime on a bridge: the hooks are permanent TransformerLens hooks, so `model.reset_hooks()`
+inside the `with` block leaves the projection on; `reset_hooks(including_permanent=True)` takes it
+off, after which `handle.active` is False and leaving the block raises `SpdLensError` (what ran
+after the reset was not projected).
 
 Folding: k_proj computes k = x·Wᵀ + b, so k·M = x·(M W)ᵀ + b·M because M is symmetric: the same
 map is the linear layer W' = M·W, b' = M·b. Because the projection acts on the linear output
@@ -26,6 +40,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -51,6 +66,7 @@ class ProjectionSettings:
     layout: str = "flat"
     heads: tuple[int, ...] | None = None  # per-head layout only; None = all heads
     alpha: float = 1.0
+    complement: bool = False  # project on I - P: remove the subspace, keep the rest
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -65,11 +81,19 @@ class Projection:
     maps: dict[tuple[int, str], Float[Tensor, "dim dim"]] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, subspace: CapabilitySubspace, *, layers: Sequence[int] | None = None,
-              kinds: Sequence[str] = KINDS, layout: str = "flat", heads: Sequence[int] | None = None,
-              alpha: float = 1.0) -> "Projection":
-        if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
-            raise SpdLensError(f"alpha must be in [0, 1] (0 = no projection, 1 = hard projection K·P), got {alpha!r}")
+    def build(cls, subspace: CapabilitySubspace, *, layers: Sequence[int] | int | None = None,
+              kinds: Sequence[str] = KINDS, layout: str | None = None, heads: Sequence[int] | int | None = None,
+              alpha: float = 1.0, complement: bool = False) -> "Projection":
+        """The maps for `subspace` (see the module docstring); `layers` and `heads` take one index or
+        several, and `layout` defaults to "head" when heads are selected, else "flat"."""
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise SpdLensError(f"alpha must be a finite number (0 = no change, 1 = hard projection; outside [0, 1] "
+                               f"extrapolates: the removed part is scaled by 1 - alpha), got {alpha!r}")
+        if not isinstance(complement, bool):
+            raise SpdLensError(f"complement must be True or False, got {complement!r}")
+        layers = [layers] if isinstance(layers, int) else layers
+        heads = [heads] if isinstance(heads, int) else heads
+        layout = layout if layout is not None else ("head" if heads is not None else "flat")
         if layout not in LAYOUTS:
             raise SpdLensError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
         bad_kinds = [k for k in kinds if k not in KINDS]
@@ -87,20 +111,25 @@ class Projection:
             bad = [h for h in heads if not 0 <= h < n_kv]
             if bad or not heads:
                 raise SpdLensError(f"head(s) {bad or list(heads)} out of range: the model has {n_kv} KV heads (0..{n_kv - 1})")
-        settings = ProjectionSettings(layers, tuple(kinds), layout, heads, float(alpha))
+        settings = ProjectionSettings(layers, tuple(kinds), layout, heads, float(alpha), complement)
         maps = {}
         for layer in layers:
             for kind in kinds:
                 dim = subspace.grams[(layer, kind)].shape[0]
+                identity = torch.eye(dim, dtype=torch.float64)
                 if layout == "flat":
-                    projector = subspace.projector(layer, kind, FLAT)
+                    projector = subspace.projector(layer, kind, FLAT, dtype=torch.float64)
+                    if complement:
+                        projector = identity - projector
                 else:
                     d_head = dim // n_kv
                     projector = torch.eye(dim, dtype=torch.float64)
                     for h in heads if heads is not None else range(n_kv):
                         block = slice(h * d_head, (h + 1) * d_head)
-                        projector[block, block] = subspace.projector(layer, kind, h)
-                identity = torch.eye(dim, dtype=torch.float64)
+                        head_projector = subspace.projector(layer, kind, h, dtype=torch.float64)
+                        if complement:
+                            head_projector = torch.eye(d_head, dtype=torch.float64) - head_projector
+                        projector[block, block] = head_projector
                 maps[(layer, kind)] = (1.0 - alpha) * identity + alpha * projector
         return cls(subspace, settings, maps)
 
@@ -124,12 +153,22 @@ class Projection:
 
     @contextmanager
     def apply(self, model):
-        """Install the projection hooks on `model` (bridge or HF); removes exactly them on exit."""
+        """Install the projection hooks on `model` (bridge or HF); removes exactly them on exit.
+
+        Raises `SpdLensError` on exit when something else took the hooks off inside the block.
+        """
         handle = self.attach(model)
         try:
             yield handle
         finally:
+            lost = handle._lost()
             handle.remove()
+        if lost:
+            raise SpdLensError(
+                "the projection's hooks were taken off the model inside `with project(...)` (e.g. by "
+                "model.reset_hooks(including_permanent=True)): whatever ran after that was not projected. "
+                "Reset hooks before entering project(), or use model.reset_hooks(), which keeps the projection"
+            )
 
     def attach(self, model) -> "ProjectionHandle":
         """Install the hooks and return a handle whose `remove()` takes exactly them off.
@@ -140,7 +179,9 @@ class Projection:
             handles = []
             for (layer, kind), matrix in self.maps.items():
                 hook_point = model.hook_dict[f"blocks.{layer}.attn.hook_{kind}"]
-                handles.append(_LensRemover(hook_point, hook_point.add_hook(_bridge_hook(matrix), dir="fwd")))
+                # Permanent: a plain model.reset_hooks() inside the `with` block keeps the projection.
+                lens_handle = hook_point.add_hook(_bridge_hook(matrix), dir="fwd", is_permanent=True)
+                handles.append(_LensRemover(hook_point, lens_handle))
         else:
             handles = []
             attention = hf_model_of(model).model.layers
@@ -162,16 +203,20 @@ class _LensRemover:
         self.lens_handle.hook.remove()
         self.hook_point.fwd_hooks = [h for h in self.hook_point.fwd_hooks if h is not self.lens_handle]
 
-    def present(self) -> bool:
-        return _hook_present(self.lens_handle.hook)
+    @property
+    def installed(self) -> bool:
+        return any(h is self.lens_handle for h in self.hook_point.fwd_hooks) and _installed(self.lens_handle.hook)
+
+
+def _installed(torch_handle) -> bool:
+    """Whether a torch hook handle's hook is still registered on its module."""
+    hooks = torch_handle.hooks_dict_ref()
+    return hooks is not None and torch_handle.id in hooks
 
 
 def _hook_present(handle) -> bool:
-    """Whether a torch hook handle's hook is still registered (not removed by anyone)."""
-    if isinstance(handle, _LensRemover):
-        return handle.present()
-    hooks = handle.hooks_dict_ref()
-    return hooks is not None and handle.id in hooks
+    """Whether a hook (TransformerLens or torch) is still registered (not removed by anyone)."""
+    return handle.installed if isinstance(handle, _LensRemover) else _installed(handle)
 
 
 class ProjectionHandle:
@@ -191,8 +236,13 @@ class ProjectionHandle:
 
     @property
     def active(self) -> bool:
-        """Whether every hook is still on the model (`model.reset_hooks()` takes bridge hooks off)."""
-        return bool(self._handles) and all(_hook_present(h) for h in self._handles)
+        """True while every hook this handle installed is on the model: False after `remove()`, and
+        after something else (`model.reset_hooks(including_permanent=True)`) took them off."""
+        return bool(self._handles) and not self._lost()
+
+    def _lost(self) -> bool:
+        """Some of the hooks were removed by something other than `remove()`."""
+        return any(not _hook_present(h) for h in self._handles)
 
     def provenance(self) -> dict:
         """The attached projection's `Projection.provenance()`."""
@@ -217,7 +267,8 @@ def active_projections(model) -> list[ProjectionHandle]:
     """The projections whose hooks are on `model` now, in the order they were attached.
 
     Read from the hooks themselves: a projection taken off by its handle, by leaving `project()`,
-    or by `model.reset_hooks()` is not listed. A projection with only some of its hooks left
+    or by `model.reset_hooks(including_permanent=True)` is not listed (a plain `reset_hooks()`
+    leaves it on). A projection with only some of its hooks left
     is an error (its outputs would be neither projected nor plain).
 
     Example:
@@ -240,7 +291,7 @@ def active_projections(model) -> list[ProjectionHandle]:
             raise SpdLensError(
                 f"a projection on this model has lost {present.count(False)} of its {len(present)} hooks (some hook "
                 "points were cleared): its outputs would be only partly projected; call its handle's remove() "
-                "(or model.reset_hooks()) and attach it again")
+                "(or model.reset_hooks(including_permanent=True)) and attach it again")
     registry[:] = live
     return list(live)
 
@@ -276,16 +327,20 @@ def _bridge_hook(matrix: Tensor):
 
 
 @contextmanager
-def project(model, subspace: CapabilitySubspace, *, layers: Sequence[int] | None = None, kinds: Sequence[str] = KINDS,
-            layout: str = "flat", heads: Sequence[int] | None = None, alpha: float = 1.0):
+def project(model, subspace: CapabilitySubspace, *, layers: Sequence[int] | int | None = None,
+            kinds: Sequence[str] = KINDS, layout: str | None = None, heads: Sequence[int] | int | None = None,
+            alpha: float = 1.0, complement: bool = False):
     """`with project(model, subspace):` K and V at the subspace's layers are projected.
 
     Works on a TransformerBridge (hooks on `hook_k`/`hook_v`, also active during
     `model.original_model.generate`) and on a plain HF model (hooks on `k_proj`/`v_proj`).
     Yields the `ProjectionHandle`; while inside, `active_projections(model)` lists it and
     `generate_jsonl` records `handle.provenance()` with every output.
+    `with project(model, subspace, layers=15, heads=1):` projects one KV head at one layer;
+    `complement=True` removes the subspace instead (K·(I - P)); alpha: see the module docstring.
     """
-    projection = Projection.build(subspace, layers=layers, kinds=kinds, layout=layout, heads=heads, alpha=alpha)
+    projection = Projection.build(subspace, layers=layers, kinds=kinds, layout=layout, heads=heads, alpha=alpha,
+                                  complement=complement)
     with projection.apply(model) as handle:
         yield handle
 

@@ -1,11 +1,15 @@
 """Batched self-generation and its JSONL export, resumable.
 
 `sample(model, tokenizer, prompts, config)` generates `num_samples` completions per prompt with
-left padding, a KV cache, temperature / top-p / top-k, stopping at end of turn. Each batch is
+left padding, a KV cache, temperature / top-p / top-k, stopping at end of turn (and, for a
+model without a chat template, where it starts the next exchange: `chat.stop_strings`). Each batch is
 seeded from (seed, index of its first prompt), so a resumed run produces what an uninterrupted
-run would have.
+run would have. `sample_completions` gives the same with each completion's finish reason:
+`stop` (it ended its turn) or `length` (cut off at `max_new_tokens`), which the trainer needs so
+that a cut-off text is never taught as a finished answer.
 
-`generate_jsonl(...)` writes one record per completion in the chat `messages` format, into
+`generate_jsonl(...)` writes one record per completion in the chat `messages` format (plus
+`finish_reason` and `completion_tokens`), into
 `OUT.partial` batch by batch (each batch one write + fsync), renamed to `OUT` when complete.
 Rerunning the same command resumes: records of prompts already complete are kept, a torn tail is
 dropped, and nothing is duplicated; a finished file is left untouched. Each record's `settings`
@@ -27,7 +31,7 @@ import torch
 
 import spd_lens
 from spd_lens.artifacts import canonical, check_same_settings
-from spd_lens.chat import encode, end_of_turn_ids, messages, render_prompt
+from spd_lens.chat import cut_at_stop, encode, end_of_turn_ids, messages, render_prompt, stop_strings
 from spd_lens.errors import SpdLensError
 from spd_lens.models import hf_model_of, model_id
 from spd_lens.projection import projection_provenance
@@ -62,8 +66,26 @@ class SamplingConfig:
                 raise SpdLensError(message)
 
 
+FINISH_REASONS = ("stop", "length")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer: its text, why it ended (`stop` | `length`) and its token count."""
+
+    text: str
+    finish_reason: str
+    tokens: int
+
+
 def sample(model, tokenizer, prompts: Sequence[str], config: SamplingConfig, *, first_index: int = 0) -> list[list[str]]:
-    """`config.num_samples` completions for each user prompt (one batch; see `sample_batches`)."""
+    """`config.num_samples` completion texts for each user prompt (one batch)."""
+    return [[c.text for c in row] for row in sample_completions(model, tokenizer, prompts, config, first_index=first_index)]
+
+
+def sample_completions(model, tokenizer, prompts: Sequence[str], config: SamplingConfig, *,
+                       first_index: int = 0) -> list[list[Completion]]:
+    """`config.num_samples` completions for each user prompt, with finish reasons (one batch)."""
     hf = hf_model_of(model)
     rendered = [render_prompt(tokenizer, p) for p in prompts]
     encoded = [encode(tokenizer, text) for text in rendered]
@@ -72,17 +94,30 @@ def sample(model, tokenizer, prompts: Sequence[str], config: SamplingConfig, *, 
     ids = torch.tensor([[pad] * (length - len(e)) + e for e in encoded], device=hf.device)
     attention = torch.tensor([[0] * (length - len(e)) + [1] * len(e) for e in encoded], device=hf.device)
     greedy = config.temperature == 0
-    options = dict(max_new_tokens=config.max_new_tokens, do_sample=not greedy, eos_token_id=end_of_turn_ids(tokenizer),
+    stop_ids = end_of_turn_ids(tokenizer)
+    options = dict(max_new_tokens=config.max_new_tokens, do_sample=not greedy, eos_token_id=stop_ids,
                    pad_token_id=pad, use_cache=True, num_return_sequences=config.num_samples)
     if not greedy:
         options.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None)
     else:
         options.update(temperature=None, top_p=None, top_k=None)
+    stops = stop_strings(tokenizer)
+    if stops:
+        options.update(stop_strings=stops, tokenizer=tokenizer)
     torch.manual_seed(config.seed * 1_000_003 + first_index)
     with torch.no_grad():
         output = hf.generate(input_ids=ids, attention_mask=attention, **options)
-    texts = tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
-    return [texts[i * config.num_samples:(i + 1) * config.num_samples] for i in range(len(prompts))]
+    generated = output[:, length:]
+    decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    texts = [cut_at_stop(t, stops) for t in decoded]
+    # A row that ended its turn holds an end-of-turn id, or (a model without a chat template)
+    # reached a stop string, after which generation pads it; a row with neither ran out of budget.
+    ended = torch.isin(generated, torch.tensor(stop_ids + ([pad] if stops else []), device=generated.device))
+    stopped = [bool(e) or text != full for e, text, full in zip(ended.any(dim=1).tolist(), texts, decoded)]
+    counts = torch.where(ended.any(dim=1), ended.int().argmax(dim=1), generated.shape[1]).tolist()
+    completions = [Completion(text, "stop" if done else "length", count)
+                   for text, done, count in zip(texts, stopped, counts)]
+    return [completions[i * config.num_samples:(i + 1) * config.num_samples] for i in range(len(prompts))]
 
 
 def _read_records(path: Path) -> list[dict]:
@@ -173,12 +208,13 @@ def generate_jsonl(
         for start in progress(batch_starts) if progress else batch_starts:
             batch = examples[start:start + config.batch_size]
             # Seeded by the batch's position in the full list: a resumed run reproduces the same output.
-            completions = sample(model, tokenizer, [e.prompt for e in batch], config, first_index=start)
+            completions = sample_completions(model, tokenizer, [e.prompt for e in batch], config, first_index=start)
             lines = []
             for example, samples in zip(batch, completions):
-                for sample_index, text in enumerate(samples):
+                for sample_index, completion in enumerate(samples):
                     record = {"id": f"{example.id}#{sample_index}", "task": task, "prompt_id": example.id,
-                              "sample_index": sample_index, "messages": messages(example.prompt, text),
+                              "sample_index": sample_index, "messages": messages(example.prompt, completion.text),
+                              "finish_reason": completion.finish_reason, "completion_tokens": completion.tokens,
                               "settings": settings}
                     lines.append(json.dumps(record) + "\n")
             handle.write("".join(lines).encode())

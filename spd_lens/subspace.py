@@ -7,6 +7,11 @@ eigenvalues), so the M×d rows never need storing. Bases exist in two layouts:
 - `"flat"`: across all KV heads, dimension `kv_heads * d_head` (what the paper's K·P acts on);
 - per head `0..kv_heads-1`: dimension `d_head`, from the head's diagonal block of the Gram.
 
+Everything is computed and kept in float64; `basis()` and `projector()` hand out a copy in the
+dtype of the model the gradients came from (float32 for the default model) so that
+`activations.flatten(-2) @ subspace.basis(15, "k")` works as it is; pass `dtype=torch.float64`
+for the exact values.
+
 The rank of each basis follows a `RankPolicy`: a fixed rank (per-head bases take at most
 `d_head`), a fraction of the numerical rank (paper default 0.5), or the smallest rank reaching an
 energy threshold (fraction of Σσ²).
@@ -183,15 +188,24 @@ class CapabilitySubspace:
     def singular_values(self, layer: int, kind: str, head: Head = FLAT) -> Float[Tensor, " dim"]:
         return self._spectra[self._check(layer, kind, head)][0]
 
-    def basis(self, layer: int, kind: str, head: Head = FLAT) -> Float[Tensor, "dim rank"]:
-        """Orthonormal columns spanning the subspace (float64)."""
-        key = self._check(layer, kind, head)
-        return self._spectra[key][1][:, : self._ranks[key]]
+    @property
+    def dtype(self) -> torch.dtype:
+        """What `basis()` and `projector()` return by default: the source model's dtype (else float32)."""
+        dtype = getattr(torch, str(self.meta.get("dtype", "float32")), None)
+        return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
-    def projector(self, layer: int, kind: str, head: Head = FLAT) -> Float[Tensor, "dim dim"]:
-        """P = V_r V_rᵀ, symmetric and idempotent."""
-        basis = self.basis(layer, kind, head)
-        return basis @ basis.T
+    def basis(self, layer: int, kind: str, head: Head = FLAT, *, dtype: torch.dtype | None = None,
+              device=None) -> Float[Tensor, "dim rank"]:
+        """Orthonormal columns spanning the subspace, in `dtype` (default: `self.dtype`, the model's)."""
+        key = self._check(layer, kind, head)
+        basis = self._spectra[key][1][:, : self._ranks[key]]
+        return basis.to(dtype=dtype or self.dtype, device=device)
+
+    def projector(self, layer: int, kind: str, head: Head = FLAT, *, dtype: torch.dtype | None = None,
+                  device=None) -> Float[Tensor, "dim dim"]:
+        """P = V_r V_rᵀ, symmetric and idempotent (built in float64, returned in `dtype` as `basis`)."""
+        basis = self.basis(layer, kind, head, dtype=torch.float64)
+        return (basis @ basis.T).to(dtype=dtype or self.dtype, device=device)
 
     def explained_energy(self, layer: int, kind: str, head: Head = FLAT) -> float:
         """Fraction of the gradient energy (Σσ²) inside the basis."""
@@ -220,18 +234,37 @@ class CapabilitySubspace:
     # --- comparing subspaces ----------------------------------------------------------------
 
     def principal_angles(self, other: "CapabilitySubspace", layer: int, kind: str, head: Head = FLAT) -> Tensor:
-        """Cosines of the principal angles between the two bases (descending, in [0, 1])."""
-        a, b = self.basis(layer, kind, head), other.basis(layer, kind, head)
+        """Cosines of the principal angles between the two bases (descending, in [0, 1]); there are
+        min(rank of self, rank of other) of them."""
+        a, b = self.basis(layer, kind, head, dtype=torch.float64), other.basis(layer, kind, head, dtype=torch.float64)
         if a.shape[0] != b.shape[0]:
             raise SpdLensError(f"bases of different dimensions ({a.shape[0]} vs {b.shape[0]}) cannot be compared")
         return torch.linalg.svdvals(a.T @ b).clamp(max=1.0)
 
-    def overlap(self, other: "CapabilitySubspace", head: Head = FLAT) -> dict[tuple[int, str], float]:
-        """Mean squared cosine of the principal angles per shared (layer, kind): 1 = same, ~r/d = random."""
+    def overlap(self, other: "CapabilitySubspace", head: Head = FLAT, *,
+                normalize: str = "smaller") -> dict[tuple[int, str], float]:
+        """Σ cos² of the principal angles (= ‖AᵀB‖²_F for bases A, B of ranks a, b) per shared
+        (layer, kind), divided by:
+
+        - `"smaller"` (default): min(a, b), the mean over the principal angles. 1 when the smaller
+          subspace lies inside the larger, so a rank-5 subspace and the rank-32 subspace it was cut
+          from read 1.0; equal ranks: 1 = the same subspace. A random subspace reads about max(a, b)/d.
+        - `"larger"`: max(a, b). 1 only when the subspaces are the same; the rank-5 vs rank-32
+          example reads 5/32. A random subspace reads about min(a, b)/d.
+
+        `spd_lens.random_like(self)` is the matched random control (same layers and ranks).
+        """
+        if normalize not in ("smaller", "larger"):
+            raise SpdLensError(f"normalize must be 'smaller' or 'larger', got {normalize!r}")
         shared = [(layer, kind) for layer, kind in self.grams if (layer, kind) in other.grams]
         if not shared:
             raise SpdLensError(f"the subspaces share no layer: {self.layers} vs {other.layers}")
-        return {key: float((self.principal_angles(other, *key, head) ** 2).mean()) for key in shared}
+        result = {}
+        for key in shared:
+            cosines = self.principal_angles(other, *key, head)
+            ranks = (self.rank(*key, head), other.rank(*key, head))
+            result[key] = float((cosines ** 2).sum()) / (min(ranks) if normalize == "smaller" else max(ranks))
+        return result
 
     # --- compatibility, save, load ----------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 Defaults are the paper's: LoRA r=8, alpha=8, dropout 0.05 on q/k/v/o; AdamW lr 1e-5, weight
 decay 0.01, cosine schedule, 5 epochs; loss on the completion only (`loss_on="all"` also trains on
-the prompt, the paper's Eq. 14). `accelerate` places the model and shards batches, so the same
+the prompt, the paper's Eq. 14). A completion cut off at the sampling budget (`finish_reason:
+"length"`) is never taught to end there: by default it is kept without its end-of-turn marker
+(`truncated="keep"`), or left out (`truncated="drop"`). `accelerate` places the model and shards batches, so the same
 code runs under `torchrun --nproc_per_node N` or `accelerate launch`. Checkpoints (model,
 optimizer, scheduler, RNG states) every `checkpoint_every` optimizer steps; a rerun resumes from
 the last complete one and ends with the same weights as an uninterrupted run.
@@ -21,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -52,11 +55,13 @@ class TrainConfig:
     loss_on: str = "completion"  # or "all": prompt and completion
     max_grad_norm: float = 1.0
     checkpoint_every: int = 50
+    truncated: str = "keep"  # cut-off completions: "keep" without end-of-turn, or "drop"
     seed: int = 0
 
     def __post_init__(self):
         checks = [
             (self.loss_on in ("completion", "all"), f"loss_on must be 'completion' or 'all', got {self.loss_on!r}"),
+            (self.truncated in ("keep", "drop"), f"truncated must be 'keep' or 'drop', got {self.truncated!r}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -70,8 +75,20 @@ class TrainConfig:
                 raise SpdLensError(message)
 
 
-def read_training_records(path: str | Path) -> list[tuple[str, str]]:
-    """(user, assistant) pairs of a chat-`messages` JSONL; errors name the line."""
+class TrainingRecord(NamedTuple):
+    """One training conversation; `finished` is False for a completion cut off at its budget."""
+
+    user: str
+    assistant: str
+    finished: bool = True
+
+
+def read_training_records(path: str | Path) -> list[TrainingRecord]:
+    """The conversations of a chat-`messages` JSONL; errors name the line.
+
+    A record with `"finish_reason": "length"` is marked unfinished; records without the field
+    (made elsewhere) count as finished.
+    """
     path = Path(path)
     if not path.is_file():
         raise SpdLensError(f"training data {str(path)!r} is not a file: pass a JSONL made by `spd-lens generate`")
@@ -83,16 +100,33 @@ def read_training_records(path: str | Path) -> list[tuple[str, str]]:
             assistant = next(t["content"] for t in turns if t["role"] == "assistant")
         except (KeyError, TypeError, StopIteration, AttributeError) as err:
             raise SpdLensError(f"{path}: record {number} has no user and assistant 'messages'") from err
-        pairs.append((str(user), str(assistant)))
+        reason = record.get("finish_reason", "stop")
+        if reason not in ("stop", "length"):
+            raise SpdLensError(f"{path}: record {number} has finish_reason {reason!r}; expected 'stop' or 'length'")
+        pairs.append(TrainingRecord(str(user), str(assistant), reason == "stop"))
     return pairs
 
 
-def build_features(tokenizer, pairs, config: TrainConfig) -> list[dict]:
+def build_features(tokenizer, records, config: TrainConfig) -> list[dict]:
+    """Token ids and labels of each conversation: `(user, assistant)` pairs or `TrainingRecord`s.
+
+    An unfinished record ends at its last character: no end-of-turn token follows it, so the
+    model is not taught to stop where the sampling budget cut it. With `truncated="drop"`
+    unfinished records are left out.
+    """
     features = []
-    for user, assistant in pairs:
+    for record in records:
+        user, assistant, finished = TrainingRecord(*record)
+        if not finished and config.truncated == "drop":
+            continue
         encoded = encode_conversation(tokenizer, user, assistant)
-        ids = encoded.input_ids[: config.max_length]
-        keep = encoded.answer_mask[: config.max_length] if config.loss_on == "completion" else [True] * len(ids)
+        ids, answer = encoded.input_ids, encoded.answer_mask
+        if not finished:
+            answer_end = encoded.conversation.answer_end
+            end = next((i for i, (start, _) in enumerate(encoded.offsets) if answer[i] and start >= answer_end), len(ids))
+            ids, answer = ids[:end], answer[:end]
+        ids = ids[: config.max_length]
+        keep = answer[: config.max_length] if config.loss_on == "completion" else [True] * len(ids)
         labels = [i if k else -100 for i, k in zip(ids, keep)]
         labels[0] = -100
         features.append({"input_ids": ids, "labels": labels})
@@ -203,6 +237,10 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
     model.train()
     model = wrap_for_training(model, config)
     features = build_features(tokenizer, pairs, config)
+    if not features:
+        raise SpdLensError(f"{data}: all {len(pairs)} completions were cut off at their token budget and "
+                           "train.truncated is 'drop': nothing is left to train on; use truncated = 'keep' "
+                           "or sample with a larger max_new_tokens")
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     batches_per_process = math.ceil(math.ceil(len(features) / config.batch_size) / accelerator.num_processes)
@@ -212,14 +250,17 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     step = 0
+    losses: list[float] = []  # per optimizer step, averaged over micro-batches and processes
     if resume is not None:
         step, checkpoint = resume
         accelerator.load_state(str(checkpoint))
+        losses = _read_loss_history(checkpoint, step)
     started = time.time()
     bar = progress(range(total_steps)) if progress and accelerator.is_main_process else None
-    if bar is not None and hasattr(bar, "update"):
-        bar.update(step)
-    losses = []
+    if bar is not None and hasattr(bar, "refresh") and step:
+        bar.n = bar.initial = step  # resumed steps count as done, not as instant progress in the rate
+        bar.refresh()
+    step_losses = []
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         batches = epoch_batches([len(f["input_ids"]) for f in features], config.batch_size, config.seed * 1000 + epoch)
@@ -234,6 +275,7 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
         for batch in loader:
             with accelerator.accumulate(model):
                 loss = next_token_loss(model, batch)
+                step_losses.append(loss.detach())
                 if not torch.isfinite(loss):
                     raise SpdLensError(f"training loss is {loss.item()} at step {step} (epoch {epoch}): stopping before "
                                        "the adapter is poisoned; lower lr or check the data")
@@ -246,12 +288,14 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
             micro += 1
             if accelerator.sync_gradients:
                 step += 1
-                losses.append(float(loss.detach()))
+                mean = torch.stack(step_losses).mean()
+                losses.append(float(accelerator.reduce(mean, reduction="mean")))
+                step_losses = []
                 if bar is not None and hasattr(bar, "update"):
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 if step % config.checkpoint_every == 0 and step < total_steps:
-                    _save_checkpoint(accelerator, out, step, settings)
+                    _save_checkpoint(accelerator, out, step, settings, losses)
                 if step >= total_steps or step % steps_per_epoch == 0:
                     break
     if bar is not None and hasattr(bar, "close"):
@@ -267,10 +311,16 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
             tokenizer.save_pretrained(tmp)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
-        record = {"base_model": model_name, "data": str(data), "n_records": len(pairs), "config": asdict(config),
+        unfinished = sum(not r.finished for r in pairs)
+        record = {"base_model": model_name, "data": str(data), "n_records": len(pairs),
+                  "n_unfinished": unfinished, "n_trained": len(features), "config": asdict(config),
                   "settings": settings,
-                  "steps": total_steps, "final_losses": losses[-5:], "seconds_this_run": round(time.time() - started, 2),
-                  "processes": accelerator.num_processes, "spd_lens_version": spd_lens.__version__,
+                  "steps": total_steps, "processes": accelerator.num_processes,
+                  "per_process_batch_size": config.batch_size,
+                  "global_batch_size": config.batch_size * config.grad_accum * accelerator.num_processes,
+                  "loss_history": losses, "final_losses": losses[-5:],
+                  "seconds_this_run": round(time.time() - started, 2), "resumed_at_step": resume[0] if resume else 0,
+                  "spd_lens_version": spd_lens.__version__,
                   **(provenance or {})}
         tmp_json = out / (DONE_FILE + ".tmp")
         tmp_json.write_text(json.dumps(record, indent=2))
@@ -285,16 +335,26 @@ def training_settings(model_name: str, data: str | Path, config: TrainConfig) ->
     return canonical({"base_model": model_name, "data_sha256": sha256_file(data), "config": asdict(config)})
 
 
-def _save_checkpoint(accelerator, out: Path, step: int, settings: dict) -> None:
+def _save_checkpoint(accelerator, out: Path, step: int, settings: dict, losses: list[float]) -> None:
     directory = out / "checkpoints" / f"step-{step}"
     accelerator.save_state(str(directory))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (directory / "losses.json").write_text(json.dumps(losses))
         (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
         (directory / "complete").write_text(str(step))
         for older in (out / "checkpoints").glob("step-*"):  # keep only the newest complete one
             if older != directory:
                 shutil.rmtree(older, ignore_errors=True)
+
+
+def _read_loss_history(checkpoint: Path, step: int) -> list[float]:
+    """The per-step losses up to a checkpoint (checkpoints from before the history have none)."""
+    path = checkpoint / "losses.json"
+    losses = json.loads(path.read_text()) if path.is_file() else []
+    if len(losses) != step:
+        return [float("nan")] * (step - len(losses)) + losses[:step]
+    return losses
 
 
 def load_trained(model_name: str, trained: str | Path, *, merge: bool = True):

@@ -24,7 +24,12 @@ def token_gradient_figure(cache, tokenizer, *, example: int = 0, layer: int, kin
                           head: int | None = None, width: int = 24) -> go.Figure:
     """The example's tokens laid out in rows of `width`, coloured by the gradient norm at `layer`.
 
-    Correctness-defining tokens are outlined in bold; hover shows position, token and value.
+    A token is predicted from the position before it, so the loss on a correctness token is taken
+    at the previous position, and a position's K/V can only change predictions made at or after
+    it. The figure therefore marks both: correctness tokens are outlined (the last one, and every
+    position after it, always shows zero gradient: no prediction the loss is taken on comes after
+    it), and the positions that predict them are in bold (where the loss is taken). Hover shows
+    position, token, value and role.
     """
     if not 0 <= example < len(cache):
         raise SpdLensError(f"example {example} out of range: the cache holds {len(cache)} examples (0..{len(cache) - 1})")
@@ -32,6 +37,7 @@ def token_gradient_figure(cache, tokenizer, *, example: int = 0, layer: int, kin
     length = int(cache.attention_mask[example].sum())
     ids = cache.input_ids[example, :length].tolist()
     correct = cache.correctness_mask[example, :length].tolist()
+    predicting = correct[1:] + [False]  # position p predicts token p + 1
     tokens = [tokenizer.decode([i]) for i in ids]
     rows = math.ceil(length / width)
     z, text, hover = [], [], []
@@ -42,18 +48,27 @@ def token_gradient_figure(cache, tokenizer, *, example: int = 0, layer: int, kin
             if p < length:
                 label = tokens[p].replace("\n", "⏎").replace(" ", "·") or "∅"
                 z[-1].append(float(norms[p]))
-                text[-1].append(f"<b>{label}</b>" if correct[p] else label)
+                text[-1].append(f"<b>{label}</b>" if predicting[p] else label)
                 hover[-1].append(f"pos {p}<br>token {tokens[p]!r}<br>|grad| {float(norms[p]):.3g}"
-                                 + ("<br>correctness token" if correct[p] else ""))
+                                 + (f"<br>correctness token (predicted at pos {p - 1})" if correct[p] else "")
+                                 + (f"<br>predicts correctness token at pos {p + 1}: loss taken here" if predicting[p]
+                                    else ""))
             else:
                 z[-1].append(None), text[-1].append(""), hover[-1].append("")
-    figure = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}", hovertext=hover, hoverinfo="text",
-                                  colorscale="Viridis", colorbar={"title": "|dL/d" + kind.upper() + "|"}))
+    figure = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}", textfont={"size": 10}, hovertext=hover,
+                                  hoverinfo="text", colorscale="Viridis",
+                                  colorbar={"title": "|dL/d" + kind.upper() + "|"}))
+    for p in (p for p in range(length) if correct[p]):
+        r, c = divmod(p, width)
+        figure.add_shape(type="rect", x0=c - 0.5, x1=c + 0.5, y0=r - 0.5, y1=r + 0.5,
+                         line={"color": "#e45756", "width": 3})
     where = "all KV heads" if head is None else f"KV head {head}"
     figure.update_layout(
-        title=f"{cache.example_ids[example]}: gradient norm at layer {layer} {kind.upper()} ({where}); bold = correctness tokens",
+        title={"text": f"{cache.example_ids[example]}: gradient norm at layer {layer} {kind.upper()} ({where})<br>"
+                       "<sup>outlined = correctness tokens; bold = the positions that predict them<br>(a token is "
+                       "predicted from the position before it, so the last correctness token gets no gradient)</sup>"},
         yaxis={"autorange": "reversed", "showticklabels": False}, xaxis={"showticklabels": False},
-        height=max(250, 28 * rows + 120),
+        height=max(280, 28 * rows + 170), margin={"t": 110},
     )
     return figure
 
@@ -92,7 +107,7 @@ def method_scores_figure(metrics: dict) -> go.Figure:
                            marker={"color": "#e45756", "size": 9, "symbol": "diamond"},
                            hovertext=[f"{m} seed {seed}: {v:.3f}" for m, seed, v in seeded], hoverinfo="text")
     top = max([methods[m]["ci"][1] for m in names] + [v for _, _, v in seeded])
-    figure.update_layout(title=f"{_run_title(metrics)} ({metrics.get('model')}): score per method, 95% bootstrap CI",
+    figure.update_layout(title=f"{_run_title(metrics)} ({metrics.get('model')}): score per method, 95% CI over seeds and questions",
                          yaxis_title="score", yaxis_range=[0, max(1e-3, top) * 1.1])
     return figure
 
@@ -111,8 +126,33 @@ def comparison_figure(metrics: dict) -> go.Figure:
                    f"{comparisons[k]['ci'][1]:+.3f}], {comparisons[k]['n']} questions" for k in names],
         hoverinfo="text"))
     figure.add_hline(y=0, line_color="black", line_width=1)
-    figure.update_layout(title=f"{_run_title(metrics)}: paired differences, 95% bootstrap CI over shared questions",
+    figure.update_layout(title=f"{_run_title(metrics)}: paired differences, 95% CI over seeds and shared questions",
                          yaxis_title="score difference")
+    return figure
+
+
+def training_data_figure(metrics: dict) -> go.Figure:
+    """Quality of each method's self-generated training data: the share its task's scorer marks
+    correct and the share cut off at the token budget, mean over seeds (markers: each seed).
+    Measured, never used to filter: SPD's mechanism predicts more correct samples under the
+    gradient projection than plain (psr) or random-subspace sampling."""
+    methods = {name: m["training_data"] for name, m in metrics["methods"].items() if m.get("training_data")}
+    if not methods:
+        raise SpdLensError(f"no method of run {metrics.get('run')!r} has training-data quality (only methods "
+                           "that self-generate have it)")
+    names = list(methods)
+    figure = go.Figure()
+    for key, label, colour in (("correct", "correct", "#54a24b"), ("cut_off", "cut off at the token budget", "#e45756")):
+        figure.add_bar(x=names, y=[methods[m][key] for m in names], name=label, marker_color=colour,
+                       hovertext=[f"{m}: {label} {methods[m][key]:.3f} of {methods[m]['n']} completions" for m in names],
+                       hoverinfo="text")
+    seeded = [(m, seed, q["correct"]) for m in names for seed, q in methods[m].get("seeds", {}).items()]
+    if len(seeded) > len(names):
+        figure.add_scatter(x=[m for m, _, _ in seeded], y=[v for _, _, v in seeded], mode="markers",
+                           name="correct, one seed", marker={"color": "black", "symbol": "diamond", "size": 8},
+                           hovertext=[f"{m} seed {seed}: {v:.3f}" for m, seed, v in seeded], hoverinfo="text")
+    figure.update_layout(barmode="group", title=f"{_run_title(metrics)}: quality of the self-generated training data",
+                         yaxis_title="share of completions", yaxis_range=[0, 1])
     return figure
 
 

@@ -11,6 +11,7 @@ from spd_lens.extract import encode_examples, extract_subspace
 from spd_lens.models import load_hf
 from spd_lens.projection import Projection
 from spd_lens.subspace import random_like
+from spd_lens.tasks import Example, get_task
 from spd_lens.viz import (ablation_figure, head_attribution_figure, method_scores_figure, outcome_figure, overlap_figure,
                           spectrum_figure)
 
@@ -168,3 +169,37 @@ def test_report_exports_images_where_it_can(tmp_path, monkeypatch):
     monkeypatch.setattr(go.Figure, "write_image", broken)
     assert "no Chrome found" in write_report(tmp_path / "c.html", [figure], "t")
     assert (tmp_path / "c.html").is_file()
+
+
+def test_attribution_takes_your_own_examples(tiny):
+    model, tokenizer = tiny
+    mine = [Example(f"mine/{i}", f"What is {i} + 7?", str(i + 7), ((0, len(str(i + 7))),)) for i in range(3)]
+    rows = head_attribution(model, mine, layers=[1, 3], tokenizer=tokenizer)
+    assert [(r["layer"], r["head"]) for r in rows] == [(l, h) for l in (1, 3) for h in range(2)]
+    assert all(r["delta_score"] is None for r in rows)  # no task, no scorer: nothing to score
+    assert rows[0]["baseline_loss"] == pytest.approx(correctness_loss(model, mine, tokenizer=tokenizer))
+    assert len(head_attribution(model, mine, n=1, layers=[3], tokenizer=tokenizer)) == 2
+    with pytest.raises(SpdLensError, match="score_top=2 needs a task.*score_task="):
+        head_attribution(model, mine, layers=[3], score_top=2, tokenizer=tokenizer)
+    scored = head_attribution(model, mine, layers=[3], score_top=1, score_task="arithmetic", score_n=2,
+                              tokenizer=tokenizer)
+    assert sum(r["delta_score"] is not None for r in scored) == 1
+
+
+def test_correctness_loss_takes_examples_or_a_task(tiny):
+    model, tokenizer = tiny
+    _, encoded = encode_examples(model, "arithmetic", n=3, split="train", seed=0, tokenizer=tokenizer)
+    reference = correctness_loss(model, encoded, pad_id=tokenizer.pad_token_id)
+    assert correctness_loss(model, "arithmetic", n=3, tokenizer=tokenizer) == pytest.approx(reference)
+    examples = get_task("arithmetic").examples("train", n=3, seed=0)
+    assert correctness_loss(model, examples, tokenizer=tokenizer) == pytest.approx(reference)
+    # By hand: the mean over examples of the mean NLL of each one's correctness tokens.
+    total = 0.0
+    for e in encoded:
+        ids = torch.tensor([e.input_ids])
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        targets = [p for p, c in enumerate(e.correctness_mask) if c]
+        nll = torch.nn.functional.cross_entropy(logits[[p - 1 for p in targets]], ids[0, targets])
+        total += float(nll)
+    assert reference == pytest.approx(total / len(encoded), rel=1e-5)

@@ -1,9 +1,11 @@
+import json
 """Crash safety: runs killed with SIGKILL (or torn mid-write) and started again finish with the
 results of an uninterrupted run, with no duplicated or missing records."""
 
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from spd_lens import get_task
@@ -67,5 +69,10 @@ def test_killed_training_resumes_to_the_sameadapter_tensors(tmp_path, data):
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
+    # The loss history spans the resume: one loss per optimizer step, equal to the uninterrupted run's.
+    straight_meta = json.loads((tmp_path / "straight" / "train.json").read_text())
+    resumed_meta = json.loads((tmp_path / "killed" / "train.json").read_text())
+    assert resumed_meta["resumed_at_step"] > 0 and len(resumed_meta["loss_history"]) == resumed_meta["steps"]
+    assert resumed_meta["loss_history"] == pytest.approx(straight_meta["loss_history"], abs=1e-5)
 
 

@@ -19,6 +19,14 @@ def test_every_method_runs_and_reruns_do_no_work(tmp_path):
         assert 0 <= m["ci"][0] <= m["score"] <= m["ci"][1] <= 1 or m["ci"][0] <= m["score"]
         assert m["n"] == (5 if name in ("base", "hook-only") else 10)
     assert set(metrics["methods"]["spd"]["seeds"]) == {"0", "1"}
+    # Training-data quality of every self-generating method, per seed; finish reasons counted.
+    data = metrics["methods"]["spd"]["training_data"]
+    assert data["n"] == 12 and set(data["seeds"]) == {"0", "1"} and 0 <= data["correct"] <= 1
+    assert sum(data["finish_reasons"].values()) == 12 and data["cut_off"] == data["finish_reasons"].get("length", 0) / 12
+    assert "training_data" not in metrics["methods"]["base"] and "training_data" in metrics["methods"]["ssd"]
+    assert sum(metrics["methods"]["base"]["finish_reasons"].values()) == 5
+    assert (tmp_path / "generations" / "spd-seed0.quality.json").is_file()
+    assert metrics["methods"]["spd"]["questions"] == 5 and "seed_spread" in metrics["methods"]["spd"]
     comparisons = metrics["comparisons"]
     assert {"spd - base", "spd - spd-random", "psr - base", "hook-only - base"} <= set(comparisons)
     for name, c in comparisons.items():
@@ -29,6 +37,7 @@ def test_every_method_runs_and_reruns_do_no_work(tmp_path):
     assert saved["methods"].keys() == metrics["methods"].keys()
     assert (tmp_path / "report.html").stat().st_size > 10_000
     assert "paired differences" in (tmp_path / "report.html").read_text()
+    assert "quality of the self-generated training data" in (tmp_path / "report.html").read_text()
     assert (tmp_path / "subspaces" / "gradient-seed1" / "subspace.json").is_file()
     assert (tmp_path / "adapters" / "spd-seed0" / "train.json").is_file()
     again = run_experiment(config_from_dict(TINY), tmp_path)
@@ -104,6 +113,10 @@ def test_multiple_choice_runs_count_each_answer(tmp_path, capsys):
     assert "answers " in format_table(metrics)
     assert "share of each answer chosen" in (tmp_path / "report.html").read_text()
     assert "outcomes" not in metrics["methods"]["base"]  # multiple-choice failures are all of one kind
+    # Label log-likelihood beside the generated letter, as asked and over rotated options.
+    loglik = metrics["methods"]["base"]["loglik"]
+    assert 0 <= loglik["accuracy"] <= 1 and 0 <= loglik["debiased_accuracy"] <= 1
+    assert sum(loglik["choice_rates"].values()) == pytest.approx(1.0) and "log-likelihood" in format_table(metrics)
     math = run_experiment(config_from_dict({**TINY, "seeds": [0], "methods": ["base"]}), tmp_path / "math")
     assert "answers" not in math["methods"]["base"] and "outcomes" not in math["methods"]["base"]
 
@@ -122,6 +135,8 @@ def test_code_runs_count_how_completions_fail(tmp_path):
         k for k, v in kinds.items() for _ in range(v))
     assert "outcomes " in format_table(metrics)
     assert "share of each kind of result" in (tmp_path / "report.html").read_text()
+    assert metrics["sandbox"]["runs"] == 3 and metrics["sandbox"]["unsafe_runs"] == 0  # how the code was isolated
+    assert "code sandbox: " in format_table(metrics) and stored[0]["sandbox"]["read_only_root"]
 
 
 def test_mc_answer_is_the_chosen_letter():
@@ -182,3 +197,49 @@ def test_compare_names_the_questions_each_side_gets_right(tmp_path, capsys):
     assert out[1] == f"better in {tmp_path / 'a'}:spd (2): Q/1, Q/10"
     assert out[2] == f"better in {tmp_path / 'b'}:base (1): Q/2"
     assert out[3] == "solved by both (score 1 in each): 1"
+
+
+def test_subset_runs_keep_every_method_in_the_metrics(tmp_path):
+    config = {**TINY, "seeds": [0]}
+    run_experiment(config_from_dict({**config, "methods": ["base", "psr"]}), tmp_path)
+    later = run_experiment(config_from_dict({**config, "methods": ["hook-only"]}), tmp_path)
+    assert list(later["methods"]) == ["base", "psr", "hook-only"]
+    assert {"psr - base", "hook-only - base"} <= set(later["comparisons"])
+    assert later["methods"]["psr"]["training_data"]["n"] == 6
+    assert list(metrics_of(tmp_path)["methods"]) == ["base", "psr", "hook-only"]
+    assert "hook-only" in (tmp_path / "report.html").read_text()
+
+
+def test_reuse_decisions_are_logged_and_ignore_settings_without_effect(tmp_path):
+    first = tmp_path / "first"
+    run_experiment(config_from_dict({**TINY, "seeds": [0], "methods": ["base", "psr"]}), first)
+    logged = []
+    # Checkpointing cannot change a result: psr is still reused. A changed eval budget blocks both.
+    same = {**TINY, "seeds": [0], "methods": ["base", "psr"], "train": {**TINY["train"], "checkpoint_every": 7}}
+    metrics = run_experiment(config_from_dict(same), tmp_path / "same", reuse=[first], log=logged.append)
+    assert metrics["reuse"]["psr-seed0"] == {"reused": True, "from": str(first)}
+    assert any(m == f"reusing psr-seed0 from {first}" for m in logged)
+    other = {**TINY, "seeds": [0], "methods": ["base"], "eval": {"max_new_tokens": 6}}
+    logged.clear()
+    metrics = run_experiment(config_from_dict(other), tmp_path / "other", reuse=[first], log=logged.append)
+    why = metrics["reuse"]["base"]["why"][str(first)]
+    assert metrics["reuse"]["base"]["reused"] is False and why == ["eval.max_new_tokens: run has 8, now 6"]
+    assert any("not reusing base" in m and "eval.max_new_tokens: run has 8, now 6" in m for m in logged)
+
+
+def test_interrupted_stage_time_is_kept_apart(tmp_path, monkeypatch):
+    import spd_lens.experiment as experiment
+
+    config = config_from_dict({**TINY, "seeds": [0], "methods": ["base"]})
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "evaluate", broken)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, tmp_path)
+    monkeypatch.undo()
+    metrics = run_experiment(config, tmp_path)
+    assert set(metrics["stage_seconds"]) == {"eval"} and set(metrics["stage_seconds_interrupted"]) == {"eval"}
+    saved = json.loads((tmp_path / "stage_seconds.json").read_text())
+    assert set(saved) == {"completed", "interrupted"}

@@ -7,10 +7,11 @@ from safetensors.torch import load_file
 from spd_lens import SpdLensError
 from spd_lens.cli import main as cli
 from spd_lens.extract import extract_subspace
+from spd_lens.gradient_cache import cache_gradients
 from spd_lens.gradients import iterate_gradients, pad_batch, target_mask
 from spd_lens.models import boot, load_hf
 from spd_lens.subspace import CapabilitySubspace, RankPolicy, random_like
-from spd_lens.tasks import get_task
+from spd_lens.tasks import Example, get_task
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +220,45 @@ def test_cli_extract_on_the_default_model(tmp_path):
     meta = subspace.meta
     assert meta["model_id"] == "smollm2-135m-instruct" and meta["task"] == "humaneval" and meta["layers"] == [15, 29]
     for layer, kind, head in subspace.keys():
-        basis = subspace.basis(layer, kind, head)
+        basis = subspace.basis(layer, kind, head, dtype=torch.float64)
         assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1], dtype=basis.dtype), atol=1e-8)
         assert basis.shape == ((192, 96) if head == "flat" else (64, 32))
+
+
+def test_given_examples_take_n_of_them_and_record_no_split_or_seed(tiny64):
+    model, tokenizer = tiny64
+    mine = [Example(f"mine/{i}", f"What is {i} + 7?", str(i + 7), [[0, len(str(i + 7))]]) for i in range(3)]
+    one = extract_subspace(model, mine, n=1, layers=[3], rank=2, tokenizer=tokenizer)
+    assert one.meta["n"] == 1 and one.meta["example_ids"] == ["mine/0"]
+    assert one.meta["task"] == "custom" and "split" not in one.meta and "seed" not in one.meta
+    assert extract_subspace(model, mine, layers=[3], rank=2, tokenizer=tokenizer).meta["n"] == 3
+    with pytest.raises(SpdLensError, match=r"n=5 but 3 examples were given"):
+        extract_subspace(model, mine, n=5, tokenizer=tokenizer)
+    drawn = extract_subspace(model, "arithmetic", n=2, seed=3, layers=[3], rank=2, tokenizer=tokenizer)
+    assert (drawn.meta["split"], drawn.meta["seed"]) == ("train", 3)
+    assert cache_gradients(model, mine, n=2, layers=[3], tokenizer=tokenizer).example_ids == ["mine/0", "mine/1"]
+
+
+def test_overlap_of_a_subspace_with_its_own_larger_version(tiny64, encoded):
+    model, tokenizer = tiny64
+    big = extract_subspace(model, encoded, layers=[3], rank=8, tokenizer=tokenizer)
+    small = big.with_rank(rank=2)
+    # The rank-2 basis lies inside the rank-8 one: 1 over the smaller rank, 2/8 over the larger.
+    assert all(v == pytest.approx(1.0) for v in small.overlap(big).values())
+    assert all(v == pytest.approx(2 / 8) for v in small.overlap(big, normalize="larger").values())
+    assert all(v == pytest.approx(1.0) for v in big.overlap(big, normalize="larger").values())
+    control = random_like(big, seed=0)
+    assert all(v < 0.9 for v in big.overlap(control, normalize="larger").values())
+    with pytest.raises(SpdLensError, match="normalize must be 'smaller' or 'larger'"):
+        big.overlap(small, normalize="mean")
+
+
+def test_bases_are_handed_out_in_the_model_dtype(tiny64, encoded):
+    model, tokenizer = tiny64
+    subspace = extract_subspace(model, encoded, layers=[3], rank=4, tokenizer=tokenizer)
+    assert subspace.meta["dtype"] == "float64" and subspace.basis(3, "k").dtype == torch.float64
+    float32 = extract_subspace(load_hf("tiny")[0], encoded, layers=[3], rank=4, tokenizer=tokenizer)
+    assert float32.basis(3, "k").dtype == float32.projector(3, "k").dtype == torch.float32
+    assert float32.basis(3, "k", dtype=torch.float64).dtype == torch.float64
+    assert torch.allclose(float32.basis(3, "k", dtype=torch.float64), subspace.basis(3, "k"), atol=1e-4)
+    assert float32.basis(3, "k", dtype=torch.bfloat16).dtype == torch.bfloat16

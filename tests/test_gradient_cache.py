@@ -33,6 +33,29 @@ def test_cache_is_indexable_like_an_activation_cache(cache):
     assert cache.to("cpu")["blocks.0.attn.hook_k"].device.type == "cpu"
 
 
+def test_cache_takes_transformer_lens_keys(cache):
+    grad = cache["blocks.2.attn.hook_k"]
+    assert cache["k", 2] is grad and cache["k2"] is grad and cache["key", 2] is grad and cache["k", 2, "attn"] is grad
+    assert cache["k", -2] is grad and cache[2, "k"] is grad  # negative layers; the (layer, kind) order still works
+    assert ("v", 3) in cache and ("v", 7) not in cache
+    with pytest.raises(SpdLensError, match=r"only keys and values.*cache\['k', layer\]"):
+        cache["q", 2]
+    with pytest.raises(SpdLensError, match="no gradients cached for blocks.9.attn.hook_k"):
+        cache["k", 9]
+    with pytest.raises(SpdLensError, match="cannot index a gradient cache with 3"):
+        cache[3]
+
+
+def test_gradient_rows_compose_with_bases_in_the_model_dtype(cache):
+    subspace = CapabilitySubspace.from_cache(cache, layers=[3])
+    assert subspace.dtype == torch.float32 and subspace.basis(3, "k").dtype == torch.float32
+    coordinates = cache["blocks.3.attn.hook_k"].flatten(-2) @ subspace.basis(3, "k")  # float32 @ float32
+    assert coordinates.shape[-1] == subspace.rank(3, "k")
+    exact = subspace.basis(3, "k", dtype=torch.float64)
+    assert exact.dtype == torch.float64 and torch.allclose(exact.float(), subspace.basis(3, "k"))
+    assert subspace.projector(3, "v", 1).dtype == torch.float32
+
+
 def test_rows_keep_the_given_example_order(tiny, cache):
     model, tokenizer = tiny
     task = get_task("family-mc")
@@ -102,7 +125,15 @@ def test_figures_show_tokens_and_heads(tiny, cache):
     n = int(cache.attention_mask[1].sum())
     values = [v for row in heatmap.z for v in row if v is not None]
     assert len(values) == n
-    assert any("<b>" in t for row in heatmap.text for t in row)  # correctness tokens marked
+    # Bold: the positions that predict a correctness token (one before each); outlined: the tokens.
+    correct = cache.correctness_mask[1, :n].tolist()
+    cells = [t for row in heatmap.text for t in row][:n]
+    assert [i for i, t in enumerate(cells) if "<b>" in t] == [i - 1 for i, c in enumerate(correct) if c]
+    assert len(figure.layout.shapes) == sum(correct)
+    assert "predicted from the position before" in figure.layout.title.text
+    last = max(i for i, c in enumerate(correct) if c)  # nothing after it is in the loss: no gradient
+    assert float(cache.token_norms("blocks.3.attn.hook_v")[1, last]) == 0.0
+    assert float(cache.token_norms("blocks.3.attn.hook_v")[1, last - 1]) > 0.0
     assert "token" in heatmap.hovertext[0][0] and "|grad|" in heatmap.hovertext[0][0]
     assert "<html" in figure.to_html(include_plotlyjs=False, full_html=True)
     assert len(head_energy_figure(cache, "k").data[0].z) == 4

@@ -53,3 +53,20 @@ def test_broken_cache_is_rebuilt_not_loaded(tmp_path, monkeypatch, default_bridg
     model, tokenizer = load_hf()
     reference = default_bridge.original_model.model.layers[15].self_attn.k_proj.weight
     assert torch.equal(model.model.layers[15].self_attn.k_proj.weight, reference)
+
+
+def test_transformer_lens_tokenisation_gives_the_project_tokens(default_bridge):
+    from spd_lens.chat import NO_SYSTEM, to_chat_tokens
+
+    tokenizer = default_bridge.tokenizer
+    rendered = render_prompt(tokenizer, "What is the capital of France?")
+    tokens = to_chat_tokens(default_bridge, "What is the capital of France?")
+    assert tokens[0].tolist() == encode(tokenizer, rendered)
+    assert torch.equal(default_bridge.to_tokens(rendered), tokens)  # no second <|im_start|> in front
+    paris = encode(tokenizer, " Paris")[0]
+    with torch.no_grad():
+        from_text = default_bridge(rendered)[0, -1].log_softmax(-1)[paris]
+        from_tokens = default_bridge(tokens)[0, -1].log_softmax(-1)[paris]
+    assert float(from_text) == float(from_tokens)
+    short = to_chat_tokens(default_bridge, "What is the capital of France?", system=NO_SYSTEM)
+    assert "SmolLM" not in tokenizer.decode(short[0]) and short.shape[1] < tokens.shape[1]

@@ -121,12 +121,15 @@ def test_cached_generation_equals_uncached_under_projection(tiny, tiny_subspace)
 
 def test_bad_projection_settings_are_named(tiny, tiny_subspace):
     model, _ = tiny
-    with pytest.raises(SpdLensError, match="alpha must be in"):
-        Projection.build(tiny_subspace, alpha=1.5)
+    for alpha in (float("nan"), float("inf"), True, "1"):
+        with pytest.raises(SpdLensError, match="alpha must be a finite number"):
+            Projection.build(tiny_subspace, alpha=alpha)
+    with pytest.raises(SpdLensError, match="complement must be True or False"):
+        Projection.build(tiny_subspace, complement="yes")
     with pytest.raises(SpdLensError, match=r"layer\(s\) \[2\] are not in the subspace"):
         Projection.build(tiny_subspace, layers=[2])
     with pytest.raises(SpdLensError, match="needs layout='head'"):
-        Projection.build(tiny_subspace, heads=[0])
+        Projection.build(tiny_subspace, layout="flat", heads=[0])
     with pytest.raises(SpdLensError, match=r"head\(s\) \[5\] out of range"):
         Projection.build(tiny_subspace, layout="head", heads=[5])
     with pytest.raises(SpdLensError, match="not a TransformerBridge"):
@@ -159,3 +162,86 @@ def test_sampling_config_rejects_bad_values():
     for bad in ({"temperature": -1}, {"temperature": 1e-100}, {"top_p": 0}, {"top_k": -2}, {"max_new_tokens": 0}, {"num_samples": 0}):
         with pytest.raises(SpdLensError):
             SamplingConfig(**bad)
+
+
+def test_complement_removes_the_subspace_and_keeps_the_rest(tiny, tiny_subspace):
+    model, tokenizer = tiny
+    ids = _ids(tokenizer)
+    base = _kv_outputs(model, ids, 1)  # the first projected layer: its input is unchanged
+    with project(model, tiny_subspace, complement=True):
+        removed = _kv_outputs(model, ids, 1)
+    with project(model, tiny_subspace, complement=True, alpha=0.5):
+        half = _kv_outputs(model, ids, 1)
+    for kind in "kv":
+        p = tiny_subspace.projector(1, kind)
+        assert torch.allclose(removed[kind] @ p, torch.zeros_like(removed[kind]), atol=1e-5)  # nothing left in it
+        assert torch.allclose(removed[kind], base[kind] - base[kind] @ p, atol=1e-5)
+        assert torch.allclose(half[kind], base[kind] - 0.5 * base[kind] @ p, atol=1e-5)
+    projection = Projection.build(tiny_subspace, complement=True)
+    assert projection.provenance()["complement"] is True
+    with torch.no_grad():  # folding I - P is as exact as folding P
+        with projection.apply(model):
+            hooked = model(ids).logits
+        assert torch.allclose(fold_projection(model, projection)(ids).logits, hooked, atol=1e-5)
+
+
+def test_alpha_outside_zero_one_scales_the_removed_part_by_one_minus_alpha(tiny, tiny_subspace):
+    model, tokenizer = tiny
+    ids = _ids(tokenizer)
+    base = _kv_outputs(model, ids, 1)["v"]
+    p = tiny_subspace.projector(1, "v")
+    inside, outside = base @ p, base - base @ p
+    for alpha in (2.0, -1.0):
+        with project(model, tiny_subspace, alpha=alpha):
+            out = _kv_outputs(model, ids, 1)["v"]
+        assert torch.allclose(out, inside + (1 - alpha) * outside, atol=1e-5)
+        with project(model, tiny_subspace, alpha=alpha, complement=True):
+            out = _kv_outputs(model, ids, 1)["v"]
+        assert torch.allclose(out, outside + (1 - alpha) * inside, atol=1e-5)
+
+
+def test_one_head_at_one_layer_in_one_call(tiny, tiny_subspace):
+    model, tokenizer = tiny
+    short = Projection.build(tiny_subspace, layers=3, heads=1)
+    long = Projection.build(tiny_subspace, layers=[3], layout="head", heads=[1])
+    assert short.settings == long.settings and short.settings.layout == "head"
+    assert all(torch.equal(short.maps[key], long.maps[key]) for key in long.maps)
+    ids = _ids(tokenizer)
+    base = _kv_outputs(model, ids, 3)["k"].reshape(1, -1, 2, 8)
+    with project(model, tiny_subspace, layers=3, heads=1):
+        out = _kv_outputs(model, ids, 3)["k"].reshape(1, -1, 2, 8)
+    assert torch.equal(out[:, :, 0], base[:, :, 0])
+    assert torch.allclose(out[:, :, 1], base[:, :, 1] @ tiny_subspace.projector(3, "k", 1), atol=1e-5)
+
+
+def test_projection_survives_reset_hooks_and_ends_loudly_when_removed(tiny_subspace):
+    bridge = boot(*load_hf("tiny"))
+    ids = _ids(bridge.tokenizer)
+    with torch.no_grad():
+        base = bridge(ids)
+        with project(bridge, tiny_subspace) as handle:
+            projected = bridge(ids)
+            bridge.reset_hooks()  # the TransformerLens habit: the projection stays on
+            assert handle.active and torch.equal(bridge(ids), projected)
+            # run_with_hooks and run_with_cache leave it on too
+            logits, cache = bridge.run_with_cache(ids, names_filter="blocks.3.attn.hook_k")
+            assert torch.equal(logits, projected)
+            k = cache["blocks.3.attn.hook_k"].flatten(-2)
+            assert torch.allclose(k @ tiny_subspace.projector(3, "k"), k, atol=1e-5)
+        assert not handle.active and torch.equal(bridge(ids), base)
+        with pytest.raises(SpdLensError, match="taken off the model inside"):
+            with project(bridge, tiny_subspace) as handle:
+                bridge.reset_hooks(including_permanent=True)
+                assert not handle.active  # the handle knows
+                assert torch.equal(bridge(ids), base)
+        assert not any(bridge.hook_dict[f"blocks.{l}.attn.hook_{k}"].fwd_hooks for l in (1, 3) for k in "kv")
+
+
+def test_plain_model_handle_knows_when_its_hooks_are_gone(tiny, tiny_subspace):
+    model, _ = tiny
+    with pytest.raises(SpdLensError, match="taken off the model inside"):
+        with project(model, tiny_subspace) as handle:
+            assert handle.active
+            model.model.layers[3].self_attn.k_proj._forward_hooks.clear()
+            assert not handle.active
+    assert not any(layer.self_attn.v_proj._forward_hooks for layer in model.model.layers)

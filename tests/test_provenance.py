@@ -142,7 +142,7 @@ def test_a_changed_setting_is_named_with_its_path(value, data):
 
 # --- projections known to the model -----------------------------------------------------------
 
-def test_the_model_knows_its_projections_and_reset_hooks_ends_them(tiny, subspace):
+def test_the_model_knows_its_projections_and_only_a_full_reset_ends_them(tiny, subspace):
     model, tokenizer = tiny
     assert active_projections(model) == [] and projection_provenance(model) is None
     with project(model, subspace, alpha=0.5) as handle:
@@ -154,10 +154,14 @@ def test_the_model_knows_its_projections_and_reset_hooks_ends_them(tiny, subspac
     with project(bridge, subspace, layout="head", heads=[1]) as handle:
         # the bridge wraps the HF modules in place: both views see the projection
         assert active_projections(bridge) == active_projections(bridge.original_model) == [handle]
-        bridge.reset_hooks()
-        assert active_projections(bridge) == [] and not handle.active and projection_provenance(bridge) is None
+        bridge.reset_hooks()  # the TransformerLens habit keeps the projection on
+        assert active_projections(bridge) == [handle] and handle.active
+    with pytest.raises(SpdLensError, match="taken off the model"):
+        with project(bridge, subspace, layout="head", heads=[1]) as handle:
+            bridge.reset_hooks(including_permanent=True)
+            assert active_projections(bridge) == [] and not handle.active and projection_provenance(bridge) is None
     other = Projection.build(subspace).attach(bridge)
-    bridge.hook_dict["blocks.2.attn.hook_k"].remove_hooks()  # one hook point cleared by hand
+    bridge.hook_dict["blocks.2.attn.hook_k"].remove_hooks(including_permanent=True)  # one hook point cleared by hand
     with pytest.raises(SpdLensError, match="lost 1 of its 4 hooks"):
         active_projections(bridge)
     other.remove()

@@ -118,6 +118,44 @@ def test_math_answer_extraction():
     assert extract_number("no digits") is None
 
 
+# Greedy answers of the default model to arithmetic test questions (verbatim), with the number each
+# commits to.
+REAL_MATH_ANSWERS = [
+    ("The answer to the given arithmetic problem is 59 + 13 = 82.", "82"),
+    ("The answer to the given arithmetic problem is 6 + 2 = 8.", "8"),
+    ("The final answer to the given arithmetic problem is 2.", "2"),
+    ("11 - 18 = 11 - 18 = 1", "1"),
+    ("1 + 5 = 6", "6"),
+    ("The answer is 1.", "1"),
+    # Rambling that happens to end on the expected number (1) commits to no answer.
+    ("1.1\n\nThis is a classic example of a mathematical identity that has nothing to do with the number 1.", None),
+]
+
+
+@pytest.mark.parametrize("completion, number", REAL_MATH_ANSWERS)
+def test_math_scorer_on_real_answers(completion, number):
+    assert extract_number(completion) == number
+
+
+def test_the_result_of_an_answer_equation_wins_over_its_first_operand():
+    assert extract_number("The answer is 59 + 13 = 72") == "72"
+    assert extract_number("The answer is 59 + 13 = 72. Then 1 + 1 = 2.") == "72"
+    assert extract_number("The answer is 45 - 67 = -22.") == "-22"
+    assert extract_number("The answer is 59 + 13.") is None  # an expression, no committed number
+    assert extract_number("The answer is **72** apples.") == "72"
+    assert extract_number("The answer is 72 - the sum of 59 and 13.") == "72"
+
+
+def test_the_fallback_reads_the_final_answer_sentence_only():
+    assert extract_number("72") == "72" and extract_number(" $72. ") == "72"
+    assert extract_number("First 5 + 7 = 12 apples. Then she eats 2, so 12 - 2 = 10.") == "10"
+    assert extract_number("The sum of 59 and 13 is 72 apples.") == "72"
+    # Rambling that merely contains or ends on a number.
+    assert extract_number("Although math is mental, we have found a creative way to add 59 and 13 which gives 72") is None
+    assert extract_number("I think 5 - 3 = 2. Then we add 1 and 7") is None
+    assert extract_number("x is 3 and y is 4, total 7 cats") is None
+
+
 def test_code_extraction_prefers_the_block_with_a_def():
     text = "Here:\n```python\nprint(1)\n```\nand\n```python\ndef f():\n    return 2\n```"
     assert extract_code(text).startswith("def f")
@@ -222,3 +260,15 @@ def test_hub_failure_says_how_to_pass_a_local_file(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(SpdLensError, match=r"unreachable.*local JSONL.*--data"):
         get_task("mmlu").examples("test")
+
+
+def test_example_spans_given_as_lists_become_tuples_and_stay_hashable(tiny_tokenizer):
+    from_json = Example("mine/0", "What is 12 + 7?", "19", [[0, 2]])
+    assert from_json.spans == ((0, 2),) and from_json == Example("mine/0", "What is 12 + 7?", "19", ((0, 2),))
+    assert len({from_json, Example("mine/0", "What is 12 + 7?", "19", ((0, 2),))}) == 1
+    assert Example("mine/1", "Q", "19", (0, 2)).spans == ((0, 2),)  # one bare span
+    assert locate_spans(tiny_tokenizer, from_json).correctness_mask.count(True) == 2
+    with pytest.raises(SpdLensError, match=r"spans must be \(start, end\) pairs.*\[\[0, 1, 2\]\]"):
+        Example("mine/2", "Q", "19", [[0, 1, 2]])
+    with pytest.raises(SpdLensError, match=r"spans must be \(start, end\) pairs"):
+        Example("mine/3", "Q", "19", "0-2")

@@ -42,6 +42,8 @@ def test_lora_training_lowers_the_loss_and_loads_back(tmp_path, data):
     out = train_on_jsonl("tiny", data, tmp_path / "run", TrainConfig(lr=5e-3, epochs=4, batch_size=4))
     meta = json.loads((out / "train.json").read_text())
     assert meta["steps"] == 12 and meta["base_model"] == "tiny" and meta["config"]["lora_r"] == 8
+    assert len(meta["loss_history"]) == 12 and meta["final_losses"] == meta["loss_history"][-5:]
+    assert meta["global_batch_size"] == 4 and meta["n_unfinished"] + (meta["n_records"] - meta["n_unfinished"]) == 12
     adapter = adapter_tensors(out)
     assert any("lora_A" in k for k in adapter) and any("v_proj" in k for k in adapter)
     trained, tokenizer = load_trained("tiny", out)
@@ -76,6 +78,9 @@ def test_two_cpu_processes_with_torchrun(tmp_path, data):
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((tmp_path / "ddp" / "train.json").read_text())
     assert meta["processes"] == 2 and meta["steps"] == 3  # 12 records / 2 processes / batch 2
+    assert meta["global_batch_size"] == 4 and meta["per_process_batch_size"] == 2 and len(meta["loss_history"]) == 3
+    # Said once, by the main process, with the global batch.
+    assert result.stdout.count("trained:") == 1 and "global batch of 4" in result.stdout
 
 
 def test_loss_on_kept_columns_equals_the_full_logits_loss(tiny_hf, data):

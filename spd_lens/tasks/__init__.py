@@ -6,6 +6,9 @@ Example:
     >>> example = task.examples("train", n=1, seed=0)[0]
     >>> example.reference == example.span_texts()[0]
     True
+    >>> easy = get_task("arithmetic", preset="easy", shots=3)   # difficulty preset, 3 demonstrations
+    >>> easy.examples("test", n=1)[0].id
+    'arithmetic@easy/test/0/1'
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import inspect
 
 from spd_lens.errors import SpdLensError
-from spd_lens.tasks.base import EncodedExample, Example, Score, Task, hash_split, locate_spans
+from spd_lens.tasks.base import EncodedExample, Example, Score, Task, default_shots, hash_split, locate_spans
 from spd_lens.tasks.code import HumanEval, Mbpp
 from spd_lens.tasks.math import Arithmetic, Gsm8k, GsmSymbolic, Svamp
 from spd_lens.tasks.mcqa import Arc, FamilyMC, Mmlu
@@ -27,18 +30,26 @@ def task_names() -> list[str]:
     return list(TASKS)
 
 
-def get_task(name: str | Task, **options) -> Task:
-    """A task by name; options (e.g. `path=` for a local JSONL) go to its constructor."""
+def get_task(name: str | Task, *, shots: int = 0, **options) -> Task:
+    """A task by name; options (e.g. `path=` for a local JSONL, `preset=` for a procedural task's
+    difficulty) go to its constructor. `shots` demonstrations from the train split go before every
+    question (see `Task.with_shots`; `default_shots(task, tokenizer)` is the usual choice)."""
     if isinstance(name, Task):
         return name
     if name not in TASKS:
         raise SpdLensError(f"unknown task {name!r}: use one of {task_names()}")
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
+        raise SpdLensError(f"shots must be a number of demonstrations >= 0, got {shots!r}")
     cls = TASKS[name]
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
     unknown = set(options) - accepted
     if unknown:
-        raise SpdLensError(f"task {name!r} takes no option(s) {sorted(unknown)}; it accepts {sorted(accepted) or 'none'}")
-    return cls(**options)
+        raise SpdLensError(f"task {name!r} takes no option(s) {sorted(unknown)}; it accepts "
+                           f"{sorted(accepted | {'shots'})}")
+    task = cls(**options)
+    task.shots = shots
+    return task
 
 
-__all__ = ["EncodedExample", "Example", "Score", "Task", "TASKS", "get_task", "hash_split", "locate_spans", "task_names"]
+__all__ = ["EncodedExample", "Example", "Score", "Task", "TASKS", "default_shots", "get_task", "hash_split",
+           "locate_spans", "task_names"]

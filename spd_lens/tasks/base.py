@@ -3,26 +3,45 @@
 An `Example` carries a reference answer and the character ranges inside it that decide whether
 an answer is right (its correctness spans). `locate()` turns those into a token mask over the
 chat-formatted sequence: the tokens the SPD loss is taken on.
+
+Two settings change what a task asks. Procedural tasks take difficulty options and named presets
+(`presets`); an example's id names the non-default ones (`arithmetic@easy/test/0/5`), so the id
+alone rebuilds the question. `shots` puts k worked examples of the train split before each
+question (`chat.few_shot_user`), for models without a chat template; they live in the example's
+prompt text, so extraction, self-generation, training and evaluation all see the same prompt.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from transformers import PreTrainedTokenizerBase
 
-from spd_lens.chat import encode_conversation
+from spd_lens.chat import encode_conversation, few_shot_user
 from spd_lens.errors import SpdLensError
 
 SPLITS = ("train", "test")
+SHOT_POOL = 32  # train examples the demonstrations are drawn from
 
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled prompt. `spans` are `(start, end)` character ranges inside `reference`."""
+    """One labelled prompt. `spans` are `(start, end)` character ranges inside `reference`.
+
+    Spans given as lists (`[[0, 2]]`, as JSON gives them) are stored as tuples, so an example
+    stays hashable. `system`: the chat turn before the prompt (None: the template's default
+    system prompt, "" leaves it out, text: that system prompt; see `spd_lens.chat`).
+
+    Example:
+        >>> e = Example("mine/0", "What is 12 + 7?", "19", [[0, 2]])
+        >>> e.spans, e.span_texts(), hash(e) == hash(Example("mine/0", "What is 12 + 7?", "19", ((0, 2),)))
+        (((0, 2),), ['19'], True)
+    """
 
     id: str
     prompt: str
@@ -30,6 +49,16 @@ class Example:
     spans: tuple[tuple[int, int], ...]
     target: Any = None  # what the scorer compares against (a number, a letter, test code, ...)
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    system: str | None = None
+
+    def __post_init__(self):
+        spans = [self.spans] if _is_span(self.spans) else self.spans
+        try:
+            normalised = tuple((int(a), int(b)) for a, b in spans)
+        except (TypeError, ValueError) as err:
+            raise SpdLensError(f"example {self.id!r}: spans must be (start, end) pairs of character offsets "
+                               f"into the reference, e.g. ((0, 2),), got {self.spans!r}") from err
+        object.__setattr__(self, "spans", normalised)
 
     def span_texts(self) -> list[str]:
         return [self.reference[a:b] for a, b in self.spans]
@@ -53,6 +82,12 @@ class Score:
     passed: bool
     status: str
     detail: str = ""
+    # code: how the program was sandboxed (`SandboxResult.isolation`)
+    isolation: dict | None = field(default=None, compare=False, hash=False)
+
+
+def _is_span(value) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value)
 
 
 def hash_split(key: str, test_fraction: float = 0.2) -> str:
@@ -85,6 +120,13 @@ class Task(ABC):
     family: ClassVar[str]  # "code", "math" or "mcqa"
     description: ClassVar[str]
     max_new_tokens: ClassVar[int] = 64  # a generation budget that fits the task's answers
+    base_shots: ClassVar[int] = 3  # demonstrations for a model without a chat template (`default_shots`)
+    # Difficulty presets of a procedural task: name -> constructor options; `default_preset` is the
+    # one whose example ids carry no variant (the task's original settings).
+    presets: ClassVar[dict[str, dict]] = {}
+    default_preset: ClassVar[str | None] = None
+    shots: int = 0  # demonstrations before each question; set by `get_task(name, shots=k)`
+    variant: str = ""  # the non-default difficulty in example ids ("" = the default preset)
 
     def examples(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[Example]:
         """`n` labelled examples of `split` (all when None), chosen reproducibly by `seed`.
@@ -99,14 +141,42 @@ class Task(ABC):
             raise SpdLensError(
                 f"task {self.name!r} has only {len(examples)} {split} examples, but n={n} were asked for"
             )
-        return examples if n is None else examples[:n]
+        examples = examples if n is None else examples[:n]
+        return [self.with_shots(e) for e in examples] if self.shots else examples
+
+    def with_shots(self, example: Example) -> Example:
+        """`example` with `self.shots` demonstrations before its question.
+
+        The demonstrations are train examples (question and reference answer) drawn from the first
+        `SHOT_POOL` of the train split (seed 0), by a random generator seeded with the example's id:
+        fixed for an example, different between examples (so no one answer letter or number is
+        shown to every question), never the example's own question.
+        """
+        if not self.shots:
+            return example
+        pool = getattr(self, "_shot_pool", None)
+        if pool is None:
+            pool = self._examples("train", SHOT_POOL, 0)[:SHOT_POOL]
+            self._shot_pool = pool
+        candidates = [d for d in pool if d.prompt != example.prompt]
+        if len(candidates) < self.shots:
+            raise SpdLensError(f"task {self.name!r} has {len(candidates)} train examples to show, fewer than "
+                               f"shots={self.shots}; use fewer shots")
+        demonstrations = random.Random(example.id).sample(candidates, self.shots)
+        prompt = few_shot_user([(d.prompt, d.reference) for d in demonstrations], example.prompt)
+        return dataclasses.replace(example, prompt=prompt,
+                                   meta={**example.meta, "shots": [d.id for d in demonstrations]})
 
     @abstractmethod
     def _examples(self, split: str, n: int | None, seed: int) -> list[Example]:
         """At least `n` examples of `split` (when the task has them), in a seed-determined order."""
 
     def example_by_id(self, example_id: str) -> Example:
-        """The example with this id (from either split); an unknown id is an error naming it."""
+        """The example with this id (from either split), with this task's shots; an unknown id is
+        an error naming it."""
+        return self.with_shots(self._example_by_id(example_id))
+
+    def _example_by_id(self, example_id: str) -> Example:
         index = getattr(self, "_id_index", None)
         if index is None:
             index = {e.id: e for split in SPLITS for e in self._examples(split, None, 0)}
@@ -115,9 +185,49 @@ class Task(ABC):
             raise SpdLensError(f"{example_id!r} is not an example id of task {self.name!r}")
         return index[example_id]
 
+    def _set_difficulty(self, preset: str | None, explicit: dict) -> dict:
+        """The difficulty options: the preset's (default: `default_preset`), then the explicit ones
+        that are not None. Sets `variant`, the name example ids carry: "" for the default preset,
+        another preset's name, or `key=value` pairs that differ from the default preset."""
+        preset = self.default_preset if preset is None else preset
+        if preset not in self.presets:
+            raise SpdLensError(f"task {self.name!r} has no preset {preset!r}: use one of {list(self.presets)}")
+        options = {**self.presets[preset], **{k: v for k, v in explicit.items() if v is not None}}
+        same = [name for name, values in self.presets.items() if values == options]
+        if same:
+            self.variant = "" if self.default_preset in same else same[0]
+        else:
+            default = self.presets[self.default_preset]
+            self.variant = ",".join(f"{k}={v}" for k, v in sorted(options.items()) if default.get(k) != v)
+        return options
+
+    def _with_variant(self, variant: str) -> Task:
+        """This task with the difficulty an example id names (itself when it is the same)."""
+        if variant == self.variant:
+            return self
+        made = self.__dict__.setdefault("_variants", {})
+        if variant in made:
+            return made[variant]
+        if variant in self.presets:
+            other = type(self)(preset=variant)
+        else:
+            try:
+                pairs = dict(part.split("=", 1) for part in variant.split(","))
+                other = type(self)(**{k: int(v) if v.lstrip("-").isdigit() else v for k, v in pairs.items()})
+            except (ValueError, TypeError, SpdLensError):
+                raise SpdLensError(f"{variant!r} is not a difficulty of task {self.name!r}: use a preset "
+                                   f"{list(self.presets)} or key=value options") from None
+        other.shots = self.shots
+        made[variant] = other
+        return other
+
     @abstractmethod
     def score(self, example: Example, completion: str) -> Score:
         """Whether `completion` (the assistant's text) answers `example` correctly."""
+
+    def check_ready(self) -> None:
+        """Raise `SpdLensError` now if this task cannot score here (code: no sandbox), so that an
+        evaluation refuses before it generates anything."""
 
     def answer(self, example: Example, completion: str) -> str | None:
         """The answer a completion commits to, where the task has a small answer set (multiple
@@ -147,7 +257,7 @@ def locate_spans(tokenizer: PreTrainedTokenizerBase, example: Example) -> Encode
             f"example {example.id!r}: correctness spans {bad or 'none'} do not lie inside its reference answer "
             f"of {len(example.reference)} characters; each span must be (start, end) with 0 <= start < end <= length"
         )
-    encoded = encode_conversation(tokenizer, example.prompt, example.reference)
+    encoded = encode_conversation(tokenizer, example.prompt, example.reference, system=example.system)
     start = encoded.conversation.answer_start
     absolute = [(start + a, start + b) for a, b in example.spans]
     correctness = [any(s < span_end and e > span_start for span_start, span_end in absolute) for s, e in encoded.offsets]
@@ -165,3 +275,28 @@ def locate_spans(tokenizer: PreTrainedTokenizerBase, example: Example) -> Encode
         answer_mask=answer,
         prompt_length=prompt_length,
     )
+
+
+def procedural_id(task: Task, split: str, seed: int, index: int) -> str:
+    """`name/split/seed/index`, the name followed by `@variant` when the difficulty is not the default."""
+    return f"{task.name}{'@' + task.variant if task.variant else ''}/{split}/{seed}/{index}"
+
+
+def parse_procedural_id(task: str, example_id: str) -> tuple[str, str, int, int]:
+    """(variant, split, seed, index) of a procedural example id."""
+    parts = example_id.split("/")
+    name, _, variant = parts[0].partition("@")
+    try:
+        if len(parts) != 4 or name != task or parts[1] not in ("train", "test") or parts[0].endswith("@"):
+            raise ValueError
+        return variant, parts[1], int(parts[2]), int(parts[3])
+    except ValueError:
+        raise SpdLensError(f"{example_id!r} is not an example id of task {task!r} "
+                           f"(expected '{task}[@VARIANT]/SPLIT/SEED/INDEX')") from None
+
+
+def default_shots(task: Task | type[Task], tokenizer: PreTrainedTokenizerBase) -> int:
+    """How many demonstrations a model gets by default: none when its tokenizer has a chat template
+    (the instruction is enough for a chat model), the task's `base_shots` when it has none (a base
+    model given a bare question continues the text instead of answering it)."""
+    return 0 if tokenizer.chat_template else task.base_shots

@@ -3,7 +3,8 @@
 Spans cover each logical line of the reference solution's body, from its first to its last
 significant token: comments, docstrings, blank lines and indentation are left out, since no
 assertion depends on them. Scoring executes the task's tests against the completion in
-`spd_lens.sandbox`.
+`spd_lens.sandbox`, as the task's `sandbox` options say (`configure_sandbox`); each `Score`
+carries the run's `isolation`.
 
 HumanEval splits: the problems whose number is a multiple of 3 are `train` (55, for calibration
 and self-generation prompts), the others `test` (109). Pass `split="test"` for evaluation.
@@ -17,7 +18,7 @@ import re
 import tokenize
 
 from spd_lens.errors import SpdLensError
-from spd_lens.sandbox import run_python
+from spd_lens.sandbox import SandboxOptions, isolation_mode, run_python
 from spd_lens.tasks.base import Example, Score, Task
 from spd_lens.tasks.records import load_split, require_fields
 
@@ -69,17 +70,38 @@ def _imports_of(prompt: str) -> str:
     return "\n".join(line for line in prompt.splitlines() if re.match(r"^(from \S+ )?import ", line))
 
 
+def configure_sandbox(task: Task, options: SandboxOptions) -> Task:
+    """Run `task`'s programs with `options` (a no-op for tasks that run no code), and check now that
+    the sandbox can run them here (`SandboxUnavailable` otherwise).
+
+    Example:
+        >>> from spd_lens import get_task
+        >>> configure_sandbox(get_task("humaneval"), SandboxOptions(strict=True)).sandbox.strict
+        True
+    """
+    if isinstance(task, CodeTask):
+        task.sandbox = options
+        task.check_ready()
+    return task
+
+
 class CodeTask(Task):
     family = "code"
     max_new_tokens = 384
+    base_shots = 1  # each demonstration is a whole problem and solution: one shows the format
     timeout = 10.0
+    sandbox = SandboxOptions()
 
     def program(self, example: Example, completion: str) -> str:
         raise NotImplementedError
 
+    def check_ready(self) -> None:
+        isolation_mode(strict=self.sandbox.strict, backend=self.sandbox.backend, allow_unsafe=self.sandbox.unsafe)
+
     def score(self, example: Example, completion: str) -> Score:
-        result = run_python(self.program(example, completion), timeout=self.timeout)
-        return Score(result.passed, result.status, result.stderr[-500:])
+        result = run_python(self.program(example, completion), timeout=self.timeout, strict=self.sandbox.strict,
+                            allow_unsafe=self.sandbox.unsafe, backend=self.sandbox.backend)
+        return Score(result.passed, result.status, result.stderr[-500:], result.isolation)
 
     def outcome(self, status: str, detail: str) -> str:
         """passed, timeout, or the name of the exception that failed the tests (SyntaxError: the

@@ -3,7 +3,8 @@
 `arithmetic` and `gsm-symbolic` are procedural (reasoning-gym, offline); `gsm8k` and `svamp` come
 from the hub or a local JSONL in their public formats. Procedural questions are assigned to train
 or test by a hash of the question text, so the two splits never share a question whatever the
-seeds.
+seeds. `arithmetic` takes difficulty options (number of terms and digits, operators) and presets:
+`get_task("arithmetic", preset="easy")`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import random
 import re
 
 from spd_lens.errors import SpdLensError
-from spd_lens.tasks.base import Example, Score, Task, hash_split
+from spd_lens.tasks.base import Example, Score, Task, hash_split, parse_procedural_id, procedural_id
 from spd_lens.tasks.records import load_split, require_fields
 
 ANSWER_PREFIX = "The answer is "
@@ -25,14 +26,58 @@ def answer_reference(reasoning: str, answer: str) -> tuple[str, tuple[tuple[int,
     return head + answer + ".", ((len(head), len(head) + len(answer)),)
 
 
+_OPERATOR = r"[-+*/×x÷^]"
+_MARKERS = (r"answer is:?", r"answer:", r"####", r"\\boxed\{")
+# What may stand before the number that ends an answer sentence when there is no marker.
+_ANSWER_VERB = r"(?:=|\bis|\bequals|\bwas|:)"
+
+
+def _final_sentence(text: str) -> str:
+    """The last non-empty sentence or line (a period inside a number does not end a sentence)."""
+    parts = [p for p in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if p.strip()]
+    return parts[-1] if parts else ""
+
+
+def _after_marker(segment: str) -> str | None:
+    """The number an answer marker commits to, read from the text that follows it.
+
+    "The answer is 72 apples" gives 72; "The answer is 59 + 13 = 72" gives the result of the
+    equation, 72, not its first operand; "The answer is 59 + 13." commits to no number.
+    """
+    sentence = re.split(r"(?<=[.!?])\s+|\n", segment.strip(), maxsplit=1)[0]
+    first = re.match(rf"\s*\$?\s*({_NUMBER})", sentence)
+    if not first:
+        return None
+    rest = sentence[first.end():]
+    if "=" in rest:
+        result = re.match(rf"\s*\$?\s*({_NUMBER})", rest[rest.rindex("=") + 1:])
+        return result.group(1) if result else None
+    if re.match(rf"\s*{_OPERATOR}\s*\$?\d", rest):
+        return None  # an expression with no result
+    return first.group(1)
+
+
 def extract_number(completion: str) -> str | None:
-    """The final answer of a completion: after "answer is", "####" or \\boxed, else the last number."""
-    for pattern in (rf"answer is:?\s*\$?({_NUMBER})", rf"####\s*\$?({_NUMBER})", rf"\\boxed\{{\s*({_NUMBER})"):
-        matches = re.findall(pattern, completion, flags=re.IGNORECASE)
-        if matches:
-            return matches[-1]
-    numbers = re.findall(_NUMBER, completion)
-    return numbers[-1] if numbers else None
+    """The final answer of a completion, or None when it commits to none.
+
+    1. After the last answer marker ("answer is", "answer:", "####", \\boxed{...}): the number it
+       introduces, or the result of the equation it introduces.
+    2. Else, a completion that is only a number ("72", "$72.") gives that number.
+    3. Else, the number ending the final sentence when an answer verb ("=", "is", "equals",
+       "was", ":") stands right before it and nothing numeric follows ("59 + 13 = 72.",
+       "The sum is 72 apples."). Rambling that merely ends on some number commits to nothing.
+    """
+    text = completion.replace("**", "")
+    markers = [m for pattern in _MARKERS for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
+    if markers:
+        last = max(markers, key=lambda m: m.start())
+        return _after_marker(text[last.end():])
+    alone = re.fullmatch(rf"\s*\$?\s*({_NUMBER})\s*\.?\s*", text)
+    if alone:
+        return alone.group(1)
+    sentence = _final_sentence(text)
+    ending = re.search(rf"{_ANSWER_VERB}\s*\$?\s*({_NUMBER})(?=[^\d=]*$)", sentence, flags=re.IGNORECASE)
+    return ending.group(1) if ending else None
 
 
 def numbers_equal(a: str, b: str) -> bool:
@@ -73,22 +118,27 @@ class ReasoningGymMath(MathTask):
         for index in range(size):
             item = data[index]
             question = item["question"]
-            if question in seen or hash_split(question) != split:
+            if question in seen or hash_split(question) != split or not self._keep(item):
                 continue
             seen.add(question)
-            examples.append(self._example(item, f"{self.name}/{split}/{seed}/{index}"))
+            examples.append(self._example(item, procedural_id(self, split, seed, index)))
             if len(examples) == n:
                 break
         return examples
 
+    def _keep(self, item: dict) -> bool:
+        """Whether a generated item belongs to this task (a filter the generator has no option for)."""
+        return True
+
     def example_by_id(self, example_id: str) -> Example:
-        """Rebuild a procedural example from its id (`name/split/seed/index`)."""
+        """Rebuild a procedural example from its id (`name[@variant]/split/seed/index`)."""
         import reasoning_gym
 
-        split, seed, index = _parse_procedural_id(self.name, example_id)
-        data = reasoning_gym.create_dataset(self.dataset, size=index + 1, seed=seed * 2 + (0 if split == "train" else 1),
-                                            **self.dataset_options)
-        return self._example(data[index], example_id)
+        variant, split, seed, index = parse_procedural_id(self.name, example_id)
+        task = self._with_variant(variant)
+        data = reasoning_gym.create_dataset(task.dataset, size=index + 1, seed=seed * 2 + (0 if split == "train" else 1),
+                                            **task.dataset_options)
+        return task.with_shots(task._example(data[index], example_id))
 
     def _example(self, item: dict, example_id: str) -> Example:
         answer = str(item["answer"]).strip()
@@ -101,12 +151,40 @@ class ReasoningGymMath(MathTask):
 
 
 class Arithmetic(ReasoningGymMath):
+    """Sums and differences (reasoning-gym chain_sum). Options: `min_terms`/`max_terms` (terms per
+    question), `min_digits`/`max_digits` (each question draws one digit count for all its terms; a
+    1-digit term is 0-9, a 2-digit term 10-99), `operators` ("+-", or "+" / "-" alone). A preset
+    sets them all; explicit options override it."""
+
     name = "arithmetic"
-    description = "two-term sums and differences of 1-2 digit numbers (reasoning-gym chain_sum), offline"
+    description = "sums and differences (reasoning-gym chain_sum); presets easy, hard (default: 2 terms of 1-2 digits), offline"
     dataset = "chain_sum"
-    dataset_options = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
+    presets = {
+        "easy": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": "+-"},
+        "hard": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2, "operators": "+-"},
+    }
+    default_preset = "hard"
     instruction = "Answer with just the number."
     max_new_tokens = 40
+
+    def __init__(self, preset: str | None = None, *, min_terms: int | None = None, max_terms: int | None = None,
+                 min_digits: int | None = None, max_digits: int | None = None, operators: str | None = None):
+        from reasoning_gym.arithmetic.chain_sum import ChainSumConfig
+
+        options = self._set_difficulty(preset, {"min_terms": min_terms, "max_terms": max_terms,
+                                                "min_digits": min_digits, "max_digits": max_digits,
+                                                "operators": operators})
+        self.operators = options.pop("operators")
+        try:
+            if not self.operators or set(self.operators) - set("+-"):
+                raise AssertionError(f"operators must be '+-', '+' or '-', got {self.operators!r}")
+            ChainSumConfig(**options).validate()
+        except (AssertionError, TypeError) as err:
+            raise SpdLensError(f"arithmetic options {options} are not valid: {err}") from None
+        self.dataset_options = options
+
+    def _keep(self, item: dict) -> bool:
+        return all(op in self.operators for op in re.findall(r" ([+-]) ", item["metadata"]["expression"]))
 
 
 class GsmSymbolic(ReasoningGymMath):
@@ -179,13 +257,3 @@ class Svamp(MathTask):
 def _format_number(value) -> str:
     number = float(value)
     return str(int(number)) if number.is_integer() else str(number)
-
-
-def _parse_procedural_id(task: str, example_id: str) -> tuple[str, int, int]:
-    parts = example_id.split("/")
-    try:
-        if len(parts) != 4 or parts[0] != task or parts[1] not in ("train", "test"):
-            raise ValueError
-        return parts[1], int(parts[2]), int(parts[3])
-    except ValueError:
-        raise SpdLensError(f"{example_id!r} is not an example id of task {task!r} (expected '{task}/SPLIT/SEED/INDEX')") from None

@@ -1,9 +1,11 @@
 """Multiple-choice tasks: the correctness span is the option letter.
 
 `family-mc` works offline: reasoning-gym's family-relationship puzzles (Apache-2.0, exact ground
-truth) turned into four-option questions whose distractors are other kinship words. It asks for
-reasoning over a short text rather than arithmetic, so it tests a capability other than the math
-tasks. `mmlu` and `arc` come from the hub or a local JSONL in their public formats.
+truth) turned into multiple-choice questions (four options by default) whose distractors are other
+kinship words. It asks for reasoning over a short text rather than arithmetic, so it tests a
+capability other than the math tasks. Its difficulty options are the number of options and the
+family size, with presets: `get_task("family-mc", preset="easy")`. `mmlu` and `arc` come from
+the hub or a local JSONL in their public formats.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 import random
 import re
 import string
+from dataclasses import replace
 
 from spd_lens.errors import SpdLensError
-from spd_lens.tasks.base import Example, Score, Task, hash_split
+from spd_lens.tasks.base import Example, Score, Task, hash_split, parse_procedural_id, procedural_id
 from spd_lens.tasks.records import load_split, require_fields
 
 INSTRUCTION = "Answer with the letter of the correct option."
@@ -25,14 +28,53 @@ def format_question(question: str, options: list[str], labels: list[str] | None 
     return f"{question.strip()}\n\n{lines}\n\n{INSTRUCTION}"
 
 
+# A label stands alone (no letter or digit before it; "(", "[" or "*" may open it) and is closed:
+# followed by ")", "]", ":", "*" or a "." ("D.FATHER" is D; "A.M." and "1.5" hold no label), or by
+# nothing but whitespace up to the end of the text. "A nephew is ..." is the article, not option A;
+# "a" is never a label.
+_OPEN = r"(?<![A-Za-z0-9])[(\[*]*"
+_CLOSE = r"(?=[)\]:*]|\.(?![0-9]|[A-Za-z]\.)|\s*$)"
+# An explicit statement of the choice, where a comma closes the label too: "answer is C",
+# "Answer: (C)", "the correct choice is C, son", "correct option is **C**" ...
+# "Option D." alone only names an option.
+_STATED = (r"(?i:\banswer\b(?:\s+(?:is|would\s+be|will\s+be))?|\b(?:option|choice)\b(?=\s*:|\s+(?:is|would|will)\b)"
+           r"(?:\s+(?:is|would\s+be|will\s+be))?)\s*:?\s*(?:(?i:option|letter|choice)\s+)?" + _OPEN + "({labels})"
+           + r"(?=[)\]:*,]|\.(?![0-9]|[A-Za-z]\.)|\s*$)")
+# ... or the other way round: "A is the only correct answer", "(B) would be the answer".
+_STATED_AFTER = (_OPEN + "({labels})"
+                 + r"[)\]*]*\s+(?i:is|would\s+be)\s+((?:[\w-]+\s+){{0,3}}?)(?i:answer|option|choice)\b")
+_NEGATION = re.compile(r"(?i)\b(?:not|no|never|wrong|incorrect)\b")
+
+
 def extract_letter(completion: str, labels: list[str]) -> str | None:
-    """The chosen option: after "answer is", else the first standalone option letter."""
-    alternatives = "|".join(re.escape(label) for label in labels)
-    for pattern in (rf"answer is:?\s*\(?({alternatives})\b", rf"(?<![A-Za-z])({alternatives})(?![A-Za-z])"):
-        match = re.search(pattern, completion, flags=re.IGNORECASE if pattern.startswith("answer") else 0)
-        if match:
-            return match.group(1).upper()
-    return None
+    """The option label a completion commits to, or None.
+
+    A label counts only as a label: matched case-sensitively, standing alone and closed (followed
+    by ".", ")", "]", ":" or "*", or ending the text), so neither "The answer is a nephew." nor
+    the article in "A nephew is the son of ..." reads as option A. The first explicit statement
+    ("The answer is C", "Answer: (C)", "the correct choice is C, son", "A is the only correct
+    answer") wins; otherwise the first closed label. A completion that starts by reading the
+    options back as a list ("A. wife\nB. father\n...") and states no choice commits to none.
+
+    Example:
+        >>> extract_letter("A nephew is the son of one's sibling. So C.", ["A", "B", "C", "D"])
+        'C'
+        >>> extract_letter("The answer is a nephew.", ["A", "B", "C", "D"]) is None
+        True
+    """
+    alternatives = "|".join(re.escape(label) for label in sorted(labels, key=len, reverse=True))
+    statements = list(re.finditer(_STATED.format(labels=alternatives), completion))
+    statements += [m for m in re.finditer(_STATED_AFTER.format(labels=alternatives), completion)
+                   if not _NEGATION.search(m.group(2))]
+    if statements:
+        return min(statements, key=lambda m: m.start()).group(1)
+    # A short option line and, under it, another label: the list read back ("A. aunt\nB. son").
+    listed = re.match(rf"\s*({alternatives})[.)](?:[ \t]+[^\s]+){{1,5}}[ \t]*\n[ \t]*({alternatives})[.)][ \t]+\S",
+                      completion)
+    if listed and listed.group(1) != listed.group(2):
+        return None
+    first = re.search(rf"{_OPEN}({alternatives}){_CLOSE}", completion)
+    return first.group(1) if first else None
 
 
 class MultipleChoiceTask(Task):
@@ -53,12 +95,68 @@ def mc_example(example_id: str, question: str, options: list[str], answer_index:
     labels = labels or list(string.ascii_uppercase[: len(options)])
     letter = labels[answer_index]
     return Example(example_id, format_question(question, options, labels), letter, ((0, len(letter)),),
-                   target=letter, meta={"labels": labels, "options": options})
+                   target=letter, meta={"labels": labels, "options": options, "question": question.strip()})
+
+
+ROTATION_MARK = "@rot"
+
+
+def rotate_options(example: Example, shift: int) -> Example:
+    """The same question with its options moved `shift` places up, cyclically, under the same labels.
+
+    The answer keeps its text and moves to another label; the id becomes `<id>@rot<shift>` (shift
+    0 gives the example itself). Asking every rotation puts each option under every label once,
+    which separates a preference for a label from knowing the answer.
+
+    Example:
+        >>> example = mc_example("q", "Who?", ["ann", "bob", "cy"], answer_index=1)
+        >>> rotated = rotate_options(example, 1)
+        >>> rotated.id, rotated.meta["options"], rotated.target
+        ('q@rot1', ['bob', 'cy', 'ann'], 'A')
+    """
+    missing = [key for key in ("labels", "options", "question") if key not in example.meta]
+    if missing or example.target not in example.meta.get("labels", []):
+        raise SpdLensError(f"example {example.id!r} is not a multiple-choice example (its meta lacks "
+                           f"{missing or ['its target among the labels']}): build it with mc_example()")
+    labels, options = example.meta["labels"], example.meta["options"]
+    shift %= len(options)
+    if shift == 0:
+        return example
+    rotated = options[shift:] + options[:shift]
+    answer_index = (labels.index(example.target) - shift) % len(options)
+    moved = mc_example(f"{example.id}{ROTATION_MARK}{shift}", example.meta["question"], rotated, answer_index, labels)
+    return replace(moved, meta={**example.meta, **moved.meta, "rotation": shift, "source_id": example.id})
+
+
+def option_rotations(example: Example) -> list[Example]:
+    """Every cyclic rotation of the example's options (as many as it has options), unrotated first."""
+    return [rotate_options(example, shift) for shift in range(len(example.meta.get("options", [None])))]
 
 
 class FamilyMC(MultipleChoiceTask):
+    """Kinship puzzles. Options: `num_options` (2-6 answer options), `min_family_size` /
+    `max_family_size` (people in the story, 3-12: 3 is grandparents and a son, 4 adds his wife,
+    more add children, a second pair of grandparents, an uncle and an aunt). A preset sets them
+    all; explicit options override it."""
+
     name = "family-mc"
-    description = "kinship puzzles as 4-option questions (reasoning-gym family_relationships), offline"
+    description = "kinship puzzles as multiple choice (reasoning-gym family_relationships); presets easy, hard (default: 4 options, 4-8 people), offline"
+    presets = {
+        "easy": {"num_options": 3, "min_family_size": 4, "max_family_size": 8},
+        "hard": {"num_options": 4, "min_family_size": 4, "max_family_size": 8},
+    }
+    default_preset = "hard"
+
+    def __init__(self, preset: str | None = None, *, num_options: int | None = None,
+                 min_family_size: int | None = None, max_family_size: int | None = None):
+        options = self._set_difficulty(preset, {"num_options": num_options, "min_family_size": min_family_size,
+                                                "max_family_size": max_family_size})
+        self.num_options = options.pop("num_options")
+        if not (isinstance(self.num_options, int) and 2 <= self.num_options <= 6) or not (
+                3 <= options["min_family_size"] <= options["max_family_size"] <= 12):
+            raise SpdLensError(f"family-mc options num_options={self.num_options}, {options} are not valid: "
+                               "num_options must be 2-6 and 3 <= min_family_size <= max_family_size <= 12")
+        self.dataset_options = options
 
     def _examples(self, split: str, n: int | None, seed: int) -> list[Example]:
         import reasoning_gym
@@ -66,7 +164,8 @@ class FamilyMC(MultipleChoiceTask):
         if n is None:
             raise SpdLensError(f"task {self.name!r} is procedural: pass n, the number of examples to generate")
         size = 20 * n + 200
-        data = reasoning_gym.create_dataset("family_relationships", size=size, seed=seed * 2 + (split == "test"))
+        data = reasoning_gym.create_dataset("family_relationships", size=size, seed=seed * 2 + (split == "test"),
+                                            **self.dataset_options)
         examples, seen = [], set()
         for index in range(size):
             example = self._example(data[index], split, seed, index)
@@ -86,20 +185,20 @@ class FamilyMC(MultipleChoiceTask):
         question = re.sub(r"\s*(Respond only|Answer) with .*$", "", item["question"].strip())
         rng = random.Random(f"{seed}/{index}")
         answer = str(item["answer"])
-        options = [answer, *rng.sample([w for w in words if w != answer], 3)]
+        options = [answer, *rng.sample([w for w in words if w != answer], self.num_options - 1)]
         rng.shuffle(options)
-        example = mc_example(f"{self.name}/{split}/{seed}/{index}", question, options, options.index(answer))
+        example = mc_example(procedural_id(self, split, seed, index), question, options, options.index(answer))
         example.meta["question"] = question
         return example
 
     def example_by_id(self, example_id: str) -> Example:
         import reasoning_gym
 
-        from spd_lens.tasks.math import _parse_procedural_id
-
-        split, seed, index = _parse_procedural_id(self.name, example_id)
-        data = reasoning_gym.create_dataset("family_relationships", size=index + 1, seed=seed * 2 + (split == "test"))
-        return self._example(data[index], split, seed, index)
+        variant, split, seed, index = parse_procedural_id(self.name, example_id)
+        task = self._with_variant(variant)
+        data = reasoning_gym.create_dataset("family_relationships", size=index + 1, seed=seed * 2 + (split == "test"),
+                                            **task.dataset_options)
+        return task.with_shots(task._example(data[index], split, seed, index))
 
 
 class Mmlu(MultipleChoiceTask):
