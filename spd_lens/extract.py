@@ -29,9 +29,14 @@ from spd_lens.artifacts import check_same_settings, read_json_object
 from spd_lens.errors import SpdLensError
 from spd_lens.gradients import KINDS, GradientBatch, Progress, check_layers, iterate_gradients
 from spd_lens.models import hf_model_of, model_id
+from spd_lens.projection import projection_provenance
 from spd_lens.subspace import META_FILE, CapabilitySubspace, RankPolicy, config_hash
 from spd_lens.tasks import EncodedExample, Example, Task, get_task, locate_spans
 from spd_lens.tasks.base import check_unique_ids
+
+# What a saved subspace must share with a new extraction for the saved one to be reused.
+EXTRACTION_SETTINGS = ("model_id", "task", "n", "split", "seed", "layers", "loss", "batch_size", "examples_sha256",
+                       "projection", "rank_policy")
 
 
 class GramAccumulator:
@@ -105,11 +110,11 @@ def _encode_examples(model, task_or_examples, *, n, split, seed, tokenizer, task
 
 def run_settings(model, task_name: str, n_examples: int, *, split: str, seed: int, **more) -> dict:
     """What an extraction records about its inputs; `split` and `seed` only where a task drew the
-    examples (given examples have neither)."""
+    examples (given examples have neither). Gradients taken under a projection say so."""
     settings = {"model_id": model_id(model), "task": task_name, "n": n_examples}
     if task_name != CUSTOM:
         settings.update(split=split, seed=seed)
-    return {**settings, **more}
+    return {**settings, **more, "projection": projection_provenance(model)}
 
 
 def model_dtype(model) -> str:
@@ -191,11 +196,6 @@ def extract_subspace(
     if out is not None:
         subspace.save(out)
     return subspace
-
-
-# What a saved subspace must share with a new extraction for the saved one to be reused.
-EXTRACTION_SETTINGS = ("model_id", "task", "n", "split", "seed", "layers", "loss", "batch_size", "examples_sha256",
-                       "rank_policy")
 
 
 def examples_hash(encoded: Sequence[EncodedExample]) -> str:

@@ -4,6 +4,7 @@ way resumes to exactly what an uninterrupted run writes, and a rerun with one se
 refused naming that setting. Over the CLI and the library, on the tiny model."""
 
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from spd_lens import SpdLensError, cache_gradients, extract_subspace, get_task
 from spd_lens.artifacts import canonical, settings_differences
 from spd_lens.cli import main as cli
 from spd_lens.evaluate import evaluate
+from spd_lens.gradients import iterate_gradients
 from spd_lens.models import boot, load_hf
 from spd_lens.projection import Projection, active_projections, fold_projection, project, projection_provenance
 from spd_lens.sampling import SamplingConfig, generate_jsonl
@@ -133,7 +135,7 @@ def test_a_changed_setting_is_named_with_its_path(value, data):
     key = data.draw(st.sampled_from(sorted(value)))
     changed = {**value, key: {"inner": ("changed",)}}
     differences = settings_differences(value, changed)
-    assert differences and all(d.startswith(f"{key}") for d in differences)
+    assert differences and all(d.startswith((f"{key}:", f"{key}.")) for d in differences)
     assert any(d.startswith(f"{key}.inner: file has ") for d in differences) or \
         differences == [f"{key}: file has {canonical(value[key])!r}, now {{'inner': ['changed']}}"]
 
@@ -205,6 +207,17 @@ def test_generation_under_a_projection_never_reuses_unprojected_output(tmp_path,
         evaluate(model, tokenizer, "arithmetic", n=2, config=config, generations=tmp_path / "eval.jsonl")
 
 
+def test_gradients_taken_under_a_projection_record_it(tmp_path, tiny, subspace):
+    model, tokenizer = tiny
+    plain = extract_subspace(model, "arithmetic", n=2, tokenizer=tokenizer, out=tmp_path / "s")
+    assert plain.meta["projection"] is None
+    with project(model, subspace) as handle:
+        with pytest.raises(SpdLensError, match=r"projection: directory has None, now \{"):
+            extract_subspace(model, "arithmetic", n=2, tokenizer=tokenizer, out=tmp_path / "s")
+        cache = cache_gradients(model, "arithmetic", n=2, layers=[3], tokenizer=tokenizer)
+    assert cache.meta["projection"] == handle.provenance()
+
+
 # --- derived subspaces have their own ids -----------------------------------------------------
 
 def test_every_derived_subspace_has_its_own_id_naming_its_parent(tmp_path, tiny, subspace):
@@ -237,14 +250,13 @@ def test_repeated_example_ids_are_an_error_naming_the_id(tmp_path, tiny):
     model, tokenizer = tiny
     first = get_task("arithmetic").examples("train", n=3, seed=0)
     twice = [first[0], first[1], Example(first[0].id, first[2].prompt, first[2].reference, first[2].spans, first[2].target)]
-    named = f"repeat the id '{first[0].id}'"
+    named = re.escape(f"repeat the id '{first[0].id}'")
     with pytest.raises(SpdLensError, match=named):
         cache_gradients(model, twice, layers=[3], tokenizer=tokenizer)
     with pytest.raises(SpdLensError, match=named):
         extract_subspace(model, twice, tokenizer=tokenizer)
     with pytest.raises(SpdLensError, match=named):
         generate_jsonl(model, tokenizer, twice, tmp_path / "g.jsonl", SamplingConfig(max_new_tokens=1), task="arithmetic")
-    from spd_lens.gradients import iterate_gradients
     encoded = [get_task("arithmetic").locate(tokenizer, e) for e in twice]
     with pytest.raises(SpdLensError, match=named):
         next(iterate_gradients(model, encoded, layers=[3], pad_id=tokenizer.pad_token_id))
@@ -362,7 +374,7 @@ def _generate(tiny, subspace, s: dict, out: Path, progress=None) -> Path:
         return generate_jsonl(model, tokenizer, examples, out, config, task="arithmetic", progress=progress)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(s=GENERATION, data=st.data())
 def test_generate_jsonl_any_settings_rerun_resume_refuse(tmp_path_factory, tiny, subspace, s, data):
     directory = tmp_path_factory.mktemp("gen")
@@ -429,19 +441,19 @@ def train_data(tmp_path_factory):
 
 def test_train_reruns_resumes_and_refuses(tmp_path, train_data, capsys):
     def command(out, data=train_data, lr="5e-3"):
-        return ["train", "--model", "tiny", "--data", str(data), "--out", str(out), "--lr", lr, "--epochs", "2",
+        return ["train", "--model", "tiny", "--data", str(data), "--out", str(out), "--lr", lr, "--epochs", "1",
                 "--batch-size", "2", "--checkpoint-every", "1"]
 
     straight = tmp_path / "straight"
-    assert cli(command(straight)) == 0  # 6 records, 3 steps an epoch, 6 steps
+    assert cli(command(straight)) == 0  # 6 records, 3 steps
     before = snapshot(straight)
     with no_new_work():
         assert cli(command(straight)) == 0
     assert snapshot(straight) == before
     killed = tmp_path / "killed"
-    with killed_in("train", after=4):
+    with killed_in("train", after=2):
         cli(command(killed))
-    assert [p.name for p in (killed / "checkpoints").iterdir()] == ["step-4"] and not (killed / "train.json").exists()
+    assert [p.name for p in (killed / "checkpoints").iterdir()] == ["step-2"] and not (killed / "train.json").exists()
     capsys.readouterr()
     assert cli(command(killed, lr="1e-3")) == 2  # a checkpoint made with other settings is not resumed
     assert "checkpoint has 0.005, now 0.001" in capsys.readouterr().err
