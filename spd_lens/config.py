@@ -35,12 +35,21 @@ METHODS = ("base", "psr", "ssd", "spd", "spd-random", "spd-fullseq", "hook-only"
 @dataclass(frozen=True)
 class ModelSection:
     name: str = "smollm2-135m-instruct"
+    device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1"
+    dtype: str = "auto"  # "auto" (bfloat16 on CUDA, else float32), "float32", "bfloat16", "float16"
+
+    def runtime(self):
+        """The `spd_lens.runtime.Runtime` these settings resolve to on this machine."""
+        from spd_lens.runtime import Runtime
+
+        return Runtime.resolve(self.device, self.dtype)
 
 
 @dataclass(frozen=True)
 class TaskSection:
     name: str = "arithmetic"
-    data: str | None = None  # local JSONL / directory for hub tasks
+    # local JSONL / directory for hub tasks, or one file per split: {train = "...", test = "..."}
+    data: str | dict[str, str] | None = None
     train_n: int = 64  # prompts for self-generation (the training set)
     eval_n: int | None = 100  # held-out examples (None = the whole split)
     eval_split: str = "test"
@@ -52,7 +61,7 @@ class TaskSection:
 @dataclass(frozen=True)
 class SubspaceSection:
     task: str | None = None  # calibration task; another task than [task] gives the out-of-domain setting
-    data: str | None = None
+    data: str | dict[str, str] | None = None
     n: int = 32  # calibration examples (paper: 20-500)
     layers: list[int] | None = None  # default {L//2, L-1}
     rank: int | None = None
@@ -162,6 +171,12 @@ def _check_type(value, annotation, where: str):
             except SpdLensError as err:
                 errors.append(err)
         raise errors[0]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SpdLensError(f"{where} must be a table, got {value!r}")
+        key_type, value_type = typing.get_args(annotation)
+        return {_check_type(k, key_type, f"{where} key"): _check_type(v, value_type, f"{where}.{k}")
+                for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, list):
             raise SpdLensError(f"{where} must be a list, got {value!r}")
@@ -231,6 +246,14 @@ def config_from_dict(values: dict) -> ExperimentConfig:
         raise SpdLensError(f"ssd would sample with another truncation than the other methods ({'; '.join(differing)}): "
                            "a method must not get better or worse sampling settings than its baselines. Remove the "
                            "[ssd] value(s), or set ssd.own_truncation = true to mean it")
+    from spd_lens.runtime import check_device, check_dtype
+
+    check_device(config.model.device)
+    check_dtype(config.model.dtype)
+    for where, data in (("task.data", config.task.data), ("subspace.data", config.subspace.data)):
+        if isinstance(data, dict) and (not data or set(data) - {"train", "test"}):
+            raise SpdLensError(f"{where} = {data!r}: a table of data files takes the keys 'train' and/or 'test', "
+                               'e.g. {train = "gsm8k/train.jsonl", test = "gsm8k/test.jsonl"}')
     if config.task.train_n < 1 or config.subspace.n < 1:
         raise SpdLensError("task.train_n and subspace.n must be positive")
     from spd_lens.tasks import task_names
@@ -269,6 +292,21 @@ def build_task(config: ExperimentConfig, tokenizer=None, *, calibration: bool = 
                                "of demonstrations")
         shots = default_shots(TASKS[name], tokenizer)
     return get_task(name, **({"path": data} if data else {}), **options, shots=shots)
+
+
+def comparable(resolved: dict) -> dict:
+    """A resolved config (`config.json`) as run directories compare it: settings added since it was
+    written take their defaults (e.g. `model.dtype`), and `model.device` is left out (where a run
+    computes does not change what it computes; its dtype does)."""
+    out = dict(resolved)
+    hints = typing.get_type_hints(ExperimentConfig)
+    for f in dataclasses.fields(ExperimentConfig):
+        section = hints[f.name]
+        if dataclasses.is_dataclass(section) and isinstance(out.get(f.name), dict):
+            out[f.name] = {**json.loads(json.dumps(dataclasses.asdict(section()))), **out[f.name]}
+    if isinstance(out.get("model"), dict):
+        out["model"] = {k: v for k, v in out["model"].items() if k != "device"}
+    return out
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

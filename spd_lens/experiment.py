@@ -36,13 +36,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import spd_lens
-from spd_lens.config import ExperimentConfig, build_task
+from spd_lens.config import ExperimentConfig, build_task, comparable
 from spd_lens.errors import SpdLensError
 from spd_lens.artifacts import atomic_write, canonical, read_json_object, settings_differences, write_json
 from spd_lens.evaluate import evaluate, evaluate_mc, paired_difference, seeded_ci, training_data_quality
 from spd_lens.extract import extract_subspace
 from spd_lens.methods import METHOD_TABLE
-from spd_lens.models import load_hf
+from spd_lens.models import load_hf, load_tokenizer
 from spd_lens.projection import Projection
 from spd_lens.sampling import SamplingConfig, generate_jsonl
 from spd_lens.sandbox import describe_isolation, summarise_isolation
@@ -114,9 +114,11 @@ class Run:
                                    "written by `spd-lens run`")
         self.progress = progress
         self.log = log or (lambda message: None)
+        self.runtime = config.model.runtime()  # fails here, before any work, when the device is absent
         self._base = None
         # Difficulty and shots from [task]; shots left unset depend on the model's chat template.
-        tokenizer = self.base_model()[1] if config.task.shots is None else None
+        # Only the tokenizer is loaded for that: the model waits until a stage needs it.
+        tokenizer = load_tokenizer(config.model.name) if config.task.shots is None else None
         self.task = build_task(config, tokenizer)
         configure_sandbox(self.task, config.sandbox)  # code: refuse now, not after training, where no sandbox works
         self.subspace_task = build_task(config, tokenizer, calibration=True)
@@ -127,7 +129,7 @@ class Run:
 
     def base_model(self):
         if self._base is None:
-            self._base = load_hf(self.config.model.name)
+            self._base = load_hf(self.config.model.name, self.runtime)
         return self._base
 
     def _bar(self, label: str):
@@ -224,7 +226,7 @@ class Run:
         train_config = type(self.config.train)(**{**self.config.train.__dict__, "seed": seed})
         self.log(f"training {method} (seed {seed})")
         return self._timed("train", lambda: train_on_jsonl(
-            self.config.model.name, data, out, train_config, progress=self._bar(f"train {method}"),
+            self.config.model.name, data, out, train_config, runtime=self.runtime, progress=self._bar(f"train {method}"),
             provenance={"method": method, "seed": seed, "run": str(self.out)}))
 
     def evaluation(self, method: str, seed: int | None) -> dict:
@@ -239,7 +241,7 @@ class Run:
         c = self.config
         if spec.sampling is not None:
             adapter = self.adapter(method, seed)
-            model, tokenizer = load_trained(c.model.name, adapter)
+            model, tokenizer = load_trained(c.model.name, adapter, runtime=self.runtime)
         else:
             model, tokenizer = self.base_model()
         config = SamplingConfig(temperature=c.eval.temperature, max_new_tokens=self.task.max_new_tokens if c.eval.max_new_tokens is None else c.eval.max_new_tokens,
@@ -319,7 +321,8 @@ class Run:
                        for a, b in COMPARISONS if a in outcomes and b in outcomes}
         seconds = self._stage_seconds()
         metrics = {"run": self.config.name, "task": self.task.name, "subspace_task": self.subspace_task.name,
-                   "model": self.config.model.name, "methods": methods, "comparisons": comparisons,
+                   "model": self.config.model.name, "runtime": self.runtime.describe(), "methods": methods,
+                   "comparisons": comparisons,
                    "stage_seconds": seconds["completed"], "stage_seconds_interrupted": seconds["interrupted"],
                    "reuse": self.reuse_decisions,
                    "sandbox": summarise_isolation(r for results in outcomes.values() for r in results),
@@ -379,10 +382,10 @@ class Run:
             self._decide(stem, {"reused": False, "why": "depends on a subspace, which runs do not share"})
             return None
         sections = RESULT_SETTINGS[spec.sampling]
-        mine = self.config.to_dict()
+        mine = comparable(self.config.to_dict())
         reasons = {}
         for other in self.reuse:
-            theirs = read_json_object(other / "config.json", "a run's resolved config")
+            theirs = comparable(read_json_object(other / "config.json", "a run's resolved config"))
             source = other / "eval" / f"{stem}.json"
             differences = settings_differences(_result_settings(theirs, sections), _result_settings(mine, sections),
                                                recorded="run has")
@@ -434,10 +437,11 @@ class Run:
         resolved = self.config.to_dict()
         if path.is_file():
             # Adding methods to a finished run is fine; changing what they share is not.
-            previous = read_json_object(path, "a run's resolved config")
+            previous = comparable(read_json_object(path, "a run's resolved config"))
+            current = comparable(resolved)
             ignored = ("methods", "sandbox")  # what is run, and how code runs: not what a result is
-            changed = settings_differences({k: previous.get(k) for k in resolved if k not in ignored},
-                                           {k: v for k, v in resolved.items() if k not in ignored}, recorded="run has")
+            changed = settings_differences({k: previous.get(k) for k in current if k not in ignored},
+                                           {k: v for k, v in current.items() if k not in ignored}, recorded="run has")
             if changed:
                 raise SpdLensError(f"{self.out} holds a run with another config (differs in {'; '.join(changed)}); "
                                    "use another --out or the same config")

@@ -49,8 +49,10 @@ class GramAccumulator:
     def add(self, batch: GradientBatch) -> None:
         mask = batch.attention_mask
         for key, grad in batch.grads.items():
-            rows = grad[mask.to(grad.device)].reshape(int(mask.sum()), -1).double().cpu()
-            gram = rows.T @ rows
+            # float64 whatever the model's dtype, formed where the gradients are (a GPU's memory
+            # holds them already), and kept on the CPU: only the small square matrix moves.
+            rows = grad[mask.to(grad.device)].reshape(int(mask.sum()), -1).double()
+            gram = (rows.T @ rows).cpu()
             self.grams[key] = self.grams[key] + gram if key in self.grams else gram
         self.n_rows += int(mask.sum())
 

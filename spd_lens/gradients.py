@@ -79,9 +79,11 @@ def target_mask(attention: Tensor, correct: Tensor, loss: str) -> Bool[Tensor, "
 
 def summed_example_means(logits: Float[Tensor, "n vocab"], targets: Tensor, rows: Tensor, n_rows: int) -> Tensor:
     """Sum over examples of each example's mean NLL; `rows` says which example each target is in."""
-    nll = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
-    per_example = torch.zeros(n_rows, dtype=nll.dtype).index_add_(0, rows, nll)
-    counts = torch.zeros(n_rows, dtype=nll.dtype).index_add_(0, rows, torch.ones_like(nll))
+    device = logits.device  # index_add_ needs the sums, the indices and the values on one device
+    nll = torch.nn.functional.cross_entropy(logits.float(), targets.to(device), reduction="none")
+    rows = rows.to(device)
+    per_example = torch.zeros(n_rows, dtype=nll.dtype, device=device).index_add_(0, rows, nll)
+    counts = torch.zeros(n_rows, dtype=nll.dtype, device=device).index_add_(0, rows, torch.ones_like(nll))
     return (per_example / counts.clamp(min=1)).sum()
 
 

@@ -39,6 +39,7 @@ from transformers import (
 from spd_lens.artifacts import sha256_file
 from spd_lens.cache import cache_root
 from spd_lens.errors import SpdLensError
+from spd_lens.runtime import Runtime, resolve_runtime
 from spd_lens.tiny_tokenizer import build_byte_tokenizer
 
 log = logging.getLogger(__name__)
@@ -75,12 +76,23 @@ def model_names() -> list[str]:
 
 
 def load_hf(
-    name: str = DEFAULT_MODEL, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+    name: str = DEFAULT_MODEL, runtime: Runtime | None = None, *, device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The plain Hugging Face model (eval mode) and its tokenizer, never booted.
 
     `name` is an embedded model (`smollm2-135m-instruct`), `tiny`, a local directory or a hub id.
+    The model is placed by `runtime` (a `spd_lens.runtime.Runtime`), or by `device` / `dtype`
+    ("auto", "cpu", "cuda", "cuda:1" / "auto", "float32", "bfloat16", "float16"); the default,
+    "auto", is a CUDA device in bfloat16 when there is one, else the CPU in float32.
+
+    Example:
+        >>> model, tokenizer = load_hf("tiny", device="cpu", dtype="bfloat16")
+        >>> model.dtype, model.device.type
+        (torch.bfloat16, 'cpu')
     """
+    runtime = resolve_runtime(runtime, device, dtype)
+    dtype = runtime.dtype
     if name == TINY_MODEL:
         model, tokenizer = build_tiny_model()
     elif name in EMBEDDED_MODELS:
@@ -94,9 +106,7 @@ def load_hf(
             f"unknown model {name!r}: use one of {model_names()}, a local directory holding a "
             "Hugging Face causal LM, or a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'"
         )
-    model = model.to(dtype=dtype)
-    if device is not None:
-        model = model.to(device)
+    model = runtime.place(model)
     model.eval()
     # Sampling pads on the left; a tokenizer without a pad token reuses its end-of-sequence token.
     tokenizer.padding_side = "left"
@@ -106,10 +116,33 @@ def load_hf(
     return model, tokenizer
 
 
+def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    """Only the tokenizer of `name` (as `load_hf` names models), without loading any weights:
+    enough to know whether the model has a chat template.
+
+    Example:
+        >>> load_tokenizer("tiny").chat_template is None
+        True
+    """
+    if name == TINY_MODEL:
+        return build_byte_tokenizer()
+    if name in EMBEDDED_MODELS:
+        return AutoTokenizer.from_pretrained(_embedded_cache(EMBEDDED_MODELS[name]))
+    if Path(name).expanduser().is_dir() or _looks_like_hub_id(name):
+        try:
+            return AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name)
+        except OSError as err:
+            raise SpdLensError(f"could not load the tokenizer of {name!r}: {err}. Pass a local model directory "
+                               f"or use the embedded default {DEFAULT_MODEL!r}") from err
+    raise SpdLensError(f"unknown model {name!r}: use one of {model_names()}, a local directory holding a "
+                       "Hugging Face causal LM, or a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'")
+
+
 def load_model(
-    name: str = DEFAULT_MODEL, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+    name: str = DEFAULT_MODEL, runtime: Runtime | None = None, *, device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> TransformerBridge:
-    """A `TransformerBridge` around `name` (see `load_hf`), with `.tokenizer` set.
+    """A `TransformerBridge` around `name` (see `load_hf`, which places it), with `.tokenizer` set.
 
     For chat models (a tokenizer with a chat template) the bridge's `cfg.default_prepend_bos` is
     False: text given to `model.to_tokens`, `model(text)` or `run_with_cache(text)` is taken to be
@@ -121,7 +154,7 @@ def load_model(
         >>> "blocks.0.attn.hook_k" in model.hook_dict, model.cfg.default_prepend_bos
         (True, False)
     """
-    hf_model, tokenizer = load_hf(name, device=device, dtype=dtype)
+    hf_model, tokenizer = load_hf(name, runtime, device=device, dtype=dtype)
     return boot(hf_model, tokenizer)
 
 
@@ -254,7 +287,8 @@ def _cache_is_valid(cache_dir: Path, source: Path) -> bool:
     return True
 
 
-def _load_embedded(spec: EmbeddedModel, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _embedded_cache(spec: EmbeddedModel) -> Path:
+    """The checked fp32 cache directory of an embedded model, built first when missing or stale."""
     source = _embedded_source(spec)
     cache_dir = cache_root() / "models" / next(k for k, v in EMBEDDED_MODELS.items() if v is spec)
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -262,6 +296,11 @@ def _load_embedded(spec: EmbeddedModel, dtype: torch.dtype) -> tuple[PreTrainedM
     with FileLock(str(cache_dir) + ".lock"):
         if not _cache_is_valid(cache_dir, source):
             _build_cache(source, cache_dir)
+    return cache_dir
+
+
+def _load_embedded(spec: EmbeddedModel, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    cache_dir = _embedded_cache(spec)
     tokenizer = AutoTokenizer.from_pretrained(cache_dir)
     model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=dtype)
     return model, tokenizer

@@ -307,21 +307,31 @@ def projection_provenance(model) -> dict | list[dict] | None:
     return None if not found else found[0] if len(found) == 1 else found
 
 
-def _apply_map(flat: Tensor, matrix: Tensor) -> Tensor:
-    return flat @ matrix.to(device=flat.device, dtype=flat.dtype)
+def _apply_map(flat: Tensor, matrix: Tensor, cast: dict) -> Tensor:
+    # Half-precision activations are multiplied in float32 (one rounding, as folded weights get);
+    # `cast` keeps the map on the activations' device, so decoding does not copy it every step.
+    dtype = torch.float32 if flat.dtype in (torch.bfloat16, torch.float16) else flat.dtype
+    key = (flat.device, dtype)
+    if key not in cast:
+        cast[key] = matrix.to(device=flat.device, dtype=dtype)
+    return (flat.to(dtype) @ cast[key]).to(flat.dtype)
 
 
 def _linear_hook(matrix: Tensor):
+    cast: dict = {}
+
     def hook(module, args, output):
-        return _apply_map(output, matrix)
+        return _apply_map(output, matrix, cast)
 
     return hook
 
 
 def _bridge_hook(matrix: Tensor):
+    cast: dict = {}
+
     def hook(tensor: Float[Tensor, "batch pos kv_head d_head"], hook) -> Tensor:
         shape = tensor.shape
-        return _apply_map(tensor.reshape(*shape[:-2], -1), matrix).reshape(shape)
+        return _apply_map(tensor.reshape(*shape[:-2], -1), matrix, cast).reshape(shape)
 
     return hook
 

@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -31,6 +32,7 @@ import spd_lens
 from spd_lens.chat import encode_conversation
 from spd_lens.artifacts import canonical, check_same_settings, read_json_object, sha256_file
 from spd_lens.errors import SpdLensError
+from spd_lens.runtime import Runtime, resolve_runtime
 from spd_lens.tasks.records import read_jsonl
 
 DONE_FILE = "train.json"
@@ -203,20 +205,30 @@ def _last_checkpoint(directory: Path) -> tuple[int, Path] | None:
 
 
 def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: TrainConfig = TrainConfig(), *,
-                   progress: Callable | None = None, provenance: dict | None = None) -> Path:
+                   runtime: Runtime | None = None, progress: Callable | None = None,
+                   provenance: dict | None = None) -> Path:
     """Fine-tune `model_name` on `data`, saving into `out` (adapter/ or model/, plus train.json).
 
     A finished `out` (train.json present) made with the same settings (`training_settings`: base
     model, the data's content, the config) is returned as is; an interrupted one resumes from its
     last checkpoint. Either made with other settings is refused, naming them.
+    `runtime` (default: auto) says where and in what precision: with LoRA the frozen base model
+    is loaded in the runtime's dtype and the adapter weights stay float32 (peft keeps them so);
+    full fine-tuning keeps float32 weights and computes in bfloat16 under autocast.
     """
+    runtime = resolve_runtime(runtime)
+    with runtime.device_context():
+        return _train(model_name, data, Path(out), config, runtime, progress, provenance)
+
+
+def _train(model_name: str, data: str | Path, out: Path, config: TrainConfig, runtime: Runtime,
+           progress: Callable | None, provenance: dict | None) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
     from spd_lens.models import load_hf
 
-    out = Path(out)
     pairs = read_training_records(data)
     settings = training_settings(model_name, data, config)
     if (out / DONE_FILE).is_file():
@@ -226,13 +238,22 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
         check_same_settings(old, {k: settings[k] for k in old}, str(out), "Use another --out or the same settings",
                             recorded="directory has")
         return out
+    if not config.lora and runtime.dtype == torch.float16:
+        raise SpdLensError("full fine-tuning in float16 needs loss scaling, which this trainer does not do: "
+                           "use dtype 'bfloat16' or 'float32', or LoRA (float32 adapter weights)")
     resume = _last_checkpoint(out)
     if resume is not None and (resume[1] / SETTINGS_FILE).is_file():
         check_same_settings(read_json_object(resume[1] / SETTINGS_FILE, "a checkpoint's settings"), settings,
                             str(resume[1]), "Use another --out or the same settings", recorded="checkpoint has")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=config.grad_accum)
+    accelerator = Accelerator(cpu=not runtime.is_cuda, gradient_accumulation_steps=config.grad_accum)
+    if accelerator.device.type != runtime.device.type:
+        raise SpdLensError(f"this process already trained on {accelerator.device.type} and cannot switch to "
+                           f"{runtime.device} (accelerate keeps one device per process): train in a new process")
     set_seed(config.seed)
-    model, tokenizer = load_hf(model_name)
+    # Full fine-tuning updates the weights themselves: they stay float32 (a 1e-5 step is below
+    # bfloat16's resolution) and the forward pass runs under autocast in the runtime's dtype.
+    model, tokenizer = load_hf(model_name, runtime if config.lora else Runtime(runtime.device, torch.float32))
+    autocast = nullcontext if config.lora else runtime.autocast
     model.config.use_cache = False  # no KV cache to build while training
     model.train()
     model = wrap_for_training(model, config)
@@ -274,7 +295,8 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
         micro = 0
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = next_token_loss(model, batch)
+                with autocast():
+                    loss = next_token_loss(model, batch)
                 step_losses.append(loss.detach())
                 if not torch.isfinite(loss):
                     raise SpdLensError(f"training loss is {loss.item()} at step {step} (epoch {epoch}): stopping before "
@@ -320,6 +342,7 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
                   "global_batch_size": config.batch_size * config.grad_accum * accelerator.num_processes,
                   "loss_history": losses, "final_losses": losses[-5:],
                   "seconds_this_run": round(time.time() - started, 2), "resumed_at_step": resume[0] if resume else 0,
+                  "runtime": runtime.describe(),
                   "spd_lens_version": spd_lens.__version__,
                   **(provenance or {})}
         tmp_json = out / (DONE_FILE + ".tmp")
@@ -357,10 +380,12 @@ def _read_loss_history(checkpoint: Path, step: int) -> list[float]:
     return losses
 
 
-def load_trained(model_name: str, trained: str | Path, *, merge: bool = True):
-    """(model, tokenizer) of `model_name` with a trained adapter (or a fully fine-tuned model) from `trained`."""
+def load_trained(model_name: str, trained: str | Path, *, merge: bool = True, runtime: Runtime | None = None):
+    """(model, tokenizer) of `model_name` with a trained adapter (or a fully fine-tuned model) from
+    `trained`, placed by `runtime` (default: auto)."""
     from spd_lens.models import load_hf
 
+    runtime = resolve_runtime(runtime)
     trained = Path(trained)
     meta_path = trained / DONE_FILE
     if not meta_path.is_file():
@@ -370,12 +395,12 @@ def load_trained(model_name: str, trained: str | Path, *, merge: bool = True):
         raise SpdLensError(f"{trained} was trained on {meta.get('base_model')!r}, not {model_name!r}: load it with "
                            f"model {meta.get('base_model')!r}")
     if (trained / "model").is_dir():
-        model, tokenizer = load_hf(str(trained / "model"))
+        model, tokenizer = load_hf(str(trained / "model"), runtime)
         model.config.spd_lens_model_id = f"{model_name}+{trained}"
         return model, tokenizer
     from peft import PeftModel
 
-    model, tokenizer = load_hf(model_name)
+    model, tokenizer = load_hf(model_name, runtime)
     try:
         peft_model = PeftModel.from_pretrained(model, str(trained / "adapter"))
     except Exception as err:  # peft/safetensors raise many types for a broken adapter

@@ -67,8 +67,8 @@ def killed_in(label: str = "", after: int = 1):
         return Interrupt(after) if desc.startswith(label) else (lambda iterable: iterable)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("spd_lens.cli._progress", bar)
-        patch.setattr("spd_lens.cli._progress_labelled", bar)
+        patch.setattr("spd_lens.cli.common.progress", bar)
+        patch.setattr("spd_lens.cli.common.progress_labelled", bar)
         with pytest.raises(Interrupted):
             yield
 

@@ -460,10 +460,11 @@ def test_config_sandbox_section(tmp_path):
     with pytest.raises(SpdLensError, match="did you mean 'unsafe'"):
         config_from_dict({"sandbox": {"unsafe_": True}})
     # run and ablate: the command line's flags add to the config's section
-    from spd_lens.cli import _with_sandbox_flags, build_parser
+    from spd_lens.cli import build_parser
+    from spd_lens.cli.common import with_sandbox_flags
 
     args = build_parser().parse_args(["run", "x.toml", "--unsafe-sandbox", "--sandbox-backend", "bwrap"])
-    flagged = _with_sandbox_flags(config_from_dict({"sandbox": {"strict": True}}), args)
+    flagged = with_sandbox_flags(config_from_dict({"sandbox": {"strict": True}}), args)
     assert flagged.sandbox == SandboxOptions(strict=True, unsafe=True, backend="bwrap")
 
 

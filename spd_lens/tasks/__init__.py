@@ -16,13 +16,14 @@ from __future__ import annotations
 import inspect
 
 from spd_lens.errors import SpdLensError
+from spd_lens.tasks.bbh import BigBenchHard
 from spd_lens.tasks.base import EncodedExample, Example, Score, Task, default_shots, hash_split, locate_spans
 from spd_lens.tasks.code import HumanEval, Mbpp
 from spd_lens.tasks.math import Arithmetic, Gsm8k, GsmSymbolic, Svamp
 from spd_lens.tasks.mcqa import Arc, FamilyMC, Mmlu
 
 TASKS: dict[str, type[Task]] = {
-    cls.name: cls for cls in (HumanEval, Mbpp, Arithmetic, GsmSymbolic, Gsm8k, Svamp, FamilyMC, Mmlu, Arc)
+    cls.name: cls for cls in (HumanEval, Mbpp, Arithmetic, GsmSymbolic, Gsm8k, Svamp, FamilyMC, Mmlu, Arc, BigBenchHard)
 }
 
 

@@ -1,14 +1,20 @@
 """Records for tasks that live on the Hugging Face hub: read from a local JSONL or from the hub.
 
-A local source is either a directory holding `train.jsonl` / `test.jsonl` (the public splits), or
-one JSONL file, whose records are then assigned to train or test by a hash of their id (so the
-two never overlap).
+A local source (`path=`) is one of:
+- a directory holding `train.jsonl` / `test.jsonl` (the public splits);
+- a mapping of split to file, `{"train": "train.jsonl", "test": "test.jsonl"}` (in a config:
+  `data = {train = "...", test = "..."}`), each file used whole as its split;
+- one JSONL file, whose records are then divided 80/20 into train and test by a hash of each
+  record's id, so the two never overlap: the official test file given this way yields only about
+  a fifth of its questions as `test`. Give it as `{"test": FILE}` to evaluate on all of it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+import socket
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from spd_lens.errors import SpdLensError
@@ -46,37 +52,88 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
+LocalSource = str | Path | Mapping[str, str | Path]
+
+
 def load_split(
     task: str,
     split: str,
     *,
-    path: str | Path | None,
+    path: LocalSource | None,
     hub: tuple[str, str | None, dict[str, str]],
     record_key: Callable[[dict], str],
     local_split: Callable[[dict], str] | None = None,
 ) -> list[dict]:
-    """The records of `split`, from `path` when given, else from the hub.
+    """The records of `split`, from `path` when given (see the module docstring), else from the hub.
 
     `hub` is (dataset id, config name, {our split: hub split}). `local_split` assigns a record of a
     single local file to a split (default: hash of `record_key`).
     """
     if path is not None:
-        path = Path(path).expanduser()
-        if path.is_dir():
-            return read_jsonl(path / f"{split}.jsonl")
+        local = split_file(task, split, path)
+        if local is not None:
+            return read_jsonl(local)
         assign = local_split or (lambda record: hash_split(record_key(record)))
-        return [r for r in read_jsonl(path) if assign(r) == split]
+        return [r for r in read_jsonl(Path(path).expanduser()) if assign(r) == split]
     dataset_id, config, split_names = hub
+    return hub_rows(task, dataset_id, config, split_names[split])
+
+
+def split_file(task: str, split: str, path: LocalSource) -> Path | None:
+    """The file that holds exactly `split` (a directory's `SPLIT.jsonl`, a mapping's entry), or
+    None when `path` is one file that holds both splits."""
+    if isinstance(path, Mapping):
+        if split not in path:
+            raise SpdLensError(f"task {task!r}: no data file is given for the {split!r} split (given: "
+                               f"{sorted(path)}); add {split} = \"FILE.jsonl\" to the data table")
+        return Path(path[split]).expanduser()
+    path = Path(path).expanduser()
+    return path / f"{split}.jsonl" if path.is_dir() else None
+
+
+def describe_source(path: LocalSource | None) -> str:
+    """How a task's data source is divided into splits, in words (for `spd-lens plan`)."""
+    if path is None:
+        return "the Hugging Face hub (published splits)"
+    if isinstance(path, Mapping):
+        return ", ".join(f"{split}: {file} (whole)" for split, file in sorted(path.items()))
+    if Path(path).expanduser().is_dir():
+        return f"{path}/train.jsonl and {path}/test.jsonl (each whole)"
+    return (f"{path}, one file divided 80/20 into train/test by a hash of each record's id (give "
+            "data = {test = FILE} to use a file whole as the test split)")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers from here (quickly: the hub client itself retries for
+    about half a minute before it gives up)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
+        return False
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_rows(task: str, dataset_id: str, config: str | None, hub_split: str) -> list[dict]:
+    """The rows of one split of a hub dataset; an unreachable hub is an error saying what to do."""
     try:
         import datasets
 
-        rows = datasets.load_dataset(dataset_id, config, split=split_names[split])
+        rows = datasets.load_dataset(dataset_id, config, split=hub_split)
     except Exception as err:  # the hub client raises many types when offline
         raise SpdLensError(
             f"task {task!r} could not load {dataset_id!r} from the Hugging Face hub ({type(err).__name__}: "
             f"{err}). The hub may be unreachable from this machine: download the data elsewhere and pass "
-            f"a local JSONL file (or a directory with train.jsonl and test.jsonl) in the public format, "
-            f"e.g. get_task({task!r}, path='data/{task}.jsonl') or `--data data/{task}.jsonl` on the CLI"
+            f"local JSONL in the public format: one file per split, e.g. get_task({task!r}, path={{'train': "
+            f"'data/{task}/train.jsonl', 'test': 'data/{task}/test.jsonl'}}) or `--data train=FILE --data "
+            f"test=FILE` on the CLI, a directory holding train.jsonl and test.jsonl, or one file, which is "
+            f"then divided 80/20 into train and test"
         ) from err
     return [dict(row) for row in rows]
 

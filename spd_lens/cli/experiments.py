@@ -1,0 +1,189 @@
+"""Commands around run directories: demo, run, plan, ablate, report, compare."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from spd_lens.cli import common
+from spd_lens.errors import SpdLensError
+
+
+def run_and_report(config, out, reuse=()) -> int:
+    from spd_lens.experiment import format_table, run_experiment
+
+    metrics = run_experiment(config, out, progress=common.progress_labelled,
+                             log=lambda m: print(f"[spd-lens] {m}", flush=True), reuse=reuse)
+    print()
+    print(format_table(metrics))
+    print("\nstage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["stage_seconds"].items()))
+    if metrics.get("stage_seconds_interrupted"):
+        print("lost to interrupted calls: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["stage_seconds_interrupted"].items()))
+    print(f"metrics: {out}/metrics.json\nreport:  {out}/report.html")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """A full experiment from a TOML config."""
+    import dataclasses
+    from pathlib import Path
+
+    from spd_lens.config import check_methods, load_config
+
+    config = common.with_flags(load_config(args.config), args)
+    if args.methods is not None:
+        check_methods(args.methods)
+        config = dataclasses.replace(config, methods=args.methods)
+    return run_and_report(config, args.out or str(Path("runs") / config.name), reuse=args.reuse)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job: the quick comparison (base, psr, spd, spd-random) on the default model."""
+    from importlib.resources import files
+
+    from spd_lens.config import load_config
+
+    config = common.with_runtime(load_config(files("spd_lens") / "configs" / "quick.toml"), args)
+    return run_and_report(config, args.out)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Validate a config and its data, count every stage's work and estimate its time; no model runs."""
+    from spd_lens.config import load_config
+    from spd_lens.plan import format_plan, make_plan
+
+    plan = make_plan(common.with_runtime(load_config(args.config), args), figures=args.figures)
+    print(f"plan for {args.config} (run name {plan.config.name!r}; nothing is run)")
+    print(format_plan(plan))
+    if plan.errors:
+        print(f"\n{len(plan.errors)} problem(s) would stop `spd-lens run`:", *plan.errors, sep="\n  ", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    """Projected decoding over ranks x layers x alphas (x heads), resumable, one tidy table."""
+    from pathlib import Path
+
+    from spd_lens.ablate import run_ablation
+    from spd_lens.config import load_config
+
+    config = common.with_flags(load_config(args.config), args)
+    out = Path(args.out or Path("runs") / f"{config.name}-ablation")
+    rows = run_ablation(config, out, progress=common.progress_labelled("ablation"))
+    print(f"{'rank':>5} {'layers':>8} {'alpha':>5} {'head':>4} {'score':>6}  {'loss':>7}")
+    for r in rows:
+        print(f"{str(r['rank']):>5} {r['layers']:>8} {r['alpha']:>5} {str(r['head']):>4} {r['score']:>6.3f}  {r['loss']:>7.4f}")
+    print(f"table: {out}/ablation.csv\nfigure: {out}/ablation.html")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from spd_lens.ablate import write_ablation_report
+    from spd_lens.attribution import write_heads_report
+    from spd_lens.experiment import format_table, write_run_report
+
+    run_dir = Path(args.run_dir)
+    if (run_dir / "ablation.json").is_file():
+        path = write_ablation_report(run_dir)
+    elif (run_dir / "heads.json").is_file():
+        path = write_heads_report(run_dir)
+    else:
+        path = write_run_report(run_dir)
+        print(format_table(json.loads((run_dir / "metrics.json").read_text())))
+    print(f"report: {path}")
+    return 0
+
+
+def evaluation_results(spec: str) -> list[dict]:
+    """Per-example results of `RUN_DIR:METHOD` (every seed's evaluation of it)."""
+    from pathlib import Path
+
+    from spd_lens.artifacts import read_json_object
+
+    run_dir, _, method = spec.rpartition(":")
+    if not run_dir or not method:
+        raise SpdLensError(f"{spec!r}: write RUN_DIR:METHOD, e.g. runs/math:spd")
+    files = sorted(Path(run_dir, "eval").glob(f"{method}.json")) + sorted(Path(run_dir, "eval").glob(f"{method}-seed*.json"))
+    if not files:
+        raise SpdLensError(f"{spec!r}: no evaluation of {method!r} in {run_dir}/eval (run it with spd-lens run first)")
+    results = []
+    for f in files:
+        record = read_json_object(f, "an evaluation written by spd-lens run")
+        if not isinstance(record.get("results"), list):
+            raise SpdLensError(f"{f} has no per-example 'results': rerun the evaluation with spd-lens run")
+        results += [{**r, "seed": record.get("seed")} for r in record["results"]]
+    return results
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Paired difference of two evaluations (possibly from different runs) on their shared questions."""
+    from spd_lens.evaluate import paired_difference, per_prompt_scores
+
+    first, second = evaluation_results(args.first), evaluation_results(args.second)
+    c = paired_difference(first, second)
+    print(f"{args.first} - {args.second}: {c['difference']:+.3f}  95% CI [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]  "
+          f"({c['n']} shared questions; interval over seeds, then questions)")
+    if c["seed_spread_exceeds_ci"]:
+        print(f"! the per-seed differences spread over {c['seed_spread']:.3f}, more than the interval is wide: "
+              "run more seeds before reading this difference")
+    a, b = per_prompt_scores(first), per_prompt_scores(second)
+    shared = sorted(a.keys() & b.keys(), key=natural_key)
+    for name, better in ((args.first, [k for k in shared if a[k] > b[k]]), (args.second, [k for k in shared if b[k] > a[k]])):
+        print(f"better in {name} ({len(better)}): {', '.join(better) or '-'}")
+    print(f"solved by both (score 1 in each): {sum(a[k] == b[k] == 1 for k in shared)}")
+    return 0
+
+
+def natural_key(text: str) -> list:
+    """HumanEval/9 before HumanEval/10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def register(commands) -> None:
+    demo = commands.add_parser("demo", help="the main job: the quick SPD comparison on the default model")
+    demo.add_argument("--out", default="runs/demo")
+    common.add_runtime_args(demo, config=True)
+    demo.set_defaults(func=cmd_demo)
+
+    run = commands.add_parser("run", help="a full experiment from a TOML config (resumable)")
+    run.add_argument("config")
+    run.add_argument("--out", help="run directory (default runs/<config name>)")
+    run.add_argument("--methods", type=lambda t: [m for m in t.split(",") if m],
+                     help="comma-separated subset of the config's methods to run now (a run directory accepts "
+                          "more methods later)")
+    run.add_argument("--reuse", action="append", default=[], metavar="RUN_DIR",
+                     help="take finished evaluations of methods that do not depend on the subspace (base, psr, "
+                          "ssd) from another run whose settings for them are the same; repeatable")
+    common.add_sandbox_flags(run)
+    common.add_runtime_args(run, config=True)
+    run.set_defaults(func=cmd_run)
+
+    plan = commands.add_parser("plan", help="check a config and its data, count each stage's work and estimate "
+                                            "its time, without running a model")
+    plan.add_argument("config")
+    plan.add_argument("--figures", help="throughput JSON from benchmarks/gpu_check.py (its last line) to estimate "
+                                        "with instead of the recorded CPU runs")
+    common.add_runtime_args(plan, config=True)
+    plan.set_defaults(func=cmd_plan)
+
+    ablate = commands.add_parser("ablate", help="sweep ranks x layers x alphas (x heads) of projected decoding")
+    ablate.add_argument("config")
+    ablate.add_argument("--out", help="run directory (default runs/<config name>-ablation)")
+    common.add_sandbox_flags(ablate)
+    common.add_runtime_args(ablate, config=True)
+    ablate.set_defaults(func=cmd_ablate)
+
+    compare = commands.add_parser("compare", help="paired difference of two evaluations, e.g. runs/ood:spd runs/math:spd")
+    compare.add_argument("first", help="RUN_DIR:METHOD")
+    compare.add_argument("second", help="RUN_DIR:METHOD")
+    compare.set_defaults(func=cmd_compare)
+
+    report = commands.add_parser("report", help="figures again from a directory's tables: a run (metrics.json -> "
+                                                "report.html), an ablation (ablation.json) or head attribution (heads.json)")
+    report.add_argument("run_dir")
+    report.set_defaults(func=cmd_report)

@@ -1,0 +1,140 @@
+"""Commands that train and score: train, eval, score."""
+
+from __future__ import annotations
+
+import argparse
+
+from spd_lens.cli import common
+from spd_lens.cli.common import DEFAULT_MODEL
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    from accelerate import PartialState
+
+    from spd_lens.train import TrainConfig, train_on_jsonl
+
+    config = TrainConfig(lora=not args.full, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+                         grad_accum=args.grad_accum, loss_on=args.loss_on, checkpoint_every=args.checkpoint_every,
+                         truncated=args.truncated, seed=args.seed)
+    out = train_on_jsonl(args.model, args.data, args.out, config, runtime=common.runtime(args),
+                         progress=common.progress_labelled("train"))
+    if PartialState().is_main_process:  # once, not once per process under torchrun
+        record = json.loads((out / "train.json").read_text())
+        print(f"trained: {out} ({record['steps']} optimizer steps of a global batch of {record['global_batch_size']}: "
+              f"{record['per_process_batch_size']} per process x {config.grad_accum} accumulation x "
+              f"{record['processes']} process(es))")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from spd_lens.artifacts import canonical, check_same_settings, read_json_object, write_json
+    from spd_lens.evaluate import evaluate
+    from spd_lens.models import load_hf
+    from spd_lens.sampling import SamplingConfig
+    from spd_lens.sandbox import summarise_isolation
+    from spd_lens.train import DONE_FILE, load_trained
+
+    # The model first: a task's default shots depend on whether its tokenizer has a chat template.
+    runtime = common.runtime(args)
+    model, tokenizer = (load_trained(args.model, args.adapter, runtime=runtime) if args.adapter
+                        else load_hf(args.model, runtime))
+    task_options = common.task_options(args, tokenizer)
+    task = common.configured_task(args, **task_options)
+    config = SamplingConfig(temperature=args.temperature,
+                            max_new_tokens=task.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
+                            seed=args.seed, batch_size=args.batch_size)
+    trained = Path(args.adapter) / DONE_FILE if args.adapter else None
+    settings = canonical({
+        "model": args.model, "adapter": args.adapter, "task": task.name, "task_options": task_options, "n": args.n,
+        "split": args.split, "seed": args.seed, "sampling": asdict(config), "dtype": runtime.describe()["dtype"],
+        # what the adapter was trained from, so a retrained adapter is not taken for the old one
+        "adapter_settings": read_json_object(trained, "a training run's record").get("settings")
+        if trained is not None and trained.is_file() else None})
+    out = Path(args.out)
+    if out.is_file():
+        previous = read_json_object(out, "an evaluation written by spd-lens eval")
+        if "settings" in previous:  # evaluations written before settings were kept are redone
+            old = {"dtype": "float32", **previous["settings"]}  # written before the dtype was kept: float32
+            check_same_settings(old, settings, str(out), "Use another --out or the same settings")
+            print(json.dumps({"task": previous["task"], "score": previous["score"], "ci": previous["ci"],
+                              "n": previous["n"]}))
+            return 0
+    result = evaluate(model, tokenizer, task, n=args.n, split=args.split, seed=args.seed, config=config,
+                      generations=out.with_suffix(".generations.jsonl"), progress=common.progress_labelled("eval"))
+    write_json(out, {**result.as_dict(), "model": args.model, "adapter": args.adapter, "settings": settings,
+                     "runtime": runtime.describe(), "sandbox": summarise_isolation(result.results)})
+    print(json.dumps({"task": task.name, "score": result.score, "ci": result.ci, "n": result.n}))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Score completions from a JSONL file (any source) with the task's scorer."""
+    import json
+    from collections import Counter
+
+    from spd_lens.artifacts import write_json
+    from spd_lens.evaluate import score_file
+    from spd_lens.sandbox import summarise_isolation
+
+    result = score_file(common.configured_task(args), args.completions, progress=common.progress_labelled("score"))
+    write_json(args.out, {"task": result.task, "score": result.score, "ci": list(result.ci), "n": result.n,
+                          "sandbox": summarise_isolation(result.results),
+                          "results": [{"prompt_id": r["prompt_id"], "passed": r["passed"], "status": r["status"]}
+                                      for r in result.results]})
+    summary = {"task": result.task, "score": result.score, "ci": list(result.ci), "n": result.n}
+    reasons = Counter(r["finish_reason"] for r in result.results if "finish_reason" in r)
+    if reasons:  # files from spd-lens generate say why each completion ended
+        summary["finish_reasons"] = dict(sorted(reasons.items()))
+    print(json.dumps(summary))
+    return 0
+
+
+def register(commands) -> None:
+    train = commands.add_parser("train", help="fine-tune on an exported JSONL (LoRA by default)")
+    train.add_argument("--model", default=DEFAULT_MODEL)
+    train.add_argument("--data", required=True, help="JSONL from spd-lens generate")
+    train.add_argument("--out", required=True)
+    train.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    train.add_argument("--lr", type=float, default=1e-5)
+    train.add_argument("--epochs", type=int, default=5)
+    train.add_argument("--batch-size", type=int, default=4,
+                       help="examples per process per micro-batch; the global batch of one optimizer step is "
+                            "batch-size x grad-accum x processes (torchrun --nproc_per_node N)")
+    train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--truncated", default="keep", choices=["keep", "drop"],
+                       help="completions cut off at their token budget: train on them without an end-of-turn "
+                            "marker (keep, default) or leave them out (drop)")
+    train.add_argument("--loss-on", default="completion", choices=["completion", "all"])
+    train.add_argument("--checkpoint-every", type=int, default=50)
+    train.add_argument("--seed", type=int, default=0)
+    common.add_runtime_args(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="score a model (optionally with a trained adapter) on a task")
+    evaluate.add_argument("--model", default=DEFAULT_MODEL)
+    evaluate.add_argument("--adapter", help="directory written by spd-lens train")
+    evaluate.add_argument("--task", required=True)
+    common.add_task_arguments(evaluate)
+    evaluate.add_argument("--n", type=int)
+    evaluate.add_argument("--split", default="test", choices=["train", "test"])
+    evaluate.add_argument("--temperature", type=float, default=0.0)
+    evaluate.add_argument("--max-new-tokens", type=int)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", required=True, help="JSON file for the score, CI and per-example results")
+    common.add_sandbox_flags(evaluate)
+    common.add_runtime_args(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    score = commands.add_parser("score", help="score completions from a JSONL file (spd-lens generate, vLLM, ...)")
+    score.add_argument("--task", required=True)
+    score.add_argument("--completions", required=True, help="JSONL: generate export or {prompt_id, completion}")
+    score.add_argument("--out", required=True)
+    common.add_sandbox_flags(score)
+    score.set_defaults(func=cmd_score)

@@ -1,0 +1,165 @@
+"""Where models run and in what precision: one small object every stage receives.
+
+`Runtime.resolve(device, dtype)` turns the settings a user writes into a concrete torch device
+and dtype, and refuses what cannot work on this machine:
+
+- device: `"auto"` (CUDA when present, else the CPU), `"cpu"`, `"cuda"` or `"cuda:N"`. Under a
+  multi-process launch (`torchrun`, `accelerate launch`: `LOCAL_RANK` set) a bare `"cuda"` or
+  `"auto"` takes the process's own GPU, `cuda:LOCAL_RANK`.
+- dtype: `"auto"` (bfloat16 on CUDA, float16 on GPUs without native bfloat16, float32 on the CPU), `"float32"`, `"bfloat16"` or
+  `"float16"` (all three run on the CPU with the pinned torch; half precision there is for tests
+  and memory, not speed).
+
+What stays in float32 or float64 whatever the dtype: the Gram matrices of the gradients (float64),
+subspace bases and projection maps (float64, cast to the activations' dtype when applied), the
+training loss (float32 logits), and LoRA adapter weights (float32 over a half-precision base).
+
+Example:
+    >>> runtime = Runtime.resolve("cpu", "bfloat16")
+    >>> runtime.describe()
+    {'device': 'cpu', 'dtype': 'bfloat16'}
+    >>> Runtime.resolve("auto", "auto").dtype in (torch.float32, torch.bfloat16)
+    True
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from spd_lens.errors import SpdLensError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+_DEVICE = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
+
+
+def check_device(spec: str) -> str:
+    """`spec` if it is a device setting spd_lens understands (availability is not checked here)."""
+    match = _DEVICE.match(spec) if isinstance(spec, str) else None
+    if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
+        raise SpdLensError(f"device {spec!r} is not understood: use one of {list(DEVICE_CHOICES)} "
+                           "(e.g. 'cuda:1' for the second GPU)")
+    return spec
+
+
+def check_dtype(spec: str) -> str:
+    """`spec` if it is a dtype setting spd_lens understands."""
+    if spec not in DTYPE_CHOICES:
+        raise SpdLensError(f"dtype {spec!r} is not understood: use one of {list(DTYPE_CHOICES)}")
+    return spec
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A concrete device and dtype for models (see the module docstring)."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def resolve(cls, device: str | torch.device | None = "auto",
+                dtype: str | torch.dtype | None = "auto") -> "Runtime":
+        """The runtime for these settings on this machine; None means "auto"."""
+        resolved = _resolve_device(device)
+        return cls(resolved, _resolve_dtype(dtype, resolved))
+
+    @classmethod
+    def of(cls, model) -> "Runtime":
+        """Where a (Hugging Face or bridged) model's weights live, and their dtype."""
+        hf = getattr(model, "original_model", model)
+        return cls(torch.device(hf.device), hf.dtype)
+
+    def describe(self) -> dict[str, str]:
+        return {"device": str(self.device), "dtype": dtype_name(self.dtype)}
+
+    def __str__(self) -> str:
+        return f"{self.device} {dtype_name(self.dtype)}"
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def place(self, model):
+        """`model` moved to this device and cast to this dtype (in place for torch modules)."""
+        return model.to(device=self.device, dtype=self.dtype)
+
+    def autocast(self):
+        """Mixed-precision context for float32 weights computing in this dtype (a no-op for float32)."""
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def device_context(self):
+        """Makes this CUDA device the current one (libraries that say just "cuda" then use it)."""
+        if self.is_cuda and self.device.index is not None:
+            return torch.cuda.device(self.device)
+        return nullcontext()
+
+
+def resolve_runtime(runtime: Runtime | None = None, device: str | torch.device | None = None,
+                    dtype: str | torch.dtype | None = None) -> Runtime:
+    """`runtime` itself, or one resolved from `device` / `dtype` (None = "auto"); not both."""
+    if runtime is not None:
+        if device is not None or dtype is not None:
+            raise SpdLensError("give either runtime= or device= / dtype=, not both")
+        if not isinstance(runtime, Runtime):
+            raise SpdLensError(f"runtime must be a spd_lens.runtime.Runtime, got {type(runtime).__name__}: "
+                               "make one with Runtime.resolve(device, dtype)")
+        return runtime
+    return Runtime.resolve(device, dtype)
+
+
+def _resolve_device(spec: str | torch.device | None) -> torch.device:
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    spec = check_device("auto" if spec is None else spec)
+    if spec == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        spec = "cuda"
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise SpdLensError(f"device {spec!r} was asked for, but this machine has no usable CUDA device (torch "
+                           f"{torch.__version__}, {build}): use device 'cpu' or 'auto', or install a CUDA build "
+                           "of torch (SPD_LENS_TORCH in run.sh)")
+    count = torch.cuda.device_count()
+    if spec == "cuda":
+        local_rank = os.environ.get("LOCAL_RANK")
+        index = int(local_rank) % count if local_rank is not None else torch.cuda.current_device()
+        return torch.device("cuda", index)
+    index = int(spec.split(":")[1])
+    if index >= count:
+        raise SpdLensError(f"device {spec!r} does not exist: this machine has {count} CUDA device(s), "
+                           f"cuda:0..cuda:{count - 1}")
+    return torch.device("cuda", index)
+
+
+def _resolve_dtype(spec: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(spec, torch.dtype):
+        if spec not in DTYPES.values():
+            raise SpdLensError(f"dtype {spec} is not supported: use one of {list(DTYPES)}")
+        dtype = spec
+    else:
+        spec = check_dtype("auto" if spec is None else spec)
+        if spec == "auto":
+            if device.type != "cuda":
+                return torch.float32
+            # GPUs older than Ampere only emulate bfloat16: float16 is their half precision.
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        dtype = DTYPES[spec]
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise SpdLensError(f"dtype 'bfloat16' was asked for, but {torch.cuda.get_device_name(device)} has no native "
+                           "bfloat16: use dtype 'float16' or 'float32'")
+    return dtype
