@@ -169,7 +169,8 @@ def _check_type(value, annotation, where: str):
             try:
                 return _check_type(value, option, where)
             except SpdLensError as err:
-                errors.append(err)
+                # a table's error is about its entries: report that one, not "must be a string"
+                errors.insert(0 if typing.get_origin(option) is dict and isinstance(value, dict) else len(errors), err)
         raise errors[0]
     if origin is dict:
         if not isinstance(value, dict):

@@ -59,6 +59,8 @@ BATCH_SPEEDUP = {1: 0.2, 8: 1.0, 16: 1.55, 32: 1.93}
 # fifth of its 6,511 questions, which spd_lens divides 80/20 by hash).
 HUB_SPLIT_SIZES = {("gsm8k", "test"): 1319, ("svamp", "test"): 300, ("mbpp", "test"): 500, ("mmlu", "test"): 14042,
                    ("arc", "test"): 1172, ("bbh", "test"): 1302}
+# Sizes of hub models the project's configs name, for estimating offline (from their published configs).
+KNOWN_PARAMETERS = {"Qwen/Qwen2.5-0.5B-Instruct": 494_032_768}
 CHARS_PER_TOKEN = 4.0  # English text and code with the BPE vocabularies these models use
 TEMPLATE_TOKENS = 30  # chat-template tokens around each prompt (system turn, role markers)
 
@@ -139,7 +141,8 @@ def count_work(config: ExperimentConfig, *, lengths: dict[str, float] | None = N
 
     extract = Stage("extract", runs=len(subspaces), examples=len(subspaces) * c.subspace.n)
     extract.tokens = round(extract.examples * calibration_tokens)
-    extract.detail = [f"{kind} subspace, seed {seed}" for kind, seed in sorted(subspaces)]
+    extract.detail = [f"{kind} subspace, seed(s) {', '.join(str(s) for k, s in sorted(subspaces) if k == kind)}: "
+                      f"{c.subspace.n} calibration examples each" for kind in sorted({k for k, _ in subspaces})]
 
     trained = [(m.name, s) for m in methods if m.sampling for s in seeds]
     budget = c.sampling.max_new_tokens or task.max_new_tokens
@@ -182,9 +185,9 @@ def estimate(stages: list[Stage], config: ExperimentConfig, *, parameters: int |
         rates = {k: REFERENCE[k] * speed / size for k in ("decode_slots_per_s", "train_tokens_per_s", "extract_tokens_per_s")}
         basis = (f"estimate from {REFERENCE['setting']}: {REFERENCE['decode_slots_per_s']:.0f} decoding slots/s at "
                  f"batch 16, {REFERENCE['train_tokens_per_s']:.0f} training tokens/s, "
-                 f"{REFERENCE['extract_tokens_per_s']:.0f} calibration tokens/s; scaled by parameters "
-                 f"(x{1 / size:.2f}) and CPU threads ({threads} vs 2, assumed proportional: optimistic). "
-                 "Expect the real time within about a factor of 2.")
+                 f"{REFERENCE['extract_tokens_per_s']:.0f} calibration tokens/s; speed scaled by parameters "
+                 f"(x{1 / size:.2f}) and by CPU threads (x{speed:.2f}: {threads} vs 2, assumed proportional, "
+                 "which is optimistic). Expect the real time within about a factor of 2.")
         gpu = False
         reference_batch = 16
     else:
@@ -196,8 +199,8 @@ def estimate(stages: list[Stage], config: ExperimentConfig, *, parameters: int |
         basis = (f"estimate from measured figures ({figures.get('device', 'a GPU')}, {figures.get('dtype', '?')}, "
                  f"model {figures.get('model', '?')}): {figures['sampling_tokens_per_s']:.0f} sampling tokens/s at "
                  f"batch {reference_batch}, {figures['train_tokens_per_s']:.0f} training tokens/s, "
-                 f"{figures['extract_tokens_per_s']:.0f} calibration tokens/s; scaled by parameters "
-                 f"(x{1 / figure_size:.2f}). Expect the real time within about a factor of 2.")
+                 f"{figures['extract_tokens_per_s']:.0f} calibration tokens/s; speed scaled by parameters "
+                 f"(x{figure_size:.2f}). Expect the real time within about a factor of 2.")
         gpu = True
     for stage in stages:
         if stage.name == "extract":
@@ -255,9 +258,11 @@ def check_model(name: str) -> tuple[str, str, int | None]:
     except (OSError, ValueError):
         if hub_reachable():
             return "error", f"hub id {name!r} has no model config on the hub: check the id", None
+        known = KNOWN_PARAMETERS.get(name)
+        size = ("its published size is used" if known else
+                "its size is unknown, so the time below assumes the reference model's size")
         return "unchecked", (f"hub id {name!r} cannot be checked offline (the hub is unreachable from this "
-                             "machine and the model is not in the local cache); its size is unknown, so the "
-                             "time below assumes the reference model's size"), None
+                             f"machine and the model is not in the local cache); {size}"), known
 
 
 def check_data(config: ExperimentConfig) -> tuple[list[tuple[str, str, str]], dict[str, float], int | None]:

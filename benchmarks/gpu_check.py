@@ -1,0 +1,179 @@
+"""The whole chain on a CUDA GPU in a few minutes, with throughput figures (never run in CI).
+
+    python benchmarks/gpu_check.py [--model smollm2-135m-instruct] [--device cuda] [--dtype auto]
+
+On the default model (or --model), in the runtime's dtype (auto: bfloat16) unless said:
+1. extraction: the arithmetic capability subspace from 64 calibration examples; its Gram
+   matrices must be float64 and its bases close to those extracted in float32 (mean cos² of the
+   principal angles);
+2. projected decoding: greedy completions with projection hooks and with the projection folded
+   into the weights must be equal token for token in float32; in the runtime dtype the share of
+   equal completions is reported (rounding differs between the two);
+3. sampling throughput: new tokens/s of batched greedy decoding, every row running to the same
+   length (batch 64, 128 new tokens), plain and with the projection hooks;
+4. training: LoRA steps (the paper's settings, one epoch over 256 self-generated records, batch
+   16) in the runtime dtype: training tokens/s, float32 adapter weights, finite losses;
+5. evaluation of the trained model on 128 held-out questions.
+
+It ends with one JSON line; `spd-lens plan CONFIG --figures FILE` estimates run times from a
+file holding it (its keys sampling_tokens_per_s, train_tokens_per_s, extract_tokens_per_s).
+Exit status 0 when every check passed, 1 when one failed, 2 without a CUDA device.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--device", default="cuda", help="cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16), bfloat16, float16 or float32")
+    args = parser.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"gpu_check.py needs a CUDA device, and none is visible here (torch {torch.__version__}, "
+              f"{'a CPU-only build' if torch.version.cuda is None else 'CUDA ' + torch.version.cuda}). "
+              "It checks the GPU path and is not part of the test suite: run it on a machine with a GPU.",
+              file=sys.stderr)
+        return 2
+
+    from spd_lens import get_task
+    from spd_lens.chat import encode, render_prompt
+    from spd_lens.evaluate import evaluate
+    from spd_lens.extract import extract_subspace
+    from spd_lens.models import load_hf
+    from spd_lens.plan import parameter_count
+    from spd_lens.projection import Projection, fold_projection
+    from spd_lens.runtime import Runtime
+    from spd_lens.sampling import SamplingConfig, generate_jsonl, sample_completions
+    from spd_lens.train import TrainConfig, build_features, read_training_records, train_on_jsonl
+
+    runtime = Runtime.resolve(args.device, args.dtype)
+    float32 = Runtime(runtime.device, torch.float32)
+    if not runtime.is_cuda:
+        print(f"--device {args.device!r} is not a CUDA device", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    figures: dict = {"device": torch.cuda.get_device_name(runtime.device), "dtype": runtime.describe()["dtype"],
+                     "model": args.model, "torch": torch.__version__}
+    checks: dict[str, bool] = {}
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {message}", flush=True)
+
+    def timed(fn):
+        torch.cuda.synchronize(runtime.device)
+        start = time.perf_counter()
+        result = fn()
+        torch.cuda.synchronize(runtime.device)
+        return result, time.perf_counter() - start
+
+    task = get_task("arithmetic")
+    model, tokenizer = load_hf(args.model, runtime)
+    figures["parameters"] = parameter_count(model.config)
+    log(f"{args.model} on {figures['device']} in {figures['dtype']} ({figures['parameters'] / 1e6:.0f}M parameters)")
+
+    # 1. extraction
+    calibration = task.examples("train", n=64, seed=0)
+    tokens = sum(len(task.locate(tokenizer, e).input_ids) for e in calibration)
+    extract_subspace(model, calibration[:8], tokenizer=tokenizer, batch_size=16)  # warm-up
+    subspace, seconds = timed(lambda: extract_subspace(model, calibration, tokenizer=tokenizer, batch_size=16))
+    model32, _ = load_hf(args.model, float32)
+    reference = extract_subspace(model32, calibration, tokenizer=tokenizer, batch_size=16)
+    overlap = min(subspace.overlap(reference).values())
+    figures.update(extract_examples_per_s=round(len(calibration) / seconds, 1), extract_tokens_per_s=round(tokens / seconds, 1),
+                   extract_overlap_with_float32=round(overlap, 4))
+    checks["grams_float64"] = all(g.dtype == torch.float64 for g in subspace.grams.values())
+    checks["subspace_matches_float32"] = overlap > 0.95
+    log(f"extraction: {figures['extract_examples_per_s']} examples/s, overlap with float32 {overlap:.4f}")
+
+    # 2. hooked vs folded greedy decoding
+    prompts = [e.prompt for e in task.examples("test", n=32, seed=0)]
+    greedy = SamplingConfig(max_new_tokens=48, batch_size=32)
+
+    def hooked_and_folded(m):
+        projection = Projection.build(subspace)
+        with projection.apply(m):
+            hooked = [c[0].text for c in sample_completions(m, tokenizer, prompts, greedy)]
+        folded = [c[0].text for c in sample_completions(fold_projection(m, projection), tokenizer, prompts, greedy)]
+        return sum(a == b for a, b in zip(hooked, folded)) / len(prompts)
+
+    agreement32 = hooked_and_folded(model32)
+    agreement = hooked_and_folded(model)
+    figures.update(folded_equals_hooked_float32=agreement32 == 1.0, folded_hooked_agreement=round(agreement, 3))
+    checks["folded_equals_hooked_float32"] = agreement32 == 1.0
+    checks["folded_hooked_agree_mostly"] = agreement >= 0.8
+    del model32
+    log(f"hooked vs folded greedy: equal in float32 {agreement32:.0%}; in {figures['dtype']} {agreement:.0%}")
+
+    # 3. sampling throughput (every row decodes exactly `new_tokens`)
+    batch, new_tokens = 64, 128
+    texts = [e.prompt for e in task.examples("test", n=batch, seed=1)]
+    encoded = [encode(tokenizer, render_prompt(tokenizer, p)) for p in texts]
+    length = max(map(len, encoded))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (length - len(e)) + e for e in encoded], device=runtime.device)
+    mask = torch.tensor([[0] * (length - len(e)) + [1] * len(e) for e in encoded], device=runtime.device)
+
+    def decode():
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert out.shape[1] == length + new_tokens
+
+    decode()  # warm-up
+    _, plain = timed(decode)
+    with Projection.build(subspace).apply(model):
+        _, hooked = timed(decode)
+    figures.update(sampling_batch=batch, sampling_tokens_per_s=round(batch * new_tokens / plain, 1),
+                   hooked_sampling_tokens_per_s=round(batch * new_tokens / hooked, 1), hooked_vs_plain=round(plain / hooked, 3))
+    log(f"sampling: {figures['sampling_tokens_per_s']} new tokens/s plain, {figures['hooked_sampling_tokens_per_s']} hooked")
+
+    with tempfile.TemporaryDirectory(prefix="spd-gpu-check-") as work:
+        work = Path(work)
+        # 4. training on projected self-generations, the paper's LoRA settings, runtime dtype
+        examples = task.examples("train", n=256, seed=2)
+        sampling = SamplingConfig(temperature=1.0, top_k=20, top_p=0.8, max_new_tokens=40, batch_size=64)
+        with Projection.build(subspace).apply(model):
+            data = generate_jsonl(model, tokenizer, examples, work / "gen.jsonl", sampling, task=task.name)
+        config = TrainConfig(epochs=1, batch_size=16)
+        train_tokens = sum(len(f["input_ids"]) for f in build_features(tokenizer, read_training_records(data), config))
+        out = train_on_jsonl(args.model, data, work / "adapter", config, runtime=runtime)
+        record = json.loads((out / "train.json").read_text())
+        from safetensors.torch import load_file
+
+        adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+        figures.update(train_tokens_per_s=round(train_tokens / record["seconds_this_run"], 1), train_steps=record["steps"],
+                       train_final_loss=record["final_losses"][-1])
+        checks["adapter_float32"] = all(t.dtype == torch.float32 for t in adapter.values())
+        checks["losses_finite"] = all(loss == loss and abs(loss) != float("inf") for loss in record["final_losses"])
+        log(f"training: {figures['train_tokens_per_s']} tokens/s over {record['steps']} steps, last loss "
+            f"{figures['train_final_loss']:.4f}")
+
+        # 5. evaluation of the trained model
+        from spd_lens.train import load_trained
+
+        trained, _ = load_trained(args.model, out, runtime=runtime)
+        result, seconds = timed(lambda: evaluate(trained, tokenizer, task, n=128,
+                                                 config=SamplingConfig(max_new_tokens=40, batch_size=64),
+                                                 generations=work / "eval.jsonl"))
+        figures.update(eval_seconds=round(seconds, 2), eval_score=result.score, eval_n=result.n)
+        checks["evaluation_ran"] = result.n == 128 and trained.dtype == runtime.dtype
+        log(f"evaluation: {result.score:.3f} on {result.n} questions in {seconds:.1f} s")
+
+    figures.update(total_seconds=round(time.perf_counter() - started, 1), checks=checks, ok=all(checks.values()),
+                   peak_memory_gb=round(torch.cuda.max_memory_allocated(runtime.device) / 2**30, 2))
+    failed = [name for name, ok in checks.items() if not ok]
+    log("every check passed" if not failed else f"FAILED: {failed}")
+    print(json.dumps(figures))
+    return 0 if not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""`spd-lens plan`: config and data checks, the work each stage will do, an estimate of its time."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spd_lens.cli import main as cli
+from spd_lens.config import config_from_dict, load_config
+from spd_lens.plan import REFERENCE, make_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_config_counts_every_stage_and_estimates_the_recorded_demo():
+    plan = make_plan(load_config(ROOT / "experiments" / "quick.toml"), threads=2)
+    assert all(status == "ok" for _, status, _ in plan.checks), plan.checks
+    stages = {s.name: s for s in plan.stages}
+    # quick: base, psr, spd, spd-random; one seed; 64 prompts of arithmetic (40 tokens); 100 test questions
+    assert (stages["extract"].runs, stages["extract"].examples) == (1, 32)
+    assert (stages["generate"].runs, stages["generate"].completions, stages["generate"].decode_slots) == (3, 192, 192 * 40)
+    assert (stages["train"].runs, stages["train"].examples) == (3, 192)
+    assert (stages["eval"].runs, stages["eval"].completions, stages["eval"].decode_slots) == (4, 400, 400 * 40)
+    recorded = json.loads((ROOT / "experiments" / "results" / "demo" / "metrics.json").read_text())["stage_seconds"]
+    ratio = plan.seconds / sum(recorded.values())
+    assert 0.5 < ratio < 2, (plan.seconds, recorded)
+    assert "estimate from 2 CPU cores" in plan.estimate_basis
+
+
+def test_plan_cli_prints_stages_and_refuses_what_would_fail(tmp_path, capsys):
+    assert cli(["plan", str(ROOT / "experiments" / "quick.toml")]) == 0
+    out = capsys.readouterr().out
+    for word in ("extract", "generate", "train", "eval", "total", "est. time", "estimate from"):
+        assert word in out
+    assert cli(["plan", str(ROOT / "experiments" / "quick.toml"), "--device", "cuda"]) == 2
+    captured = capsys.readouterr()
+    assert "!! runtime" in captured.out and "no usable CUDA device" in captured.err
+    config = tmp_path / "few.toml"
+    data = tmp_path / "gsm8k_test.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}?", "answer": f"#### {i}"}) + "\n" for i in range(5)))
+    config.write_text(f'[model]\nname = "tiny"\n[task]\nname = "gsm8k"\ndata = {{test = "{data}"}}\neval_n = 5\n')
+    assert cli(["plan", str(config)]) == 2
+    captured = capsys.readouterr()
+    assert "ok data gsm8k test (eval): 5 examples" in captured.out
+    assert "no data file is given for the 'train' split" in captured.err
+
+
+def test_hub_data_offline_is_reported_as_unchecked(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plan = make_plan(load_config(ROOT / "experiments" / "paper" / "gsm8k.toml"), threads=2)
+    unchecked = [message for what, status, message in plan.checks if status == "unchecked"]
+    assert len(unchecked) == 4 and all("cannot be checked offline" in m for m in unchecked)
+    assert not plan.errors
+    assert "published size is used, 494M parameters" in unchecked[0]
+    stages = {s.name: s for s in plan.stages}
+    # psr, ssd, spd, spd-random x 3 seeds, plus base and hook-only once: 14 evaluations of 1,319 questions
+    assert stages["generate"].completions == 4 * 3 * 2000 and stages["eval"].completions == 14 * 1319
+    assert plan.seconds > 0 and "x0.27" in plan.estimate_basis
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "mbpp", "svamp", "mmlu", "bbh"])
+def test_paper_configs_hold_the_published_setting(name):
+    config = load_config(ROOT / "experiments" / "paper" / f"{name}.toml")
+    assert config.model.name == "Qwen/Qwen2.5-0.5B-Instruct" and config.task.name == name
+    assert (config.model.device, config.model.dtype) == ("auto", "auto")
+    t = config.train
+    assert (t.lora, t.lora_r, t.lora_alpha, t.lora_dropout, t.lr, t.weight_decay, t.epochs) == (True, 8, 8, 0.05, 1e-5, 0.01, 5)
+    assert tuple(t.target_modules) == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert config.subspace.layers == [12, 23] and config.subspace.rank_frac == 0.5  # 24 layers: L/2, L-1; half rank
+    assert {"base", "psr", "ssd", "spd"} <= set(config.methods)
+    text = (ROOT / "experiments" / "paper" / f"{name}.toml").read_text()
+    assert "Published (Qwen2.5-0.5B-Instruct" in text
+
+
+def test_measured_figures_replace_the_cpu_rates(tmp_path):
+    figures = {"device": "NVIDIA H100", "dtype": "bfloat16", "model": "smollm2-135m-instruct",
+               "parameters": REFERENCE["parameters"], "sampling_batch": 16,
+               "sampling_tokens_per_s": REFERENCE["decode_slots_per_s"] * 10,
+               "train_tokens_per_s": REFERENCE["train_tokens_per_s"] * 10,
+               "extract_tokens_per_s": REFERENCE["extract_tokens_per_s"] * 10}
+    path = tmp_path / "gpu.json"
+    path.write_text("some log line\n" + json.dumps(figures) + "\n")
+    config = config_from_dict({"seeds": [0], "methods": ["base", "psr"], "task": {"train_n": 16, "eval_n": 20}})
+    cpu = make_plan(config, threads=2)
+    gpu = make_plan(config, figures=path)
+    assert "NVIDIA H100" in gpu.estimate_basis
+    for a, b in zip(cpu.stages, gpu.stages):
+        if a.runs:
+            assert b.seconds == pytest.approx(a.seconds / 10, rel=0.01), a.name
+    (tmp_path / "bad.json").write_text('{"device": "x"}\n')
+    with pytest.raises(Exception, match="lacks"):
+        make_plan(config, figures=tmp_path / "bad.json")
+
+
+def test_gpu_check_refuses_without_cuda():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 2
+    assert "needs a CUDA device" in out.stderr
