@@ -17,12 +17,14 @@ from spd_lens.extract import extract_subspace
 from spd_lens.gradient_cache import GradientCache, cache_gradients
 from spd_lens.models import DEFAULT_MODEL, load_hf, load_model, model_names
 from spd_lens.projection import Projection, fold_projection, project
+from spd_lens.runtime import Runtime
 from spd_lens.subspace import CapabilitySubspace, RankPolicy, random_like
 from spd_lens.tasks import Example, get_task, task_names
 
 __all__ = [
     "CapabilitySubspace",
     "RankPolicy",
+    "Runtime",
     "GradientCache",
     "Projection",
     "fold_projection",

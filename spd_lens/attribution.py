@@ -88,11 +88,12 @@ def correctness_loss(model, examples, *, pad_id: int | None = None, tokenizer=No
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):
             ids, attention, correct = pad_batch(encoded[start:start + batch_size], pad_id)
-            mask = target_mask(attention, correct, "correctness")
+            mask = target_mask(attention, correct, "correctness").to(hf.device)
+            ids, attention = ids.to(hf.device), attention.to(hf.device)
             rows, cols = mask[:, 1:].nonzero(as_tuple=True)
-            hidden = hf.model(input_ids=ids.to(hf.device), attention_mask=attention.long().to(hf.device)).last_hidden_state
+            hidden = hf.model(input_ids=ids, attention_mask=attention.long()).last_hidden_state
             logits = hf.lm_head(hidden[rows, cols])
-            total += float(summed_example_means(logits, ids[:, 1:][rows, cols].to(hf.device), rows, ids.shape[0]))
+            total += float(summed_example_means(logits, ids[:, 1:][rows, cols], rows, ids.shape[0]))
     return total / len(encoded)
 
 

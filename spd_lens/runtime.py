@@ -90,8 +90,19 @@ class Runtime:
         return self.device.type == "cuda"
 
     def place(self, model):
-        """`model` moved to this device and cast to this dtype (in place for torch modules)."""
-        return model.to(device=self.device, dtype=self.dtype)
+        """`model` moved to this device and cast to this dtype (in place for torch modules).
+
+        Rotary-position frequency buffers (`inv_freq`) stay float32, as `from_pretrained` leaves
+        them: rounded to bfloat16 they would shift every position's angle.
+        """
+        model = model.to(device=self.device)
+        if getattr(model, "dtype", self.dtype) != self.dtype:
+            kept = {name: buffer for name, buffer in model.named_buffers() if name.endswith("inv_freq")}
+            model = model.to(dtype=self.dtype)
+            for name, buffer in kept.items():
+                owner, _, attribute = name.rpartition(".")
+                model.get_submodule(owner)._buffers[attribute] = buffer
+        return model
 
     def autocast(self):
         """Mixed-precision context for float32 weights computing in this dtype (a no-op for float32)."""
@@ -148,7 +159,8 @@ def _resolve_device(spec: str | torch.device | None) -> torch.device:
 
 def _resolve_dtype(spec: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if isinstance(spec, torch.dtype):
-        if spec not in DTYPES.values():
+        # float64 only from code: numerical checks (finite differences) need it, configs do not
+        if spec not in (*DTYPES.values(), torch.float64):
             raise SpdLensError(f"dtype {spec} is not supported: use one of {list(DTYPES)}")
         dtype = spec
     else:

@@ -247,8 +247,9 @@ def _train(model_name: str, data: str | Path, out: Path, config: TrainConfig, ru
                             str(resume[1]), "Use another --out or the same settings", recorded="checkpoint has")
     accelerator = Accelerator(cpu=not runtime.is_cuda, gradient_accumulation_steps=config.grad_accum)
     if accelerator.device.type != runtime.device.type:
-        raise SpdLensError(f"this process already trained on {accelerator.device.type} and cannot switch to "
-                           f"{runtime.device} (accelerate keeps one device per process): train in a new process")
+        raise SpdLensError(f"accelerate runs this process on {accelerator.device}, the runtime asks for {runtime.device}: "
+                           "accelerate keeps the device its first use (or ACCELERATE_TORCH_DEVICE) chose for the "
+                           "whole process; train in a new process, or on the same device")
     set_seed(config.seed)
     # Full fine-tuning updates the weights themselves: they stay float32 (a 1e-5 step is below
     # bfloat16's resolution) and the forward pass runs under autocast in the runtime's dtype.

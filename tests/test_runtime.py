@@ -30,6 +30,7 @@ def test_auto_on_a_machine_without_cuda_is_cpu_float32():
     assert Runtime.resolve(None, None) == Runtime.resolve("cpu", "float32")
     assert Runtime.resolve("cpu", "bfloat16").describe() == {"device": "cpu", "dtype": "bfloat16"}
     assert Runtime.resolve(torch.device("cpu"), torch.float16).dtype == torch.float16
+    assert Runtime.resolve("cpu", torch.float64).dtype == torch.float64  # from code, for numerical checks
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:3"])
@@ -44,7 +45,7 @@ def test_unknown_devices_are_named(device):
         Runtime.resolve(device)
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "bf16", "float64", "half", torch.float64, torch.int8])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "float64", "half", torch.int8, torch.complex64])
 def test_unknown_dtypes_are_named(dtype):
     with pytest.raises(SpdLensError, match=r"dtype .* (is not understood|is not supported)"):
         Runtime.resolve("cpu", dtype)
@@ -124,6 +125,9 @@ def test_cli_ask_in_bfloat16(capsys):
 def test_bfloat16_models_load_and_boot():
     model, _ = load_hf("tiny", BF16)
     assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
+    # Rotary frequencies stay float32, as from_pretrained leaves them (bfloat16 would shift positions).
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(model.model.rotary_emb.inv_freq, load_hf("tiny", device="cpu", dtype="float32")[0].model.rotary_emb.inv_freq)
     bridge = load_model("tiny", dtype="bfloat16")
     assert bridge.original_model.dtype == torch.bfloat16 and Runtime.of(bridge) == BF16
 
