@@ -216,5 +216,5 @@ def test_bfloat16_experiment_end_to_end(tmp_path):
     again = run_experiment(config_from_dict({**settings, "model": {"name": "tiny", "device": "cpu",
                                                                     "dtype": "bfloat16"}}), tmp_path)
     assert again["methods"] == metrics["methods"]
-    with pytest.raises(SpdLensError, match=r"differs in \['model'\]"):
+    with pytest.raises(SpdLensError, match=r"differs in model.dtype: run has 'bfloat16', now 'float32'"):
         run_experiment(config_from_dict({**settings, "model": {"name": "tiny", "dtype": "float32"}}), tmp_path)
