@@ -1,16 +1,20 @@
 """Batched self-generation and its JSONL export, resumable.
 
 `sample(model, tokenizer, prompts, config)` generates `num_samples` completions per prompt with
-left padding, a KV cache, temperature / top-p / top-k, stopping at end of turn (and, for a
-model without a chat template, where it starts the next exchange: `chat.stop_strings`). Each batch is
-seeded from (seed, index of its first prompt), so a resumed run produces what an uninterrupted
-run would have. `sample_completions` gives the same with each completion's finish reason:
-`stop` (it ended its turn) or `length` (cut off at `max_new_tokens`), which the trainer needs so
-that a cut-off text is never taught as a finished answer.
+a KV cache, temperature / top-p / top-k, stopping at end of turn (and, for a model without a chat
+template, where it starts the next exchange: `chat.stop_strings`). By default
+(`batching="refill"`, `spd_lens.decode`) at most `batch_size` rows are in flight and a finished
+row's slot goes to the next waiting prompt at once, so no step is spent on finished rows; each
+sample draws from its own generator seeded from (seed, its prompt's position, its index), so a
+completion does not depend on which prompts share its batch. `batching="static"` is
+transformers' batched `generate` (a batch decodes until its longest row ends; seeded per batch).
+`sample_completions` gives each completion's finish reason too: `stop` (it ended its turn) or
+`length` (cut off at `max_new_tokens`), which the trainer needs so that a cut-off text is never
+taught as a finished answer.
 
 `generate_jsonl(...)` writes one record per completion in the chat `messages` format (plus
-`finish_reason` and `completion_tokens`), into
-`OUT.partial` batch by batch (each batch one write + fsync), renamed to `OUT` when complete.
+`finish_reason` and `completion_tokens`) into `OUT.partial` as prompts finish (one write + fsync
+per prompt; per batch with static batching), then in the examples' order to `OUT`.
 Rerunning the same command resumes: records of prompts already complete are kept, a torn tail is
 dropped, and nothing is duplicated; a finished file is left untouched. Each record's `settings`
 name the model, task, prompts, sampling settings and the projection active on the model (read
@@ -23,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,11 +36,15 @@ import torch
 import spd_lens
 from spd_lens.artifacts import canonical, check_same_settings
 from spd_lens.chat import cut_at_stop, encode, end_of_turn_ids, messages, render_prompt, stop_strings
+from spd_lens.decode import decode_stream
 from spd_lens.errors import SpdLensError
 from spd_lens.models import hf_model_of, model_id
 from spd_lens.projection import projection_provenance
 from spd_lens.tasks import Example
 from spd_lens.tasks.base import check_unique_ids
+
+
+BATCHING = ("refill", "static")
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,10 @@ class SamplingConfig:
     max_new_tokens: int = 256
     num_samples: int = 1
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int = 8  # rows in flight at once
+    # "refill": finished rows leave the batch and waiting prompts take their slots (spd_lens.decode);
+    # "static": transformers' batched generate, a batch decoding until its longest row ends.
+    batching: str = "refill"
 
     def __post_init__(self):
         checks = [
@@ -60,6 +71,7 @@ class SamplingConfig:
             (self.num_samples == 1 or self.temperature > 0,
              f"num_samples={self.num_samples} needs sampling (temperature > 0): greedy decoding gives one completion"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.batching in BATCHING, f"batching must be one of {list(BATCHING)}, got {self.batching!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -85,7 +97,46 @@ def sample(model, tokenizer, prompts: Sequence[str], config: SamplingConfig, *, 
 
 def sample_completions(model, tokenizer, prompts: Sequence[str], config: SamplingConfig, *,
                        first_index: int = 0) -> list[list[Completion]]:
-    """`config.num_samples` completions for each user prompt, with finish reasons (one batch)."""
+    """`config.num_samples` completions for each user prompt, with finish reasons.
+
+    Prompt i is the `first_index + i`-th of its list: with `batching="refill"` its samples draw
+    from generators seeded by that position, so they do not depend on how prompts are grouped."""
+    if config.batching == "static":
+        return _sample_static(model, tokenizer, prompts, config, first_index=first_index)
+    out: list[list[Completion | None]] = [[None] * config.num_samples for _ in prompts]
+    for i, k, completion in stream_completions(model, tokenizer, prompts, config, first_index=first_index):
+        out[i][k] = completion
+    return out  # type: ignore[return-value]
+
+
+def stream_completions(model, tokenizer, prompts: Sequence[str], config: SamplingConfig, *,
+                       first_index: int = 0, positions: Sequence[int] | None = None
+                       ) -> Iterator[tuple[int, int, Completion]]:
+    """(prompt i, sample k, completion) as each finishes, decoding with `spd_lens.decode`: at most
+    `config.batch_size` rows in flight, refilled from the waiting prompts. `positions` (default
+    `first_index`, `first_index + 1`, ...) place each prompt in its full list, which seeds its samples."""
+    positions = list(range(first_index, first_index + len(prompts))) if positions is None else list(positions)
+    encoded = [encode(tokenizer, render_prompt(tokenizer, p)) for p in prompts]
+    rows = [(i, k) for i in range(len(prompts)) for k in range(config.num_samples)]
+    stops = stop_strings(tokenizer)
+
+    def stopped(tokens: list[int]) -> bool:  # a stop string in the newest tokens (models without a template)
+        return any(stop in tokenizer.decode(tokens[-16:], skip_special_tokens=True) for stop in stops)
+
+    stream = decode_stream(
+        model, [encoded[i] for i, _ in rows], max_new_tokens=config.max_new_tokens, slots=config.batch_size,
+        stop_ids=end_of_turn_ids(tokenizer), pad_id=tokenizer.pad_token_id, temperature=config.temperature,
+        top_k=config.top_k, top_p=config.top_p, seed=config.seed,
+        row_indices=[positions[i] * config.num_samples + k for i, k in rows], stopped=stopped if stops else None)
+    for row, decoded in stream:
+        i, k = rows[row]
+        text = cut_at_stop(tokenizer.decode(decoded.tokens, skip_special_tokens=True), stops)
+        yield i, k, Completion(text, decoded.finish_reason, len(decoded.tokens))
+
+
+def _sample_static(model, tokenizer, prompts: Sequence[str], config: SamplingConfig, *,
+                   first_index: int = 0) -> list[list[Completion]]:
+    """transformers' batched `generate` over all `prompts` as one batch (the reference path)."""
     hf = hf_model_of(model)
     rendered = [render_prompt(tokenizer, p) for p in prompts]
     encoded = [encode(tokenizer, text) for text in rendered]
@@ -177,9 +228,11 @@ def generate_jsonl(
         raise SpdLensError(f"cannot create the directory of {str(out)!r}: {err}") from err
     check_unique_ids([e.id for e in examples])  # records and resumed batches are keyed by prompt id
     settings = generation_settings(model, examples, config, task=task, provenance=provenance)
-    # Only whole batches are kept on resume: a batch's output depends on its members (padding,
-    # random stream), so a batch is regenerated whole or not at all.
-    batch_of = {e.id: i // config.batch_size for i, e in enumerate(examples)}
+    # The unit kept on resume. Refill decoding: a prompt, whose completions depend on nothing but
+    # itself and its position. Static batches: a whole batch, whose output depends on its members
+    # (padding, the random stream), so it is regenerated whole or not at all.
+    unit = 1 if config.batching == "refill" else config.batch_size
+    position = {e.id: i for i, e in enumerate(examples)}
     existing = partial if partial.exists() else out if out.exists() else None
     kept: list[dict] = []
     if existing is not None:
@@ -187,10 +240,9 @@ def generate_jsonl(
         for record in records[:1]:
             check_same_settings(record.get("settings", {}), settings, str(existing),
                                 "Use another output path or the same settings")
-        by_key = {(r.get("prompt_id"), r.get("sample_index")): r for r in records if r.get("prompt_id") in batch_of}
-        for batch in sorted(set(batch_of.values())):
-            members = [e.id for e in examples if batch_of[e.id] == batch]
-            keys = [(pid, k) for pid in members for k in range(config.num_samples)]
+        by_key = {(r.get("prompt_id"), r.get("sample_index")): r for r in records if r.get("prompt_id") in position}
+        for start in range(0, len(examples), unit):
+            keys = [(e.id, k) for e in examples[start:start + unit] for k in range(config.num_samples)]
             if all(key in by_key for key in keys):
                 kept.extend(by_key[key] for key in keys)
         if existing == out and kept == records and len(kept) == len(examples) * config.num_samples:
@@ -198,30 +250,61 @@ def generate_jsonl(
         _rewrite(partial, kept)
         if existing == out:
             out.unlink()
-    done_batches = {batch_of[r["prompt_id"]] for r in kept}
+    done = {r["prompt_id"] for r in kept}
+    todo = [e for e in examples if e.id not in done]
     try:
         handle = open(partial, "ab")
     except OSError as err:
         raise SpdLensError(f"cannot write {str(partial)!r}: {err}") from err
-    batch_starts = [i for i in range(0, len(examples), config.batch_size) if i // config.batch_size not in done_batches]
+
+    def write(example: Example, samples: Sequence[Completion]) -> None:
+        lines = [json.dumps({"id": f"{example.id}#{k}", "task": task, "prompt_id": example.id, "sample_index": k,
+                             "messages": messages(example.prompt, c.text), "finish_reason": c.finish_reason,
+                             "completion_tokens": c.tokens, "settings": settings}) + "\n"
+                 for k, c in enumerate(samples)]
+        handle.write("".join(lines).encode())  # one write and fsync per prompt: a crash tears at most one line
+        handle.flush()
+        os.fsync(handle.fileno())
+
     with handle:
-        for start in progress(batch_starts) if progress else batch_starts:
-            batch = examples[start:start + config.batch_size]
-            # Seeded by the batch's position in the full list: a resumed run reproduces the same output.
-            completions = sample_completions(model, tokenizer, [e.prompt for e in batch], config, first_index=start)
-            lines = []
-            for example, samples in zip(batch, completions):
-                for sample_index, completion in enumerate(samples):
-                    record = {"id": f"{example.id}#{sample_index}", "task": task, "prompt_id": example.id,
-                              "sample_index": sample_index, "messages": messages(example.prompt, completion.text),
-                              "finish_reason": completion.finish_reason, "completion_tokens": completion.tokens,
-                              "settings": settings}
-                    lines.append(json.dumps(record) + "\n")
-            handle.write("".join(lines).encode())
-            handle.flush()
-            os.fsync(handle.fileno())
+        if config.batching == "refill":
+            finished = _finished_prompts(model, tokenizer, todo, [position[e.id] for e in todo], config)
+            for example, samples in progress(finished) if progress else finished:
+                write(example, samples)
+        else:
+            starts = list(range(0, len(todo), config.batch_size))
+            for start in progress(starts) if progress else starts:
+                batch = todo[start:start + config.batch_size]
+                # Seeded by the batch's position in the full list: a resumed run reproduces the same output.
+                completions = _sample_static(model, tokenizer, [e.prompt for e in batch], config,
+                                             first_index=position[batch[0].id])
+                for example, samples in zip(batch, completions):
+                    write(example, samples)
+    # Records went in as prompts finished; the complete file lists them in the examples' order.
+    ordered = sorted(_read_records(partial), key=lambda r: (position[r["prompt_id"]], r["sample_index"]))
+    _rewrite(partial, ordered)
     os.replace(partial, out)
     return out
+
+
+class _finished_prompts:
+    """(example, its completions) as each prompt's last sample finishes; sized, for progress bars."""
+
+    def __init__(self, model, tokenizer, examples: Sequence[Example], positions: Sequence[int], config: SamplingConfig):
+        self.args = (model, tokenizer, examples, positions, config)
+
+    def __len__(self) -> int:
+        return len(self.args[2])
+
+    def __iter__(self):
+        model, tokenizer, examples, positions, config = self.args
+        pending: dict[int, dict[int, Completion]] = {}
+        for i, k, completion in stream_completions(model, tokenizer, [e.prompt for e in examples], config,
+                                                   positions=positions):
+            pending.setdefault(i, {})[k] = completion
+            if len(pending[i]) == config.num_samples:
+                samples = pending.pop(i)
+                yield examples[i], [samples[k] for k in range(config.num_samples)]
 
 
 def _rewrite(path: Path, records: list[dict]) -> None:

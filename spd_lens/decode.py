@@ -1,0 +1,222 @@
+"""Decoding that spends no compute on finished rows: a pool of slots, refilled as rows finish.
+
+Batched `generate` decodes a batch until its longest row stops, so rows that ended early ride
+along (54-60% of decoding steps on the code task, `benchmarks/decode_waste.py`). `decode` keeps
+at most `slots` rows in flight: a finished row leaves the batch and its KV cache at once, and
+waiting prompts are prefilled and merged into the free slots, so every step computes only live rows
+and the batch stays full while prompts wait.
+
+How rows of different lengths share one KV cache: each row is right-aligned (its newest token in
+the last column), left padding is masked out by the 2-D attention mask, and each row's position
+ids count only its own tokens, so a row decodes as it would alone. Columns that are padding for
+every remaining row are dropped.
+
+Sampling uses one random generator per row, seeded from (seed, row): a completion depends on its
+prompt, its seed and its index, not on which rows share its batch or on when it was scheduled. That
+makes generation resumable per prompt, and makes sharded generation across processes equal to a
+single process's.
+
+Example:
+    >>> from spd_lens.models import load_hf
+    >>> model, tokenizer = load_hf("tiny")
+    >>> outs = decode(model, [[1, 5, 6], [1, 7]], max_new_tokens=4, slots=2, stop_ids=[2],
+    ...               pad_id=tokenizer.pad_token_id)
+    >>> len(outs), all(o.finish_reason in ("stop", "length") and len(o.tokens) <= 4 for o in outs)
+    (2, True)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from spd_lens.errors import SpdLensError
+from spd_lens.models import hf_model_of
+
+# Refill once this share of the slots is free: one prefill pass then serves several new rows.
+REFILL_SHARE = 0.25
+
+
+@dataclass
+class Decoded:
+    """One finished row: generated ids (an end-of-turn id that ended it is left out), why it ended."""
+
+    tokens: list[int]
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class _Row:
+    index: int
+    length: int  # real tokens of this row in the cache
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+
+
+def row_seed(seed: int, index: int) -> int:
+    """The seed of row `index`'s random generator (a fixed mix, stable across versions)."""
+    return (seed * 1_000_003 + index * 7919 + 12345) % (2**63 - 1)
+
+
+def _warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
+    """transformers' own warpers, in the order `generate` applies them."""
+    warpers = LogitsProcessorList()
+    if temperature and temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
+def decode(model, prompts: Sequence[Sequence[int]], **options) -> list[Decoded]:
+    """Every prompt's `Decoded`, in prompt order (see `decode_stream` for the options)."""
+    results: list[Decoded | None] = [None] * len(prompts)
+    for index, decoded in decode_stream(model, prompts, **options):
+        results[index] = decoded
+    return results  # type: ignore[return-value]
+
+
+def decode_stream(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    slots: int,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    row_indices: Sequence[int] | None = None,
+    stopped: Callable[[list[int]], bool] | None = None,
+) -> Iterator[tuple[int, Decoded]]:
+    """Yields (i, decoded) for every prompt i (token ids, no padding) as it finishes, with at most
+    `slots` rows in flight.
+
+    `temperature` 0 is greedy; otherwise row i samples with its own generator seeded from
+    (`seed`, `row_indices[i]`, default i), after transformers' temperature, top-k and top-p
+    warpers. `stopped(tokens)` may end a row early (stop strings).
+    """
+    hf = hf_model_of(model)
+    device = hf.device
+    indices = list(range(len(prompts))) if row_indices is None else list(row_indices)
+    if len(indices) != len(prompts):
+        raise SpdLensError(f"row_indices has {len(indices)} entries for {len(prompts)} prompts: give one per prompt")
+    if slots < 1:
+        raise SpdLensError(f"slots must be >= 1, got {slots}")
+    warpers = _warpers(temperature, top_k, top_p) if temperature else None
+    stop_set = set(stop_ids)
+    refill_at = max(1, int(slots * REFILL_SHARE))
+    waiting = deque(range(len(prompts)))
+    rows: list[_Row] = []
+    cache: DynamicCache | None = None
+    mask: Int[Tensor, "batch cols"] | None = None
+
+    def choose(logits: Float[Tensor, "batch vocab"], batch_rows: list[_Row]) -> list[int]:
+        logits = logits.float()
+        if warpers is None:
+            return logits.argmax(dim=-1).tolist()
+        ids = torch.tensor([[r.tokens[-1] if r.tokens else pad_id] for r in batch_rows], device=device)
+        probs = torch.softmax(warpers(ids, logits), dim=-1).cpu()
+        return [int(torch.multinomial(p, 1, generator=r.generator)) for p, r in zip(probs, batch_rows)]
+
+    def finish(row: _Row) -> Decoded | None:
+        token = row.tokens[-1]
+        if token in stop_set:
+            return Decoded(row.tokens[:-1], "stop")
+        if stopped is not None and stopped(row.tokens):
+            return Decoded(list(row.tokens), "stop")
+        if len(row.tokens) >= max_new_tokens:
+            return Decoded(list(row.tokens), "length")
+        return None
+
+    with torch.no_grad():
+        while waiting or rows:
+            if waiting and (not rows or slots - len(rows) >= min(refill_at, len(waiting))):
+                new = [_Row(i, len(prompts[i]), _generator(seed, indices[i], temperature))
+                       for i in (waiting.popleft() for _ in range(min(slots - len(rows), len(waiting))))]
+                logits, new_cache, new_mask = _prefill(hf, [prompts[r.index] for r in new], pad_id)
+                for row, token in zip(new, choose(logits, new)):
+                    row.tokens.append(token)
+                cache, mask = _merge(cache, mask, new_cache, new_mask)
+                rows += new
+            else:
+                last = torch.tensor([[r.tokens[-1]] for r in rows], device=device)
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                positions = torch.tensor([[r.length] for r in rows], device=device)
+                out = hf(input_ids=last, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True)
+                for row, token in zip(rows, choose(out.logits[:, -1, :], rows)):
+                    row.length += 1
+                    row.tokens.append(token)
+            ended = [finish(r) for r in rows]
+            if any(e is not None for e in ended):
+                for row, e in zip(rows, ended):
+                    if e is not None:
+                        yield row.index, e
+                keep = [i for i, e in enumerate(ended) if e is None]
+                rows = [rows[i] for i in keep]
+                cache, mask = _select(cache, mask, keep)
+
+
+def _generator(seed: int, index: int, temperature: float) -> torch.Generator | None:
+    return torch.Generator().manual_seed(row_seed(seed, index)) if temperature else None
+
+
+def _prefill(hf, prompts: list[Sequence[int]], pad_id: int):
+    """Last-position logits, the KV cache and the attention mask of left-padded prompts."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=hf.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = hf(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+             logits_to_keep=1)
+    return out.logits[:, -1, :], out.past_key_values, mask
+
+
+def _left_pad(t: Tensor, cols: int, dim: int) -> Tensor:
+    if cols == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = cols
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _merge(cache, mask, new_cache, new_mask):
+    """One cache (and mask) holding the rows of both, right-aligned."""
+    if cache is None or mask is None or mask.shape[0] == 0:
+        return new_cache, new_mask
+    width = max(mask.shape[1], new_mask.shape[1])
+    for layer, new_layer in zip(cache.layers, new_cache.layers):
+        for name in ("keys", "values"):
+            old, add = getattr(layer, name), getattr(new_layer, name)
+            setattr(layer, name, torch.cat([_left_pad(old, width - old.shape[-2], -2),
+                                            _left_pad(add, width - add.shape[-2], -2)], dim=0))
+    mask = torch.cat([_left_pad(mask, width - mask.shape[1], 1), _left_pad(new_mask, width - new_mask.shape[1], 1)])
+    return cache, mask
+
+
+def _select(cache, mask, keep: list[int]):
+    """The cache and mask of the rows `keep`, without columns that are padding in all of them."""
+    if len(keep) == mask.shape[0]:
+        return cache, mask
+    if not keep:
+        return None, None
+    index = torch.tensor(keep, device=mask.device)
+    mask = mask.index_select(0, index)
+    first = int(mask.any(dim=0).nonzero()[0])
+    mask = mask[:, first:]
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, index)[:, :, first:, :]
+        layer.values = layer.values.index_select(0, index)[:, :, first:, :]
+    return cache, mask
