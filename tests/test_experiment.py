@@ -22,7 +22,8 @@ def test_every_method_runs_and_reruns_do_no_work(tmp_path):
     # Training-data quality of every self-generating method, per seed; finish reasons counted.
     data = metrics["methods"]["spd"]["training_data"]
     assert data["n"] == 12 and set(data["seeds"]) == {"0", "1"} and 0 <= data["correct"] <= 1
-    assert sum(data["finish_reasons"].values()) == 12 and data["cut_off"] == data["finish_reasons"].get("length", 0) / 12
+    assert sum(data["finish_reasons"].values()) == 12
+    assert data["cut_off"] == pytest.approx(data["finish_reasons"].get("length", 0) / 12)
     assert "training_data" not in metrics["methods"]["base"] and "training_data" in metrics["methods"]["ssd"]
     assert sum(metrics["methods"]["base"]["finish_reasons"].values()) == 5
     assert (tmp_path / "generations" / "spd-seed0.quality.json").is_file()

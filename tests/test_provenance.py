@@ -80,7 +80,8 @@ def no_new_work():
         raise AssertionError("a rerun of finished work did new work")
 
     with pytest.MonkeyPatch.context() as patch:
-        for target in ("spd_lens.sampling.sample", "spd_lens.extract.iterate_gradients",
+        for target in ("spd_lens.sampling.decode_stream", "spd_lens.sampling._sample_static",
+                       "spd_lens.extract.iterate_gradients",
                        "spd_lens.train.next_token_loss", "spd_lens.evaluate.score_records"):
             patch.setattr(target, refuse)
         yield
@@ -304,11 +305,11 @@ def test_generate_reruns_resumes_and_refuses(variant, tmp_path, subspace_dir, ca
     with no_new_work():
         assert cli(command(straight)) == 0
     assert straight.read_bytes() == snapshot(straight)["straight.jsonl"]
-    # (b) killed after its first batch, then rerun: every record once, as the uninterrupted run wrote it
+    # (b) killed after its first prompt, then rerun: every record once, as the uninterrupted run wrote it
     killed = tmp_path / "killed.jsonl"
     with killed_in("generate"):
         cli(command(killed))
-    assert not killed.exists() and len(read_records(tmp_path / "killed.jsonl.partial")) == 2 * samples
+    assert not killed.exists() and len(read_records(tmp_path / "killed.jsonl.partial")) == samples
     assert cli(command(killed)) == 0
     assert killed.read_bytes() == straight.read_bytes()
     # ... or killed while writing a record (a torn last line)
@@ -483,7 +484,7 @@ def test_eval_reruns_resumes_and_refuses(tmp_path, capsys):
     killed = tmp_path / "killed" / "e.json"
     with killed_in("eval"):
         cli(command(killed))
-    assert not killed.exists() and len(read_records(killed.with_suffix(".generations.jsonl.partial"))) == 2
+    assert not killed.exists() and len(read_records(killed.with_suffix(".generations.jsonl.partial"))) == 1
     assert cli(command(killed)) == 0
     assert snapshot(killed.parent) == before
     capsys.readouterr()
