@@ -83,10 +83,8 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
             handle = projection.attach(model) if projection else None
             try:
                 loss = correctness_loss(model, calibration, pad_id=tokenizer.pad_token_id)
-                completions = []
-                for start in range(0, len(examples), sampling.batch_size):
-                    chunk = examples[start:start + sampling.batch_size]
-                    completions += [c[0] for c in sample(model, tokenizer, [e.prompt for e in chunk], sampling)]
+                # One call: refill decoding keeps batch_size rows in flight across all the examples.
+                completions = [c[0] for c in sample(model, tokenizer, [e.prompt for e in examples], sampling)]
             finally:
                 if handle:
                     handle.remove()

@@ -99,10 +99,7 @@ def correctness_loss(model, examples, *, pad_id: int | None = None, tokenizer=No
 
 def task_score(model, tokenizer, task, examples, max_new_tokens: int) -> float:
     config = SamplingConfig(max_new_tokens=max_new_tokens, batch_size=16)
-    completions = []
-    for start in range(0, len(examples), config.batch_size):
-        chunk = examples[start:start + config.batch_size]
-        completions += [c[0] for c in sample(model, tokenizer, [e.prompt for e in chunk], config)]
+    completions = [c[0] for c in sample(model, tokenizer, [e.prompt for e in examples], config)]
     return sum(task.score(e, c).passed for e, c in zip(examples, completions)) / len(examples)
 
 
