@@ -29,6 +29,7 @@ from spd_lens.artifacts import check_same_settings, read_json_object
 from spd_lens.errors import SpdLensError
 from spd_lens.gradients import KINDS, GradientBatch, Progress, check_layers, iterate_gradients
 from spd_lens.models import hf_model_of, model_id
+from spd_lens.processes import Processes
 from spd_lens.projection import projection_provenance
 from spd_lens.subspace import META_FILE, CapabilitySubspace, RankPolicy, config_hash
 from spd_lens.tasks import EncodedExample, Example, Task, get_task, locate_spans
@@ -55,6 +56,12 @@ class GramAccumulator:
             gram = (rows.T @ rows).cpu()
             self.grams[key] = self.grams[key] + gram if key in self.grams else gram
         self.n_rows += int(mask.sum())
+
+    def sum_over(self, processes: Processes) -> None:
+        """Every process's sums, added up (in the same key order everywhere)."""
+        for key in sorted(self.grams):
+            self.grams[key] = processes.sum(self.grams[key])
+        self.n_rows = int(processes.sum(torch.tensor([self.n_rows], dtype=torch.float64)).item())
 
     def check(self) -> None:
         for (layer, kind), gram in self.grams.items():
@@ -150,6 +157,7 @@ def extract_subspace(
     task_options: dict | None = None,
     progress: Progress | None = None,
     out: str | Path | None = None,
+    processes: Processes | None = None,
 ) -> CapabilitySubspace:
     """The capability subspace of `model` for a task (SPD steps 1-3).
 
@@ -162,7 +170,12 @@ def extract_subspace(
     With `out`, the subspace is saved there; a directory already holding one made with the same
     settings (`EXTRACTION_SETTINGS`) is loaded instead (no gradients taken), and one made with
     other settings is refused, naming them.
+
+    Under a multi-process launch (`processes`, default `Processes.current()`) each process takes
+    every world-th batch, the Gram matrices are summed across processes (the same batches as one
+    process would form, so the same sums), and the main process saves `out`.
     """
+    processes = processes or Processes.current()
     policy = RankPolicy.make(rank, rank_frac, energy)
     shape = model_shape(model)
     layers = check_layers(layers, shape["n_layers"])
@@ -186,18 +199,37 @@ def extract_subspace(
     pad_id = known_tokenizer.pad_token_id if known_tokenizer is not None else None
     started = time.time()
     accumulator = GramAccumulator()
-    for batch in iterate_gradients(model, encoded, layers=layers, loss=loss, batch_size=batch_size, pad_id=pad_id,
-                                   progress=progress):
+    mine = _my_batches(encoded, batch_size, processes)
+    for batch in iterate_gradients(model, mine, layers=layers, loss=loss, batch_size=batch_size, pad_id=pad_id,
+                                   progress=progress if processes.is_main else None):
         accumulator.add(batch)
+    if processes.parallel:
+        accumulator.sum_over(processes)
     accumulator.check()
     meta = {**settings, **shape, "dtype": model_dtype(model), "kinds": list(KINDS), "n_rows": accumulator.n_rows,
             "example_ids": [e.example_id for e in encoded], "spd_lens_version": spd_lens.__version__,
             "config_hash": config_hash({**settings, "policy": policy.describe()}),
             "seconds": round(time.time() - started, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if processes.parallel:
+        meta["processes"] = processes.world
     subspace = CapabilitySubspace.from_grams(accumulator.grams, meta, policy)
     if out is not None:
-        subspace.save(out)
+        if processes.is_main:
+            subspace.save(out)
+        processes.barrier()  # every process returns once the directory is complete
     return subspace
+
+
+def _my_batches(encoded: Sequence[EncodedExample], batch_size: int, processes: Processes) -> list[EncodedExample]:
+    """The examples of this process's batches: every world-th batch of `batch_size`, so that
+    re-batching them gives exactly the batches one process would form."""
+    if not processes.parallel:
+        return list(encoded)
+    batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
+    if len(batches) < processes.world:
+        raise SpdLensError(f"{len(encoded)} examples make {len(batches)} batch(es) of {batch_size}, fewer than the "
+                           f"{processes.world} processes: use more examples, a smaller batch_size or fewer processes")
+    return [e for b in processes.shard(len(batches)) for e in batches[b]]
 
 
 def examples_hash(encoded: Sequence[EncodedExample]) -> str:

@@ -39,6 +39,7 @@ from spd_lens.chat import cut_at_stop, encode, end_of_turn_ids, messages, render
 from spd_lens.decode import decode_stream
 from spd_lens.errors import SpdLensError
 from spd_lens.models import hf_model_of, model_id
+from spd_lens.processes import Processes
 from spd_lens.projection import projection_provenance
 from spd_lens.tasks import Example
 from spd_lens.tasks.base import check_unique_ids
@@ -216,8 +217,15 @@ def generate_jsonl(
     task: str,
     provenance: dict | None = None,
     progress: Callable | None = None,
+    processes: Processes | None = None,
 ) -> Path:
-    """Generate for every example and export to `out` (see the module docstring). Returns `out`."""
+    """Generate for every example and export to `out` (see the module docstring). Returns `out`.
+
+    Under a multi-process launch (`processes`, default `Processes.current()`) each process
+    generates every world-th example into its own part file, `OUT.rankR.partial` (resumable like
+    `OUT.partial`), and the main process merges the parts in the examples' order into `OUT`: with
+    refill decoding the same records one process writes. Every process returns `out`."""
+    processes = processes or Processes.current()
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
     if out.is_dir():
@@ -228,6 +236,8 @@ def generate_jsonl(
         raise SpdLensError(f"cannot create the directory of {str(out)!r}: {err}") from err
     check_unique_ids([e.id for e in examples])  # records and resumed batches are keyed by prompt id
     settings = generation_settings(model, examples, config, task=task, provenance=provenance)
+    if processes.parallel:
+        return _generate_sharded(model, tokenizer, examples, out, config, settings, task, progress, processes)
     # The unit kept on resume. Refill decoding: a prompt, whose completions depend on nothing but
     # itself and its position. Static batches: a whole batch, whose output depends on its members
     # (padding, the random stream), so it is regenerated whole or not at all.
@@ -258,13 +268,7 @@ def generate_jsonl(
         raise SpdLensError(f"cannot write {str(partial)!r}: {err}") from err
 
     def write(example: Example, samples: Sequence[Completion]) -> None:
-        lines = [json.dumps({"id": f"{example.id}#{k}", "task": task, "prompt_id": example.id, "sample_index": k,
-                             "messages": messages(example.prompt, c.text), "finish_reason": c.finish_reason,
-                             "completion_tokens": c.tokens, "settings": settings}) + "\n"
-                 for k, c in enumerate(samples)]
-        handle.write("".join(lines).encode())  # one write and fsync per prompt: a crash tears at most one line
-        handle.flush()
-        os.fsync(handle.fileno())
+        _write_prompt(handle, example, samples, task, settings)
 
     with handle:
         if config.batching == "refill":
@@ -284,6 +288,71 @@ def generate_jsonl(
     ordered = sorted(_read_records(partial), key=lambda r: (position[r["prompt_id"]], r["sample_index"]))
     _rewrite(partial, ordered)
     os.replace(partial, out)
+    return out
+
+
+def _write_prompt(handle, example: Example, samples: Sequence[Completion], task: str, settings: dict) -> None:
+    lines = [json.dumps({"id": f"{example.id}#{k}", "task": task, "prompt_id": example.id, "sample_index": k,
+                         "messages": messages(example.prompt, c.text), "finish_reason": c.finish_reason,
+                         "completion_tokens": c.tokens, "settings": settings}) + "\n"
+             for k, c in enumerate(samples)]
+    handle.write("".join(lines).encode())  # one write and fsync per prompt: a crash tears at most one line
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _generate_sharded(model, tokenizer, examples: Sequence[Example], out: Path, config: SamplingConfig,
+                      settings: dict, task: str, progress: Callable | None, processes: Processes) -> Path:
+    """`generate_jsonl` for one process of several (see its docstring)."""
+    if config.batching != "refill":
+        raise SpdLensError("batching='static' runs in one process (its batches are seeded together): use the "
+                           "default refill decoding under torchrun / accelerate launch")
+    position = {e.id: i for i, e in enumerate(examples)}
+    mine = [examples[i] for i in processes.shard(len(examples))]
+    part = out.with_name(f"{out.name}.rank{processes.rank}.partial")
+    # Whatever any earlier run left (one process's partial, parts of any number of processes)
+    # counts: every process reads all of it and keeps the complete prompts of its own shard.
+    sources = [out] if out.is_file() else [out.with_name(out.name + ".partial"),
+                                           *sorted(out.parent.glob(f"{out.name}.rank*.partial"))]
+    by_key: dict[tuple, dict] = {}
+    for source in (s for s in sources if s.is_file()):
+        records = _read_records(source)
+        for record in records[:1]:
+            check_same_settings(record.get("settings", {}), settings, str(source),
+                                "Use another output path or the same settings")
+        by_key.update({(r.get("prompt_id"), r.get("sample_index")): r for r in records})
+    if out.is_file():
+        return out  # finished with these settings
+    kept = [by_key[(e.id, k)] for e in mine
+            if all((e.id, k) in by_key for k in range(config.num_samples)) for k in range(config.num_samples)]
+    processes.barrier()  # everyone has read before anyone rewrites
+    _rewrite(part, kept)
+    processes.barrier()
+    if processes.is_main:  # leftovers of one process, or of more processes than now
+        current = {out.with_name(f"{out.name}.rank{r}.partial") for r in range(processes.world)}
+        for stale in [out.with_name(out.name + ".partial"), *out.parent.glob(f"{out.name}.rank*.partial")]:
+            if stale.is_file() and stale not in current:
+                stale.unlink()
+    done = {r["prompt_id"] for r in kept}
+    todo = [e for e in mine if e.id not in done]
+    with open(part, "ab") as handle:
+        finished = _finished_prompts(model, tokenizer, todo, [position[e.id] for e in todo], config)
+        for example, samples in progress(finished) if progress and processes.is_main else finished:
+            _write_prompt(handle, example, samples, task, settings)
+    processes.barrier()
+    if processes.is_main:
+        parts = [out.with_name(f"{out.name}.rank{r}.partial") for r in range(processes.world)]
+        records = [r for p in parts for r in _read_records(p)]
+        keys = {(r["prompt_id"], r["sample_index"]) for r in records}
+        if len(keys) != len(records) or len(records) != len(examples) * config.num_samples:
+            raise SpdLensError(f"the parts of {out} hold {len(records)} records ({len(keys)} distinct) for "
+                               f"{len(examples)} prompts x {config.num_samples} samples: rerun the same command")
+        merged = out.with_name(out.name + ".partial")
+        _rewrite(merged, sorted(records, key=lambda r: (position[r["prompt_id"]], r["sample_index"])))
+        os.replace(merged, out)
+        for p in parts:
+            p.unlink()
+    processes.barrier()  # every process returns once OUT is complete
     return out
 
 

@@ -7,6 +7,7 @@ import argparse
 from spd_lens.cli import common
 from spd_lens.cli.common import DEFAULT_MODEL, int_list
 from spd_lens.errors import SpdLensError
+from spd_lens.processes import Processes
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
@@ -62,6 +63,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         rank_frac=args.rank_frac, energy=args.energy, loss=args.loss, batch_size=args.batch_size, tokenizer=tokenizer,
         task_options=common.task_options(args, tokenizer), progress=common.progress("gradients"), out=out,
     )  # a directory holding this extraction already is reused; one made with other settings is refused
+    if not Processes.current().is_main:
+        return 0  # under torchrun each process took a shard of the batches; the main one reports
     print(f"{'layer':>5} {'kv':>2} {'head':>4} {'rank':>4}/{'dim':<4} {'energy':>6}")
     for row in subspace.summary():
         print(f"{row['layer']:>5} {row['kind']:>2} {str(row['head']):>4} {row['rank']:>4}/{row['dim']:<4} "
@@ -107,7 +110,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with hooks:
         path = generate_jsonl(model, tokenizer, examples, args.out, config, task=task.name, provenance=provenance,
                               progress=common.progress("generate"))
-    print(f"{len(examples) * config.num_samples} completions in {path}")
+    if Processes.current().is_main:  # once, not once per process under torchrun
+        print(f"{len(examples) * config.num_samples} completions in {path}")
     return 0
 
 

@@ -6,6 +6,7 @@ import argparse
 
 from spd_lens.cli import common
 from spd_lens.cli.common import DEFAULT_MODEL
+from spd_lens.processes import Processes
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -67,6 +68,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return 0
     result = evaluate(model, tokenizer, task, n=args.n, split=args.split, seed=args.seed, config=config,
                       generations=out.with_suffix(".generations.jsonl"), progress=common.progress_labelled("eval"))
+    if not Processes.current().is_main:
+        return 0  # under torchrun each process generated a shard; the main one writes the result
     write_json(out, {**result.as_dict(), "model": args.model, "adapter": args.adapter, "settings": settings,
                      "runtime": runtime.describe(), "sandbox": summarise_isolation(result.results)})
     print(json.dumps({"task": task.name, "score": result.score, "ci": result.ci, "n": result.n}))

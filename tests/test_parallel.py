@@ -1,0 +1,74 @@
+"""Data-parallel generation, evaluation and extraction: two CPU processes (torchrun, gloo) give
+record for record what one process gives, and the Gram matrices they sum equal one process's."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from spd_lens import SpdLensError
+from spd_lens.cli import main as cli
+from spd_lens.processes import Processes
+from spd_lens.subspace import CapabilitySubspace
+from spd_lens.tasks.records import read_jsonl
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+def _twice(arguments: list[str]) -> subprocess.CompletedProcess:
+    # "--": torchrun would otherwise take --n for an abbreviation of one of its own options
+    command = [TORCHRUN, "--nproc_per_node", "2", "-m", "spd_lens.cli", "--", *arguments]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_processes_generate_and_evaluate_what_one_does(tmp_path):
+    generate = ["generate", "--model", "tiny", "--task", "arithmetic", "--n", "7", "--max-new-tokens", "6",
+                "--temperature", "1.0", "--top-k", "20", "--top-p", "0.8", "--num-samples", "2", "--batch-size", "2"]
+    assert cli([*generate, "--out", str(tmp_path / "one.jsonl")]) == 0
+    result = _twice([*generate, "--out", str(tmp_path / "two.jsonl")])
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert result.stdout.count("completions in") == 1  # said once, by the main process
+    assert not list(tmp_path.glob("two.jsonl.*"))  # no part left behind
+    evaluate = ["eval", "--model", "tiny", "--task", "arithmetic", "--n", "5", "--max-new-tokens", "6", "--batch-size", "2"]
+    assert cli([*evaluate, "--out", str(tmp_path / "one.json")]) == 0
+    _twice([*evaluate, "--out", str(tmp_path / "two.json")])
+    one, two = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("one", "two"))
+    assert one["results"] == two["results"] and one["score"] == two["score"]
+
+
+def test_two_processes_resume_the_parts_of_an_interrupted_run(tmp_path):
+    generate = ["generate", "--model", "tiny", "--task", "arithmetic", "--n", "6", "--max-new-tokens", "5",
+                "--batch-size", "2"]
+    assert cli([*generate, "--out", str(tmp_path / "one.jsonl")]) == 0
+    records = read_jsonl(tmp_path / "one.jsonl")
+    # A one-process run stopped after three prompts, then a part of a three-process run
+    (tmp_path / "two.jsonl.partial").write_text("".join(json.dumps(r) + "\n" for r in records[:3]))
+    (tmp_path / "two.jsonl.rank2.partial").write_text(json.dumps(records[5]) + "\n")
+    _twice([*generate, "--out", str(tmp_path / "two.jsonl")])
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl", "two.jsonl"]
+
+
+def test_two_processes_sum_the_gram_matrices_of_one(tmp_path):
+    extract = ["extract", "--model", "tiny", "--task", "arithmetic", "--n", "10", "--batch-size", "3",
+               "--layers", "1,3", "--rank", "4"]
+    assert cli([*extract, "--out", str(tmp_path / "one")]) == 0
+    result = _twice([*extract, "--out", str(tmp_path / "two")])
+    assert result.stdout.count('"n_rows"') == 1
+    one, two = CapabilitySubspace.load(tmp_path / "one"), CapabilitySubspace.load(tmp_path / "two")
+    assert one.meta["n_rows"] == two.meta["n_rows"] and two.meta["processes"] == 2
+    # The same batches; the gradients are float32 and torchrun runs each process on one thread, so
+    # they agree to float32 rounding, not bit for bit.
+    for key, gram in one.grams.items():
+        assert torch.allclose(gram, two.grams[key], rtol=1e-5, atol=1e-10), key
+
+
+def test_a_place_among_processes_is_checked():
+    assert Processes(rank=1, world=3).shard(7) == [1, 4]
+    with pytest.raises(SpdLensError, match="process rank 2 of 2 is not a valid place"):
+        Processes(rank=2, world=2)
