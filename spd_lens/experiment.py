@@ -24,6 +24,12 @@ takes base / psr / ssd evaluations from another run when none of the settings th
 them differs (`RESULT_SETTINGS`); every reuse decision is logged and kept in metrics["reuse"].
 `metrics.json` describes every method the directory holds evaluations for, whichever subset of
 methods the last call ran.
+
+Launched on several processes (`torchrun --nproc_per_node N -m spd_lens.cli -- run CONFIG`),
+every stage runs data-parallel (`spd_lens.processes`): extraction sums the Gram matrices of each
+process's batches, generation and evaluation give each process every N-th prompt and merge the
+parts, training is accelerate's DDP (a global batch N times the per-process one); the main
+process writes every file and the others wait for it.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from spd_lens.evaluate import evaluate, evaluate_mc, paired_difference, seeded_c
 from spd_lens.extract import extract_subspace
 from spd_lens.methods import METHOD_TABLE
 from spd_lens.models import load_hf, load_tokenizer
+from spd_lens.processes import Processes
 from spd_lens.projection import Projection
 from spd_lens.sampling import SamplingConfig, generate_jsonl
 from spd_lens.sandbox import describe_isolation, summarise_isolation
@@ -113,8 +120,10 @@ class Run:
                 raise SpdLensError(f"--reuse {other}: not a run directory (no config.json); pass a directory "
                                    "written by `spd-lens run`")
         self.progress = progress
-        self.log = log or (lambda message: None)
+        self.processes = Processes.current()
+        self.log = (log if self.processes.is_main else None) or (lambda message: None)
         self.runtime = config.model.runtime()  # fails here, before any work, when the device is absent
+        # Under torchrun every process runs every stage on its shard; the main one writes the files.
         self._base = None
         # Difficulty and shots from [task]; shots left unset depend on the model's chat template.
         # Only the tokenizer is loaded for that: the model waits until a stage needs it.
@@ -133,7 +142,13 @@ class Run:
         return self._base
 
     def _bar(self, label: str):
-        return self.progress(label) if self.progress else None
+        return self.progress(label) if self.progress and self.processes.is_main else None
+
+    def _write_json(self, path: Path, value) -> None:
+        """`write_json` by the main process; every process goes on once the file is there."""
+        if self.processes.is_main:
+            write_json(path, value)
+        self.processes.barrier()
 
     def _timed(self, stage: str, fn):
         started = time.time()
@@ -147,7 +162,8 @@ class Run:
             # and time spent by calls that stopped part way is kept apart.
             recorded = self._stage_seconds()
             recorded[outcome][stage] = round(recorded[outcome].get(stage, 0) + time.time() - started, 2)
-            write_json(self.out / "stage_seconds.json", recorded)
+            if self.processes.is_main:  # no barrier: an interrupted process must not wait for the others
+                write_json(self.out / "stage_seconds.json", recorded)
 
     def subspace(self, kind: str, seed: int) -> CapabilitySubspace:
         if kind == "random":
@@ -217,7 +233,7 @@ class Run:
             return read_json_object(path, "a training file's quality")
         examples = self.task.examples("train", n=self.config.task.train_n, seed=seed)
         quality = training_data_quality(self.task, data, examples, progress=self._bar(f"score data {method}"))
-        write_json(path, quality)
+        self._write_json(path, quality)
         return quality
 
     def adapter(self, method: str, seed: int) -> Path:
@@ -270,7 +286,7 @@ class Run:
             result = self._timed("eval", run)
         result, extra = result
         record = {**result.as_dict(), **extra, "method": method, "seed": seed}
-        write_json(result_path, record)
+        self._write_json(result_path, record)
         return record
 
     # --- the whole run ------------------------------------------------------------------------
@@ -333,8 +349,10 @@ class Run:
             kept = read_json_object(previous, "a run's metrics")
             if canonical({**kept, "finished": None}) == canonical({**metrics, "finished": None}):
                 return kept  # nothing changed: the files stay byte for byte as they were
-        write_json(self.out / "metrics.json", metrics)
-        write_run_report(self.out)
+        if self.processes.is_main:
+            write_json(self.out / "metrics.json", metrics)
+            write_run_report(self.out)
+        self.processes.barrier()
         return metrics
 
     def _seeds(self, method: str) -> list:
@@ -395,10 +413,10 @@ class Run:
             self._decide(stem, {"reused": True, "from": str(other)})
             record = {**read_json_object(source, "an evaluation written by spd-lens run"), "reused_from": str(other)}
             (self.out / "eval").mkdir(parents=True, exist_ok=True)
-            if (other / "eval" / f"{stem}.jsonl").is_file():
+            if (other / "eval" / f"{stem}.jsonl").is_file() and self.processes.is_main:
                 atomic_write(self.out / "eval" / f"{stem}.jsonl",
                              lambda tmp: shutil.copyfile(other / "eval" / f"{stem}.jsonl", tmp))
-            write_json(self.out / "eval" / f"{stem}.json", record)
+            self._write_json(self.out / "eval" / f"{stem}.json", record)
             return record
         self._decide(stem, {"reused": False, "why": reasons})
         return None
@@ -445,7 +463,8 @@ class Run:
             if changed:
                 raise SpdLensError(f"{self.out} holds a run with another config (differs in {'; '.join(changed)}); "
                                    "use another --out or the same config")
-        write_json(path, {**resolved, "spd_lens_version": spd_lens.__version__})
+        self.processes.barrier()  # everyone has read the old config before it is rewritten
+        self._write_json(path, {**resolved, "spd_lens_version": spd_lens.__version__})
 
 
 def run_experiment(config: ExperimentConfig, out: str | Path, *, progress: Progress = None, log: Callable = None,

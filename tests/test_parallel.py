@@ -72,3 +72,41 @@ def test_a_place_among_processes_is_checked():
     assert Processes(rank=1, world=3).shard(7) == [1, 4]
     with pytest.raises(SpdLensError, match="process rank 2 of 2 is not a valid place"):
         Processes(rank=2, world=2)
+
+
+def test_a_whole_run_on_two_processes(tmp_path):
+    config = tmp_path / "two.toml"
+    config.write_text("""name = "two"
+seeds = [0]
+methods = ["base", "psr", "spd"]
+[model]
+name = "tiny"
+[task]
+name = "arithmetic"
+train_n = 6
+eval_n = 5
+[subspace]
+n = 8
+batch_size = 2
+[sampling]
+max_new_tokens = 6
+batch_size = 2
+[eval]
+max_new_tokens = 6
+batch_size = 2
+[train]
+epochs = 1
+batch_size = 2
+""")
+    assert cli(["run", str(config), "--out", str(tmp_path / "one")]) == 0
+    result = _twice(["run", str(config), "--out", str(tmp_path / "two")])
+    assert result.stdout.count("metrics:") == 1  # the table and paths, once
+    one, two = tmp_path / "one", tmp_path / "two"
+    # What depends only on the base model is what one process makes; training is DDP over two
+    # processes (a global batch twice as large), so what follows it may differ.
+    for name in ("generations/psr-seed0.jsonl", "generations/spd-seed0.jsonl", "eval/base.jsonl"):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    metrics = json.loads((two / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"base", "psr", "spd"}
+    assert json.loads((two / "adapters" / "spd-seed0" / "train.json").read_text())["processes"] == 2
+    assert not [p for p in two.rglob("*") if p.name.endswith((".partial", ".tmp"))]

@@ -8,6 +8,7 @@ import sys
 
 from spd_lens.cli import common
 from spd_lens.errors import SpdLensError
+from spd_lens.processes import Processes
 
 
 def run_and_report(config, out, reuse=()) -> int:
@@ -15,6 +16,8 @@ def run_and_report(config, out, reuse=()) -> int:
 
     metrics = run_experiment(config, out, progress=common.progress_labelled,
                              log=lambda m: print(f"[spd-lens] {m}", flush=True), reuse=reuse)
+    if not Processes.current().is_main:
+        return 0  # under torchrun the main process reports
     print()
     print(format_table(metrics))
     print("\nstage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["stage_seconds"].items()))
