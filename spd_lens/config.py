@@ -252,9 +252,13 @@ def config_from_dict(values: dict) -> ExperimentConfig:
     check_device(config.model.device)
     check_dtype(config.model.dtype)
     for where, data in (("task.data", config.task.data), ("subspace.data", config.subspace.data)):
-        if isinstance(data, dict) and (not data or set(data) - {"train", "test"}):
-            raise SpdLensError(f"{where} = {data!r}: a table of data files takes the keys 'train' and/or 'test', "
+        if isinstance(data, dict) and (not data or set(data) - {"train", "dev", "test"}):
+            raise SpdLensError(f"{where} = {data!r}: a table of data files takes the keys 'train', 'dev' and/or "
+                               "'test' (dev, when not given, is carved out of train), "
                                'e.g. {train = "gsm8k/train.jsonl", test = "gsm8k/test.jsonl"}')
+    if config.task.eval_split not in ("dev", "test"):
+        raise SpdLensError(f"task.eval_split = {config.task.eval_split!r}: evaluate on 'dev' (where settings are "
+                           "chosen) or 'test' (touched once per final configuration)")
     if config.task.train_n < 1 or config.subspace.n < 1:
         raise SpdLensError("task.train_n and subspace.n must be positive")
     from spd_lens.tasks import task_names

@@ -53,10 +53,11 @@ def test_exact_match_after_normalisation():
 
 def test_bbh_from_a_local_file(bbh_file, tiny_tokenizer):
     task = get_task("bbh", path=str(bbh_file))
-    train, test = task.examples("train"), task.examples("test")
-    assert len(train) + len(test) == len(BBH_RECORDS) and test  # 80/20 by hash, disjoint
+    train, dev, test = task.examples("train"), task.examples("dev"), task.examples("test")
+    assert len(train) + len(dev) + len(test) == len(BBH_RECORDS) and test and dev  # 64/16/20 by hash, disjoint
     assert not {e.prompt for e in train} & {e.prompt for e in test}
-    example = next(e for e in train + test if e.meta["subtask"] == "date_understanding")
+    assert not {e.prompt for e in dev} & ({e.prompt for e in train} | {e.prompt for e in test})
+    example = next(e for e in train + dev + test if e.meta["subtask"] == "date_understanding")
     assert example.span_texts() == ["(A)"] and example.reference == "So the answer is (A)."
     assert example.prompt.endswith('then end with "So the answer is <answer>."')
     assert task.score(example, "Tomorrow comes after today. So the answer is (A).").passed
@@ -72,12 +73,12 @@ def test_bbh_from_a_local_file(bbh_file, tiny_tokenizer):
 
 def test_bbh_subtasks_and_bad_records(tmp_path, bbh_file):
     only = get_task("bbh", path=str(bbh_file), subtasks=["word_sorting"])
-    assert {e.meta["subtask"] for e in only.examples("train") + only.examples("test")} == {"word_sorting"}
+    assert {e.meta["subtask"] for s in ("train", "dev", "test") for e in only.examples(s)} == {"word_sorting"}
     with pytest.raises(SpdLensError, match="unknown BBH subtask"):
         get_task("bbh", subtasks=["chess"])
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "x", "answer": "y"}] * 10)
     with pytest.raises(SpdLensError, match=r"lacks the field\(s\) \['input', 'target'\]"):
-        get_task("bbh", path=str(bad)).examples("train")
+        [get_task("bbh", path=str(bad)).examples(split) for split in ("train", "dev", "test")]
 
 
 # --- local data given per split ---------------------------------------------------------------------------
@@ -92,15 +93,16 @@ def test_a_file_given_for_a_split_is_used_whole(tmp_path):
     test_file = write_jsonl(tmp_path / "test.jsonl", gsm8k_records("test", 50))
     train_file = write_jsonl(tmp_path / "train.jsonl", gsm8k_records("train", 30))
     whole = get_task("gsm8k", path={"train": str(train_file), "test": str(test_file)})
-    assert len(whole.examples("test")) == 50 and len(whole.examples("train")) == 30
-    # One file alone is divided 80/20 by hash: its test split is about a fifth of it.
+    # Without a dev file, dev is carved out of the train file.
+    assert len(whole.examples("test")) == 50 and len(whole.examples("train")) + len(whole.examples("dev")) == 30
+    # One file alone is divided by hash: its test split is about a fifth of it.
     single = get_task("gsm8k", path=str(test_file))
-    assert len(single.examples("test")) + len(single.examples("train")) == 50 and len(single.examples("test")) < 25
+    assert sum(len(single.examples(s)) for s in ("train", "dev", "test")) == 50 and len(single.examples("test")) < 25
     only_test = get_task("gsm8k", path={"test": str(test_file)})
     assert len(only_test.examples("test")) == 50
     with pytest.raises(SpdLensError, match=r"no data file is given for the 'train' split.*add train ="):
         only_test.examples("train")
-    assert "divided 80/20" in describe_source(str(test_file))
+    assert "divided by hash" in describe_source(str(test_file))
     assert "(whole)" in describe_source({"test": str(test_file)})
 
 
@@ -108,7 +110,7 @@ def test_config_and_cli_take_a_file_per_split(tmp_path, capsys):
     test_file = write_jsonl(tmp_path / "test.jsonl", gsm8k_records("test", 12))
     config = config_from_dict({"task": {"name": "gsm8k", "data": {"train": "a.jsonl", "test": str(test_file)}}})
     assert config.task.data == {"train": "a.jsonl", "test": str(test_file)}
-    with pytest.raises(SpdLensError, match="takes the keys 'train' and/or 'test'"):
+    with pytest.raises(SpdLensError, match="takes the keys 'train', 'dev' and/or 'test'"):
         config_from_dict({"task": {"name": "gsm8k", "data": {"validation": "v.jsonl"}}})
     with pytest.raises(SpdLensError, match=r"task.data.test must be a string"):
         config_from_dict({"task": {"name": "gsm8k", "data": {"test": 3}}})
@@ -116,5 +118,5 @@ def test_config_and_cli_take_a_file_per_split(tmp_path, capsys):
     assert cli(["eval", "--model", "tiny", "--task", "gsm8k", "--data", f"test={test_file}", "--n", "12",
                 "--max-new-tokens", "4", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["n"] == 12  # all 12 questions of the file, none held back as train
-    assert cli(["eval", "--model", "tiny", "--task", "gsm8k", "--data", "dev=x.jsonl", "--out", str(out)]) == 2
+    assert cli(["eval", "--model", "tiny", "--task", "gsm8k", "--data", "validation=x.jsonl", "--out", str(out)]) == 2
     assert "SPLIT=FILE once per split" in capsys.readouterr().err

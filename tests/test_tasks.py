@@ -74,7 +74,32 @@ def test_examples_are_reproducible_and_seed_dependent():
 
 def test_humaneval_split_sizes():
     task = get_task("humaneval")
-    assert len(task.examples("train")) + len(task.examples("test")) == 164
+    splits = {split: {e.id for e in task.examples(split)} for split in ("train", "dev", "test")}
+    assert {k: len(v) for k, v in splits.items()} == {"train": 28, "dev": 27, "test": 109}
+    assert len(set.union(*splits.values())) == 164
+
+
+# sha256 of the first 50 test examples (ids and prompts, seed 0) as the release without a dev split
+# drew them: carving dev out of train must leave the test split as it was.
+TEST_SPLIT_BEFORE_DEV = {"arithmetic": "263b65ac3c4369f6", "family-mc": "4494274bb3ea32e7",
+                         "gsm-symbolic": "1c282f3eaab3d1c4"}
+
+
+@pytest.mark.parametrize("name", list(TEST_SPLIT_BEFORE_DEV))
+def test_procedural_dev_split_is_disjoint_and_test_unchanged(name):
+    import hashlib
+    import json
+
+    task = get_task(name)
+    prompts = {split: {e.prompt for e in task.examples(split, n=60, seed=0)} for split in ("train", "dev", "test")}
+    assert not (prompts["train"] & prompts["dev"]) and not (prompts["dev"] & prompts["test"])
+    assert not (prompts["train"] & prompts["test"])
+    test = task.examples("test", n=50, seed=0)
+    assert hashlib.sha256(json.dumps([[e.id, e.prompt] for e in test]).encode()).hexdigest()[:16] == \
+        TEST_SPLIT_BEFORE_DEV[name]
+    dev = task.examples("dev", n=5, seed=0)
+    assert all(e.id.split("/")[-3] == "dev" for e in dev)
+    assert [task.example_by_id(e.id) for e in dev] == dev
 
 
 @pytest.mark.parametrize("name", OFFLINE_TASKS)
@@ -232,7 +257,11 @@ def test_local_directory_with_public_split_files(tmp_path):
     _write_jsonl(tmp_path / "train.jsonl", LOCAL_RECORDS["gsm8k"][:30])
     _write_jsonl(tmp_path / "test.jsonl", LOCAL_RECORDS["gsm8k"][30:])
     task = get_task("gsm8k", path=str(tmp_path))
-    assert len(task.examples("train")) == 30 and len(task.examples("test")) == 10
+    train, dev = ({e.prompt for e in task.examples(split)} for split in ("train", "dev"))
+    # No dev.jsonl: dev is carved out of train.jsonl, disjoint from what train keeps; test is whole.
+    assert len(train) + len(dev) == 30 and dev and not train & dev and len(task.examples("test")) == 10
+    _write_jsonl(tmp_path / "dev.jsonl", LOCAL_RECORDS["gsm8k"][:4])
+    assert len(task.examples("train")) == 30 and len(task.examples("dev")) == 4  # a dev file is used as given
     example = task.examples("test", n=1)[0]
     assert example.span_texts() == [example.target] and "<<" not in example.reference
 

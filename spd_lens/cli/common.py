@@ -58,8 +58,8 @@ def with_runtime(config, args: argparse.Namespace):
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", action="append", metavar="FILE|SPLIT=FILE",
-                        help="local JSONL for hub tasks such as gsm8k, mbpp, mmlu: FILE (divided 80/20 into "
-                             "train/test), a directory with train.jsonl and test.jsonl, or SPLIT=FILE per split, "
+                        help="local JSONL for hub tasks such as gsm8k, mbpp, mmlu: FILE (divided by hash into "
+                             "train/dev/test), a directory with train.jsonl and test.jsonl, or SPLIT=FILE per split, "
                              "each used whole (repeatable, e.g. --data test=gsm8k_test.jsonl)")
     parser.add_argument("--preset", help="difficulty preset of a procedural task (arithmetic, family-mc: easy, hard)")
     parser.add_argument("--option", action="append", metavar="KEY=VALUE",
@@ -75,8 +75,8 @@ def data_source(values: list[str] | None):
     pairs = [v.partition("=") for v in values]
     if len(values) == 1 and not pairs[0][1]:
         return values[0]
-    if any(not sep or split not in ("train", "test") for split, sep, _ in pairs) or len({p[0] for p in pairs}) != len(pairs):
-        raise SpdLensError(f"--data {values}: give one FILE (divided 80/20 into train/test), a directory with "
+    if any(not sep or split not in ("train", "dev", "test") for split, sep, _ in pairs) or len({p[0] for p in pairs}) != len(pairs):
+        raise SpdLensError(f"--data {values}: give one FILE (divided by hash into train/dev/test), a directory with "
                            "train.jsonl and test.jsonl, or SPLIT=FILE once per split, e.g. --data test=gsm8k_test.jsonl")
     return {split: path for split, _, path in pairs}
 

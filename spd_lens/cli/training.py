@@ -125,7 +125,7 @@ def register(commands) -> None:
     evaluate.add_argument("--task", required=True)
     common.add_task_arguments(evaluate)
     evaluate.add_argument("--n", type=int)
-    evaluate.add_argument("--split", default="test", choices=["train", "test"])
+    evaluate.add_argument("--split", default="test", choices=["train", "dev", "test"])
     evaluate.add_argument("--temperature", type=float, default=0.0)
     evaluate.add_argument("--max-new-tokens", type=int)
     evaluate.add_argument("--batch-size", type=int, default=16)

@@ -25,7 +25,8 @@ from transformers import PreTrainedTokenizerBase
 from spd_lens.chat import encode_conversation, few_shot_user
 from spd_lens.errors import SpdLensError
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "dev", "test")
+DEV_FRACTION = 0.2  # of what is not test: the dev split is carved out of train, test never changes
 SHOT_POOL = 32  # train examples the demonstrations are drawn from
 
 
@@ -90,10 +91,24 @@ def _is_span(value) -> bool:
     return isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value)
 
 
+def _bucket(key: str) -> float:
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
 def hash_split(key: str, test_fraction: float = 0.2) -> str:
-    """A stable train/test assignment from a string: the same question always lands in the same split."""
-    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "test" if bucket < test_fraction else "train"
+    """A stable train/dev/test assignment from a string: the same question always lands in the same
+    split. `test_fraction` of all keys are test; of the rest, `DEV_FRACTION` are dev (by a second
+    hash, so the test split is the one a train/test division gives).
+
+    >>> [hash_split(q) for q in ("1 + 1 =", "3 + 9 =", "5 - 3 =")]
+    ['test', 'train', 'dev']
+    """
+    return "test" if _bucket(key) < test_fraction else dev_or_train(key)
+
+
+def dev_or_train(key: str) -> str:
+    """Where a key of a source's train split goes: dev (`DEV_FRACTION` of them) or train."""
+    return "dev" if _bucket("dev:" + key) < DEV_FRACTION else "train"
 
 
 def check_split(split: str) -> str:
@@ -287,7 +302,7 @@ def parse_procedural_id(task: str, example_id: str) -> tuple[str, str, int, int]
     parts = example_id.split("/")
     name, _, variant = parts[0].partition("@")
     try:
-        if len(parts) != 4 or name != task or parts[1] not in ("train", "test") or parts[0].endswith("@"):
+        if len(parts) != 4 or name != task or parts[1] not in SPLITS or parts[0].endswith("@"):
             raise ValueError
         return variant, parts[1], int(parts[2]), int(parts[3])
     except ValueError:

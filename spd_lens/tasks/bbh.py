@@ -30,8 +30,8 @@ import re
 from pathlib import Path
 
 from spd_lens.errors import SpdLensError
-from spd_lens.tasks.base import Example, Score, Task, hash_split
-from spd_lens.tasks.records import LocalSource, hub_rows, read_jsonl, require_fields, split_file
+from spd_lens.tasks.base import Example, Score, Task, dev_or_train, hash_split
+from spd_lens.tasks.records import LocalSource, has_own_dev, hub_rows, read_jsonl, require_fields, split_file
 
 HUB_DATASET = "lukaemon/bbh"
 SUBTASKS = (
@@ -88,10 +88,15 @@ class BigBenchHard(Task):
         self._hub_rows: list[dict] | None = None
 
     def _records(self, split: str) -> list[dict]:
+        if split == "dev" and self.path is not None and not has_own_dev(self.path):
+            return [r for r in self._records("train") if dev_or_train(f"{r.get('subtask', '')}/{r.get('input')}") == "dev"]
         if self.path is not None:
             local = split_file(self.name, split, self.path)
             if local is not None:
-                return read_jsonl(local)
+                rows = read_jsonl(local)
+                if split == "train" and not has_own_dev(self.path):  # dev is carved out of it
+                    return [r for r in rows if dev_or_train(f"{r.get('subtask', '')}/{r.get('input')}") == "train"]
+                return rows
             rows = read_jsonl(Path(self.path).expanduser())
         else:
             if self._hub_rows is None:  # 27 downloads: once per task object

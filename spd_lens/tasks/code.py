@@ -126,7 +126,9 @@ class HumanEval(CodeTask):
         examples = []
         for task_id, problem in problems.items():
             number = int(task_id.split("/")[1])
-            if (number % 3 == 0) != (split == "train"):
+            # Multiples of 3 are train and dev (alternately: 0, 6, 12, ... train; 3, 9, 15, ... dev),
+            # the rest test (109 problems, as before dev existed).
+            if split != ("test" if number % 3 else "train" if number % 6 == 0 else "dev"):
                 continue
             examples.append(self._example(problem))
         random.Random(seed).shuffle(examples)
@@ -167,7 +169,7 @@ class Mbpp(CodeTask):
     def _examples(self, split: str, n: int | None, seed: int) -> list[Example]:
         records = load_split(
             self.name, split, path=self.path,
-            hub=("google-research-datasets/mbpp", "full", {"train": "train", "test": "test"}),
+            hub=("google-research-datasets/mbpp", "full", {"train": "train", "dev": "validation", "test": "test"}),
             record_key=lambda r: str(r.get("task_id")),
             local_split=_mbpp_split,
         )
@@ -195,5 +197,7 @@ class Mbpp(CodeTask):
 
 
 def _mbpp_split(record: dict) -> str:
-    """MBPP's published split by task id: 11-510 test, the rest (1-10 prompt, 511-974) train."""
-    return "test" if 11 <= int(record["task_id"]) <= 510 else "train"
+    """MBPP's published split by task id: 11-510 test, 511-600 validation (our dev), the rest
+    (1-10 prompt, 601-974) train."""
+    number = int(record["task_id"])
+    return "test" if 11 <= number <= 510 else "dev" if 511 <= number <= 600 else "train"

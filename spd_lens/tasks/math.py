@@ -112,7 +112,7 @@ class ReasoningGymMath(MathTask):
             raise SpdLensError(f"task {self.name!r} is procedural: pass n, the number of examples to generate")
         # Each split draws from its own generator seed and keeps only the questions hashed into it.
         size = 20 * n + 200
-        generator_seed = seed * 2 + (0 if split == "train" else 1)
+        generator_seed = seed * 2 + (1 if split == "test" else 0)  # dev shares train's stream, not its questions
         data = reasoning_gym.create_dataset(self.dataset, size=size, seed=generator_seed, **self.dataset_options)
         examples, seen = [], set()
         for index in range(size):
@@ -136,7 +136,7 @@ class ReasoningGymMath(MathTask):
 
         variant, split, seed, index = parse_procedural_id(self.name, example_id)
         task = self._with_variant(variant)
-        data = reasoning_gym.create_dataset(task.dataset, size=index + 1, seed=seed * 2 + (0 if split == "train" else 1),
+        data = reasoning_gym.create_dataset(task.dataset, size=index + 1, seed=seed * 2 + (1 if split == "test" else 0),
                                             **task.dataset_options)
         return task.with_shots(task._example(data[index], example_id))
 

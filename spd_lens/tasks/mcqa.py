@@ -234,7 +234,8 @@ class Arc(MultipleChoiceTask):
 
     def _examples(self, split: str, n: int | None, seed: int) -> list[Example]:
         records = load_split(
-            self.name, split, path=self.path, hub=("allenai/ai2_arc", self.subset, {"train": "train", "test": "test"}),
+            self.name, split, path=self.path,
+            hub=("allenai/ai2_arc", self.subset, {"train": "train", "dev": "validation", "test": "test"}),
             record_key=lambda r: str(r.get("id", r.get("question"))),
         )
         examples = []

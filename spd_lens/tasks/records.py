@@ -1,12 +1,15 @@
 """Records for tasks that live on the Hugging Face hub: read from a local JSONL or from the hub.
 
 A local source (`path=`) is one of:
-- a directory holding `train.jsonl` / `test.jsonl` (the public splits);
+- a directory holding `train.jsonl` / `test.jsonl` (the public splits), and `dev.jsonl` if any;
 - a mapping of split to file, `{"train": "train.jsonl", "test": "test.jsonl"}` (in a config:
   `data = {train = "...", test = "..."}`), each file used whole as its split;
-- one JSONL file, whose records are then divided 80/20 into train and test by a hash of each
-  record's id, so the two never overlap: the official test file given this way yields only about
-  a fifth of its questions as `test`. Give it as `{"test": FILE}` to evaluate on all of it.
+- one JSONL file, whose records are then divided by a hash of each record's id into test (20%),
+  dev (16%) and train (64%), so they never overlap: the official test file given this way yields
+  only about a fifth of its questions as `test`. Give it as `{"test": FILE}` to evaluate on all of it.
+
+A source without a dev split of its own (no dev file, no hub validation split) has dev carved out
+of its train split by a second hash (a fifth of it); its test split is untouched.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from spd_lens.errors import SpdLensError
-from spd_lens.tasks.base import hash_split
+from spd_lens.tasks.base import dev_or_train, hash_split
 
 
 def jsonl_lines(path: Path):
@@ -67,8 +70,27 @@ def load_split(
     """The records of `split`, from `path` when given (see the module docstring), else from the hub.
 
     `hub` is (dataset id, config name, {our split: hub split}). `local_split` assigns a record of a
-    single local file to a split (default: hash of `record_key`).
+    single local file to a split (default: hash of `record_key`). A source without a dev split of
+    its own (no hub "dev" entry, no dev file) has one carved out of its train split by a hash of
+    `record_key` (`base.dev_or_train`): train and dev never share a record, test is untouched.
     """
+    carve = split in ("train", "dev") and not has_own_dev(path, hub[2])
+    records = _source_records(task, "train" if carve else split, path, hub, record_key, local_split)
+    return [r for r in records if dev_or_train(record_key(r)) == split] if carve else records
+
+
+def has_own_dev(path: LocalSource | None, hub_splits: Mapping[str, str] | None = None) -> bool:
+    """Whether a data source holds a dev split itself (else dev is carved out of its train split).
+    One local file is divided into all three splits by hash, so it counts as holding one."""
+    if path is None:
+        return hub_splits is not None and "dev" in hub_splits
+    if isinstance(path, Mapping):
+        return "dev" in path
+    path = Path(path).expanduser()
+    return not path.is_dir() or (path / "dev.jsonl").is_file()
+
+
+def _source_records(task, split, path, hub, record_key, local_split) -> list[dict]:
     if path is not None:
         local = split_file(task, split, path)
         if local is not None:
@@ -98,8 +120,8 @@ def describe_source(path: LocalSource | None) -> str:
     if isinstance(path, Mapping):
         return ", ".join(f"{split}: {file} (whole)" for split, file in sorted(path.items()))
     if Path(path).expanduser().is_dir():
-        return f"{path}/train.jsonl and {path}/test.jsonl (each whole)"
-    return (f"{path}, one file divided 80/20 into train/test by a hash of each record's id (give "
+        return f"{path}/train.jsonl and {path}/test.jsonl (each whole; dev.jsonl, or dev carved out of train)"
+    return (f"{path}, one file divided by hash of each record's id into train/dev/test (64/16/20) (give "
             "data = {test = FILE} to use a file whole as the test split)")
 
 
