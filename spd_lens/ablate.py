@@ -1,10 +1,16 @@
-"""`run_ablation`: projected decoding over a grid of ranks x layer sets x alphas (x heads).
+"""`run_ablation`: projected decoding over a grid of rank policies x layer sets x K/V x alphas (x heads),
+each cell beside matched random subspaces.
 
-Each grid point projects K/V onto the task's gradient subspace with that setting while the model
-answers `eval_n` held-out examples greedily (hook-only: no training), and records the task score
-with its bootstrap CI and the correctness-token loss on `loss_n` calibration examples. Rows go to
-`RUN/ablation.jsonl` one by one (a rerun skips the points already there), then to
-`ablation.csv`, `ablation.json` and the figure `ablation.html`.
+Each cell projects K/V onto the task's gradient subspace with that setting while the model
+answers `eval_n` examples of `task.eval_split` greedily (hook-only: no training; choose settings
+on `eval_split = "dev"`), and records the task score with its bootstrap CI, each question's
+outcome, and the correctness-token loss on `loss_n` calibration examples. With
+`ablate.random_draws = D`, each cell is also run with D random subspaces of the same layers and
+ranks (`random_like`, draws 0..D-1): "the gradient subspace helps" then means it scores above the
+random subspaces of its size, not that projecting perturbs the model. Rows go to
+`RUN/ablation.jsonl` one by one (a rerun skips the rows already there), then to `ablation.csv`,
+`ablation.json` (with `controls`: per cell, gradient minus random, paired over questions with a
+bootstrap over the draws, then the questions) and the figures `ablation.html`.
 """
 
 from __future__ import annotations
@@ -19,29 +25,62 @@ from spd_lens.artifacts import atomic_write, read_json_object, write_json
 from spd_lens.attribution import correctness_loss
 from spd_lens.config import ExperimentConfig
 from spd_lens.errors import SpdLensError
-from spd_lens.evaluate import score_records
+from spd_lens.evaluate import paired_difference, score_records
 from spd_lens.experiment import Run
 from spd_lens.extract import encode_examples
 from spd_lens.projection import Projection
 from spd_lens.sampling import SamplingConfig, sample
+from spd_lens.subspace import random_like
+
+CELL = ("rank", "layers", "alpha", "head", "kinds")  # what a cell is; a row adds subspace and draw
 
 
 def grid(config: ExperimentConfig, subspace_layers: list[int]) -> list[dict]:
+    """Every row to run: the unprojected baseline, then each cell with the gradient subspace and
+    its random draws. `rank` is a fixed rank or `"energy=E"`."""
     a = config.ablate
     layer_sets = a.layer_sets or [[layer] for layer in subspace_layers]
     missing = sorted({layer for s in layer_sets for layer in s} - set(subspace_layers))
     if missing:
         raise SpdLensError(f"ablate.layer_sets use layer(s) {missing} outside subspace.layers {subspace_layers}")
+    kind_sets = a.kind_sets or [a.kinds]
+    bad = [k for s in kind_sets for k in s if k not in ("k", "v")] + [s for s in kind_sets if not s]
+    if bad:
+        raise SpdLensError(f"ablate.kind_sets {kind_sets}: each set holds 'k' and/or 'v', e.g. [['k'], ['v'], ['k', 'v']]")
+    if not (isinstance(a.random_draws, int) and a.random_draws >= 0):
+        raise SpdLensError(f"ablate.random_draws must be a whole number >= 0, got {a.random_draws!r}")
+    if any(not 0 < e <= 1 for e in a.energies):
+        raise SpdLensError(f"ablate.energies {a.energies}: each is a share of gradient energy in (0, 1]")
     heads = a.heads if a.heads else [None]
-    points = [{"rank": "none", "layers": "none", "alpha": 0.0, "head": "all", "kinds": ",".join(a.kinds)}]
-    for rank, layers, alpha, head in itertools.product(a.ranks, layer_sets, a.alphas, heads):
-        points.append({"rank": rank, "layers": ",".join(map(str, layers)), "alpha": alpha,
-                       "head": "all" if head is None else head, "kinds": ",".join(a.kinds)})
+    policies = [*a.ranks, *(f"energy={e}" for e in a.energies)]
+    points = [{"rank": "none", "layers": "none", "alpha": 0.0, "head": "all", "kinds": ",".join(a.kinds),
+               "subspace": "none", "draw": None}]
+    for rank, layers, kinds, alpha, head in itertools.product(policies, layer_sets, kind_sets, a.alphas, heads):
+        cell = {"rank": rank, "layers": ",".join(map(str, layers)), "alpha": alpha,
+                "head": "all" if head is None else head, "kinds": ",".join(kinds)}
+        points.append({**cell, "subspace": "gradient", "draw": None})
+        points += [{**cell, "subspace": "random", "draw": d} for d in range(a.random_draws)]
     return points
 
 
 def _key(point: dict) -> str:
-    return json.dumps({k: point[k] for k in ("rank", "layers", "alpha", "head", "kinds")}, sort_keys=True)
+    # Rows written before random controls name no subspace: they hold the gradient (or no) projection.
+    subspace = point.get("subspace") or ("none" if point["rank"] == "none" else "gradient")
+    return json.dumps({**{k: point[k] for k in CELL}, "subspace": subspace, "draw": point.get("draw")}, sort_keys=True)
+
+
+def _projection(subspace, point: dict, config: ExperimentConfig) -> Projection | None:
+    if point["rank"] == "none":
+        return None
+    rank = point["rank"]
+    chosen = (subspace.with_rank(energy=float(rank.split("=")[1])) if isinstance(rank, str)
+              else subspace.with_rank(rank=rank))
+    if point.get("subspace") == "random":
+        chosen = random_like(chosen, seed=point["draw"])  # the same layers and per-basis ranks
+    heads = None if point["head"] == "all" else [point["head"]]
+    return Projection.build(chosen, layers=[int(x) for x in point["layers"].split(",")],
+                            kinds=point["kinds"].split(","), layout="flat" if heads is None else "head", heads=heads,
+                            alpha=point["alpha"])
 
 
 def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callable | None = None) -> list[dict]:
@@ -68,18 +107,10 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
                                      seed=config.seeds[0], tokenizer=tokenizer)
     sampling = SamplingConfig(max_new_tokens=task.max_new_tokens if config.eval.max_new_tokens is None else config.eval.max_new_tokens,
                               batch_size=config.eval.batch_size)
+    todo = [p for p in points if _key(p) not in done]
     with open(table_path, "a", encoding="utf-8") as table:
-        for point in progress(points) if progress else points:
-            if _key(point) in done:
-                continue
-            if point["rank"] == "none":
-                projection = None
-            else:
-                layers = [int(x) for x in point["layers"].split(",")]
-                heads = None if point["head"] == "all" else [point["head"]]
-                projection = Projection.build(subspace.with_rank(rank=point["rank"]), layers=layers,
-                                              kinds=config.ablate.kinds, layout="flat" if heads is None else "head",
-                                              heads=heads, alpha=point["alpha"])
+        for point in progress(todo) if progress else todo:
+            projection = _projection(subspace, point, config)
             handle = projection.attach(model) if projection else None
             try:
                 loss = correctness_loss(model, calibration, pad_id=tokenizer.pad_token_id)
@@ -90,7 +121,9 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
                     handle.remove()
             result = score_records(task, {e.id: e for e in examples},
                                    [{"prompt_id": e.id, "completion": c} for e, c in zip(examples, completions)])
-            row = {**point, "score": result.score, "ci": list(result.ci), "n": result.n, "loss": loss}
+            row = {**point, "score": result.score, "ci": list(result.ci), "n": result.n, "loss": loss,
+                   "split": config.task.eval_split,
+                   "outcomes": {r["prompt_id"]: int(r["passed"]) for r in result.results}}
             table.write(json.dumps(row) + "\n")
             table.flush()
             done[_key(point)] = row
@@ -98,8 +131,12 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
     baseline_loss = rows[0]["loss"]
     for row in rows:
         row["delta_loss"] = row["loss"] - baseline_loss
-    write_json(out / "ablation.json", {"rows": rows, "task": task.name, "model": config.model.name})
-    fields = ["rank", "layers", "alpha", "head", "kinds", "score", "ci_low", "ci_high", "n", "loss", "delta_loss"]
+        row.setdefault("subspace", "none" if row["rank"] == "none" else "gradient")
+        row.setdefault("draw", None)
+    write_json(out / "ablation.json", {"rows": rows, "controls": controls(rows), "task": task.name,
+                                       "split": config.task.eval_split, "model": config.model.name})
+    fields = ["rank", "layers", "alpha", "head", "kinds", "subspace", "draw", "score", "ci_low", "ci_high", "n", "loss",
+              "delta_loss"]
 
     def write_csv(tmp):
         with open(tmp, "w", newline="") as f:
@@ -113,16 +150,44 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
     return rows
 
 
+def controls(rows: list[dict]) -> list[dict]:
+    """Per cell with random draws: the gradient subspace's score minus the random subspaces',
+    paired over the questions, the interval resampling the draws, then the questions."""
+    cells: dict[str, dict] = {}
+    for row in rows:
+        if row.get("subspace") in ("gradient", "random") and "outcomes" in row:
+            cell = cells.setdefault(json.dumps({k: row[k] for k in CELL}, sort_keys=True),
+                                    {"cell": {k: row[k] for k in CELL}, "gradient": None, "random": []})
+            if row["subspace"] == "gradient":
+                cell["gradient"] = row
+            else:
+                cell["random"].append(row)
+    out = []
+    for cell in cells.values():
+        if cell["gradient"] is None or not cell["random"]:
+            continue
+        gradient = [{"prompt_id": p, "passed": v} for p, v in cell["gradient"]["outcomes"].items()]
+        random = [{"prompt_id": p, "passed": v, "seed": r["draw"]} for r in cell["random"] for p, v in r["outcomes"].items()]
+        c = paired_difference(gradient, random)
+        out.append({**cell["cell"], "gradient": cell["gradient"]["score"],
+                    "random": sum(r["score"] for r in cell["random"]) / len(cell["random"]),
+                    "random_draws": [r["score"] for r in cell["random"]], "difference": c["difference"], "ci": c["ci"],
+                    "n": c["n"], "seed_spread_exceeds_ci": c["seed_spread_exceeds_ci"]})
+    return out
+
+
 def write_ablation_report(out: str | Path, title: str | None = None) -> Path:
     """`OUT/ablation.html` (score and loss-change grids) from `OUT/ablation.json`."""
-    from spd_lens.viz import ablation_figure, write_report
+    from spd_lens.viz import ablation_figure, control_figure, write_report
 
     out = Path(out)
     table = read_json_object(out / "ablation.json", "an ablation table (spd-lens ablate)")
     rows = table["rows"]
-    grid_rows = [r for r in rows if r["rank"] != "none"]
+    grid_rows = [r for r in rows if r["rank"] != "none" and r.get("subspace", "gradient") == "gradient"]
     figures = [ablation_figure(grid_rows, x="rank", y="layers", value="score"),
                ablation_figure(grid_rows, x="rank", y="layers", value="delta_loss")]
+    if table.get("controls"):
+        figures.insert(0, control_figure(table["controls"], baseline=rows[0]["score"]))
     notes = f"baseline (no projection): score {rows[0]['score']:.3f}, correctness loss {rows[0]['loss']:.4f}"
     write_report(out / "ablation.html", figures, title or f"spd_lens ablation on {table.get('task')}", notes)
     return out / "ablation.html"

@@ -123,10 +123,13 @@ class AblateSection:
     """`spd-lens ablate`: projected decoding (no training) over a grid; every combination is run."""
 
     ranks: list[int] = field(default_factory=lambda: [16, 48, 96])
+    energies: list[float] = field(default_factory=list)  # more cells: the energy rank policy at these shares
     layer_sets: list[list[int]] | None = None  # default: each subspace layer alone
     alphas: list[float] = field(default_factory=lambda: [1.0])
     heads: list[int] | None = None  # per-head layout, each head alone; default: flattened, all heads
     kinds: list[str] = field(default_factory=lambda: ["k", "v"])
+    kind_sets: list[list[str]] | None = None  # e.g. [["k"], ["v"], ["k", "v"]]; default: [kinds]
+    random_draws: int = 0  # matched random subspaces (same layers and ranks) per cell, as its control
     loss_n: int = 16  # calibration examples for the correctness-loss column
 
 

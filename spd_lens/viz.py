@@ -301,6 +301,29 @@ def ablation_figure(rows: list[dict], *, x: str = "rank", y: str = "layers", val
     return figure
 
 
+def control_figure(controls: list[dict], *, baseline: float | None = None) -> go.Figure:
+    """Per ablation cell: the gradient subspace's score beside the mean of its matched random
+    subspaces (each draw a point), and the gradient-minus-random difference with its interval."""
+    labels = [f"r {c['rank']} L {c['layers']} {c['kinds']} a {c['alpha']}" + ("" if c["head"] == "all" else f" h {c['head']}")
+              for c in controls]
+    figure = go.Figure()
+    figure.add_trace(go.Bar(x=labels, y=[c["gradient"] for c in controls], name="gradient subspace"))
+    figure.add_trace(go.Bar(x=labels, y=[c["random"] for c in controls], name="random subspaces (mean)"))
+    figure.add_trace(go.Scatter(x=[lab for c, lab in zip(controls, labels) for _ in c["random_draws"]],
+                                y=[v for c in controls for v in c["random_draws"]], mode="markers",
+                                name="random draws", marker={"color": "black", "size": 5}))
+    figure.add_trace(go.Scatter(
+        x=labels, y=[c["difference"] for c in controls], mode="markers", name="gradient - random (95% CI)",
+        yaxis="y2", marker={"symbol": "diamond", "size": 9},
+        error_y={"type": "data", "array": [c["ci"][1] - c["difference"] for c in controls],
+                 "arrayminus": [c["difference"] - c["ci"][0] for c in controls]}))
+    if baseline is not None:
+        figure.add_hline(y=baseline, line_dash="dot", annotation_text=f"no projection {baseline:.3f}")
+    figure.update_layout(title="gradient vs matched random subspace, per cell", barmode="group", yaxis_title="score",
+                         yaxis2={"title": "difference", "overlaying": "y", "side": "right", "zeroline": True})
+    return figure
+
+
 def _natural(text: str):
     try:
         return (0, float(text))

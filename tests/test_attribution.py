@@ -121,6 +121,39 @@ def test_ablate_cli_table_figure_and_resume(tmp_path, capsys):
     assert len({json.dumps({k: r[k] for k in ("rank", "layers")}) for r in again}) == 7
 
 
+def test_ablation_cells_have_matched_random_controls(tmp_path):
+    import dataclasses
+
+    from spd_lens.ablate import run_ablation
+    from spd_lens.config import config_from_dict
+
+    config = config_from_dict({
+        "name": "gate", "model": {"name": "tiny"}, "task": {"eval_n": 4, "eval_split": "dev"},
+        "subspace": {"n": 2, "layers": [1, 3]}, "eval": {"max_new_tokens": 3},
+        "ablate": {"ranks": [4], "energies": [0.9], "layer_sets": [[1]], "kind_sets": [["k"], ["k", "v"]],
+                   "random_draws": 2, "loss_n": 2}})
+    rows = run_ablation(config, tmp_path / "gate")
+    # baseline + (rank 4, energy 0.9) x (K, K+V) x (gradient + 2 random draws)
+    assert len(rows) == 1 + 2 * 2 * 3
+    assert {(r["rank"], r["kinds"], r["subspace"], r["draw"]) for r in rows[1:]} == {
+        (p, k, s, d) for p in (4, "energy=0.9") for k in ("k", "k,v") for s, d in (("gradient", None), ("random", 0),
+                                                                                  ("random", 1))}
+    assert all(r["split"] == "dev" and len(r["outcomes"]) == 4 for r in rows)
+    assert all(e.startswith("arithmetic/dev/") for e in rows[0]["outcomes"])
+    table = json.loads((tmp_path / "gate" / "ablation.json").read_text())
+    assert len(table["controls"]) == 4
+    for c in table["controls"]:
+        assert len(c["random_draws"]) == 2 and c["ci"][0] <= c["difference"] <= c["ci"][1]
+        assert c["difference"] == pytest.approx(c["gradient"] - c["random"])
+    assert "gradient vs matched random subspace" in (tmp_path / "gate" / "ablation.html").read_text()
+    # A random draw projects onto another subspace of the same ranks: its correctness loss differs.
+    k_rows = [r for r in rows if r["rank"] == 4 and r["kinds"] == "k"]
+    assert len({round(r["loss"], 9) for r in k_rows}) == 3
+    with pytest.raises(SpdLensError, match="ablate.kind_sets"):
+        run_ablation(dataclasses.replace(config, ablate=dataclasses.replace(config.ablate, kind_sets=[["q"]])),
+                     tmp_path / "bad")
+
+
 def test_heads_cli_writes_table_and_figures(tmp_path, capsys):
     assert cli(["heads", "--model", "tiny", "--task", "arithmetic", "--n", "2", "--score-top", "1", "--score-n", "2",
                 "--out", str(tmp_path)]) == 0
