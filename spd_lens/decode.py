@@ -126,8 +126,7 @@ def decode_stream(
         if warpers is None:
             return logits.argmax(dim=-1).tolist()
         ids = torch.tensor([[r.tokens[-1] if r.tokens else pad_id] for r in batch_rows], device=device)
-        probs = torch.softmax(warpers(ids, logits), dim=-1).cpu()
-        return [int(torch.multinomial(p, 1, generator=r.generator)) for p, r in zip(probs, batch_rows)]
+        return draw(torch.softmax(warpers(ids, logits), dim=-1), [r.generator for r in batch_rows])
 
     def finish(row: _Row) -> Decoded | None:
         token = row.tokens[-1]
@@ -166,6 +165,17 @@ def decode_stream(
                 keep = [i for i, e in enumerate(ended) if e is None]
                 rows = [rows[i] for i in keep]
                 cache, mask = _select(cache, mask, keep)
+
+
+def draw(probs: Float[Tensor, "batch vocab"], generators: Sequence[torch.Generator]) -> list[int]:
+    """One token per row of `probs`, by inverse-CDF sampling with one uniform draw from each row's
+    own generator: the draws are tiny and on the CPU, the distribution stays on its device."""
+    uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(uniform.to(probs.device).unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    # right=True: the first token whose cumulative mass exceeds the draw, never a zero-mass one
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).tolist()
 
 
 def _generator(seed: int, index: int, temperature: float) -> torch.Generator | None:

@@ -225,7 +225,10 @@ def _my_batches(encoded: Sequence[EncodedExample], batch_size: int, processes: P
     re-batching them gives exactly the batches one process would form."""
     if not processes.parallel:
         return list(encoded)
-    batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
+    # iterate_gradients batches examples in order of length (a stable sort): shard those batches,
+    # whose examples it then sorts into the same batches again.
+    ordered = sorted(encoded, key=lambda e: len(e.input_ids))
+    batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
     if len(batches) < processes.world:
         raise SpdLensError(f"{len(encoded)} examples make {len(batches)} batch(es) of {batch_size}, fewer than the "
                            f"{processes.world} processes: use more examples, a smaller batch_size or fewer processes")

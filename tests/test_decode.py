@@ -6,7 +6,7 @@ import torch
 
 from spd_lens import SpdLensError
 from spd_lens.chat import encode, end_of_turn_ids, render_prompt
-from spd_lens.decode import decode
+from spd_lens.decode import decode, draw
 from spd_lens.extract import extract_subspace
 from spd_lens.models import load_hf
 from spd_lens.projection import Projection, fold_projection
@@ -132,3 +132,15 @@ def test_stop_ids_of_a_chat_model_end_rows(tiny):
     stop = end_of_turn_ids(tokenizer)
     got = decode(model, _encoded(tokenizer), slots=2, **_options(tokenizer, stop_ids=stop, max_new_tokens=6))
     assert all(not set(d.tokens) & set(stop) for d in got)  # the stop id itself is not part of the text
+
+
+def test_draw_follows_the_distribution_and_never_picks_a_zero_mass_token():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]] * 2)
+    generators = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    picks = [draw(probs, generators) for _ in range(6000)]
+    for row in range(2):
+        counts = torch.bincount(torch.tensor([p[row] for p in picks]), minlength=6).double() / len(picks)
+        assert counts[[0, 2, 5]].sum() == 0
+        assert torch.allclose(counts, probs[row].double(), atol=0.025)
+    again = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    assert [draw(probs, again) for _ in range(50)] == picks[:50]  # the row's generator alone decides
