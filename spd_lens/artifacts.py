@@ -75,7 +75,8 @@ def settings_differences(old: dict, new: dict, *, recorded: str = "file has") ->
             for key in sorted(set(a) | set(b)):
                 walk(a.get(key), b.get(key), f"{prefix}{key}.")
         elif a != b:
-            differences.append(f"{prefix.rstrip('.')}: {recorded} {a!r}, now {b!r}")
+            # prefix ends with exactly one separator; a key may itself end in "." (keep it)
+            differences.append(f"{prefix[:-1]}: {recorded} {a!r}, now {b!r}")
 
     walk(canonical(old), canonical(new), "")
     return differences

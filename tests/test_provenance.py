@@ -141,6 +141,12 @@ def test_a_changed_setting_is_named_with_its_path(value, data):
         differences == [f"{key}: file has {canonical(value[key])!r}, now {{'inner': ['changed']}}"]
 
 
+def test_a_key_ending_in_a_dot_keeps_its_name():
+    # found by the property test above: the separator was stripped with the key's own dot
+    assert settings_differences({".": None}, {".": 1}) == [".: file has None, now 1"]
+    assert settings_differences({"a.": {"b": 1}}, {"a.": {"b": 2}}) == ["a..b: file has 1, now 2"]
+
+
 # --- projections known to the model -----------------------------------------------------------
 
 def test_the_model_knows_its_projections_and_only_a_full_reset_ends_them(tiny, subspace):
