@@ -106,6 +106,10 @@ def test_rotation_moves_the_answer_and_keeps_the_question():
         assert sorted(r.meta["options"][position] for r in rotations) == sorted(example.meta["options"])
     assert {r.target for r in rotations} == set(ABCD)
     assert rotate_options(example, 4) is example and rotate_options(example, 5).id.endswith("@rot1")
+    # A rotated id names its example: scoring a file of rotated answers rebuilds each one.
+    assert [task.example_by_id(r.id) for r in rotations] == rotations
+    with pytest.raises(SpdLensError, match="is not an example id"):
+        task.example_by_id("family-mc/test/0/x@rot1")
     with pytest.raises(SpdLensError, match="not a multiple-choice example"):
         rotate_options(get_task("arithmetic").examples("test", n=1)[0], 1)
 

@@ -84,6 +84,16 @@ class MultipleChoiceTask(Task):
     def answer(self, example: Example, completion: str) -> str | None:
         return extract_letter(completion, example.meta["labels"])
 
+    def example_by_id(self, example_id: str) -> Example:
+        """The example with this id, a rotated one (`<id>@rot<shift>`, `rotate_options`) included."""
+        base, mark, shift = example_id.rpartition(ROTATION_MARK)
+        if mark and shift.isdigit():
+            return rotate_options(self._unrotated_by_id(base), int(shift))
+        return self._unrotated_by_id(example_id)
+
+    def _unrotated_by_id(self, example_id: str) -> Example:
+        return Task.example_by_id(self, example_id)
+
     def score(self, example: Example, completion: str) -> Score:
         chosen = self.answer(example, completion)
         ok = chosen == example.target
@@ -191,7 +201,7 @@ class FamilyMC(MultipleChoiceTask):
         example.meta["question"] = question
         return example
 
-    def example_by_id(self, example_id: str) -> Example:
+    def _unrotated_by_id(self, example_id: str) -> Example:
         import reasoning_gym
 
         variant, split, seed, index = parse_procedural_id(self.name, example_id)
