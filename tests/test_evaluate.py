@@ -46,7 +46,17 @@ def test_eval_cli_on_tiny(tmp_path, capsys):
     assert cli(["eval", "--model", "tiny", "--task", "family-mc", "--n", "4", "--max-new-tokens", "4",
                 "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
-    assert saved["n"] == 4 and len(saved["results"]) == 4 and "ci" in saved
+    assert saved["n"] == 4 and len(saved["results"]) == 4 and "ci" in saved and "loglik" not in saved
+    # --mc-loglik: the label log-likelihood beside the generated letter, over every rotation too
+    capsys.readouterr()
+    assert cli(["eval", "--model", "tiny", "--task", "family-mc", "--n", "4", "--max-new-tokens", "4", "--mc-loglik",
+                "--out", str(tmp_path / "l.json")]) == 0
+    loglik = json.loads((tmp_path / "l.json").read_text())["loglik"]
+    assert sum(loglik["choice_rates"].values()) == pytest.approx(1) and loglik["debiased"]["rotations"] == 16
+    assert "option_average_accuracy" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loglik"]
+    assert cli(["eval", "--model", "tiny", "--task", "arithmetic", "--n", "2", "--mc-loglik",
+                "--out", str(tmp_path / "x.json")]) == 2
+    assert "--mc-loglik reads option letters: task 'arithmetic' is math" in capsys.readouterr().err
 
 
 @pytest.mark.slow

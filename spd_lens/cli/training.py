@@ -6,6 +6,7 @@ import argparse
 
 from spd_lens.cli import common
 from spd_lens.cli.common import DEFAULT_MODEL
+from spd_lens.errors import SpdLensError
 from spd_lens.processes import Processes
 
 
@@ -47,6 +48,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                         else load_hf(args.model, runtime))
     task_options = common.task_options(args, tokenizer)
     task = common.configured_task(args, **task_options)
+    if args.mc_loglik and task.family != "mcqa":
+        raise SpdLensError(f"--mc-loglik reads option letters: task {task.name!r} is {task.family}, not multiple choice")
     config = SamplingConfig(temperature=args.temperature,
                             max_new_tokens=task.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
                             seed=args.seed, batch_size=args.batch_size)
@@ -54,6 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = canonical({
         "model": args.model, "adapter": args.adapter, "task": task.name, "task_options": task_options, "n": args.n,
         "split": args.split, "seed": args.seed, "sampling": asdict(config), "dtype": runtime.describe()["dtype"],
+        **({"mc_loglik": True} if args.mc_loglik else {}),
         # what the adapter was trained from, so a retrained adapter is not taken for the old one
         "adapter_settings": read_json_object(trained, "a training run's record").get("settings")
         if trained is not None and trained.is_file() else None})
@@ -68,11 +72,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return 0
     result = evaluate(model, tokenizer, task, n=args.n, split=args.split, seed=args.seed, config=config,
                       generations=out.with_suffix(".generations.jsonl"), progress=common.progress_labelled("eval"))
+    extra = {}
+    if args.mc_loglik:  # beside the generated letter: label log-likelihood, as asked and over rotations
+        from spd_lens.evaluate import evaluate_mc
+
+        mc = evaluate_mc(model, tokenizer, task, n=args.n, split=args.split, seed=args.seed, rotations=True,
+                         loglik=True, batch_size=args.batch_size)
+        extra["loglik"] = mc["loglik"]
     if not Processes.current().is_main:
         return 0  # under torchrun each process generated a shard; the main one writes the result
-    write_json(out, {**result.as_dict(), "model": args.model, "adapter": args.adapter, "settings": settings,
+    write_json(out, {**result.as_dict(), **extra, "model": args.model, "adapter": args.adapter, "settings": settings,
                      "runtime": runtime.describe(), "sandbox": summarise_isolation(result.results)})
-    print(json.dumps({"task": task.name, "score": result.score, "ci": result.ci, "n": result.n}))
+    summary = {"task": task.name, "score": result.score, "ci": result.ci, "n": result.n}
+    if args.mc_loglik:
+        loglik = extra["loglik"]
+        summary["loglik"] = {"accuracy": loglik["accuracy"], "debiased_accuracy": loglik["debiased"]["accuracy"],
+                             "option_average_accuracy": loglik["debiased"]["option_average"]["accuracy"],
+                             "choice_rates": loglik["choice_rates"]}
+    print(json.dumps(summary))
     return 0
 
 
@@ -131,6 +148,9 @@ def register(commands) -> None:
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", required=True, help="JSON file for the score, CI and per-example results")
+    evaluate.add_argument("--mc-loglik", action="store_true",
+                          help="multiple choice: also score by the label's log-likelihood at the answer position, as "
+                               "asked, over cyclically rotated options and option-averaged (kept under 'loglik')")
     common.add_sandbox_flags(evaluate)
     common.add_runtime_args(evaluate)
     evaluate.set_defaults(func=cmd_eval)
