@@ -272,7 +272,7 @@ def generate_jsonl(
 
     with handle:
         if config.batching == "refill":
-            finished = _finished_prompts(model, tokenizer, todo, [position[e.id] for e in todo], config)
+            finished = _FinishedPrompts(model, tokenizer, todo, [position[e.id] for e in todo], config)
             for example, samples in progress(finished) if progress else finished:
                 write(example, samples)
         else:
@@ -336,7 +336,7 @@ def _generate_sharded(model, tokenizer, examples: Sequence[Example], out: Path, 
     done = {r["prompt_id"] for r in kept}
     todo = [e for e in mine if e.id not in done]
     with open(part, "ab") as handle:
-        finished = _finished_prompts(model, tokenizer, todo, [position[e.id] for e in todo], config)
+        finished = _FinishedPrompts(model, tokenizer, todo, [position[e.id] for e in todo], config)
         for example, samples in progress(finished) if progress and processes.is_main else finished:
             _write_prompt(handle, example, samples, task, settings)
     processes.barrier()
@@ -356,7 +356,7 @@ def _generate_sharded(model, tokenizer, examples: Sequence[Example], out: Path, 
     return out
 
 
-class _finished_prompts:
+class _FinishedPrompts:
     """(example, its completions) as each prompt's last sample finishes; sized, for progress bars."""
 
     def __init__(self, model, tokenizer, examples: Sequence[Example], positions: Sequence[int], config: SamplingConfig):
