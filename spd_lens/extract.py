@@ -158,6 +158,7 @@ def extract_subspace(
     progress: Progress | None = None,
     out: str | Path | None = None,
     processes: Processes | None = None,
+    max_memory: int | str | None = None,
 ) -> CapabilitySubspace:
     """The capability subspace of `model` for a task (SPD steps 1-3).
 
@@ -170,6 +171,11 @@ def extract_subspace(
     With `out`, the subspace is saved there; a directory already holding one made with the same
     settings (`EXTRACTION_SETTINGS`) is loaded instead (no gradients taken), and one made with
     other settings is refused, naming them.
+
+    `batch_size` is the most examples a batch holds; `max_memory` (bytes or "4GB"; default: half
+    of the memory available) bounds each batch's estimated gradient pass, so long examples go in
+    smaller batches and one that cannot fit alone is refused up front (`spd_lens.memory`). The
+    sums, and so the subspace, do not depend on the batching.
 
     Under a multi-process launch (`processes`, default `Processes.current()`) each process takes
     every world-th batch, the Gram matrices are summed across processes (the same batches as one
@@ -199,9 +205,9 @@ def extract_subspace(
     pad_id = known_tokenizer.pad_token_id if known_tokenizer is not None else None
     started = time.time()
     accumulator = GramAccumulator()
-    mine = _my_batches(encoded, batch_size, processes)
-    for batch in iterate_gradients(model, mine, layers=layers, loss=loss, batch_size=batch_size, pad_id=pad_id,
-                                   progress=progress if processes.is_main else None):
+    for batch in iterate_gradients(model, encoded, layers=layers, loss=loss, batch_size=batch_size, pad_id=pad_id,
+                                   progress=progress if processes.is_main else None, max_memory=max_memory,
+                                   processes=processes):
         accumulator.add(batch)
     if processes.parallel:
         accumulator.sum_over(processes)
@@ -218,21 +224,6 @@ def extract_subspace(
             subspace.save(out)
         processes.barrier()  # every process returns once the directory is complete
     return subspace
-
-
-def _my_batches(encoded: Sequence[EncodedExample], batch_size: int, processes: Processes) -> list[EncodedExample]:
-    """The examples of this process's batches: every world-th batch of `batch_size`, so that
-    re-batching them gives exactly the batches one process would form."""
-    if not processes.parallel:
-        return list(encoded)
-    # iterate_gradients batches examples in order of length (a stable sort): shard those batches,
-    # whose examples it then sorts into the same batches again.
-    ordered = sorted(encoded, key=lambda e: len(e.input_ids))
-    batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
-    if len(batches) < processes.world:
-        raise SpdLensError(f"{len(encoded)} examples make {len(batches)} batch(es) of {batch_size}, fewer than the "
-                           f"{processes.world} processes: use more examples, a smaller batch_size or fewer processes")
-    return [e for b in processes.shard(len(batches)) for e in batches[b]]
 
 
 def examples_hash(encoded: Sequence[EncodedExample]) -> str:

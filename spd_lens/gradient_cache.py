@@ -189,12 +189,16 @@ def cache_gradients(
     tokenizer=None,
     task_options: dict | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    max_memory: int | str | None = None,
     progress: Progress | None = None,
 ) -> GradientCache:
     """Cache the correctness-token K/V gradients of every chosen layer (all layers by default).
 
     `task_or_examples` as in `extract_subspace`: a task (n examples of `split` by `seed`) or your
-    own examples (all, or the first `n`).
+    own examples (all, or the first `n`). Two budgets, both checked before any gradient is taken:
+    `max_bytes` for the cache itself, and `max_memory` (bytes or "4GB"; default: half of the
+    memory available) for the cache plus the largest batch's gradient pass, which sets how many
+    examples go in a batch (at most `batch_size`; the cached numbers do not depend on it).
     """
     shape = model_shape(model)
     layers = list(range(shape["n_layers"])) if layers is None else check_layers(layers, shape["n_layers"])
@@ -222,7 +226,7 @@ def cache_gradients(
     correct = torch.zeros(len(encoded), length, dtype=torch.bool)
     started = time.time()
     for batch in iterate_gradients(model, encoded, layers=layers, loss=loss, batch_size=batch_size, pad_id=pad_id,
-                                   progress=progress):
+                                   progress=progress, max_memory=max_memory, reserved=needed):
         rows = [order[example_id] for example_id in batch.example_ids]
         width = batch.input_ids.shape[1]
         input_ids[rows, :width] = batch.input_ids

@@ -6,17 +6,24 @@ so an example's gradient does not depend on what it is batched with). dL/dK and 
 at the chosen layers, shaped `[batch, pos, kv_head, d_head]` like `hook_k`/`hook_v` (before RoPE).
 
 Two capture paths give the same numbers (tested):
-- on a `TransformerBridge`: backward hooks on `blocks.{l}.attn.hook_k` / `hook_v`;
-- on a plain Hugging Face model: tensor hooks on the outputs of `k_proj` / `v_proj` (the fast
-  path: no bridge overhead).
-Either way, backward runs only as far back as the first target layer and computes no weight
-gradients (`backward(inputs=...)`), and with the correctness loss only the logits of the
-correctness positions are computed on the HF path.
+- on a `TransformerBridge` with hooks attached (a projection, your own): backward hooks on
+  `blocks.{l}.attn.hook_k` / `hook_v`, so the gradients are those of the hooked model;
+- otherwise (a plain Hugging Face model, or a bridge with no hooks on): tensor hooks on the
+  outputs of `k_proj` / `v_proj` of the underlying model, and logits only where the loss is
+  taken; a plain model's pass uses its memory-efficient attention (SDPA), which keeps no
+  `T x T` pattern per layer (a bridge's attention stays eager, for `hook_pattern`).
+Either way the weights are frozen for the pass, so backward runs only as far back as the first
+target layer, computes no weight gradients, and the layers below keep no activations; with the
+correctness loss only the logits of the correctness positions are computed on the plain path.
+
+Batches hold examples of similar length, at most `batch_size`, and no more than the memory
+budget allows (`spd_lens.memory`: the estimate of what the pass keeps for backward).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +31,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from spd_lens.errors import SpdLensError
+from spd_lens.memory import OverBudget, batch_plan, default_budget, gib, gradient_pass_bytes, parse_bytes
+from spd_lens.processes import Processes
 from spd_lens.tasks.base import EncodedExample, check_unique_ids
 
 KINDS = ("k", "v")
@@ -96,10 +105,18 @@ def iterate_gradients(
     batch_size: int = 4,
     pad_id: int | None = None,
     progress: Progress | None = None,
+    max_memory: int | str | None = None,
+    reserved: int = 0,
+    processes: Processes | None = None,
+    capture: str = "auto",
 ) -> Iterator[GradientBatch]:
     """Yield each batch's dL/dK and dL/dV at `layers` (see the module docstring).
 
     Batches hold examples of similar length (sorted by length); `example_ids` say which.
+    `max_memory` (bytes or text such as "4GB"; default: half of the memory available) bounds the
+    estimated memory of each batch's pass plus `reserved` (what the caller keeps, e.g. a cache).
+    With `processes` (a multi-process launch) this process takes every world-th of the batches one
+    process would form. `capture` is "auto", "bridge" or "plain" (which path, see above).
     """
     from spd_lens.models import hf_model_of
 
@@ -112,21 +129,26 @@ def iterate_gradients(
         raise SpdLensError("no examples to take gradients on")
     check_unique_ids([e.example_id for e in encoded])  # batches name their rows by example id
     pad_id = pad_id if pad_id is not None else (hf.config.pad_token_id or 0)
-    # Batch examples of similar length: padding costs quadratic attention time. Sums over
-    # examples (what the subspace needs) do not depend on the order.
-    encoded = sorted(encoded, key=lambda e: len(e.input_ids))
-    starts = range(0, len(encoded), batch_size)
-    for start in progress(starts) if progress else starts:
-        chunk = encoded[start:start + batch_size]
+    on_bridge = _bridge_path(model, capture)
+    batches = gradient_batches(model, encoded, layers=layers, loss=loss, batch_size=batch_size,
+                               max_memory=max_memory, reserved=reserved, on_bridge=on_bridge)
+    if processes is not None and processes.parallel:
+        if len(batches) < processes.world:
+            raise SpdLensError(f"{len(encoded)} examples make {len(batches)} batch(es), fewer than the "
+                               f"{processes.world} processes: use more examples, a smaller batch_size or fewer processes")
+        batches = [batches[b] for b in processes.shard(len(batches))]
+    for chunk in progress(batches) if progress else batches:
         ids, attention, correct = pad_batch(chunk, pad_id)
         mask = target_mask(attention, correct, loss)
         if not mask.any():
             raise SpdLensError(f"examples {[e.example_id for e in chunk]} have no tokens to take the loss on")
         ids, attention_dev, mask_dev = ids.to(hf.device), attention.to(hf.device), mask.to(hf.device)
-        if hasattr(model, "original_model"):
-            grads, value = _bridge_pass(model, ids, attention_dev, mask_dev, layers)
+        if on_bridge:
+            with _frozen(hf):
+                grads, value = _bridge_pass(model, ids, attention_dev, mask_dev, layers)
         else:
-            grads, value = _hf_pass(hf, ids, attention_dev, mask_dev, layers, loss)
+            with _frozen(hf), _memory_efficient_attention(hf):
+                grads, value = _hf_pass(hf, ids, attention_dev, mask_dev, layers, loss)
         for key, grad in grads.items():
             if not torch.isfinite(grad).all():
                 raise SpdLensError(
@@ -134,6 +156,81 @@ def iterate_gradients(
                     f"{[e.example_id for e in chunk]} (loss {value}); the model or inputs produce NaN/inf"
                 )
         yield GradientBatch([e.example_id for e in chunk], ids.cpu(), attention, correct, grads, value)
+
+
+def gradient_batches(model, encoded: Sequence[EncodedExample], *, layers: Sequence[int], loss: str, batch_size: int,
+                     max_memory: int | str | None = None, reserved: int = 0,
+                     on_bridge: bool | None = None) -> list[list[EncodedExample]]:
+    """The batches a gradient pass takes: by length, at most `batch_size`, within the budget."""
+    from spd_lens.models import hf_model_of
+
+    hf = hf_model_of(model)
+    on_bridge = _bridge_path(model, "auto") if on_bridge is None else on_bridge
+    given = parse_bytes(max_memory)
+    target, limit = default_budget(hf.device) if given is None else (given, given)
+    first = min(layers)
+
+    def estimate(batch: int, length: int) -> int:
+        return gradient_pass_bytes(model, batch=batch, length=length, first_layer=first,
+                                   full_logits=on_bridge or loss == "full")
+
+    lengths = [len(e.input_ids) for e in encoded]
+    try:
+        plan = batch_plan(lengths, batch_size=batch_size, estimate=estimate, budget=max(target - reserved, 0),
+                          limit=max(limit - reserved, 0))
+    except OverBudget as err:
+        kept = f"layers {first}..{hf.config.num_hidden_layers - 1}"
+        held = f" beside {gib(reserved)} for the result itself" if reserved else ""
+        now = f"max_memory={gib(limit)}" if given is not None else f"by default half the available memory, {gib(limit)}"
+        raise SpdLensError(f"{err}{held} ({now}): raise max_memory, take gradients at later layers only "
+                           f"(the backward pass keeps {kept}), or use shorter examples") from None
+    return [[encoded[i] for i in batch] for batch in plan]
+
+
+def _bridge_path(model, capture: str) -> bool:
+    """Whether gradients are taken through the bridge's hook points (hooks on it must apply)."""
+    if capture not in ("auto", "bridge", "plain"):
+        raise SpdLensError(f"capture={capture!r}: use 'auto', 'bridge' or 'plain'")
+    is_bridge = hasattr(model, "original_model")
+    if capture == "bridge" and not is_bridge:
+        raise SpdLensError("capture='bridge' needs a TransformerBridge, got a plain model")
+    if capture != "auto":
+        return capture == "bridge"
+    return is_bridge and _has_lens_hooks(model)
+
+
+def _has_lens_hooks(bridge) -> bool:
+    from transformer_lens.hook_points import HookPoint
+
+    return any(isinstance(m, HookPoint) and (m.fwd_hooks or m.bwd_hooks) for m in bridge.modules())
+
+
+@contextmanager
+def _frozen(hf):
+    """No weight needs a gradient during the pass (the caller's flags come back after)."""
+    flags = [(p, p.requires_grad) for p in hf.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def _memory_efficient_attention(hf):
+    """SDPA instead of eager attention for the pass (a bridge's model is eager for its hooks)."""
+    config = hf.config
+    previous = getattr(config, "_attn_implementation", None)
+    switch = previous == "eager" and getattr(hf, "_supports_sdpa", False)
+    try:
+        if switch:
+            config._attn_implementation = "sdpa"
+        yield
+    finally:
+        if switch:
+            config._attn_implementation = previous
 
 
 def _loss_from_logits(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:

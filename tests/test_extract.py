@@ -70,7 +70,7 @@ def test_bridge_hooks_and_plain_path_give_the_same_gradients(encoded):
     model, tokenizer = load_hf("tiny", dtype=torch.float64)
     plain = _stacked_rows(model, encoded, [1, 3], batch_size=3, pad_id=tokenizer.pad_token_id)
     bridge = boot(model, tokenizer)
-    hooked = _stacked_rows(bridge, encoded, [1, 3], batch_size=3)
+    hooked = _stacked_rows(bridge, encoded, [1, 3], batch_size=3, capture="bridge")
     for key in plain:
         # The bridge forces eager attention (the plain model uses sdpa): equal up to op order.
         scale = plain[key].abs().max()
