@@ -106,13 +106,15 @@ def task_score(model, tokenizer, task, examples, max_new_tokens: int) -> float:
 def head_attribution(model, task_or_examples, *, n: int | None = None, seed: int = 0,
                      layers: Sequence[int] | None = None, rank_frac: float | None = None, rank: int | None = None,
                      score_top: int | None = None, score_n: int = 32, score_task=None, tokenizer=None,
-                     subspace: CapabilitySubspace | None = None, progress: Callable | None = None) -> list[dict]:
+                     subspace: CapabilitySubspace | None = None, progress: Callable | None = None,
+                     max_memory: int | str | None = None) -> list[dict]:
     """One row per (layer, KV head); see the module docstring.
 
     `task_or_examples` is a task (then `n`, default 16, train examples drawn by `seed`) or your own
     `Example`s / `EncodedExample`s as `extract_subspace` takes them (all, or the first `n`).
     `score_top` (default 5 for a task, 0 for your own examples) heads get a `delta_score` on
-    `score_n` test examples of the task, or of `score_task` for your own examples.
+    `score_n` test examples of the task, or of `score_task` for your own examples. `max_memory`
+    bounds the gradient pass as in `extract_subspace`.
     """
     tokenizer = tokenizer or model.tokenizer
     shape = model_shape(model)
@@ -130,7 +132,8 @@ def head_attribution(model, task_or_examples, *, n: int | None = None, seed: int
                                  tokenizer=tokenizer)
     if subspace is None:  # from the same examples (a task's draw is recorded as such)
         subspace = extract_subspace(model, task if is_task else encoded, n=n if is_task else None, seed=seed,
-                                    layers=layers, rank=rank, rank_frac=rank_frac, tokenizer=tokenizer)
+                                    layers=layers, rank=rank, rank_frac=rank_frac, tokenizer=tokenizer,
+                                    max_memory=max_memory)
     pad_id = tokenizer.pad_token_id
     baseline = correctness_loss(model, encoded, pad_id=pad_id)
     rows = []

@@ -159,6 +159,7 @@ def extract_subspace(
     out: str | Path | None = None,
     processes: Processes | None = None,
     max_memory: int | str | None = None,
+    capture: str = "auto",
 ) -> CapabilitySubspace:
     """The capability subspace of `model` for a task (SPD steps 1-3).
 
@@ -166,7 +167,9 @@ def extract_subspace(
     or your own `Example`s / `EncodedExample`s (all of them, or the first `n`).
     `layers` defaults to {L//2, L-1}; the rank policy is one of `rank`, `rank_frac` (default 0.5
     of the numerical rank) or `energy`; `loss="full"` takes the full-sequence loss (the ablation).
-    Works on a `TransformerBridge` (hook_k/hook_v backward hooks) or a plain HF model (faster).
+    Works on a `TransformerBridge` or a plain HF model: through the bridge's hook_k/hook_v backward
+    hooks when hooks are on it (so they apply; `capture="bridge"` always), otherwise on the
+    underlying model's k_proj/v_proj outputs (same numbers, faster, less memory).
 
     With `out`, the subspace is saved there; a directory already holding one made with the same
     settings (`EXTRACTION_SETTINGS`) is loaded instead (no gradients taken), and one made with
@@ -207,7 +210,7 @@ def extract_subspace(
     accumulator = GramAccumulator()
     for batch in iterate_gradients(model, encoded, layers=layers, loss=loss, batch_size=batch_size, pad_id=pad_id,
                                    progress=progress if processes.is_main else None, max_memory=max_memory,
-                                   processes=processes):
+                                   processes=processes, capture=capture):
         accumulator.add(batch)
     if processes.parallel:
         accumulator.sum_over(processes)

@@ -9,7 +9,9 @@ Rows are `[example, pos, kv_head, d_head]`, right-padded, in the order the examp
 with the token ids, attention and correctness masks and example ids beside them.
 
 Streaming extraction (`extract_subspace`) is for scale; a cache holds every row, so it has a
-memory budget, checked before any gradient is computed.
+memory budget (`max_bytes`, the cache alone) and, like every gradient pass, `max_memory` (the
+cache plus the largest batch's pass, see `spd_lens.memory`), both checked before any gradient
+is computed.
 
 Example:
     >>> from spd_lens import load_model

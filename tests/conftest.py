@@ -42,3 +42,19 @@ def data(tmp_path_factory, tiny_hf):
     path = tmp_path_factory.mktemp("data") / "gen.jsonl"
     return generate_jsonl(model, tokenizer, examples, path, SamplingConfig(temperature=1.0, max_new_tokens=12),
                           task="arithmetic")
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    """With SPD_LENS_TEST_MEMORY=FILE, one line per test: the process's peak and current resident
+    memory after it (GB), so a test that raises the suite's peak can be found."""
+    import os
+    import resource
+
+    path = os.environ.get("SPD_LENS_TEST_MEMORY")
+    if path:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+        with open("/proc/self/statm") as statm:
+            current = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+        with open(path, "a") as log:
+            log.write(f"{peak:.2f}\t{current:.2f}\t{children:.2f}\t{nodeid}\n")

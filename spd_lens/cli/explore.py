@@ -9,6 +9,9 @@ from spd_lens.cli.common import DEFAULT_MODEL, int_list
 from spd_lens.errors import SpdLensError
 from spd_lens.processes import Processes
 
+MAX_MEMORY_HELP = ("memory budget of a gradient pass, e.g. 4GB (default: half the available memory, batches aiming "
+                   "at 3 GiB on the CPU); batches shrink to fit, an example that cannot fit is refused")
+
 
 def cmd_tasks(args: argparse.Namespace) -> int:
     from spd_lens.tasks import TASKS
@@ -62,6 +65,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         target, args.task, n=args.n, split=args.split, seed=args.seed, layers=args.layers, rank=args.rank,
         rank_frac=args.rank_frac, energy=args.energy, loss=args.loss, batch_size=args.batch_size, tokenizer=tokenizer,
         task_options=common.task_options(args, tokenizer), progress=common.progress("gradients"), out=out,
+        max_memory=args.max_memory, capture="bridge" if args.via_bridge else "auto",
     )  # a directory holding this extraction already is reused; one made with other settings is refused
     if not Processes.current().is_main:
         return 0  # under torchrun each process took a shard of the batches; the main one reports
@@ -127,7 +131,8 @@ def cmd_heads(args: argparse.Namespace) -> int:
     task = common.configured_task(args)
     model, tokenizer = load_hf(args.model, common.runtime(args))
     rows = head_attribution(model, task, n=args.n, seed=args.seed, layers=args.layers, score_top=args.score_top,
-                            score_n=args.score_n, tokenizer=tokenizer, progress=common.progress_labelled("heads"))
+                            score_n=args.score_n, tokenizer=tokenizer, progress=common.progress_labelled("heads"),
+                            max_memory=args.max_memory)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "heads.json", {"model": args.model, "task": args.task, "n": args.n, "seed": args.seed, "rows": rows})
@@ -182,7 +187,8 @@ def register(commands) -> None:
     policy.add_argument("--rank-frac", type=float, help="fraction of each basis's numerical rank (default 0.5)")
     policy.add_argument("--energy", type=float, help="smallest rank keeping this fraction of gradient energy")
     extract.add_argument("--loss", default="correctness", choices=["correctness", "full"])
-    extract.add_argument("--batch-size", type=int, default=4)
+    extract.add_argument("--batch-size", type=int, default=4, help="most examples a batch holds")
+    extract.add_argument("--max-memory", help=MAX_MEMORY_HELP)
     extract.add_argument("--via-bridge", action="store_true",
                          help="capture through the TransformerBridge's hook_k/hook_v (same result, slower)")
     extract.add_argument("--out", required=True, help="directory for subspace.safetensors + subspace.json")
@@ -224,6 +230,7 @@ def register(commands) -> None:
     heads.add_argument("--layers", type=int_list, help="default: every layer")
     heads.add_argument("--score-top", type=int, default=5, help="heads whose task-score change is measured")
     heads.add_argument("--score-n", type=int, default=32)
+    heads.add_argument("--max-memory", help=MAX_MEMORY_HELP)
     heads.add_argument("--out", required=True)
     common.add_sandbox_flags(heads)
     common.add_runtime_args(heads)
