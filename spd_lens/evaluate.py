@@ -24,6 +24,7 @@ import numpy as np
 
 from spd_lens.artifacts import write_json  # noqa: F401  (re-exported for callers)
 from spd_lens.errors import SpdLensError
+from spd_lens.processes import Processes
 from spd_lens.sampling import SamplingConfig, generate_jsonl
 from spd_lens.tasks import Example, Task, get_task
 
@@ -155,25 +156,37 @@ def paired_difference(a: Sequence[dict], b: Sequence[dict], *, resamples: int = 
 
 
 def score_records(task: Task, examples_by_id: dict[str, Example], records: list[dict],
-                  progress: Callable | None = None) -> EvalResult:
-    """Score completion records (`prompt_id` + completion text) against the task's examples."""
-    results = []
-    for record in progress(records) if progress else records:
-        example = examples_by_id.get(record["prompt_id"])
-        if example is None:
-            raise SpdLensError(f"prompt id {record['prompt_id']!r} is not an example of task {task.name!r}")
-        verdict = task.score(example, record["completion"])
-        result = {"prompt_id": record["prompt_id"], "passed": verdict.passed, "status": verdict.status,
-                  "completion": record["completion"], "detail": verdict.detail[-300:]}
-        if "finish_reason" in record:
-            result["finish_reason"] = record["finish_reason"]
-        if verdict.isolation is not None:
-            result["sandbox"] = verdict.isolation
-        results.append(result)
-    if not results:
+                  progress: Callable | None = None, processes: Processes | None = None) -> EvalResult:
+    """Score completion records (`prompt_id` + completion text) against the task's examples.
+
+    With `processes` (every process of a launch calls this with the same records) each process
+    scores every world-th record, so the sandbox work of code tasks is divided, and every process
+    returns the whole result in the records' order."""
+    if not records:
         raise SpdLensError("no completions to score")
+    unknown = [r["prompt_id"] for r in records if r["prompt_id"] not in examples_by_id]
+    if unknown:
+        raise SpdLensError(f"prompt id {unknown[0]!r} is not an example of task {task.name!r}")
+    parallel = processes is not None and processes.parallel
+    mine = processes.shard(len(records)) if parallel else range(len(records))
+    scored = {i: _score_record(task, examples_by_id[records[i]["prompt_id"]], records[i])
+              for i in (progress(mine) if progress else mine)}
+    if parallel:
+        scored = {i: result for part in processes.gather(scored) for i, result in part.items()}
+    results = [scored[i] for i in range(len(records))]
     outcomes = [r["passed"] for r in results]
     return EvalResult(task.name, sum(outcomes) / len(outcomes), bootstrap_ci(outcomes), len(outcomes), results)
+
+
+def _score_record(task: Task, example: Example, record: dict) -> dict:
+    verdict = task.score(example, record["completion"])
+    result = {"prompt_id": record["prompt_id"], "passed": verdict.passed, "status": verdict.status,
+              "completion": record["completion"], "detail": verdict.detail[-300:]}
+    if "finish_reason" in record:
+        result["finish_reason"] = record["finish_reason"]
+    if verdict.isolation is not None:
+        result["sandbox"] = verdict.isolation
+    return result
 
 
 def read_completions(path: str | Path) -> list[dict]:
@@ -208,18 +221,22 @@ def score_file(task: str | Task, path: str | Path, progress: Callable | None = N
 
 def evaluate(model, tokenizer, task: str | Task, *, n: int | None = None, split: str = "test", seed: int = 0,
              config: SamplingConfig | None = None, generations: str | Path, provenance: dict | None = None,
-             progress: Callable | None = None) -> EvalResult:
-    """Greedy (by default) generation on `split` examples, scored; generations saved to `generations`."""
+             progress: Callable | None = None, processes: Processes | None = None) -> EvalResult:
+    """Greedy (by default) generation on `split` examples, scored; generations saved to `generations`.
+
+    Under a multi-process launch (`processes`, default `Processes.current()`; every process calls
+    this) each process generates and scores a shard; every process returns the whole result."""
+    processes = processes or Processes.current()
     task = get_task(task)
     task.check_ready()  # e.g. no code sandbox here: refuse before generating
     examples = task.examples(split, n=n, seed=seed)
     config = config or SamplingConfig(temperature=0.0, max_new_tokens=task.max_new_tokens, seed=seed)
     path = generate_jsonl(model, tokenizer, examples, generations, config, task=task.name,
-                          provenance={"split": split, **(provenance or {})}, progress=progress)
+                          provenance={"split": split, **(provenance or {})}, progress=progress, processes=processes)
     records = [json.loads(line) for line in open(path, encoding="utf-8")]
     records = [{"prompt_id": r["prompt_id"], "completion": r["messages"][-1]["content"],
                 "finish_reason": r.get("finish_reason", "stop")} for r in records]
-    return score_records(task, {e.id: e for e in examples}, records)
+    return score_records(task, {e.id: e for e in examples}, records, processes=processes)
 
 
 def training_data_quality(task: str | Task, path: str | Path, examples: Sequence[Example] | None = None,

@@ -70,6 +70,15 @@ class Processes:
         if self.parallel:
             _state().wait_for_everyone()
 
+    def gather(self, value) -> list:
+        """Every process's `value` (picklable), in rank order, on every process."""
+        if not self.parallel:
+            return [value]
+        _state()  # the process group accelerate connects
+        values: list = [None] * self.world
+        torch.distributed.all_gather_object(values, value)
+        return values
+
     def sum(self, tensor: Tensor) -> Tensor:
         """`tensor` summed over every process (a copy, on the tensor's own device and dtype)."""
         if not self.parallel:

@@ -113,3 +113,46 @@ batch_size = 2
     assert set(metrics["methods"]) == {"base", "psr", "spd"}
     assert json.loads((two / "adapters" / "spd-seed0" / "train.json").read_text())["processes"] == 2
     assert not [p for p in two.rglob("*") if p.name.endswith((".partial", ".tmp"))]
+
+
+def test_scoring_is_divided_between_processes(monkeypatch):
+    """Two processes (threads here, with all_gather played by a barrier) each score every other
+    record, and both return the whole result, equal to one process's."""
+    import threading
+
+    from spd_lens.evaluate import score_records
+    from spd_lens.tasks import get_task
+
+    task = get_task("arithmetic")
+    examples = task.examples("test", n=7, seed=0)
+    records = [{"prompt_id": e.id, "completion": e.reference if i % 2 else "The answer is 0."}
+               for i, e in enumerate(examples)]
+    one = score_records(task, {e.id: e for e in examples}, records)
+    box, barrier, scored_by = {}, threading.Barrier(2), {}
+    real_score = task.score
+
+    def gather(self, value):
+        box[self.rank] = value
+        barrier.wait()
+        return [box[0], box[1]]
+
+    def score(example, completion):
+        scored_by.setdefault(threading.current_thread().name, []).append(example.id)
+        return real_score(example, completion)
+
+    monkeypatch.setattr(Processes, "gather", gather)
+    monkeypatch.setattr(task, "score", score)
+    results = {}
+
+    def run(rank):
+        results[rank] = score_records(task, {e.id: e for e in examples}, records, processes=Processes(rank, 2))
+
+    threads = [threading.Thread(target=run, args=(rank,), name=f"rank{rank}") for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert scored_by == {"rank0": [records[i]["prompt_id"] for i in (0, 2, 4, 6)],
+                         "rank1": [records[i]["prompt_id"] for i in (1, 3, 5)]}
+    for rank in (0, 1):
+        assert results[rank].results == one.results and results[rank].score == one.score
