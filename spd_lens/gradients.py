@@ -130,8 +130,14 @@ def iterate_gradients(
     check_unique_ids([e.example_id for e in encoded])  # batches name their rows by example id
     pad_id = pad_id if pad_id is not None else (hf.config.pad_token_id or 0)
     on_bridge = _bridge_path(model, capture)
+    budget = None
+    if processes is not None and processes.parallel:
+        # Every process must form the same batches: the budget is the smallest any process has.
+        target, limit, given = _budget(max_memory, hf.device)
+        agreed = processes.gather((target, limit))
+        budget = (min(t for t, _ in agreed), min(lim for _, lim in agreed), given)
     batches = gradient_batches(model, encoded, layers=layers, loss=loss, batch_size=batch_size,
-                               max_memory=max_memory, reserved=reserved, on_bridge=on_bridge)
+                               max_memory=max_memory, reserved=reserved, on_bridge=on_bridge, _agreed=budget)
     if processes is not None and processes.parallel:
         if len(batches) < processes.world:
             raise SpdLensError(f"{len(encoded)} examples make {len(batches)} batch(es), fewer than the "
@@ -159,15 +165,14 @@ def iterate_gradients(
 
 
 def gradient_batches(model, encoded: Sequence[EncodedExample], *, layers: Sequence[int], loss: str, batch_size: int,
-                     max_memory: int | str | None = None, reserved: int = 0,
-                     on_bridge: bool | None = None) -> list[list[EncodedExample]]:
+                     max_memory: int | str | None = None, reserved: int = 0, on_bridge: bool | None = None,
+                     _agreed: tuple[int, int, bool] | None = None) -> list[list[EncodedExample]]:
     """The batches a gradient pass takes: by length, at most `batch_size`, within the budget."""
     from spd_lens.models import hf_model_of
 
     hf = hf_model_of(model)
     on_bridge = _bridge_path(model, "auto") if on_bridge is None else on_bridge
-    given = parse_bytes(max_memory)
-    target, limit = default_budget(hf.device) if given is None else (given, given)
+    target, limit, given = _agreed or _budget(max_memory, hf.device)
     first = min(layers)
 
     def estimate(batch: int, length: int) -> int:
@@ -181,10 +186,18 @@ def gradient_batches(model, encoded: Sequence[EncodedExample], *, layers: Sequen
     except OverBudget as err:
         kept = f"layers {first}..{hf.config.num_hidden_layers - 1}"
         held = f" beside {gib(reserved)} for the result itself" if reserved else ""
-        now = f"max_memory={gib(limit)}" if given is not None else f"by default half the available memory, {gib(limit)}"
+        now = f"max_memory={gib(limit)}" if given else f"by default half the available memory, {gib(limit)}"
         raise SpdLensError(f"{err}{held} ({now}): raise max_memory, take gradients at later layers only "
                            f"(the backward pass keeps {kept}), or use shorter examples") from None
     return [[encoded[i] for i in batch] for batch in plan]
+
+
+def _budget(max_memory, device) -> tuple[int, int, bool]:
+    """(what batches aim at, the most one example may take, whether max_memory was given)."""
+    given = parse_bytes(max_memory)
+    if given is not None:
+        return given, given, True
+    return (*default_budget(device), False)
 
 
 def _bridge_path(model, capture: str) -> bool:
