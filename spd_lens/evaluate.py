@@ -245,8 +245,10 @@ def training_data_quality(task: str | Task, path: str | Path, examples: Sequence
 
     The share of completions the task's scorer marks correct (against each prompt's reference),
     the share cut off at the token budget (`finish_reason` "length"), their mean length in
-    tokens, and the count of each finish reason. SPD's mechanism predicts that projected
-    sampling yields correct completions more often than plain (psr) or random-subspace sampling.
+    tokens, and the count of each finish reason; `outcomes` holds each completion's verdict
+    (`prompt_id`, `passed`), for comparisons paired over prompts. SPD's mechanism predicts that
+    projected sampling yields correct completions more often than plain (psr) or random-subspace
+    sampling.
     """
     from spd_lens.tasks.records import read_jsonl
 
@@ -263,7 +265,8 @@ def training_data_quality(task: str | Task, path: str | Path, examples: Sequence
     tokens = [r["completion_tokens"] for r in raw if isinstance(r.get("completion_tokens"), int)]
     return {"n": len(records), "correct": scored.score, "cut_off": reasons.get("length", 0) / len(records),
             "mean_tokens": sum(tokens) / len(tokens) if tokens else None,
-            "finish_reasons": dict(sorted(reasons.items()))}
+            "finish_reasons": dict(sorted(reasons.items())),
+            "outcomes": [{"prompt_id": r["prompt_id"], "passed": r["passed"]} for r in scored.results]}
 
 
 def choice_rates(chosen: Sequence[str | None], labels: Sequence[str]) -> dict[str, float]:

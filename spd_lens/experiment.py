@@ -34,6 +34,7 @@ process writes every file and the others wait for it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -230,7 +231,9 @@ class Run:
         data = self.out / "generations" / f"{method}-seed{seed}.jsonl"
         path = data.with_name(data.name.removesuffix(".jsonl") + ".quality.json")
         if path.is_file():
-            return read_json_object(path, "a training file's quality")
+            cached = read_json_object(path, "a training file's quality")
+            if "outcomes" in cached:  # measured before verdicts were kept: measured again
+                return cached
         examples = self.task.examples("train", n=self.config.task.train_n, seed=seed)
         quality = training_data_quality(self.task, data, examples, progress=self._bar(f"score data {method}"))
         self._write_json(path, quality)
@@ -376,8 +379,38 @@ class Run:
         reasons = Counter()
         for q in per_seed.values():
             reasons.update(q.get("finish_reasons", {}))
+        seeds = {seed: {k: v for k, v in q.items() if k != "outcomes"} for seed, q in per_seed.items()}
         return {**summary, "n": sum(q["n"] for q in per_seed.values()), "finish_reasons": dict(sorted(reasons.items())),
-                "seeds": per_seed}
+                "seeds": seeds}
+
+    def data_gate(self) -> dict:
+        """The gate before training: every trained method's self-generated data and its quality,
+        nothing trained or evaluated. `RUN/data_gate.json` holds, per method, the share correct,
+        cut off and mean length (mean over seeds, and per seed), and each comparison of the run
+        (spd - psr, spd - spd-random, ...) as a difference in the share correct, paired over the
+        prompts (every method samples the same prompts for a seed), with a bootstrap over seeds
+        and prompts. Resumable: generations and their scores are kept in the run directory."""
+        self._claim_directory()
+        trained = [m for m in self.config.methods if METHOD_TABLE[m].sampling is not None]
+        if not trained:
+            raise SpdLensError(f"methods {self.config.methods} train nothing: the data gate compares the training data "
+                               "of trained methods (psr, ssd, spd, spd-random, spd-fullseq)")
+        outcomes: dict[str, list[dict]] = {}
+        for method in trained:
+            for seed in self._seeds(method):
+                self.generations(method, seed)
+                quality = self.data_quality(method, seed)
+                outcomes.setdefault(method, []).extend({**o, "seed": seed} for o in quality["outcomes"])
+        report = {"run": self.config.name, "task": self.task.name, "train_n": self.config.task.train_n,
+                  "seeds": self.config.seeds, "sampling": dataclasses.asdict(self.sampling_config(trained[0], self.config.seeds[0])),
+                  "methods": {m: self._training_data(m, self._seeds(m)) for m in trained},
+                  "comparisons": {f"{a} - {b}": paired_difference(outcomes[a], outcomes[b])
+                                  for a, b in COMPARISONS if a in outcomes and b in outcomes},
+                  "config_hash": config_hash(self.config.to_dict()), "spd_lens_version": spd_lens.__version__}
+        if self.processes.is_main:
+            write_json(self.out / "data_gate.json", report)
+        self.processes.barrier()
+        return report
 
     def _stage_seconds(self) -> dict[str, dict[str, float]]:
         """Wall-clock seconds per stage over every call that did work on this run directory:

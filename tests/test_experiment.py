@@ -244,3 +244,28 @@ def test_interrupted_stage_time_is_kept_apart(tmp_path, monkeypatch):
     assert set(metrics["stage_seconds"]) == {"eval"} and set(metrics["stage_seconds_interrupted"]) == {"eval"}
     saved = json.loads((tmp_path / "stage_seconds.json").read_text())
     assert set(saved) == {"completed", "interrupted"}
+
+
+def test_the_data_gate_generates_and_scores_training_data_and_trains_nothing(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text('methods = ["base", "psr", "spd", "spd-random"]\nseeds = [0, 1]\n[model]\nname = "tiny"\n'
+                      '[task]\ntrain_n = 5\n[subspace]\nn = 2\n[sampling]\nmax_new_tokens = 6\n')
+    out = tmp_path / "run"
+    assert cli(["run", str(config), "--out", str(out), "--data-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "spd - psr" in printed and "data_gate.json" in printed
+    gate = json.loads((out / "data_gate.json").read_text())
+    assert list(gate["methods"]) == ["psr", "spd", "spd-random"]  # base trains nothing: not in the gate
+    for method, quality in gate["methods"].items():
+        assert quality["n"] == 10 and set(quality["seeds"]) == {"0", "1"}
+        records = [json.loads(line) for seed in (0, 1)
+                   for line in (out / "generations" / f"{method}-seed{seed}.jsonl").read_text().splitlines()]
+        assert len(records) == 10
+    assert set(gate["comparisons"]) == {"spd - psr", "spd - spd-random"}
+    assert gate["comparisons"]["spd - psr"]["n"] == 10  # paired over the prompts both sampled (5 per seed)
+    assert not (out / "adapters").exists() and not (out / "eval").exists()
+    # A second call does no work and writes the same gate.
+    before = {p: p.stat().st_mtime_ns for p in (out / "generations").iterdir()}
+    assert cli(["run", str(config), "--out", str(out), "--data-only"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "generations").iterdir()} == before
+    assert json.loads((out / "data_gate.json").read_text()) == gate

@@ -38,7 +38,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.methods is not None:
         check_methods(args.methods)
         config = dataclasses.replace(config, methods=args.methods)
-    return run_and_report(config, args.out or str(Path("runs") / config.name), reuse=args.reuse)
+    out = args.out or str(Path("runs") / config.name)
+    if args.data_only:
+        return data_gate_report(config, out)
+    return run_and_report(config, out, reuse=args.reuse)
+
+
+def data_gate_report(config, out) -> int:
+    from spd_lens.experiment import Run
+
+    report = Run(config, out, progress=common.progress_labelled,
+                 log=lambda m: print(f"[spd-lens] {m}", flush=True)).data_gate()
+    if not Processes.current().is_main:
+        return 0
+    print(f"\ntraining data of {report['train_n']} prompts per seed, seeds {report['seeds']}:")
+    print(f"{'method':<14} {'correct':>8} {'cut off':>8} {'tokens':>7}")
+    for method, q in report["methods"].items():
+        tokens = "" if q["mean_tokens"] is None else f"{q['mean_tokens']:.1f}"
+        print(f"{method:<14} {q['correct']:>8.3f} {q['cut_off']:>8.3f} {tokens:>7}")
+    for name, c in report["comparisons"].items():
+        print(f"{name:<22} {c['difference']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] (share correct, paired)")
+    print(f"data gate: {out}/data_gate.json")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -159,6 +180,9 @@ def register(commands) -> None:
     run.add_argument("--methods", type=lambda t: [m for m in t.split(",") if m],
                      help="comma-separated subset of the config's methods to run now (a run directory accepts "
                           "more methods later)")
+    run.add_argument("--data-only", action="store_true",
+                     help="the gate before training: generate and score every trained method's training data, "
+                          "write RUN/data_gate.json, train and evaluate nothing")
     run.add_argument("--reuse", action="append", default=[], metavar="RUN_DIR",
                      help="take finished evaluations of methods that do not depend on the subspace (base, psr, "
                           "ssd) from another run whose settings for them are the same; repeatable")
