@@ -1,12 +1,12 @@
 """Peak resident memory of the README's Python examples, run as a user would paste them.
 
     python benchmarks/readme_memory.py                 # every block, in order, in one fresh process
-    python benchmarks/readme_memory.py --blocks 1-3    # the first three (the API tour)
+    python benchmarks/readme_memory.py --blocks 1-3    # the first three (the API tour); also "1-4,6"
 
 Every ```python block of README.md runs in order in one fresh Python process (a notebook kernel's
 situation: the model loaded by the first block stays loaded), in a temporary working directory.
 After each block the process's peak resident memory so far (`ru_maxrss`) and the block's wall time
-are recorded. Two edits make the text runnable, both printed: the placeholder `, ...]` in a list
+are recorded, and what stays resident after it. Two edits make the text runnable, both printed: the placeholder `, ...]` in a list
 of your own examples is dropped, and `run_experiment(...)` (the whole main job, hours) is skipped:
 its memory is the demo's, measured by `/usr/bin/time -v bash run.sh demo`.
 The last line is JSON: {"blocks": [{"block", "first_line", "seconds", "peak_gb"}], "peak_gb"}.
@@ -39,8 +39,9 @@ for number, source in blocks:
         print(json.dumps({"block": number, "error": True}), flush=True)
         sys.exit(1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"block": number, "seconds": round(time.time() - started, 1), "peak_gb": round(peak, 2)}),
-          flush=True)
+    resident = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**30
+    print(json.dumps({"block": number, "seconds": round(time.time() - started, 1), "peak_gb": round(peak, 2),
+                      "resident_gb": round(resident, 2)}), flush=True)
 '''
 
 
@@ -64,15 +65,22 @@ def runnable(source: str) -> tuple[str, list[str]]:
 
 
 def parse_range(text: str, count: int) -> list[int]:
+    """"1-4,6" -> [1, 2, 3, 4, 6]; empty: every block."""
     if not text:
         return list(range(1, count + 1))
-    first, _, last = text.partition("-")
-    return list(range(int(first), int(last or first) + 1))
+    chosen = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        chosen += range(int(first), int(last or first) + 1)
+    bad = [b for b in chosen if not 1 <= b <= count]
+    if bad:
+        raise SystemExit(f"README has {count} python blocks: no block {bad[0]}")
+    return chosen
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--blocks", default="", help="e.g. 1-3 (default: all)")
+    parser.add_argument("--blocks", default="", help="e.g. 1-3 or 1-4,6 (default: all)")
     args = parser.parse_args()
     blocks = readme_blocks(ROOT / "README.md")
     chosen = parse_range(args.blocks, len(blocks))
@@ -94,7 +102,8 @@ def main() -> int:
                 first = blocks[row["block"] - 1].strip().splitlines()[0][:60]
                 row["first_line"] = first
                 rows.append(row)
-                status = "FAILED" if row.get("error") else f"{row['seconds']:>7.1f} s  peak {row['peak_gb']:.2f} GB"
+                status = ("FAILED" if row.get("error") else
+                          f"{row['seconds']:>7.1f} s  peak {row['peak_gb']:.2f} GB  after it {row['resident_gb']:.2f} GB")
                 print(f"block {row['block']}: {status}  {first}", flush=True)
         failed = process.wait() != 0
     peak = max((r.get("peak_gb", 0) for r in rows), default=0)

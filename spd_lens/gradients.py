@@ -31,7 +31,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from spd_lens.errors import SpdLensError
-from spd_lens.memory import OverBudget, batch_plan, default_budget, gib, gradient_pass_bytes, parse_bytes
+from spd_lens.memory import (OverBudget, batch_plan, default_budget, gib, gradient_pass_bytes, parse_bytes,
+                             release_freed_memory)
 from spd_lens.processes import Processes
 from spd_lens.tasks.base import EncodedExample, check_unique_ids
 
@@ -143,6 +144,13 @@ def iterate_gradients(
             raise SpdLensError(f"{len(encoded)} examples make {len(batches)} batch(es), fewer than the "
                                f"{processes.world} processes: use more examples, a smaller batch_size or fewer processes")
         batches = [batches[b] for b in processes.shard(len(batches))]
+    try:
+        yield from _passes(model, hf, batches, layers, loss, pad_id, on_bridge, progress)
+    finally:
+        release_freed_memory()  # the passes' transient memory, back to the OS
+
+
+def _passes(model, hf, batches, layers, loss, pad_id, on_bridge, progress) -> Iterator[GradientBatch]:
     for chunk in progress(batches) if progress else batches:
         ids, attention, correct = pad_batch(chunk, pad_id)
         mask = target_mask(attention, correct, loss)
