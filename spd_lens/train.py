@@ -32,6 +32,7 @@ import spd_lens
 from spd_lens.chat import encode_conversation
 from spd_lens.artifacts import canonical, check_same_settings, read_json_object, sha256_file
 from spd_lens.errors import SpdLensError
+from spd_lens.memory import release_freed_memory
 from spd_lens.runtime import Runtime, resolve_runtime
 from spd_lens.tasks.records import read_jsonl
 
@@ -217,8 +218,13 @@ def train_on_jsonl(model_name: str, data: str | Path, out: str | Path, config: T
     full fine-tuning keeps float32 weights and computes in bfloat16 under autocast.
     """
     runtime = resolve_runtime(runtime)
-    with runtime.device_context():
-        return _train(model_name, data, Path(out), config, runtime, progress, provenance)
+    try:
+        with runtime.device_context():
+            return _train(model_name, data, Path(out), config, runtime, progress, provenance)
+    finally:
+        # The training copy of the model is gone: hand its memory back (measured: 1.91 GB resident
+        # after training 32 records, 1.07 GB after the trim, which a kernel would otherwise keep).
+        release_freed_memory()
 
 
 def _train(model_name: str, data: str | Path, out: Path, config: TrainConfig, runtime: Runtime,
