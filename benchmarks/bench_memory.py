@@ -98,7 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     report = {"stages": {}, "estimates": []}
     print(f"{'stage':<18} {'model loaded':>12} {'peak':>8} {'seconds':>8}")
-    for stage in args.stages.split(","):
+    for stage in [s for s in args.stages.split(",") if s]:
         if stage not in STAGES:
             raise SystemExit(f"unknown stage {stage!r}: use some of {list(STAGES)}")
         tail = '\nprint(json.dumps({"loaded_gb": round(loaded, 2), "peak_gb": round(peak(), 2), "seconds": round(time.time() - t, 1)}))\n'
