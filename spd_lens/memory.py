@@ -115,17 +115,20 @@ def gradient_pass_bytes(model, *, batch: int, length: int, first_layer: int, ful
     bridge path, the full-sequence loss)."""
     from spd_lens.models import hf_model_of
 
-    cfg = hf_model_of(model).config
     hf = hf_model_of(model)
+    cfg = hf.config
+    # Copies of the attention pattern a kept layer holds: a bridge's own eager attention, a plain
+    # model's eager attention, or none with SDPA.
     pattern_copies = 2.5 if bridged_attention(hf) else 0.0 if getattr(hf, "_supports_sdpa", False) else 1.5
-    element = torch.finfo(hf_model_of(model).dtype).bits // 8
+    element = torch.finfo(hf.dtype).bits // 8
     n_heads = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
     d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
     kept = cfg.num_hidden_layers - first_layer
     tokens = batch * length
     per_token_layer = 3 * cfg.intermediate_size + 4 * cfg.hidden_size + 2 * (n_heads + 2 * n_kv) * d_head
-    layer = int(1.15 * tokens * per_token_layer * element)  # +15%: measured peaks on the plain path read 9% above the count
+    # +15%: measured peaks on the plain path read 9% above autograd's count of what is kept
+    layer = int(1.15 * tokens * per_token_layer * element)
     layer += int(pattern_copies * batch * n_heads * length * length * element)
     total = kept * layer + layer  # every kept layer, plus one layer's backward working room
     total += batch * length * length * 4  # the attention mask (float, or bool plus temporaries)
