@@ -159,3 +159,17 @@ def test_a_bridge_with_hooks_on_takes_gradients_through_them(tiny_hf):
 
 def test_memory_module_examples_run():
     assert doctest.testmod(spd_lens.memory).failed == 0
+
+
+def test_cli_extract_takes_a_budget_and_the_bridge_path(tmp_path, capsys):
+    from spd_lens.cli import main as cli
+    from spd_lens.subspace import CapabilitySubspace
+
+    base = ["extract", "--model", "tiny", "--task", "arithmetic", "--n", "4", "--layers", "1,3", "--rank", "2"]
+    assert cli([*base, "--max-memory", "1000", "--out", str(tmp_path / "refused")]) == 2
+    assert "needs an estimated" in capsys.readouterr().err and not (tmp_path / "refused" / "subspace.json").exists()
+    assert cli([*base, "--max-memory", "2GB", "--out", str(tmp_path / "plain")]) == 0
+    assert cli([*base, "--via-bridge", "--out", str(tmp_path / "bridge")]) == 0
+    plain, bridge = CapabilitySubspace.load(tmp_path / "plain"), CapabilitySubspace.load(tmp_path / "bridge")
+    for key, gram in plain.grams.items():
+        assert torch.allclose(bridge.grams[key], gram, rtol=1e-4, atol=1e-10), key
