@@ -232,7 +232,7 @@ class Run:
         path = data.with_name(data.name.removesuffix(".jsonl") + ".quality.json")
         if path.is_file():
             cached = read_json_object(path, "a training file's quality")
-            if "outcomes" in cached:  # measured before verdicts were kept: measured again
+            if "outcomes" in cached:  # files written before verdicts were kept are measured again
                 return cached
         examples = self.task.examples("train", n=self.config.task.train_n, seed=seed)
         quality = training_data_quality(self.task, data, examples, progress=self._bar(f"score data {method}"))
@@ -401,8 +401,9 @@ class Run:
                 self.generations(method, seed)
                 quality = self.data_quality(method, seed)
                 outcomes.setdefault(method, []).extend({**o, "seed": seed} for o in quality["outcomes"])
+        sampling = dataclasses.asdict(self.sampling_config(trained[0], self.config.seeds[0]))
         report = {"run": self.config.name, "task": self.task.name, "train_n": self.config.task.train_n,
-                  "seeds": self.config.seeds, "sampling": dataclasses.asdict(self.sampling_config(trained[0], self.config.seeds[0])),
+                  "seeds": self.config.seeds, "sampling": sampling,
                   "methods": {m: self._training_data(m, self._seeds(m)) for m in trained},
                   "comparisons": {f"{a} - {b}": paired_difference(outcomes[a], outcomes[b])
                                   for a, b in COMPARISONS if a in outcomes and b in outcomes},

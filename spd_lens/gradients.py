@@ -131,14 +131,8 @@ def iterate_gradients(
     check_unique_ids([e.example_id for e in encoded])  # batches name their rows by example id
     pad_id = pad_id if pad_id is not None else (hf.config.pad_token_id or 0)
     on_bridge = _bridge_path(model, capture)
-    budget = None
-    if processes is not None and processes.parallel:
-        # Every process must form the same batches: the budget is the smallest any process has.
-        target, limit, given = _budget(max_memory, hf.device)
-        agreed = processes.gather((target, limit))
-        budget = (min(t for t, _ in agreed), min(lim for _, lim in agreed), given)
     batches = gradient_batches(model, encoded, layers=layers, loss=loss, batch_size=batch_size,
-                               max_memory=max_memory, reserved=reserved, on_bridge=on_bridge, _agreed=budget)
+                               max_memory=max_memory, reserved=reserved, on_bridge=on_bridge, processes=processes)
     if processes is not None and processes.parallel:
         if len(batches) < processes.world:
             raise SpdLensError(f"{len(encoded)} examples make {len(batches)} batch(es), fewer than the "
@@ -174,13 +168,17 @@ def _passes(model, hf, batches, layers, loss, pad_id, on_bridge, progress) -> It
 
 def gradient_batches(model, encoded: Sequence[EncodedExample], *, layers: Sequence[int], loss: str, batch_size: int,
                      max_memory: int | str | None = None, reserved: int = 0, on_bridge: bool | None = None,
-                     _agreed: tuple[int, int, bool] | None = None) -> list[list[EncodedExample]]:
-    """The batches a gradient pass takes: by length, at most `batch_size`, within the budget."""
+                     processes: Processes | None = None) -> list[list[EncodedExample]]:
+    """The batches a gradient pass takes: by length, at most `batch_size`, within the budget.
+    Under several `processes` the budget is the smallest any of them has, so all form the same."""
     from spd_lens.models import hf_model_of
 
     hf = hf_model_of(model)
     on_bridge = _bridge_path(model, "auto") if on_bridge is None else on_bridge
-    target, limit, given = _agreed or _budget(max_memory, hf.device)
+    target, limit, given = _budget(max_memory, hf.device)
+    if processes is not None and processes.parallel:
+        agreed = processes.gather((target, limit))
+        target, limit = min(t for t, _ in agreed), min(lim for _, lim in agreed)
     first = min(layers)
 
     def estimate(batch: int, length: int) -> int:
