@@ -9,7 +9,9 @@ and the batch stays full while prompts wait.
 How rows of different lengths share one KV cache: each row is right-aligned (its newest token in
 the last column), left padding is masked out by the 2-D attention mask, and each row's position
 ids count only its own tokens, so a row decodes as it would alone. Columns that are padding for
-every remaining row are dropped.
+every remaining row are dropped. Each layer's keys and values live in a buffer with spare columns
+(`SpareColumnsCache`), so a step writes one column in place instead of copying the whole cache, as
+`DynamicCache`'s concatenation does (about an eighth of a code-task decoding's time here).
 
 Sampling uses one random generator per row, seeded from (seed, row): a completion depends on its
 prompt, its seed and its index, not on which rows share its batch or on when it was scheduled. That
@@ -35,12 +37,54 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.cache_utils import DynamicLayer
 
 from spd_lens.errors import SpdLensError
 from spd_lens.models import hf_model_of
 
 # Refill once this share of the slots is free: one prefill pass then serves several new rows.
 REFILL_SHARE = 0.25
+# Spare columns a cache buffer gets whenever it is (re)allocated: a reallocation every 128 steps.
+SPARE_COLUMNS = 128
+
+
+class _SpareColumnsLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values are views of buffers with spare columns on the right:
+    a new column is written in place; the buffer is copied only when it is full or rebuilt."""
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.assign(key_states, value_states)
+            return self.keys, self.values
+        used, new = self.keys.shape[-2], key_states.shape[-2]
+        if used + new > self._key_buffer.shape[-2]:
+            self.assign(self.keys, self.values, spare=new + SPARE_COLUMNS)
+        self._key_buffer[:, :, used:used + new] = key_states
+        self._value_buffer[:, :, used:used + new] = value_states
+        self.keys = self._key_buffer[:, :, :used + new]
+        self.values = self._value_buffer[:, :, :used + new]
+        return self.keys, self.values
+
+    def assign(self, keys: Tensor, values: Tensor, spare: int | None = None) -> None:
+        """Holds copies of `keys` and `values` (batch, heads, columns, d_head) in fresh buffers with
+        `spare` (default `SPARE_COLUMNS`) free columns."""
+        columns, spare = keys.shape[-2], SPARE_COLUMNS if spare is None else spare
+        self._key_buffer = keys.new_empty((*keys.shape[:2], columns + spare, keys.shape[-1]))
+        self._value_buffer = values.new_empty((*values.shape[:2], columns + spare, values.shape[-1]))
+        self._key_buffer[:, :, :columns] = keys
+        self._value_buffer[:, :, :columns] = values
+        self.keys = self._key_buffer[:, :, :columns]
+        self.values = self._value_buffer[:, :, :columns]
+
+
+class SpareColumnsCache(DynamicCache):
+    """A `DynamicCache` made of `_SpareColumnsLayer`s (decoding's cache; the rows' layout is `decode`'s)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = []
+        self.layer_class_to_replicate = _SpareColumnsLayer
 
 
 @dataclass
@@ -188,7 +232,7 @@ def _prefill(hf, prompts: list[Sequence[int]], pad_id: int):
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=hf.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    cache = DynamicCache()
+    cache = SpareColumnsCache()
     out = hf(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
              logits_to_keep=1)
     return out.logits[:, -1, :], out.past_key_values, mask
@@ -208,10 +252,8 @@ def _merge(cache, mask, new_cache, new_mask):
         return new_cache, new_mask
     width = max(mask.shape[1], new_mask.shape[1])
     for layer, new_layer in zip(cache.layers, new_cache.layers):
-        for name in ("keys", "values"):
-            old, add = getattr(layer, name), getattr(new_layer, name)
-            setattr(layer, name, torch.cat([_left_pad(old, width - old.shape[-2], -2),
-                                            _left_pad(add, width - add.shape[-2], -2)], dim=0))
+        layer.assign(*(torch.cat([_left_pad(old, width - old.shape[-2], -2), _left_pad(add, width - add.shape[-2], -2)])
+                       for old, add in ((layer.keys, new_layer.keys), (layer.values, new_layer.values))))
     mask = torch.cat([_left_pad(mask, width - mask.shape[1], 1), _left_pad(new_mask, width - new_mask.shape[1], 1)])
     return cache, mask
 
@@ -227,6 +269,6 @@ def _select(cache, mask, keep: list[int]):
     first = int(mask.any(dim=0).nonzero()[0])
     mask = mask[:, first:]
     for layer in cache.layers:
-        layer.keys = layer.keys.index_select(0, index)[:, :, first:, :]
-        layer.values = layer.values.index_select(0, index)[:, :, first:, :]
+        layer.assign(layer.keys.index_select(0, index)[:, :, first:, :],
+                     layer.values.index_select(0, index)[:, :, first:, :])
     return cache, mask

@@ -53,6 +53,32 @@ def test_greedy_refill_equals_generate_one_prompt_at_a_time(tiny):
         assert [d.finish_reason for d in got] == ["length" if len(e) == 10 else "stop" for e in expected]
 
 
+def test_cache_buffers_grow_and_steps_write_in_place(tiny, monkeypatch):
+    """With 3 spare columns the buffers are outgrown every few steps and rebuilt as rows leave;
+    the tokens still equal generate's, and a step that fits writes into the same buffer."""
+    import spd_lens.decode as decoding
+
+    model, tokenizer = tiny
+    prompts = _encoded(tokenizer)
+    stop = [int(torch.tensor([t for p in prompts for t in p]).mode().values)]
+    expected = [_reference(model, tokenizer, p, 25, stop) for p in prompts]
+    monkeypatch.setattr(decoding, "SPARE_COLUMNS", 3)
+    got = decode(model, prompts, **_options(tokenizer, stop_ids=stop, slots=3, max_new_tokens=25))
+    assert [d.tokens for d in got] == expected
+
+    layer = decoding._SpareColumnsLayer()
+    keys = torch.randn(2, 1, 4, 8)
+    layer.update(keys, keys + 1)
+    buffer = layer._key_buffer.data_ptr()
+    for step in range(3):  # fits in the 3 spare columns: same buffer
+        layer.update(torch.full((2, 1, 1, 8), float(step)), torch.zeros(2, 1, 1, 8))
+        assert layer._key_buffer.data_ptr() == buffer
+    layer.update(torch.full((2, 1, 1, 8), 9.0), torch.zeros(2, 1, 1, 8))  # full: a new, larger buffer
+    assert layer._key_buffer.data_ptr() != buffer and layer.keys.shape == (2, 1, 8, 8)
+    assert torch.equal(layer.keys[:, :, :4], keys) and torch.equal(layer.values[:, :, :4], keys + 1)
+    assert layer.keys[:, :, 4:, 0].tolist() == [[[0.0, 1.0, 2.0, 9.0]]] * 2
+
+
 def test_no_step_is_spent_on_a_finished_row(tiny):
     model, tokenizer = tiny
     prompts = _encoded(tokenizer)
