@@ -160,7 +160,10 @@ def decode_stream(
     warpers = _warpers(temperature, top_k, top_p) if temperature else None
     stop_set = set(stop_ids)
     refill_at = max(1, int(slots * REFILL_SHARE))
-    waiting = deque(range(len(prompts)))
+    # Longest prompts first: the prompts of one refill then have similar lengths, so its prefill pads
+    # little (unsorted, 40% of a HumanEval evaluation's prefill tokens were padding). Outputs do not
+    # depend on the order (rows decode as alone, each with its own generator).
+    waiting = deque(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))
     rows: list[_Row] = []
     cache: DynamicCache | None = None
     mask: Int[Tensor, "batch cols"] | None = None

@@ -79,6 +79,21 @@ def test_cache_buffers_grow_and_steps_write_in_place(tiny, monkeypatch):
     assert layer.keys[:, :, 4:, 0].tolist() == [[[0.0, 1.0, 2.0, 9.0]]] * 2
 
 
+def test_waiting_prompts_are_prefilled_longest_first(tiny):
+    """Refills take the longest waiting prompts, so one prefill's prompts have similar lengths."""
+    model, tokenizer = tiny
+    prompts = _encoded(tokenizer)
+    widths = []
+    handle = model.register_forward_pre_hook(
+        lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]) if kwargs["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True)
+    try:
+        decode(model, prompts, **_options(tokenizer, slots=1))
+    finally:
+        handle.remove()
+    assert widths == sorted((len(p) for p in prompts), reverse=True)
+
+
 def test_no_step_is_spent_on_a_finished_row(tiny):
     model, tokenizer = tiny
     prompts = _encoded(tokenizer)
