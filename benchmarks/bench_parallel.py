@@ -8,7 +8,7 @@ a user waits for. The two run interleaved, A B, B A, ..., `--pairs` times; the f
 of the per-pair ratios (one / two). The outputs must be equal byte for byte (checked): per-row
 seeding makes the split invisible.
 
-    python benchmarks/bench_parallel.py [--n 96 --batch 16 --pairs 4]
+    python benchmarks/bench_parallel.py [--n 256 --batch 16 --pairs 4]
 
 The last line is one JSON object with `speedup`.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=96)
+    parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--pairs", type=int, default=4)
     args = parser.parse_args()
