@@ -159,6 +159,22 @@ def to_chat_tokens(model, prompt: str | list[str], *, system: str | None = None,
     return ids.to(device) if device is not None else ids
 
 
+def template_prefix(tokenizer: PreTrainedTokenizerBase, *, system: str | None = None) -> list[int]:
+    """The token ids every prompt rendered by `render_prompt` starts with (the template's opening:
+    a system turn, the user header), found by rendering two unlike messages; [] without a template.
+
+    Example:
+        >>> from spd_lens.models import load_hf
+        >>> _, tokenizer = load_hf("tiny")
+        >>> prefix = template_prefix(tokenizer)
+        >>> encode(tokenizer, render_prompt(tokenizer, "2+2?"))[:len(prefix)] == prefix
+        True
+    """
+    first, second = (encode(tokenizer, render_prompt(tokenizer, text, system=system)) for text in ("0", "Z ?"))
+    length = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
+    return first[:length]
+
+
 def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Token ids that end an assistant turn (generation stops on any of them)."""
     ids = {tokenizer.eos_token_id}

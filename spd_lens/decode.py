@@ -13,6 +13,13 @@ every remaining row are dropped. Each layer's keys and values live in a buffer w
 (`SpareColumnsCache`), so a step writes one column in place instead of copying the whole cache, as
 `DynamicCache`'s concatenation does (about an eighth of a code-task decoding's time here).
 
+Prompts rendered by one chat template share a prefix (SmolLM2's system turn: 35 of an arithmetic
+prompt's 53 tokens). Given as `shared_prefix`, it is prefilled once and its keys and values are
+copied into every new row that starts with it, so a refill computes only each prompt's own tokens;
+such a row's layout is prefix, padding, own tokens. The prefix is a property of the template, never
+of the prompts in a call, so a prompt is computed the same way whichever prompts share its call
+(a shard, a resumed run).
+
 Sampling uses one random generator per row, seeded from (seed, row): a completion depends on its
 prompt, its seed and its index, not on which rows share its batch or on when it was scheduled. That
 makes generation resumable per prompt, and makes sharded generation across processes equal to a
@@ -46,6 +53,8 @@ from spd_lens.models import hf_model_of
 REFILL_SHARE = 0.25
 # Spare columns a cache buffer gets whenever it is (re)allocated: a reallocation every 128 steps.
 SPARE_COLUMNS = 128
+# A shared prefix shorter than this is prefilled with each prompt (a second pass would cost more).
+MIN_SHARED_PREFIX = 8
 
 
 class _SpareColumnsLayer(DynamicLayer):
@@ -142,13 +151,16 @@ def decode_stream(
     seed: int = 0,
     row_indices: Sequence[int] | None = None,
     stopped: Callable[[list[int]], bool] | None = None,
+    shared_prefix: Sequence[int] = (),
 ) -> Iterator[tuple[int, Decoded]]:
     """Yields (i, decoded) for every prompt i (token ids, no padding) as it finishes, with at most
     `slots` rows in flight.
 
     `temperature` 0 is greedy; otherwise row i samples with its own generator seeded from
     (`seed`, `row_indices[i]`, default i), after transformers' temperature, top-k and top-p
-    warpers. `stopped(tokens)` may end a row early (stop strings).
+    warpers. `stopped(tokens)` may end a row early (stop strings). `shared_prefix` (e.g.
+    `spd_lens.chat.template_prefix(tokenizer)`) is prefilled once for the prompts that start with it
+    and are longer; it must not depend on which prompts are passed.
     """
     hf = hf_model_of(model)
     device = hf.device
@@ -186,15 +198,24 @@ def decode_stream(
         return None
 
     with torch.no_grad():
+        prefix = _SharedPrefix(hf, list(shared_prefix)) if len(shared_prefix) >= MIN_SHARED_PREFIX else None
         while waiting or rows:
             if waiting and (not rows or slots - len(rows) >= min(refill_at, len(waiting))):
                 new = [_Row(i, len(prompts[i]), _generator(seed, indices[i], temperature))
                        for i in (waiting.popleft() for _ in range(min(slots - len(rows), len(waiting))))]
-                logits, new_cache, new_mask = _prefill(hf, [prompts[r.index] for r in new], pad_id)
-                for row, token in zip(new, choose(logits, new)):
-                    row.tokens.append(token)
-                cache, mask = _merge(cache, mask, new_cache, new_mask)
-                rows += new
+                # Rows that start with the shared prefix take its cached keys and values; others
+                # (none, with prompts rendered by the prefix's template) are prefilled whole.
+                starts = [prefix is not None and prefix.starts(prompts[r.index]) for r in new]
+                for group, with_prefix in (([r for r, s in zip(new, starts) if s], True),
+                                           ([r for r, s in zip(new, starts) if not s], False)):
+                    if not group:
+                        continue
+                    logits, new_cache, new_mask = _prefill(hf, [prompts[r.index] for r in group], pad_id,
+                                                           prefix if with_prefix else None)
+                    for row, token in zip(group, choose(logits, group)):
+                        row.tokens.append(token)
+                    cache, mask = _merge(cache, mask, new_cache, new_mask)
+                    rows += group
             else:
                 last = torch.tensor([[r.tokens[-1]] for r in rows], device=device)
                 mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
@@ -229,13 +250,38 @@ def _generator(seed: int, index: int, temperature: float) -> torch.Generator | N
     return torch.Generator().manual_seed(row_seed(seed, index)) if temperature else None
 
 
-def _prefill(hf, prompts: list[Sequence[int]], pad_id: int):
-    """Last-position logits, the KV cache and the attention mask of left-padded prompts."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=hf.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    cache = SpareColumnsCache()
+class _SharedPrefix:
+    """Tokens many prompts start with (a chat template's opening), prefilled once per call."""
+
+    def __init__(self, hf, tokens: list[int]):
+        self.tokens = tokens
+        ids = torch.tensor([tokens], device=hf.device)
+        self.cache = SpareColumnsCache()
+        hf(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=self.cache, use_cache=True,
+           logits_to_keep=1)
+
+    def starts(self, prompt: Sequence[int]) -> bool:
+        """Whether `prompt` begins with the prefix and has tokens of its own after it."""
+        return len(prompt) > len(self.tokens) and list(prompt[:len(self.tokens)]) == self.tokens
+
+    def cache_for(self, rows: int) -> SpareColumnsCache:
+        """A cache holding the prefix's keys and values for `rows` rows."""
+        cache = SpareColumnsCache()
+        for i, layer in enumerate(self.cache.layers):
+            cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), i)
+        return cache
+
+
+def _prefill(hf, prompts: list[Sequence[int]], pad_id: int, prefix: _SharedPrefix | None = None):
+    """Last-position logits, the KV cache and the attention mask of left-padded prompts (after the
+    shared `prefix`'s cached keys and values, when given)."""
+    shared = len(prefix.tokens) if prefix is not None else 0
+    own = [p[shared:] for p in prompts]
+    width = max(len(p) for p in own)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in own], device=hf.device)
+    mask = torch.tensor([[1] * shared + [0] * (width - len(p)) + [1] * len(p) for p in own], device=hf.device)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, shared:]
+    cache = prefix.cache_for(len(prompts)) if prefix is not None else SpareColumnsCache()
     out = hf(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
              logits_to_keep=1)
     return out.logits[:, -1, :], out.past_key_values, mask

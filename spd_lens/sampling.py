@@ -35,7 +35,7 @@ import torch
 
 import spd_lens
 from spd_lens.artifacts import canonical, check_same_settings
-from spd_lens.chat import cut_at_stop, encode, end_of_turn_ids, messages, render_prompt, stop_strings
+from spd_lens.chat import cut_at_stop, encode, end_of_turn_ids, messages, render_prompt, stop_strings, template_prefix
 from spd_lens.decode import decode_stream
 from spd_lens.errors import SpdLensError
 from spd_lens.models import hf_model_of, model_id
@@ -128,7 +128,8 @@ def stream_completions(model, tokenizer, prompts: Sequence[str], config: Samplin
         model, [encoded[i] for i, _ in rows], max_new_tokens=config.max_new_tokens, slots=config.batch_size,
         stop_ids=end_of_turn_ids(tokenizer), pad_id=tokenizer.pad_token_id, temperature=config.temperature,
         top_k=config.top_k, top_p=config.top_p, seed=config.seed,
-        row_indices=[positions[i] * config.num_samples + k for i, k in rows], stopped=stopped if stops else None)
+        row_indices=[positions[i] * config.num_samples + k for i, k in rows], stopped=stopped if stops else None,
+        shared_prefix=template_prefix(tokenizer))
     for row, decoded in stream:
         i, k = rows[row]
         text = cut_at_stop(tokenizer.decode(decoded.tokens, skip_special_tokens=True), stops)

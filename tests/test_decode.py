@@ -16,6 +16,8 @@ from spd_lens.tasks.records import read_jsonl
 
 PROMPTS = ["2+2?", "What is the capital of France? Answer in one word, please.", "x", "List three colours.",
            "Say hi", "Count from one to five, slowly and carefully."]
+# The same prompts behind a common instruction: a shared prefix long enough to be prefilled once.
+SHARED = [f"Answer in one short sentence, please. {p}" for p in PROMPTS]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +81,49 @@ def test_cache_buffers_grow_and_steps_write_in_place(tiny, monkeypatch):
     assert layer.keys[:, :, 4:, 0].tolist() == [[[0.0, 1.0, 2.0, 9.0]]] * 2
 
 
+def test_a_shared_prefix_is_prefilled_once_and_changes_no_token(tiny):
+    import os
+
+    import spd_lens.decode as decoding
+
+    model, tokenizer = tiny
+    # Five prompts behind a common instruction and one without it (prefilled whole, in its own pass).
+    prompts = [encode(tokenizer, render_prompt(tokenizer, p)) for p in SHARED[:5]] + _encoded(tokenizer)[5:]
+    shared = os.path.commonprefix(prompts[:5])
+    assert len(shared) >= decoding.MIN_SHARED_PREFIX and not prompts[5][:len(shared)] == shared
+    stop = [int(torch.tensor([t for p in prompts for t in p[len(shared):]]).mode().values)]
+    expected = [_reference(model, tokenizer, p, 12, stop) for p in prompts]
+    for slots in (1, 3, 16):
+        prefills = []
+        handle = model.register_forward_pre_hook(
+            lambda m, args, kwargs: prefills.append(kwargs["input_ids"].shape) if kwargs["input_ids"].shape[1] > 1 else None,
+            with_kwargs=True)
+        try:
+            got = decode(model, prompts, **_options(tokenizer, stop_ids=stop, slots=slots, max_new_tokens=12,
+                                                    shared_prefix=shared))
+        finally:
+            handle.remove()
+        assert [d.tokens for d in got] == expected, f"slots={slots}"
+        # One pass over the prefix, then only each prompt's own tokens (the sixth prompt's all of them).
+        assert prefills[0] == (1, len(shared))
+        assert sum(rows for rows, _ in prefills[1:]) == len(prompts)
+        if slots == 1:
+            assert sorted(width for _, width in prefills[1:]) == sorted(
+                [len(p) - len(shared) for p in prompts[:5]] + [len(prompts[5])])
+
+
+def test_the_template_prefix_starts_every_rendered_prompt_and_depends_on_no_prompt():
+    from spd_lens.chat import template_prefix
+
+    _, tokenizer = load_hf("tiny")
+    prefix = template_prefix(tokenizer)
+    assert prefix and prefix == template_prefix(tokenizer)
+    for prompt in [*PROMPTS, *SHARED, " leading space", "\nnewline first"]:
+        assert encode(tokenizer, render_prompt(tokenizer, prompt))[:len(prefix)] == prefix
+    with_system = template_prefix(tokenizer, system="Be brief.")
+    assert len(with_system) > len(prefix)
+
+
 def test_waiting_prompts_are_prefilled_longest_first(tiny):
     """Refills take the longest waiting prompts, so one prefill's prompts have similar lengths."""
     model, tokenizer = tiny
@@ -139,6 +184,13 @@ def test_refill_and_static_batching_agree_greedy_with_projection_hooks_and_folde
     plain = sample_completions(model, tokenizer, PROMPTS, config)
     assert hooked == static == folded
     assert hooked != plain  # the projection changed what was generated
+    # With a shared prefix (prefilled once, under the hooks too): still the same as static batches.
+    with projection.apply(model):
+        hooked = sample_completions(model, tokenizer, SHARED, config)
+        static = sample_completions(model, tokenizer, SHARED, SamplingConfig(max_new_tokens=10, batch_size=6,
+                                                                            batching="static"))
+    assert hooked == static == sample_completions(fold_projection(model, projection), tokenizer, SHARED, config)
+    assert hooked != sample_completions(model, tokenizer, SHARED, config)
 
 
 def test_generation_file_resumes_per_prompt_and_keeps_example_order(tiny, tmp_path):

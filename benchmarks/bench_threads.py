@@ -1,0 +1,83 @@
+"""What two processes can gain over one on this machine, measured on decoding steps alone.
+
+One refilled decoding step of the default model (`--rows` rows in flight, `--steps` steps, no
+model loading, no prefill in the timing) is timed three ways, in fresh processes:
+one process on 2 threads, one process on 1 thread, and two 1-thread processes at once. The rounds
+repeat `--pairs` times, in alternating order; figures are medians of per-round ratios.
+
+- `thread_scaling`: 1-thread step time / 2-thread step time (what a second thread buys one process);
+- `concurrent_slowdown`: a 1-thread step with another 1-thread process running / alone (1.00 means
+  the two processes do not compete for memory bandwidth or caches);
+- `two_processes_vs_one`: rows per second of two 1-thread processes together / of one 2-thread
+  process: the ceiling of data-parallel generation's speed-up here, before model loading, prefill
+  and each process's tail of long rows (see `bench_parallel.py` for whole commands).
+
+    python benchmarks/bench_threads.py [--rows 16 --steps 120 --pairs 2]
+
+The last line is one JSON object with those keys.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+STEP = """
+import sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+from spd_lens.decode import decode
+from spd_lens.models import load_hf
+model, tokenizer = load_hf()
+rows, steps = int(sys.argv[2]), int(sys.argv[3])
+prompts = [[1] + [100 + i] * 40 for i in range(rows)]
+options = dict(slots=rows, stop_ids=[], pad_id=tokenizer.pad_token_id)
+decode(model, prompts[:2], max_new_tokens=4, **options)  # warm-up
+start = time.perf_counter()
+decode(model, prompts, max_new_tokens=steps, **options)
+print((time.perf_counter() - start) / steps)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--pairs", type=int, default=2)
+    args = parser.parse_args()
+
+    def launch(threads: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", STEP, str(threads), str(args.rows), str(args.steps)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def seconds(*processes: subprocess.Popen) -> list[float]:
+        return [float(p.communicate()[0].strip().splitlines()[-1]) for p in processes]
+
+    rounds = []
+    for pair in range(args.pairs):
+        kinds = ["two_threads", "one_thread", "concurrent"]
+        measured = {}
+        for kind in kinds if pair % 2 == 0 else kinds[::-1]:
+            if kind == "concurrent":
+                measured[kind] = statistics.mean(seconds(launch(1), launch(1)))
+            else:
+                (measured[kind],) = seconds(launch(2 if kind == "two_threads" else 1))
+        rounds.append(measured)
+        print(f"round {pair}: step on 2 threads {measured['two_threads'] * 1e3:.1f} ms, on 1 thread "
+              f"{measured['one_thread'] * 1e3:.1f} ms, on 1 thread beside another process "
+              f"{measured['concurrent'] * 1e3:.1f} ms", flush=True)
+
+    def median(fn) -> float:
+        return round(statistics.median(fn(r) for r in rounds), 3)
+
+    print(json.dumps({
+        "thread_scaling": median(lambda r: r["one_thread"] / r["two_threads"]),
+        "concurrent_slowdown": median(lambda r: r["concurrent"] / r["one_thread"]),
+        "two_processes_vs_one": median(lambda r: 2 * r["two_threads"] / r["concurrent"]),
+        "step_ms": {k: [round(r[k] * 1e3, 1) for r in rounds] for k in ("two_threads", "one_thread", "concurrent")},
+        "rows": args.rows, "steps": args.steps, "pairs": args.pairs,
+    }))
+
+
+if __name__ == "__main__":
+    main()
