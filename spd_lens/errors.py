@@ -2,4 +2,13 @@
 
 
 class SpdLensError(ValueError):
-    """A user-facing error: the message names the bad value and says what to do instead."""
+    """A user-facing error: the message names the bad value and says what to do instead.
+
+    Example:
+        >>> from spd_lens import get_task
+        >>> try:
+        ...     get_task("arithmatic")
+        ... except SpdLensError as err:
+        ...     "arithmetic" in str(err)
+        True
+    """

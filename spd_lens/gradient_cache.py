@@ -33,7 +33,6 @@ import torch
 from jaxtyping import Bool, Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from transformer_lens.utilities import get_act_name
 
 import spd_lens
 from spd_lens.errors import SpdLensError
@@ -61,7 +60,14 @@ def parse_hook_name(name: str) -> tuple[int, str]:
 
 
 class GradientCache:
-    """dL/dK and dL/dV rows per layer (see the module docstring)."""
+    """dL/dK and dL/dV rows per layer (see the module docstring).
+
+    Example:
+        >>> from spd_lens import cache_gradients, load_model
+        >>> cache = cache_gradients(load_model("tiny"), "arithmetic", n=2, layers=[3])
+        >>> isinstance(cache, GradientCache), cache["k", 3].shape[0]  # one row block per example
+        (True, 2)
+    """
 
     def __init__(self, grads: dict[tuple[int, str], Tensor], input_ids: Tensor, attention_mask: Tensor,
                  correctness_mask: Tensor, example_ids: list[str], meta: dict):
@@ -75,6 +81,8 @@ class GradientCache:
     # --- ActivationCache-like access ------------------------------------------------------
 
     def _key(self, name) -> tuple[int, str]:
+        from transformer_lens.utilities import get_act_name  # here: importing TransformerLens takes seconds
+
         if isinstance(name, str):  # a hook name, or TransformerLens shorthand such as "k15"
             layer, kind = parse_hook_name(name if "." in name else get_act_name(name))
         elif isinstance(name, tuple) and 2 <= len(name) <= 3 and isinstance(name[0], str):

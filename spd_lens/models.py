@@ -21,11 +21,11 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch
 from filelock import FileLock
-from transformer_lens.model_bridge import TransformerBridge
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -41,6 +41,9 @@ from spd_lens.cache import cache_root
 from spd_lens.errors import SpdLensError
 from spd_lens.runtime import Runtime, resolve_runtime
 from spd_lens.tiny_tokenizer import build_byte_tokenizer
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,11 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 
 
 def model_names() -> list[str]:
-    """The names `load_model` knows without a hub id or a directory."""
+    """The names `load_model` knows without a hub id or a directory.
+
+    Example:
+        >>> "smollm2-135m-instruct" in model_names() and "tiny" in model_names()
+        True"""
     return [*EMBEDDED_MODELS, TINY_MODEL]
 
 
@@ -121,7 +128,7 @@ def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
     enough to know whether the model has a chat template.
 
     Example:
-        >>> load_tokenizer("tiny").chat_template is None
+        >>> load_tokenizer("tiny").chat_template is not None
         True
     """
     if name == TINY_MODEL:
@@ -160,6 +167,10 @@ def load_model(
 
 def boot(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> TransformerBridge:
     """Wrap an HF model (in place) in a bridge; the model id travels on the HF config."""
+    # Imported here: TransformerLens takes about 2 s to import, which commands that never boot a
+    # bridge (generate, eval, train) and every process of a launch would pay.
+    from transformer_lens.model_bridge import TransformerBridge
+
     model_id = getattr(hf_model.config, "spd_lens_model_id", None) or hf_model.config.name_or_path
     # The bridge reloads a tokenizer by name to force a BOS token unless it already claims one;
     # spd_lens tokenises with add_special_tokens=False itself, so hand it a copy that claims one

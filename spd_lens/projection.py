@@ -74,7 +74,16 @@ class ProjectionSettings:
 
 @dataclass
 class Projection:
-    """The maps M per (layer, kind) for one subspace and settings; attach with `apply()`."""
+    """The maps M per (layer, kind) for one subspace and settings; attach with `apply()`.
+
+    Example:
+        >>> from spd_lens import extract_subspace, load_hf
+        >>> model, tokenizer = load_hf("tiny")
+        >>> subspace = extract_subspace(model, "arithmetic", n=2, layers=[3], rank=4, tokenizer=tokenizer)
+        >>> projection = Projection.build(subspace, kinds=["v"], alpha=0.5)
+        >>> sorted(projection.maps), projection.settings.alpha
+        ([(3, 'v')], 0.5)
+    """
 
     subspace: CapabilitySubspace
     settings: ProjectionSettings
@@ -356,7 +365,18 @@ def project(model, subspace: CapabilitySubspace, *, layers: Sequence[int] | int 
 
 
 def fold_projection(model, projection: Projection):
-    """A copy of the (unbooted) HF model with each M folded into k_proj / v_proj: no hooks needed."""
+    """A copy of the (unbooted) HF model with each M folded into k_proj / v_proj: no hooks needed.
+
+    Example:
+        >>> import torch
+        >>> from spd_lens import extract_subspace, load_hf
+        >>> model, tokenizer = load_hf("tiny")
+        >>> projection = Projection.build(extract_subspace(model, "arithmetic", n=2, layers=[3], rank=4, tokenizer=tokenizer))
+        >>> ids = torch.tensor([[1, 20, 13, 20]])
+        >>> with projection.apply(model):
+        ...     hooked = model(ids).logits
+        >>> torch.allclose(fold_projection(model, projection)(ids).logits, hooked, atol=1e-5)
+        True"""
     if hasattr(model, "original_model"):
         raise SpdLensError("fold on the plain model from spd_lens.load_hf, not a TransformerBridge "
                            "(booting rewires the modules, so a booted copy cannot be saved as a plain checkpoint)")

@@ -48,7 +48,15 @@ RELATIVE_TOLERANCE = 1e-6  # singular values below this fraction of the largest 
 
 @dataclass(frozen=True)
 class RankPolicy:
-    """Exactly one of: `rank` (fixed), `frac` (of the numerical rank), `energy` (threshold in (0, 1])."""
+    """Exactly one of: `rank` (fixed), `frac` (of the numerical rank), `energy` (threshold in (0, 1]).
+
+    Example:
+        >>> import torch
+        >>> RankPolicy.make()  # nothing given: the paper's half of the numerical rank
+        RankPolicy(rank=None, frac=0.5, energy=None)
+        >>> RankPolicy.make(energy=0.9).choose(torch.tensor([3.0, 1.0, 0.1]))  # 90% of the squared spectrum
+        2
+    """
 
     rank: int | None = None
     frac: float | None = None
@@ -342,7 +350,16 @@ def random_like(subspace: CapabilitySubspace, seed: int = 0) -> CapabilitySubspa
     """A control: random orthonormal bases with the same layers, layouts and ranks.
 
     Its "Gram" is a random PSD matrix with a flat-ish spectrum, so each basis is a uniformly
-    random subspace; ranks are fixed to the original's per key.
+    random subspace; ranks are fixed to the original's per key. One seed gives one random basis per
+    key, whose first r directions serve every rank r (draws are nested across ranks).
+
+    Example:
+        >>> import torch
+        >>> g = torch.randn(50, 4, dtype=torch.float64)
+        >>> s = CapabilitySubspace.from_grams({(0, "k"): g.T @ g}, {"n_kv_heads": 2, "d_head": 2}).with_rank(rank=2)
+        >>> control = random_like(s, seed=1)
+        >>> control.rank(0, "k", 0), control.meta["source"], torch.allclose(control.basis(0, "k"), s.basis(0, "k"))
+        (2, 'random', False)
     """
     generator = torch.Generator().manual_seed(seed)
     grams = {}

@@ -28,6 +28,12 @@ TASKS: dict[str, type[Task]] = {
 
 
 def task_names() -> list[str]:
+    """The names `get_task` knows.
+
+    Example:
+        >>> {"arithmetic", "humaneval", "family-mc"} <= set(task_names())
+        True
+    """
     return list(TASKS)
 
 
