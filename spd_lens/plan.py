@@ -169,6 +169,40 @@ def count_work(config: ExperimentConfig, *, lengths: dict[str, float] | None = N
     return [extract, generate, train, evaluate]
 
 
+def count_ablation(config: ExperimentConfig, *, eval_size: int | None = None) -> list[Stage]:
+    """The work `spd-lens ablate` will do for `config` (a fresh output directory): one gradient
+    subspace (seed `seeds[0]`), then one greedy evaluation per row of `spd_lens.ablate.grid` (the
+    unprojected baseline, each cell and its random draws), each with the correctness loss on
+    `ablate.loss_n` calibration examples."""
+    from spd_lens.ablate import grid
+    from spd_lens.tasks import get_task
+
+    c = config
+    task = get_task(c.task.name, **({"path": c.task.data} if c.task.data else {}))
+    # Without [subspace] layers the run takes {L//2, L-1}; two layers stand for them here.
+    layers = c.subspace.layers or [0, 1]
+    rows = grid(c, layers) if c.subspace.layers or c.ablate.layer_sets is None else None
+    if rows is None:
+        raise SpdLensError("ablate.layer_sets name layers: give [subspace] layers too, so the plan (and the run) "
+                           "knows which layers to extract")
+    calibration_tokens = 300 / CHARS_PER_TOKEN + TEMPLATE_TOKENS
+    extract = Stage("extract", runs=1, examples=c.subspace.n + c.ablate.loss_n)
+    extract.tokens = round(extract.examples * calibration_tokens)
+    extract.detail = [f"gradient subspace, seed {c.seeds[0]}: {c.subspace.n} calibration examples, layers "
+                      f"{c.subspace.layers or 'L/2 and L-1'}; {c.ablate.loss_n} more for the loss column"]
+    questions = c.task.eval_n if c.task.eval_n is not None else eval_size
+    budget = c.eval.max_new_tokens or task.max_new_tokens
+    cells = sum(1 for r in rows if r["subspace"] == "gradient")
+    evaluate = Stage("eval", runs=len(rows))
+    if questions is not None:
+        evaluate.examples = evaluate.completions = len(rows) * questions
+        evaluate.decode_slots = _slots(questions, c.eval.batch_size, budget) * len(rows)
+    evaluate.detail = [f"{len(rows)} rows: the baseline, {cells} cells x (gradient + {c.ablate.random_draws} random "
+                       f"draws); {questions if questions is not None else 'all'} {c.task.eval_split} questions each, "
+                       f"at most {budget} tokens, batches of {c.eval.batch_size}"]
+    return [extract, evaluate]
+
+
 def _slots(n: int, batch: int, budget: int) -> int:
     """Decoding slots of `n` completions in batches: each batch decodes until its longest ends."""
     full, rest = divmod(n, batch)
@@ -311,8 +345,9 @@ def check_data(config: ExperimentConfig) -> tuple[list[tuple[str, str, str]], di
 
 
 def make_plan(config: ExperimentConfig, *, figures: dict | str | Path | None = None,
-              threads: int | None = None) -> Plan:
-    """Validate `config` and its data and count and time every stage (see the module docstring)."""
+              threads: int | None = None, ablate: bool = False) -> Plan:
+    """Validate `config` and its data and count and time every stage (see the module docstring);
+    with `ablate`, the stages of `spd-lens ablate` rather than `spd-lens run`."""
     checks = []
     try:
         runtime = str(config.model.runtime())
@@ -325,7 +360,14 @@ def make_plan(config: ExperimentConfig, *, figures: dict | str | Path | None = N
     checks.append((f"model {config.model.name}", status, message + size))
     data_checks, lengths, eval_size = check_data(config)
     checks += data_checks
-    stages = count_work(config, lengths=lengths, eval_size=eval_size)
+    if ablate:
+        try:
+            stages = count_ablation(config, eval_size=eval_size)
+        except SpdLensError as err:
+            checks.append(("ablate", "error", str(err)))
+            stages = []
+    else:
+        stages = count_work(config, lengths=lengths, eval_size=eval_size)
     if isinstance(figures, (str, Path)):
         figures = read_figures(figures)
     basis = estimate(stages, config, parameters=parameters, figures=figures, threads=threads)

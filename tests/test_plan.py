@@ -47,6 +47,26 @@ def test_plan_cli_prints_stages_and_refuses_what_would_fail(tmp_path, capsys):
     assert "no data file is given for the 'train' split" in captured.err
 
 
+def test_an_ablation_is_planned_row_by_row(capsys):
+    """`plan --ablate` counts the grid `spd-lens ablate` runs: baseline + cells x (1 + draws)."""
+    from spd_lens.ablate import grid
+
+    config = load_config(ROOT / "experiments" / "study" / "gate-rank.toml")
+    plan = make_plan(config, threads=2, ablate=True)
+    stages = {s.name: s for s in plan.stages}
+    rows = len(grid(config, config.subspace.layers))
+    assert rows == 1 + (6 + 4) * (1 + 3)  # 6 ranks and 4 energies, each with 3 random draws
+    assert (stages["eval"].runs, stages["eval"].completions, stages["eval"].decode_slots) == (rows, rows * 300,
+                                                                                            rows * 300 * 40)
+    assert (stages["extract"].runs, stages["extract"].examples) == (1, 64 + 16)
+    assert cli(["plan", str(ROOT / "experiments" / "study" / "gate-rank.toml"), "--ablate"]) == 0
+    out = capsys.readouterr().out
+    assert "plan for spd-lens ablate" in out and f"{rows} rows: the baseline, 10 cells" in out
+    # Layer sets need the layers they use extracted: refused as `spd-lens ablate` would refuse it.
+    bad = config_from_dict({"model": {"name": "tiny"}, "subspace": {"layers": [1]}, "ablate": {"layer_sets": [[2]]}})
+    assert any("outside subspace.layers" in e for e in make_plan(bad, ablate=True).errors)
+
+
 def test_hub_data_offline_is_reported_as_unchecked(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     plan = make_plan(load_config(ROOT / "experiments" / "paper" / "gsm8k.toml"), threads=2)

@@ -77,11 +77,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from spd_lens.config import load_config
     from spd_lens.plan import format_plan, make_plan
 
-    plan = make_plan(common.with_runtime(load_config(args.config), args), figures=args.figures)
-    print(f"plan for {args.config} (run name {plan.config.name!r}; nothing is run)")
+    plan = make_plan(common.with_runtime(load_config(args.config), args), figures=args.figures, ablate=args.ablate)
+    print(f"plan for {'spd-lens ablate' if args.ablate else 'spd-lens run'} {args.config} (run name "
+          f"{plan.config.name!r}; nothing is run)")
     print(format_plan(plan))
     if plan.errors:
-        print(f"\n{len(plan.errors)} problem(s) would stop `spd-lens run`:", *plan.errors, sep="\n  ", file=sys.stderr)
+        print(f"\n{len(plan.errors)} problem(s) would stop `spd-lens {'ablate' if args.ablate else 'run'}`:", *plan.errors, sep="\n  ", file=sys.stderr)
         return 2
     return 0
 
@@ -193,6 +194,8 @@ def register(commands) -> None:
     plan = commands.add_parser("plan", help="check a config and its data, count each stage's work and estimate "
                                             "its time, without running a model")
     plan.add_argument("config")
+    plan.add_argument("--ablate", action="store_true", help="plan `spd-lens ablate CONFIG` (the [ablate] grid) "
+                                                             "instead of `spd-lens run CONFIG`")
     plan.add_argument("--figures", help="throughput JSON from benchmarks/gpu_check.py (its last line) to estimate "
                                         "with instead of the recorded CPU runs")
     common.add_runtime_args(plan, config=True)
