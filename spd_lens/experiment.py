@@ -347,14 +347,18 @@ class Run:
                    "sandbox": summarise_isolation(r for results in outcomes.values() for r in results),
                    "config_hash": config_hash(self.config.to_dict()), "spd_lens_version": spd_lens.__version__,
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        previous = self.out / "metrics.json"
-        if previous.is_file() and (self.out / "report.html").is_file():
-            kept = read_json_object(previous, "a run's metrics")
-            if canonical({**kept, "finished": None}) == canonical({**metrics, "finished": None}):
-                return kept  # nothing changed: the files stay byte for byte as they were
+        # Only the main process reads and writes the files, and every process reaches the barrier:
+        # a process that returned early (it found the main one's fresh metrics.json) would leave the
+        # main one waiting for it, and the launch would fail.
         if self.processes.is_main:
-            write_json(self.out / "metrics.json", metrics)
-            write_run_report(self.out)
+            previous = self.out / "metrics.json"
+            kept = (read_json_object(previous, "a run's metrics")
+                    if previous.is_file() and (self.out / "report.html").is_file() else None)
+            if kept is not None and canonical({**kept, "finished": None}) == canonical({**metrics, "finished": None}):
+                metrics = kept  # nothing changed: the files stay byte for byte as they were
+            else:
+                write_json(self.out / "metrics.json", metrics)
+                write_run_report(self.out)
         self.processes.barrier()
         return metrics
 

@@ -22,7 +22,14 @@ def _twice(arguments: list[str]) -> subprocess.CompletedProcess:
     # "--": torchrun would otherwise take --n for an abbreviation of one of its own options
     command = [TORCHRUN, "--nproc_per_node", "2", "-m", "spd_lens.cli", "--", *arguments]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    if result.returncode:
+        # Each rank's own last lines: the one that crashed first is not the one whose error ends stderr.
+        ranks = {}
+        for line in result.stderr.splitlines():
+            if line.startswith("[rank"):
+                ranks.setdefault(line.split("]")[0] + "]", []).append(line)
+        report = "\n".join("\n".join(lines[-25:]) for lines in ranks.values()) or result.stderr[-3000:]
+        raise AssertionError(f"torchrun exited with {result.returncode}:\n{report}\n--- stdout ---\n{result.stdout[-1500:]}")
     return result
 
 
@@ -156,3 +163,30 @@ def test_scoring_is_divided_between_processes(monkeypatch):
                          "rank1": [records[i]["prompt_id"] for i in (1, 3, 5)]}
     for rank in (0, 1):
         assert results[rank].results == one.results and results[rank].score == one.score
+
+
+def test_every_process_reaches_the_last_barrier_of_a_finished_run(tmp_path, monkeypatch):
+    """The main process writes metrics.json and waits at the end; a second process that arrives
+    later and finds that fresh file unchanged must still wait there (it returned early, leaving the
+    main process waiting for it: the two-process launch failed at random, when timing allowed)."""
+    from spd_lens.config import config_from_dict
+    from spd_lens.experiment import run_experiment
+
+    config = config_from_dict({"name": "t", "seeds": [0], "methods": ["base"], "model": {"name": "tiny"},
+                               "task": {"name": "arithmetic", "eval_n": 3}, "eval": {"max_new_tokens": 4}})
+    first = run_experiment(config, tmp_path)  # one process: the evaluation is stored
+    (tmp_path / "metrics.json").unlink()
+    (tmp_path / "report.html").unlink()
+    barriers = {0: 0, 1: 0}
+
+    def barrier(self):
+        barriers[self.rank] += 1
+
+    monkeypatch.setattr(Processes, "barrier", barrier)
+    for rank in (0, 1):  # the main process finishes first and writes metrics.json; the second arrives later
+        monkeypatch.setattr(Processes, "current", classmethod(lambda cls, rank=rank: Processes(rank, 2)))
+        written = {p.name: p.read_bytes() for p in tmp_path.glob("*.json")}
+        assert run_experiment(config, tmp_path)["methods"] == first["methods"]
+    assert (tmp_path / "metrics.json").is_file()
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.json")} == written  # the second process wrote nothing
+    assert barriers[1] == barriers[0] >= 1  # the same barriers, so neither waits for the other forever
