@@ -198,7 +198,7 @@ def decode_stream(
         return None
 
     with torch.no_grad():
-        prefix = _SharedPrefix(hf, list(shared_prefix)) if len(shared_prefix) >= MIN_SHARED_PREFIX else None
+        prefix = _SharedPrefix(hf, list(shared_prefix)) if prompts and len(shared_prefix) >= MIN_SHARED_PREFIX else None
         while waiting or rows:
             if waiting and (not rows or slots - len(rows) >= min(refill_at, len(waiting))):
                 new = [_Row(i, len(prompts[i]), _generator(seed, indices[i], temperature))
