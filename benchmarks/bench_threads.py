@@ -1,9 +1,11 @@
 """What two processes can gain over one on this machine, measured on decoding steps alone.
 
-One refilled decoding step of the default model (`--rows` rows in flight, `--steps` steps, no
-model loading, no prefill in the timing) is timed three ways, in fresh processes:
-one process on 2 threads, one process on 1 thread, and two 1-thread processes at once. The rounds
-repeat `--pairs` times, in alternating order; figures are medians of per-round ratios.
+One refilled decoding step of the default model (`--rows` rows in flight, no model loading in the
+timing; a 1-token run's time, the prefill, is subtracted from a `--steps`-token run's and the rest
+divided by `steps - 1`) is timed three ways, in fresh processes: one process on 2 threads, one
+process on 1 thread, and two 1-thread processes that start timing together (each loads and warms
+up, then waits for the signal). The rounds repeat `--pairs` times, in alternating order; figures
+are medians of per-round ratios.
 
 - `thread_scaling`: 1-thread step time / 2-thread step time (what a second thread buys one process);
 - `concurrent_slowdown`: a 1-thread step with another 1-thread process running / alone (1.00 means
@@ -33,9 +35,14 @@ rows, steps = int(sys.argv[2]), int(sys.argv[3])
 prompts = [[1] + [100 + i] * 40 for i in range(rows)]
 options = dict(slots=rows, stop_ids=[], pad_id=tokenizer.pad_token_id)
 decode(model, prompts[:2], max_new_tokens=4, **options)  # warm-up
+print("ready", flush=True)
+sys.stdin.readline()  # the signal: concurrent processes time the same interval
+start = time.perf_counter()
+decode(model, prompts, max_new_tokens=1, **options)
+prefill = time.perf_counter() - start
 start = time.perf_counter()
 decode(model, prompts, max_new_tokens=steps, **options)
-print((time.perf_counter() - start) / steps)
+print((time.perf_counter() - start - prefill) / (steps - 1), flush=True)
 """
 
 
@@ -48,9 +55,14 @@ def main() -> None:
 
     def launch(threads: int) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-c", STEP, str(threads), str(args.rows), str(args.steps)],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
     def seconds(*processes: subprocess.Popen) -> list[float]:
+        for p in processes:  # every process loaded and warmed up
+            assert p.stdout.readline().strip() == "ready"
+        for p in processes:  # then all start at once
+            p.stdin.write("go\n")
+            p.stdin.flush()
         return [float(p.communicate()[0].strip().splitlines()[-1]) for p in processes]
 
     rounds = []

@@ -160,8 +160,10 @@ def to_chat_tokens(model, prompt: str | list[str], *, system: str | None = None,
 
 
 def template_prefix(tokenizer: PreTrainedTokenizerBase, *, system: str | None = None) -> list[int]:
-    """The token ids every prompt rendered by `render_prompt` starts with (the template's opening:
-    a system turn, the user header), found by rendering two unlike messages; [] without a template.
+    """The token ids that prompts rendered by `render_prompt` start with (the template's opening:
+    a system turn, the user header), found by rendering two unlike messages. A message whose first
+    characters merge with the header's last token (e.g. one starting with a newline) may not start
+    with it; `spd_lens.decode` then prefills that prompt whole.
 
     Example:
         >>> from spd_lens.models import load_hf

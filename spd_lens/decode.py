@@ -10,7 +10,7 @@ How rows of different lengths share one KV cache: each row is right-aligned (its
 the last column), left padding is masked out by the 2-D attention mask, and each row's position
 ids count only its own tokens, so a row decodes as it would alone. Columns that are padding for
 every remaining row are dropped. Each layer's keys and values live in a buffer with spare columns
-(`SpareColumnsCache`), so a step writes one column in place instead of copying the whole cache, as
+(`_SpareColumnsCache`), so a step writes one column in place instead of copying the whole cache, as
 `DynamicCache`'s concatenation does (about an eighth of a code-task decoding's time here).
 
 Prompts rendered by one chat template share a prefix (SmolLM2's system turn: 35 of an arithmetic
@@ -75,6 +75,11 @@ class _SpareColumnsLayer(DynamicLayer):
         self.values = self._value_buffer[:, :, :used + new]
         return self.keys, self.values
 
+    def _not_here(self, *args, **kwargs):
+        raise NotImplementedError("decode's cache changes rows through assign(); this operation is not supported")
+
+    reorder_cache = batch_select_indices = batch_repeat_interleave = offload = prefetch = _not_here
+
     def assign(self, keys: Tensor, values: Tensor, spare: int | None = None) -> None:
         """Holds copies of `keys` and `values` (batch, heads, columns, d_head) in fresh buffers with
         `spare` (default `SPARE_COLUMNS`) free columns."""
@@ -87,8 +92,10 @@ class _SpareColumnsLayer(DynamicLayer):
         self.values = self._value_buffer[:, :, :columns]
 
 
-class SpareColumnsCache(DynamicCache):
-    """A `DynamicCache` made of `_SpareColumnsLayer`s (decoding's cache; the rows' layout is `decode`'s)."""
+class _SpareColumnsCache(DynamicCache):
+    """A `DynamicCache` made of `_SpareColumnsLayer`s, for `decode` only: it rebuilds rows through
+    `assign` (`_merge`, `_select`); transformers' own row operations (`reorder_cache`,
+    `batch_select_indices`, ...) would replace a layer's keys behind its buffer, so they refuse."""
 
     def __init__(self):
         super().__init__()
@@ -256,7 +263,7 @@ class _SharedPrefix:
     def __init__(self, hf, tokens: list[int]):
         self.tokens = tokens
         ids = torch.tensor([tokens], device=hf.device)
-        self.cache = SpareColumnsCache()
+        self.cache = _SpareColumnsCache()
         hf(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=self.cache, use_cache=True,
            logits_to_keep=1)
 
@@ -264,9 +271,9 @@ class _SharedPrefix:
         """Whether `prompt` begins with the prefix and has tokens of its own after it."""
         return len(prompt) > len(self.tokens) and list(prompt[:len(self.tokens)]) == self.tokens
 
-    def cache_for(self, rows: int) -> SpareColumnsCache:
+    def cache_for(self, rows: int) -> _SpareColumnsCache:
         """A cache holding the prefix's keys and values for `rows` rows."""
-        cache = SpareColumnsCache()
+        cache = _SpareColumnsCache()
         for i, layer in enumerate(self.cache.layers):
             cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), i)
         return cache
@@ -281,7 +288,7 @@ def _prefill(hf, prompts: list[Sequence[int]], pad_id: int, prefix: _SharedPrefi
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in own], device=hf.device)
     mask = torch.tensor([[1] * shared + [0] * (width - len(p)) + [1] * len(p) for p in own], device=hf.device)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, shared:]
-    cache = prefix.cache_for(len(prompts)) if prefix is not None else SpareColumnsCache()
+    cache = prefix.cache_for(len(prompts)) if prefix is not None else _SpareColumnsCache()
     out = hf(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
              logits_to_keep=1)
     return out.logits[:, -1, :], out.past_key_values, mask

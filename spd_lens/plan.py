@@ -179,12 +179,10 @@ def count_ablation(config: ExperimentConfig, *, eval_size: int | None = None) ->
 
     c = config
     task = get_task(c.task.name, **({"path": c.task.data} if c.task.data else {}))
-    # Without [subspace] layers the run takes {L//2, L-1}; two layers stand for them here.
-    layers = c.subspace.layers or [0, 1]
-    rows = grid(c, layers) if c.subspace.layers or c.ablate.layer_sets is None else None
-    if rows is None:
-        raise SpdLensError("ablate.layer_sets name layers: give [subspace] layers too, so the plan (and the run) "
-                           "knows which layers to extract")
+    # Without [subspace] layers the run extracts {L//2, L-1}: two layers stand for them here, and
+    # layer sets are counted as given (the run refuses one outside {L//2, L-1}; L is not read here).
+    layers = c.subspace.layers or sorted({layer for s in c.ablate.layer_sets or [] for layer in s}) or [0, 1]
+    rows = grid(c, layers)
     calibration_tokens = 300 / CHARS_PER_TOKEN + TEMPLATE_TOKENS
     extract = Stage("extract", runs=1, examples=c.subspace.n + c.ablate.loss_n)
     extract.tokens = round(extract.examples * calibration_tokens)

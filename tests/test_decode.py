@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from spd_lens import SpdLensError
-from spd_lens.chat import encode, end_of_turn_ids, render_prompt
+from spd_lens.chat import encode, end_of_turn_ids, render_prompt, template_prefix
 from spd_lens.decode import decode, draw
 from spd_lens.extract import extract_subspace
 from spd_lens.models import load_hf
@@ -170,7 +170,7 @@ def test_samples_do_not_depend_on_slots_or_order(tiny):
     assert [d.tokens for d in other_seed] != [d.tokens for d in wide]
 
 
-def test_refill_and_static_batching_agree_greedy_with_projection_hooks_and_folded(tiny):
+def test_refill_and_static_batching_agree_greedy_with_projection_hooks_and_folded(tiny, monkeypatch):
     model, tokenizer = tiny
     subspace = extract_subspace(model, "arithmetic", n=6, layers=[1, 3], rank=6, tokenizer=tokenizer)
     # Extrapolated (alpha -3): the random tiny model answers newlines whatever a milder projection does.
@@ -184,13 +184,42 @@ def test_refill_and_static_batching_agree_greedy_with_projection_hooks_and_folde
     plain = sample_completions(model, tokenizer, PROMPTS, config)
     assert hooked == static == folded
     assert hooked != plain  # the projection changed what was generated
-    # With a shared prefix (prefilled once, under the hooks too): still the same as static batches.
+    # With the template's opening prefilled once (6 tokens on the tiny tokenizer: sharing allowed
+    # from 1 token here), under the hooks too: still the same as static batches.
+    import spd_lens.decode as decoding
+
+    monkeypatch.setattr(decoding, "MIN_SHARED_PREFIX", 1)
+    passes = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: passes.append(tuple(kwargs["input_ids"].shape)),
+                                             with_kwargs=True)
     with projection.apply(model):
         hooked = sample_completions(model, tokenizer, SHARED, config)
         static = sample_completions(model, tokenizer, SHARED, SamplingConfig(max_new_tokens=10, batch_size=6,
                                                                             batching="static"))
+    handle.remove()
+    assert passes[0] == (1, len(template_prefix(tokenizer)))  # the prefix pass came first
     assert hooked == static == sample_completions(fold_projection(model, projection), tokenizer, SHARED, config)
     assert hooked != sample_completions(model, tokenizer, SHARED, config)
+
+
+def test_sampling_with_the_template_prefix_shared_gives_the_same_samples(tiny, monkeypatch):
+    import spd_lens.decode as decoding
+
+    model, tokenizer = tiny
+    config = SamplingConfig(temperature=1.0, top_k=20, top_p=0.9, max_new_tokens=10, num_samples=2, batch_size=3)
+    monkeypatch.setattr(decoding, "MIN_SHARED_PREFIX", 10**9)
+    whole = sample_completions(model, tokenizer, SHARED, config)
+    monkeypatch.setattr(decoding, "MIN_SHARED_PREFIX", 1)
+    prefills = []
+    handle = model.register_forward_pre_hook(
+        lambda m, args, kwargs: prefills.append(kwargs["input_ids"].shape[1]) if kwargs["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True)
+    try:
+        shared = sample_completions(model, tokenizer, SHARED, config)
+    finally:
+        handle.remove()
+    assert prefills[0] == len(template_prefix(tokenizer))
+    assert shared == whole and len({c[0] for c in whole}) > 1
 
 
 def test_generation_file_resumes_per_prompt_and_keeps_example_order(tiny, tmp_path):
