@@ -13,8 +13,8 @@ every remaining row are dropped. Each layer's keys and values live in a buffer w
 (`_SpareColumnsCache`), so a step writes one column in place instead of copying the whole cache, as
 `DynamicCache`'s concatenation does (about an eighth of a code-task decoding's time here).
 
-Prompts rendered by one chat template share a prefix (SmolLM2's system turn: 35 of an arithmetic
-prompt's 53 tokens). Given as `shared_prefix`, it is prefilled once and its keys and values are
+Prompts rendered by one chat template share a prefix (SmolLM2's system turn and user header: 24
+of an arithmetic prompt's 53 tokens). Given as `shared_prefix`, it is prefilled once and its keys and values are
 copied into every new row that starts with it, so a refill computes only each prompt's own tokens;
 such a row's layout is prefix, padding, own tokens. The prefix is a property of the template, never
 of the prompts in a call, so a prompt is computed the same way whichever prompts share its call

@@ -21,8 +21,8 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from filelock import FileLock
@@ -78,7 +78,8 @@ def model_names() -> list[str]:
 
     Example:
         >>> "smollm2-135m-instruct" in model_names() and "tiny" in model_names()
-        True"""
+        True
+    """
     return [*EMBEDDED_MODELS, TINY_MODEL]
 
 

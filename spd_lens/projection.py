@@ -376,7 +376,8 @@ def fold_projection(model, projection: Projection):
         >>> with projection.apply(model):
         ...     hooked = model(ids).logits
         >>> torch.allclose(fold_projection(model, projection)(ids).logits, hooked, atol=1e-5)
-        True"""
+        True
+    """
     if hasattr(model, "original_model"):
         raise SpdLensError("fold on the plain model from spd_lens.load_hf, not a TransformerBridge "
                            "(booting rewires the modules, so a booted copy cannot be saved as a plain checkpoint)")

@@ -78,11 +78,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from spd_lens.plan import format_plan, make_plan
 
     plan = make_plan(common.with_runtime(load_config(args.config), args), figures=args.figures, ablate=args.ablate)
-    print(f"plan for {'spd-lens ablate' if args.ablate else 'spd-lens run'} {args.config} (run name "
-          f"{plan.config.name!r}; nothing is run)")
+    command = "spd-lens ablate" if args.ablate else "spd-lens run"
+    print(f"plan for {command} {args.config} (run name {plan.config.name!r}; nothing is run)")
     print(format_plan(plan))
     if plan.errors:
-        print(f"\n{len(plan.errors)} problem(s) would stop `spd-lens {'ablate' if args.ablate else 'run'}`:", *plan.errors, sep="\n  ", file=sys.stderr)
+        print(f"\n{len(plan.errors)} problem(s) would stop `{command}`:", *plan.errors, sep="\n  ", file=sys.stderr)
         return 2
     return 0
 
