@@ -7,8 +7,10 @@ On the default model (or --model), in the runtime's dtype (auto: bfloat16) unles
    matrices must be float64 and its bases close to those extracted in float32 (mean cos² of the
    principal angles);
 2. projected decoding: greedy completions with projection hooks and with the projection folded
-   into the weights must be equal token for token in float32; in the runtime dtype the share of
-   equal completions is reported (rounding differs between the two);
+   into the weights must be equal token for token in float32; in the runtime dtype (where the
+   two round differently) their next-token choices, fed the hooked completions, must agree as
+   often as the hooked model's own choices in the runtime dtype and in float32 do (within 2
+   points); the share of equal whole completions is reported;
 3. sampling throughput: new tokens/s of batched greedy decoding, every row running to the same
    length (batch 64, 128 new tokens), plain and with the projection hooks;
 4. training: LoRA steps (the paper's settings, one epoch over 256 self-generated records, batch
@@ -21,6 +23,7 @@ Exit status 0 when every check passed, 1 when one failed, 2 without a CUDA devic
 """
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -94,24 +97,48 @@ def main() -> int:
     checks["subspace_matches_float32"] = overlap > 0.95
     log(f"extraction: {figures['extract_examples_per_s']} examples/s, overlap with float32 {overlap:.4f}")
 
-    # 2. hooked vs folded greedy decoding
+    # 2. hooked vs folded decoding. In float32 greedy completions must be equal token for token.
+    # In bfloat16 the two round differently, and one flipped near-tie changes the rest of a
+    # completion, so whole-completion equality says little. The check: fed the same tokens
+    # (teacher forcing), the folded model's next-token choices differ from the hooked model's no
+    # more often than the hooked model's own choices differ between bfloat16 and float32.
     prompts = [e.prompt for e in task.examples("test", n=32, seed=0)]
     greedy = SamplingConfig(max_new_tokens=48, batch_size=32)
+    projection = Projection.build(subspace)
 
-    def hooked_and_folded(m):
-        projection = Projection.build(subspace)
+    def greedy_texts(m, hooked: bool) -> list[str]:
+        if not hooked:
+            return [c[0].text for c in sample_completions(m, tokenizer, prompts, greedy)]
         with projection.apply(m):
-            hooked = [c[0].text for c in sample_completions(m, tokenizer, prompts, greedy)]
-        folded = [c[0].text for c in sample_completions(fold_projection(m, projection), tokenizer, prompts, greedy)]
-        return sum(a == b for a, b in zip(hooked, folded)) / len(prompts)
+            return [c[0].text for c in sample_completions(m, tokenizer, prompts, greedy)]
 
-    agreement32 = hooked_and_folded(model32)
-    agreement = hooked_and_folded(model)
-    figures.update(folded_equals_hooked_float32=agreement32 == 1.0, folded_hooked_agreement=round(agreement, 3))
-    checks["folded_equals_hooked_float32"] = agreement32 == 1.0
-    checks["folded_hooked_agree_mostly"] = agreement >= 0.8
-    del model32
-    log(f"hooked vs folded greedy: equal in float32 {agreement32:.0%}; in {figures['dtype']} {agreement:.0%}")
+    def next_tokens(m, sequences, hooked: bool) -> torch.Tensor:
+        with torch.no_grad(), projection.apply(m) if hooked else contextlib.nullcontext():
+            return torch.cat([m(torch.tensor([ids], device=runtime.device)).logits[0, start - 1:-1].argmax(-1).cpu()
+                              for ids, start in sequences])
+
+    folded32 = fold_projection(model32, projection)
+    equal32 = sum(a == b for a, b in zip(greedy_texts(model32, True), greedy_texts(folded32, False))) / len(prompts)
+    del folded32
+    folded = fold_projection(model, projection)
+    hooked_texts = greedy_texts(model, True)
+    equal = sum(a == b for a, b in zip(hooked_texts, greedy_texts(folded, False))) / len(prompts)
+    sequences = []
+    for prompt, completion in zip(prompts, hooked_texts):
+        head = encode(tokenizer, render_prompt(tokenizer, prompt))
+        sequences.append((head + tokenizer.encode(completion, add_special_tokens=False), len(head)))
+    hooked_choice = next_tokens(model, sequences, True)
+    folded_agreement = (next_tokens(folded, sequences, False) == hooked_choice).float().mean().item()
+    dtype_agreement = (next_tokens(model32, sequences, True) == hooked_choice).float().mean().item()
+    figures.update(folded_equals_hooked_float32=equal32 == 1.0, folded_hooked_equal_completions=round(equal, 3),
+                   folded_hooked_next_token_agreement=round(folded_agreement, 4),
+                   float32_hooked_next_token_agreement=round(dtype_agreement, 4))
+    checks["folded_equals_hooked_float32"] = equal32 == 1.0
+    checks["folded_within_rounding"] = folded_agreement >= dtype_agreement - 0.02
+    del model32, folded
+    log(f"hooked vs folded greedy: equal in float32 {equal32:.0%}; in {figures['dtype']} {equal:.0%} of completions "
+        f"equal, next-token agreement {folded_agreement:.2%} (float32 vs {figures['dtype']}, both hooked: "
+        f"{dtype_agreement:.2%})")
 
     # 3. sampling throughput (every row decodes exactly `new_tokens`)
     batch, new_tokens = 64, 128
