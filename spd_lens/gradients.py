@@ -34,6 +34,7 @@ from spd_lens.errors import SpdLensError
 from spd_lens.memory import (OverBudget, batch_plan, default_budget, gib, gradient_pass_bytes, parse_bytes,
                              release_freed_memory)
 from spd_lens.processes import Processes
+from spd_lens.runtime import avoid_cudnn_attention
 from spd_lens.tasks.base import EncodedExample, check_unique_ids
 
 KINDS = ("k", "v")
@@ -138,6 +139,7 @@ def iterate_gradients(
             raise SpdLensError(f"{len(encoded)} examples make {len(batches)} batch(es), fewer than the "
                                f"{processes.world} processes: use more examples, a smaller batch_size or fewer processes")
         batches = [batches[b] for b in processes.shard(len(batches))]
+    avoid_cudnn_attention(hf.device)  # its backward pass can return NaN (see that function)
     try:
         yield from _passes(model, hf, batches, layers, loss, pad_id, on_bridge, progress)
     finally:

@@ -95,6 +95,7 @@ class Runtime:
         Rotary-position frequency buffers (`inv_freq`) stay float32, as `from_pretrained` leaves
         them: rounded to bfloat16 they would shift every position's angle.
         """
+        avoid_cudnn_attention(self.device)
         model = model.to(device=self.device)
         if getattr(model, "dtype", self.dtype) != self.dtype:
             kept = {name: buffer for name, buffer in model.named_buffers() if name.endswith("inv_freq")}
@@ -115,6 +116,24 @@ class Runtime:
         if self.is_cuda and self.device.index is not None:
             return torch.cuda.device(self.device)
         return nullcontext()
+
+
+def avoid_cudnn_attention(device: str | torch.device) -> None:
+    """On CUDA, leaves cuDNN out of the kernels torch picks for scaled-dot-product attention.
+
+    Its backward pass returns NaN query gradients for some masked sequence lengths on Hopper GPUs
+    (pytorch/pytorch#196678: an attention mask and a length of 64 mod 128, torch 2.11 on). Seen
+    here on an H200 (torch 2.11, cuDNN 9.19): bfloat16 LoRA training on self-generated records
+    went NaN at its fourth step with torch's default kernels and ran clean without cuDNN's. The
+    memory-efficient kernel takes its place; the setting is process-wide, as torch keeps it.
+
+    Example:
+        >>> avoid_cudnn_attention("cpu")  # nothing to do off CUDA
+        >>> torch.backends.cuda.cudnn_sdp_enabled()
+        True
+    """
+    if torch.device(device).type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled():
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def resolve_runtime(runtime: Runtime | None = None, device: str | torch.device | None = None,

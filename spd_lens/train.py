@@ -310,7 +310,13 @@ def _train(model_name: str, data: str | Path, out: Path, config: TrainConfig, ru
                                        "the adapter is poisoned; lower lr or check the data")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                    norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                    # A finite loss can still have NaN gradients (a kernel's backward pass):
+                    # one such step would write NaN into every trained weight.
+                    if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+                        raise SpdLensError(f"gradient norm is {float(norm)} at step {step} (epoch {epoch}): stopping "
+                                           "before the adapter is poisoned; lower lr or check the data (on CUDA, try "
+                                           "another attention kernel: see spd_lens.runtime.avoid_cudnn_attention)")
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
