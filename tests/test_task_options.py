@@ -65,6 +65,19 @@ def test_arithmetic_options_shape_the_questions():
     assert any(len(t) == 2 for e in hard for t in _terms(e)) and any(" - " in e.prompt for e in hard)
 
 
+def test_a_filtered_split_extends_its_stream_and_keeps_the_first_examples():
+    # "+" keeps about half of the generated sums and dev a small share of those: the first pass
+    # over the stream (20 n + 200 items) held 172 dev questions for n=200.
+    task = get_task("arithmetic", operators="+")
+    many = task.examples("dev", n=300, seed=0)
+    assert len(many) == 300 and len({e.prompt for e in many}) == 300
+    assert [e.id for e in task.examples("dev", n=100, seed=0)] == [e.id for e in many[:100]]
+    assert task.example_by_id(many[-1].id).prompt == many[-1].prompt
+    # A split with fewer distinct questions than asked still ends, with a clear error.
+    with pytest.raises(SpdLensError, match="has only 43 test examples"):
+        get_task("arithmetic", preset="easy").examples("test", n=100, seed=0)
+
+
 def test_family_options_shape_the_questions():
     two = get_task("family-mc", num_options=2).examples("test", n=10)
     assert all(e.meta["labels"] == ["A", "B"] and e.target in "AB" for e in two)

@@ -98,6 +98,9 @@ class MathTask(Task):
         return Score(ok, "passed" if ok else "failed", f"answer {found}, expected {example.target}")
 
 
+MAX_STREAM = 2_000_000  # generated items a procedural split may scan for its questions
+
+
 class ReasoningGymMath(MathTask):
     """A reasoning-gym generator; questions are hashed into splits and deduplicated."""
 
@@ -111,19 +114,25 @@ class ReasoningGymMath(MathTask):
         if n is None:
             raise SpdLensError(f"task {self.name!r} is procedural: pass n, the number of examples to generate")
         # Each split draws from its own generator seed and keeps only the questions hashed into it.
-        size = 20 * n + 200
+        # Item i of a generator does not depend on its size, so when a filter (operators, the
+        # split's hash share) leaves too few, the stream is extended, never redrawn: the first
+        # examples, and every id, stay what a smaller request gave.
         generator_seed = seed * 2 + (1 if split == "test" else 0)  # dev shares train's stream, not its questions
-        data = reasoning_gym.create_dataset(self.dataset, size=size, seed=generator_seed, **self.dataset_options)
-        examples, seen = [], set()
-        for index in range(size):
-            item = data[index]
-            question = item["question"]
-            if question in seen or hash_split(question) != split or not self._keep(item):
-                continue
-            seen.add(question)
-            examples.append(self._example(item, procedural_id(self, split, seed, index)))
-            if len(examples) == n:
-                break
+        examples, seen, start, size = [], set(), 0, 20 * n + 200
+        while len(examples) < n:
+            data = reasoning_gym.create_dataset(self.dataset, size=size, seed=generator_seed, **self.dataset_options)
+            for index in range(start, size):
+                item = data[index]
+                question = item["question"]
+                if question in seen or hash_split(question) != split or not self._keep(item):
+                    continue
+                seen.add(question)
+                examples.append(self._example(item, procedural_id(self, split, seed, index)))
+                if len(examples) == n:
+                    break
+            if len(examples) < n and (size >= MAX_STREAM or (start and len(seen) == found_before)):
+                break  # the generator has no more distinct questions for this split
+            found_before, start, size = len(seen), size, min(size * 4, MAX_STREAM)
         return examples
 
     def _keep(self, item: dict) -> bool:
