@@ -1,12 +1,16 @@
-"""Sampling speed by dtype on this machine: bfloat16 (and float16) against float32, default model.
+"""Sampling or training speed by dtype on this machine: bfloat16 (and float16) against float32, default model.
 
-New tokens/s of batched greedy generation (batch `--batch`, exactly `--new-tokens` new tokens per
-prompt, KV cache), the same prompts in every dtype. The dtypes run interleaved, float32 then each
+`--stage sample` (default): new tokens/s of batched greedy generation (batch `--batch`, exactly
+`--new-tokens` new tokens per prompt, KV cache), the same prompts in every dtype. `--stage train`:
+training tokens/s of the trainer's LoRA step (forward, backward, AdamW) on `--steps` fixed batches
+of `--batch` arithmetic questions with their reference answers, the base model in the dtype and
+the adapter in float32, as `spd-lens train` runs it. The dtypes run interleaved, float32 then each
 other dtype, `--pairs` times, and each figure is the median of the per-pair ratios (so drift on a
 noisy machine does not pose as a speed-up); a float32-vs-float32 control pair shows the noise floor.
 The last line is one JSON object with the ratios and the median tokens/s.
 
     python benchmarks/bench_dtype.py [--device cpu --batch 8 --new-tokens 64 --pairs 3 --dtypes bfloat16,float16]
+    python benchmarks/bench_dtype.py --stage train [--batch 8 --steps 4 --pairs 3]
 """
 
 import argparse
@@ -24,6 +28,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--dtypes", default="bfloat16", help="compared with float32, comma-separated")
+    parser.add_argument("--stage", choices=["sample", "train"], default="sample")
+    parser.add_argument("--steps", type=int, default=4, help="--stage train: optimizer steps per timing")
     args = parser.parse_args()
 
     from spd_lens.chat import encode, render_prompt
@@ -32,6 +38,8 @@ def main() -> None:
     from spd_lens.tasks import get_task
 
     def runner(dtype: str):
+        if args.stage == "train":
+            return train_runner(dtype)
         runtime = Runtime.resolve(args.device, dtype)
         model, tokenizer = load_hf(runtime=runtime)
         prompts = [e.prompt for e in get_task("arithmetic").examples("test", n=args.batch, seed=0)]
@@ -53,9 +61,39 @@ def main() -> None:
         run()  # warm-up
         return run
 
+    def train_runner(dtype: str):
+        from spd_lens.train import TrainConfig, build_features, collate, next_token_loss, wrap_for_training
+
+        runtime = Runtime.resolve(args.device, dtype)
+        model, tokenizer = load_hf(runtime=runtime)
+        config = TrainConfig()
+        model.config.use_cache = False
+        model = wrap_for_training(model, config)
+        model.train()
+        examples = get_task("arithmetic").examples("train", n=args.batch * args.steps, seed=0)
+        features = build_features(tokenizer, [(e.prompt, f"The answer is {e.target}.") for e in examples], config)
+        batches = [{k: v.to(runtime.device) for k, v in collate(features[i:i + args.batch], tokenizer.pad_token_id).items()}
+                   for i in range(0, len(features), args.batch)]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+        runner.tokens = sum(len(f["input_ids"]) for f in features)
+
+        def run() -> float:
+            start = time.perf_counter()
+            for batch in batches:
+                next_token_loss(model, batch).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            if runtime.is_cuda:
+                torch.cuda.synchronize(runtime.device)
+            return time.perf_counter() - start
+
+        run()  # warm-up
+        return run
+
     others = [d for d in args.dtypes.split(",") if d and d != "float32"]
     runs = {"float32": runner("float32"), **{d: runner(d) for d in others}}
-    tokens = args.batch * args.new_tokens
+    tokens = runner.tokens if args.stage == "train" else args.batch * args.new_tokens
     ratios = {d: [] for d in ["float32 (control)", *others]}
     rates = {d: [] for d in runs}
     for pair in range(args.pairs):
@@ -71,7 +109,8 @@ def main() -> None:
     figures = {f"{d}_vs_float32": round(statistics.median(r), 3) for d, r in ratios.items() if d in others}
     figures["control_float32_vs_float32"] = round(statistics.median(ratios["float32 (control)"]), 3)
     figures["tokens_per_s"] = {d: round(statistics.median(r), 1) for d, r in rates.items()}
-    figures.update(batch=args.batch, new_tokens=args.new_tokens, pairs=args.pairs, threads=torch.get_num_threads())
+    figures.update(stage=args.stage, batch=args.batch, pairs=args.pairs, threads=torch.get_num_threads(),
+                   **({"steps": args.steps} if args.stage == "train" else {"new_tokens": args.new_tokens}))
     print(json.dumps(figures))
 
 
