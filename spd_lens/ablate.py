@@ -2,8 +2,9 @@
 each cell beside matched random subspaces.
 
 Each cell projects K/V onto the task's gradient subspace with that setting while the model
-answers `eval_n` examples of `task.eval_split` greedily (hook-only: no training; choose settings
-on `eval_split = "dev"`), and records the task score with its bootstrap CI, each question's
+answers `eval_n` examples of `task.eval_split` greedily, or with self-generation's sampling
+settings and `ablate.samples` completions per question (`ablate.decoding = "sampling"`: the
+policy SPD distils from; hook-only: no training; choose settings on `eval_split = "dev"`), and records the task score with its bootstrap CI, each question's
 outcome, and the correctness-token loss on `loss_n` calibration examples. With
 `ablate.random_draws = D`, each cell is also run with D random subspaces of the same layers and
 ranks (`random_like`, draws 0..D-1): "the gradient subspace helps" then means it scores above the
@@ -16,6 +17,7 @@ bootstrap over the draws, then the questions) and the figures `ablation.html`.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 from collections.abc import Callable
@@ -25,7 +27,7 @@ from spd_lens.artifacts import atomic_write, read_json_object, write_json
 from spd_lens.attribution import correctness_loss
 from spd_lens.config import ExperimentConfig
 from spd_lens.errors import SpdLensError
-from spd_lens.evaluate import paired_difference, score_records
+from spd_lens.evaluate import bootstrap_ci, paired_difference, per_prompt_scores, score_records
 from spd_lens.experiment import Run
 from spd_lens.extract import encode_examples
 from spd_lens.projection import Projection
@@ -63,6 +65,25 @@ def grid(config: ExperimentConfig, subspace_layers: list[int]) -> list[dict]:
     return points
 
 
+def decoding_config(config: ExperimentConfig, run: Run) -> SamplingConfig:
+    """How each cell answers: greedily, or with self-generation's own sampling settings
+    (`[ablate] decoding = "sampling"`, `samples` completions per question), so that the gate
+    sees the policy SPD distils from."""
+    a = config.ablate
+    if a.decoding not in ("greedy", "sampling"):
+        raise SpdLensError(f"ablate.decoding must be 'greedy' or 'sampling', got {a.decoding!r}")
+    if not (isinstance(a.samples, int) and a.samples >= 1):
+        raise SpdLensError(f"ablate.samples must be a whole number >= 1, got {a.samples!r}")
+    if a.decoding == "greedy":
+        if a.samples != 1 or config.eval.temperature != 0:
+            raise SpdLensError("greedy ablation takes one completion per question at temperature 0: for sampled "
+                               "cells set [ablate] decoding = \"sampling\" (the [sampling] settings) and samples = K")
+        return SamplingConfig(max_new_tokens=run.task.max_new_tokens if config.eval.max_new_tokens is None
+                              else config.eval.max_new_tokens, batch_size=config.eval.batch_size)
+    return dataclasses.replace(run.sampling_config("psr", config.seeds[0]), num_samples=a.samples,
+                               batch_size=config.eval.batch_size)
+
+
 def _key(point: dict) -> str:
     # Rows written before random controls name no subspace: they hold the gradient (or no) projection.
     subspace = point.get("subspace") or ("none" if point["rank"] == "none" else "gradient")
@@ -86,6 +107,7 @@ def _projection(subspace, point: dict, config: ExperimentConfig) -> Projection |
 def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callable | None = None) -> list[dict]:
     out = Path(out)
     run = Run(config, out)
+    sampling = decoding_config(config, run)  # refused before the directory is claimed
     run._claim_directory()
     model, tokenizer = run.base_model()
     subspace = run.subspace("gradient", config.seeds[0])
@@ -105,8 +127,6 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
     examples = task.examples(config.task.eval_split, n=config.task.eval_n, seed=0)
     _, calibration = encode_examples(model, run.subspace_task, n=config.ablate.loss_n, split="train",
                                      seed=config.seeds[0], tokenizer=tokenizer)
-    sampling = SamplingConfig(max_new_tokens=task.max_new_tokens if config.eval.max_new_tokens is None else config.eval.max_new_tokens,
-                              batch_size=config.eval.batch_size)
     todo = [p for p in points if _key(p) not in done]
     with open(table_path, "a", encoding="utf-8") as table:
         for point in progress(todo) if progress else todo:
@@ -115,15 +135,21 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
             try:
                 loss = correctness_loss(model, calibration, pad_id=tokenizer.pad_token_id)
                 # One call: refill decoding keeps batch_size rows in flight across all the examples.
-                completions = [c[0] for c in sample(model, tokenizer, [e.prompt for e in examples], sampling)]
+                completions = sample(model, tokenizer, [e.prompt for e in examples], sampling)
             finally:
                 if handle:
                     handle.remove()
             result = score_records(task, {e.id: e for e in examples},
-                                   [{"prompt_id": e.id, "completion": c} for e, c in zip(examples, completions)])
-            row = {**point, "score": result.score, "ci": list(result.ci), "n": result.n, "loss": loss,
+                                   [{"prompt_id": e.id, "completion": c, "sample": j}
+                                    for e, row_completions in zip(examples, completions) for j, c in enumerate(row_completions)])
+            # A question's outcome is the mean over its samples (0 or 1 when greedy); the interval
+            # resamples questions, not samples, which are not independent draws of questions.
+            outcomes = per_prompt_scores(result.results)
+            score = sum(outcomes.values()) / len(outcomes)
+            ci = bootstrap_ci(list(outcomes.values())) if sampling.num_samples > 1 else result.ci
+            row = {**point, "score": score, "ci": list(ci), "n": len(outcomes), "loss": loss,
                    "split": config.task.eval_split,
-                   "outcomes": {r["prompt_id"]: int(r["passed"]) for r in result.results}}
+                   "outcomes": {p: (int(v) if sampling.num_samples == 1 else v) for p, v in outcomes.items()}}
             table.write(json.dumps(row) + "\n")
             table.flush()
             done[_key(point)] = row
@@ -133,8 +159,10 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
         row["delta_loss"] = row["loss"] - baseline_loss
         row.setdefault("subspace", "none" if row["rank"] == "none" else "gradient")
         row.setdefault("draw", None)
+    decoding = {k: v for k, v in dataclasses.asdict(sampling).items() if k not in ("batch_size", "batching")}
     write_json(out / "ablation.json", {"rows": rows, "controls": controls(rows), "task": task.name,
-                                       "split": config.task.eval_split, "model": config.model.name})
+                                       "split": config.task.eval_split, "model": config.model.name,
+                                       "decoding": decoding})
     fields = ["rank", "layers", "alpha", "head", "kinds", "subspace", "draw", "score", "ci_low", "ci_high", "n", "loss",
               "delta_loss"]
 

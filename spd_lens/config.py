@@ -131,6 +131,10 @@ class AblateSection:
     kind_sets: list[list[str]] | None = None  # e.g. [["k"], ["v"], ["k", "v"]]; default: [kinds]
     random_draws: int = 0  # matched random subspaces (same layers and ranks) per cell, as its control
     loss_n: int = 16  # calibration examples for the correctness-loss column
+    # "greedy", or "sampling": the [sampling] settings self-generation uses (temperature, top-k,
+    # top-p, seed), `samples` completions per question, each question scored by their mean.
+    decoding: str = "greedy"
+    samples: int = 1
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,9 @@ class ExperimentConfig:
         for key in ("preset", "options", "shots"):
             if values["task"][key] in (None, {}):
                 del values["task"][key]
+        for key, default in (("decoding", "greedy"), ("samples", 1)):
+            if values["ablate"][key] == default:
+                del values["ablate"][key]
         return values
 
 

@@ -171,9 +171,9 @@ def count_work(config: ExperimentConfig, *, lengths: dict[str, float] | None = N
 
 def count_ablation(config: ExperimentConfig, *, eval_size: int | None = None) -> list[Stage]:
     """The work `spd-lens ablate` will do for `config` (a fresh output directory): one gradient
-    subspace (seed `seeds[0]`), then one greedy evaluation per row of `spd_lens.ablate.grid` (the
-    unprojected baseline, each cell and its random draws), each with the correctness loss on
-    `ablate.loss_n` calibration examples."""
+    subspace (seed `seeds[0]`), then one evaluation per row of `spd_lens.ablate.grid` (the
+    unprojected baseline, each cell and its random draws; greedy, or `ablate.samples` sampled
+    completions per question), each with the correctness loss on `ablate.loss_n` calibration examples."""
     from spd_lens.ablate import grid
     from spd_lens.tasks import get_task
 
@@ -189,15 +189,19 @@ def count_ablation(config: ExperimentConfig, *, eval_size: int | None = None) ->
     extract.detail = [f"gradient subspace, seed {c.seeds[0]}: {c.subspace.n} calibration examples, layers "
                       f"{c.subspace.layers or 'L/2 and L-1'}; {c.ablate.loss_n} more for the loss column"]
     questions = c.task.eval_n if c.task.eval_n is not None else eval_size
-    budget = c.eval.max_new_tokens or task.max_new_tokens
+    sampled = c.ablate.decoding == "sampling"
+    samples = c.ablate.samples if sampled else 1
+    budget = ((c.sampling.max_new_tokens if sampled else c.eval.max_new_tokens) or task.max_new_tokens)
     cells = sum(1 for r in rows if r["subspace"] == "gradient")
     evaluate = Stage("eval", runs=len(rows))
     if questions is not None:
-        evaluate.examples = evaluate.completions = len(rows) * questions
-        evaluate.decode_slots = _slots(questions, c.eval.batch_size, budget) * len(rows)
+        evaluate.examples = len(rows) * questions
+        evaluate.completions = evaluate.examples * samples
+        evaluate.decode_slots = _slots(questions * samples, c.eval.batch_size, budget) * len(rows)
+    how = f"{samples} sampled completion(s) each (the [sampling] settings)" if sampled else "greedy"
     evaluate.detail = [f"{len(rows)} rows: the baseline, {cells} cells x (gradient + {c.ablate.random_draws} random "
                        f"draws); {questions if questions is not None else 'all'} {c.task.eval_split} questions each, "
-                       f"at most {budget} tokens, batches of {c.eval.batch_size}"]
+                       f"{how}, at most {budget} tokens, batches of {c.eval.batch_size}"]
     return [extract, evaluate]
 
 

@@ -1,4 +1,5 @@
 import csv
+from types import SimpleNamespace
 import json
 
 import pytest
@@ -236,3 +237,44 @@ def test_correctness_loss_takes_examples_or_a_task(tiny):
         nll = torch.nn.functional.cross_entropy(logits[[p - 1 for p in targets]], ids[0, targets])
         total += float(nll)
     assert reference == pytest.approx(total / len(encoded), rel=1e-5)
+
+
+def test_sampled_ablation_uses_self_generation_settings_and_scores_each_question_by_its_mean(tmp_path, monkeypatch):
+    import dataclasses
+
+    import spd_lens.ablate as ablate
+    from spd_lens.config import config_from_dict
+
+    seen = []
+    real_sample = ablate.sample
+
+    def recording_sample(model, tokenizer, prompts, config, **kwargs):
+        seen.append(config)
+        return real_sample(model, tokenizer, prompts, config, **kwargs)
+
+    monkeypatch.setattr(ablate, "sample", recording_sample)
+    # The tiny model never answers right; score a completion by its length, so means over samples vary.
+    monkeypatch.setattr(ablate, "score_records", lambda task, examples, records: SimpleNamespace(
+        results=[{"prompt_id": r["prompt_id"], "passed": len(r["completion"]) % 2} for r in records]))
+    raw = {"name": "gate", "model": {"name": "tiny"}, "task": {"eval_n": 4, "eval_split": "dev"},
+           "subspace": {"n": 2, "layers": [1]}, "eval": {"max_new_tokens": 5}, "sampling": {"temperature": 1.0},
+           "ablate": {"ranks": [4], "layer_sets": [[1]], "random_draws": 1, "loss_n": 2, "decoding": "sampling",
+                      "samples": 3}}
+    rows = ablate.run_ablation(config_from_dict(raw), tmp_path / "sampled")
+    assert {(c.temperature, c.top_k, c.top_p, c.num_samples) for c in seen} == {(1.0, 20, 0.8, 3)}
+    assert all(c.max_new_tokens == 40 for c in seen)  # the task's budget, as self-generation uses
+    for row in rows:
+        assert set(row["outcomes"].values()) <= {0, 1 / 3, 2 / 3, 1}
+        assert row["score"] == pytest.approx(sum(row["outcomes"].values()) / 4)
+    assert any(0 < v < 1 for r in rows for v in r["outcomes"].values())
+    table = json.loads((tmp_path / "sampled" / "ablation.json").read_text())
+    assert table["decoding"]["num_samples"] == 3 and table["decoding"]["temperature"] == 1.0
+    assert config_from_dict(raw).to_dict()["ablate"]["decoding"] == "sampling"
+    greedy = config_from_dict({**raw, "ablate": {**raw["ablate"], "decoding": "greedy"}})
+    assert "decoding" not in greedy.to_dict()["ablate"]  # run directories made before the setting still match
+    with pytest.raises(SpdLensError, match='decoding = "sampling"'):
+        ablate.run_ablation(greedy, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+    with pytest.raises(SpdLensError, match="ablate.decoding must be"):
+        ablate.run_ablation(dataclasses.replace(greedy, ablate=dataclasses.replace(greedy.ablate, decoding="beam")),
+                            tmp_path / "bad2")

@@ -62,6 +62,10 @@ def test_an_ablation_is_planned_row_by_row(capsys):
     assert cli(["plan", str(ROOT / "experiments" / "study" / "gate-rank.toml"), "--ablate"]) == 0
     out = capsys.readouterr().out
     assert "plan for spd-lens ablate" in out and f"{rows} rows: the baseline, 10 cells" in out
+    sampled = load_config(ROOT / "experiments" / "study" / "gate-sampled.toml")
+    evaluate = {s.name: s for s in make_plan(sampled, threads=2, ablate=True).stages}["eval"]
+    assert (evaluate.runs, evaluate.examples, evaluate.completions) == (13, 13 * 300, 13 * 300 * 2)
+    assert evaluate.decode_slots == 13 * 600 * 40 and "2 sampled completion(s) each" in evaluate.detail[0]
     # Layer sets need the layers they use extracted: refused as `spd-lens ablate` would refuse it.
     bad = config_from_dict({"model": {"name": "tiny"}, "subspace": {"layers": [1]}, "ablate": {"layer_sets": [[2]]}})
     assert any("outside subspace.layers" in e for e in make_plan(bad, ablate=True).errors)
