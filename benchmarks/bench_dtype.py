@@ -2,9 +2,9 @@
 
 `--stage sample` (default): new tokens/s of batched greedy generation (batch `--batch`, exactly
 `--new-tokens` new tokens per prompt, KV cache), the same prompts in every dtype. `--stage train`:
-training tokens/s of the trainer's LoRA step (forward, backward, AdamW) on `--steps` fixed batches
-of `--batch` arithmetic questions with their reference answers, the base model in the dtype and
-the adapter in float32, as `spd-lens train` runs it. The dtypes run interleaved, float32 then each
+training tokens/s of a LoRA step (the trainer's batches and loss, backward, an AdamW step; no
+clipping or schedule) on `--steps` fixed batches of `--batch` arithmetic questions with their
+reference answers, the base model in the dtype and the adapter in float32, as the trainer loads them. The dtypes run interleaved, float32 then each
 other dtype, `--pairs` times, and each figure is the median of the per-pair ratios (so drift on a
 noisy machine does not pose as a speed-up); a float32-vs-float32 control pair shows the noise floor.
 The last line is one JSON object with the ratios and the median tokens/s.

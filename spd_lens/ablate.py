@@ -65,22 +65,33 @@ def grid(config: ExperimentConfig, subspace_layers: list[int]) -> list[dict]:
     return points
 
 
-def decoding_config(config: ExperimentConfig, run: Run) -> SamplingConfig:
-    """How each cell answers: greedily, or with self-generation's own sampling settings
-    (`[ablate] decoding = "sampling"`, `samples` completions per question), so that the gate
-    sees the policy SPD distils from."""
+def check_decoding(config: ExperimentConfig) -> None:
+    """Refuses `[ablate] decoding` / `samples` settings that cannot run (also from `spd-lens plan`)."""
     a = config.ablate
     if a.decoding not in ("greedy", "sampling"):
         raise SpdLensError(f"ablate.decoding must be 'greedy' or 'sampling', got {a.decoding!r}")
     if not (isinstance(a.samples, int) and a.samples >= 1):
         raise SpdLensError(f"ablate.samples must be a whole number >= 1, got {a.samples!r}")
-    if a.decoding == "greedy":
-        if a.samples != 1 or config.eval.temperature != 0:
-            raise SpdLensError("greedy ablation takes one completion per question at temperature 0: for sampled "
-                               "cells set [ablate] decoding = \"sampling\" (the [sampling] settings) and samples = K")
+    if a.decoding == "greedy" and a.samples != 1:
+        raise SpdLensError(f"ablate.samples = {a.samples} needs sampled cells: set [ablate] decoding = \"sampling\" "
+                           "(self-generation's [sampling] settings), or samples = 1 for greedy cells")
+    if a.decoding == "greedy" and config.eval.temperature != 0:
+        raise SpdLensError(f"[eval] temperature = {config.eval.temperature}, but the ablation decodes greedily: set it "
+                           "to 0, or sample each cell with [ablate] decoding = \"sampling\" (which uses [sampling]'s "
+                           "temperature, top-k and top-p, not [eval]'s)")
+
+
+def decoding_config(config: ExperimentConfig, run: Run) -> SamplingConfig:
+    """How each cell answers. Greedy: the task's budget (or `[eval] max_new_tokens`). Sampled
+    (`[ablate] decoding = "sampling"`): self-generation's own settings for psr, that is
+    `[sampling]`'s temperature, top-k, top-p and token budget and the seed `seeds[0]`, with
+    `[ablate] samples` completions per question in place of `[sampling] num_samples`, so that the
+    gate sees the policy SPD distils from. Rows in flight: `[eval] batch_size` either way."""
+    check_decoding(config)
+    if config.ablate.decoding == "greedy":
         return SamplingConfig(max_new_tokens=run.task.max_new_tokens if config.eval.max_new_tokens is None
                               else config.eval.max_new_tokens, batch_size=config.eval.batch_size)
-    return dataclasses.replace(run.sampling_config("psr", config.seeds[0]), num_samples=a.samples,
+    return dataclasses.replace(run.sampling_config("psr", config.seeds[0]), num_samples=config.ablate.samples,
                                batch_size=config.eval.batch_size)
 
 

@@ -131,8 +131,8 @@ class AblateSection:
     kind_sets: list[list[str]] | None = None  # e.g. [["k"], ["v"], ["k", "v"]]; default: [kinds]
     random_draws: int = 0  # matched random subspaces (same layers and ranks) per cell, as its control
     loss_n: int = 16  # calibration examples for the correctness-loss column
-    # "greedy", or "sampling": the [sampling] settings self-generation uses (temperature, top-k,
-    # top-p, seed), `samples` completions per question, each question scored by their mean.
+    # "greedy", or "sampling": psr's self-generation settings ([sampling] temperature, top-k, top-p
+    # and budget, seed seeds[0]) with `samples` completions per question, scored by their mean.
     decoding: str = "greedy"
     samples: int = 1
 

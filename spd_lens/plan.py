@@ -174,10 +174,11 @@ def count_ablation(config: ExperimentConfig, *, eval_size: int | None = None) ->
     subspace (seed `seeds[0]`), then one evaluation per row of `spd_lens.ablate.grid` (the
     unprojected baseline, each cell and its random draws; greedy, or `ablate.samples` sampled
     completions per question), each with the correctness loss on `ablate.loss_n` calibration examples."""
-    from spd_lens.ablate import grid
+    from spd_lens.ablate import check_decoding, grid
     from spd_lens.tasks import get_task
 
     c = config
+    check_decoding(c)
     task = get_task(c.task.name, **({"path": c.task.data} if c.task.data else {}))
     # Without [subspace] layers the run extracts {L//2, L-1}: two layers stand for them here, and
     # layer sets are counted as given (the run refuses one outside {L//2, L-1}; L is not read here).

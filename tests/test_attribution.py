@@ -278,3 +278,14 @@ def test_sampled_ablation_uses_self_generation_settings_and_scores_each_question
     with pytest.raises(SpdLensError, match="ablate.decoding must be"):
         ablate.run_ablation(dataclasses.replace(greedy, ablate=dataclasses.replace(greedy.ablate, decoding="beam")),
                             tmp_path / "bad2")
+    warm = config_from_dict({**raw, "eval": {"temperature": 0.7}, "ablate": {**raw["ablate"], "decoding": "greedy",
+                                                                             "samples": 1}})
+    with pytest.raises(SpdLensError, match=r"\[eval\] temperature = 0.7, but the ablation decodes greedily"):
+        ablate.run_ablation(warm, tmp_path / "bad3")
+    from spd_lens.plan import make_plan
+
+    assert any("ablate.samples = 3 needs sampled cells" in e for e in make_plan(greedy, ablate=True).errors)
+    # A directory of sampled rows is not resumed as a greedy ablation (nor the other way round).
+    with pytest.raises(SpdLensError, match="differs in ablate.decoding: run has 'sampling', now 'greedy'"):
+        ablate.run_ablation(config_from_dict({**raw, "ablate": {**raw["ablate"], "decoding": "greedy", "samples": 1}}),
+                            tmp_path / "sampled")

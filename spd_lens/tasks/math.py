@@ -131,7 +131,7 @@ class ReasoningGymMath(MathTask):
                 if len(examples) == n:
                     break
             if len(examples) < n and (size >= MAX_STREAM or (start and len(seen) == found_before)):
-                break  # the generator has no more distinct questions for this split
+                break  # the cap, or an extension of 4x found no new question: the split is taken as exhausted
             found_before, start, size = len(seen), size, min(size * 4, MAX_STREAM)
         return examples
 
