@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import itertools
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -141,6 +142,7 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
     todo = [p for p in points if _key(p) not in done]
     with open(table_path, "a", encoding="utf-8") as table:
         for point in progress(todo) if progress else todo:
+            started = time.perf_counter()
             projection = _projection(subspace, point, config)
             handle = projection.attach(model) if projection else None
             try:
@@ -160,7 +162,8 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
             ci = bootstrap_ci(list(outcomes.values())) if sampling.num_samples > 1 else result.ci
             row = {**point, "score": score, "ci": list(ci), "n": len(outcomes), "loss": loss,
                    "split": config.task.eval_split,
-                   "outcomes": {p: (int(v) if sampling.num_samples == 1 else v) for p, v in outcomes.items()}}
+                   "outcomes": {p: (int(v) if sampling.num_samples == 1 else v) for p, v in outcomes.items()},
+                   "seconds": round(time.perf_counter() - started, 1)}  # loss, decoding and scoring of this row
             table.write(json.dumps(row) + "\n")
             table.flush()
             done[_key(point)] = row
