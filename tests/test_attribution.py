@@ -139,7 +139,7 @@ def test_ablation_cells_have_matched_random_controls(tmp_path):
     assert {(r["rank"], r["kinds"], r["subspace"], r["draw"]) for r in rows[1:]} == {
         (p, k, s, d) for p in (4, "energy=0.9") for k in ("k", "k,v") for s, d in (("gradient", None), ("random", 0),
                                                                                   ("random", 1))}
-    assert all(r["split"] == "dev" and len(r["outcomes"]) == 4 and r["seconds"] > 0 for r in rows)
+    assert all(r["split"] == "dev" and len(r["outcomes"]) == 4 and r["seconds"] >= 0 for r in rows)
     assert all(e.startswith("arithmetic/dev/") for e in rows[0]["outcomes"])
     table = json.loads((tmp_path / "gate" / "ablation.json").read_text())
     assert len(table["controls"]) == 4
