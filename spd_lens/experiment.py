@@ -227,17 +227,22 @@ class Run:
             num_samples=s.num_samples, seed=seed, batch_size=s.batch_size)
 
     def data_quality(self, method: str, seed: int) -> dict:
-        """Quality of the self-generated training data (cached beside it; code runs the tests)."""
+        """Quality of the self-generated training data (cached beside it; code runs the tests).
+
+        The main process measures it (or finds it cached) and writes it; every process passes
+        the same one barrier and then reads it. Deciding "cached?" on each process would not do:
+        one that looked after the main process had written the file would skip the barrier the
+        main process waits at, and a two-process run would fail when timing allowed."""
         data = self.out / "generations" / f"{method}-seed{seed}.jsonl"
         path = data.with_name(data.name.removesuffix(".jsonl") + ".quality.json")
-        if path.is_file():
-            cached = read_json_object(path, "a training file's quality")
-            if "outcomes" in cached:  # files written before verdicts were kept are measured again
-                return cached
-        examples = self.task.examples("train", n=self.config.task.train_n, seed=seed)
-        quality = training_data_quality(self.task, data, examples, progress=self._bar(f"score data {method}"))
-        self._write_json(path, quality)
-        return quality
+        if self.processes.is_main:
+            cached = read_json_object(path, "a training file's quality") if path.is_file() else {}
+            if "outcomes" not in cached:  # files written before verdicts were kept are measured again
+                examples = self.task.examples("train", n=self.config.task.train_n, seed=seed)
+                write_json(path, training_data_quality(self.task, data, examples,
+                                                       progress=self._bar(f"score data {method}")))
+        self.processes.barrier()
+        return read_json_object(path, "a training file's quality")
 
     def adapter(self, method: str, seed: int) -> Path:
         data = self.generations(method, seed)

@@ -28,7 +28,10 @@ def _twice(arguments: list[str]) -> subprocess.CompletedProcess:
         for line in result.stderr.splitlines():
             if line.startswith("[rank"):
                 ranks.setdefault(line.split("]")[0] + "]", []).append(line)
-        report = "\n".join("\n".join(lines[-25:]) for lines in ranks.values()) or result.stderr[-3000:]
+        # A rank that failed with spd-lens's own error message prints it without the prefix.
+        plain = [line for line in result.stderr.splitlines() if not line.startswith("[rank") and "it/s]" not in line]
+        report = "\n".join("\n".join(lines[-25:]) for lines in ranks.values()) + "\n--- other stderr ---\n" + \
+            "\n".join(plain[-30:])
         raise AssertionError(f"torchrun exited with {result.returncode}:\n{report}\n--- stdout ---\n{result.stdout[-1500:]}")
     return result
 
@@ -190,3 +193,30 @@ def test_every_process_reaches_the_last_barrier_of_a_finished_run(tmp_path, monk
     assert (tmp_path / "metrics.json").is_file()
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.json")} == written  # the second process wrote nothing
     assert barriers[1] == barriers[0] >= 1  # the same barriers, so neither waits for the other forever
+
+
+def test_every_process_passes_the_same_barriers_when_training_data_quality_is_cached(tmp_path, monkeypatch):
+    """The main process measures the training data's quality and caches it; a second process that
+    arrives after the file exists must pass the same barriers (it skipped one: the two-process
+    run then failed at random, the main process waiting at a barrier the other never reached)."""
+    from spd_lens.config import config_from_dict
+    from spd_lens.experiment import run_experiment
+
+    config = config_from_dict({"name": "t", "seeds": [0], "methods": ["base", "psr"], "model": {"name": "tiny"},
+                               "task": {"name": "arithmetic", "train_n": 4, "eval_n": 3},
+                               "sampling": {"max_new_tokens": 4}, "eval": {"max_new_tokens": 4},
+                               "train": {"epochs": 1, "batch_size": 2}})
+    first = run_experiment(config, tmp_path)
+    for name in ("metrics.json", "report.html", "generations/psr-seed0.quality.json"):
+        (tmp_path / name).unlink()
+    barriers = {0: 0, 1: 0}
+
+    def barrier(self):
+        barriers[self.rank] += 1
+
+    monkeypatch.setattr(Processes, "barrier", barrier)
+    for rank in (0, 1):  # the main process measures and writes the quality file; the second finds it
+        monkeypatch.setattr(Processes, "current", classmethod(lambda cls, rank=rank: Processes(rank, 2)))
+        assert run_experiment(config, tmp_path)["methods"] == first["methods"]
+    assert (tmp_path / "generations" / "psr-seed0.quality.json").is_file()
+    assert barriers[1] == barriers[0] >= 2
