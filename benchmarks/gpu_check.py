@@ -107,9 +107,7 @@ def main() -> int:
     projection = Projection.build(subspace)
 
     def greedy_texts(m, hooked: bool) -> list[str]:
-        if not hooked:
-            return [c[0].text for c in sample_completions(m, tokenizer, prompts, greedy)]
-        with projection.apply(m):
+        with projection.apply(m) if hooked else contextlib.nullcontext():
             return [c[0].text for c in sample_completions(m, tokenizer, prompts, greedy)]
 
     def next_tokens(m, sequences, hooked: bool) -> torch.Tensor:

@@ -2,12 +2,12 @@
 each cell beside matched random subspaces.
 
 Each cell projects K/V onto the task's gradient subspace with that setting while the model
-answers `eval_n` examples of `task.eval_split` greedily, or with self-generation's sampling
-settings and `ablate.samples` completions per question (`ablate.decoding = "sampling"`: the
-policy SPD distils from; hook-only: no training; choose settings on `eval_split = "dev"`), and records the task score with its bootstrap CI, each question's
-outcome, and the correctness-token loss on `loss_n` calibration examples. With
-`ablate.random_draws = D`, each cell is also run with D random subspaces of the same layers and
-ranks (`random_like`, draws 0..D-1): "the gradient subspace helps" then means it scores above the
+answers `eval_n` examples of `task.eval_split` (hook-only: no training; choose settings on
+`eval_split = "dev"`) greedily, or with self-generation's sampling settings and `ablate.samples`
+completions per question (`ablate.decoding = "sampling"`: the policy SPD distils from), and
+records the task score with its bootstrap CI, each question's outcome, and the correctness-token
+loss on `loss_n` calibration examples. With `ablate.random_draws = D`, each cell is also run with
+D random subspaces of the same layers and ranks (`random_like`, draws 0..D-1): "the gradient subspace helps" then means it scores above the
 random subspaces of its size, not that projecting perturbs the model. Rows go to
 `RUN/ablation.jsonl` one by one (a rerun skips the rows already there), then to `ablation.csv`,
 `ablation.json` (with `controls`: per cell, gradient minus random, paired over questions with a
@@ -159,8 +159,7 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
             # resamples questions, not samples, which are not independent draws of questions.
             outcomes = per_prompt_scores(result.results)
             score = sum(outcomes.values()) / len(outcomes)
-            ci = bootstrap_ci(list(outcomes.values())) if sampling.num_samples > 1 else result.ci
-            row = {**point, "score": score, "ci": list(ci), "n": len(outcomes), "loss": loss,
+            row = {**point, "score": score, "ci": list(bootstrap_ci(list(outcomes.values()))), "n": len(outcomes), "loss": loss,
                    "split": config.task.eval_split,
                    "outcomes": {p: (int(v) if sampling.num_samples == 1 else v) for p, v in outcomes.items()},
                    "seconds": round(time.perf_counter() - started, 1)}  # loss, decoding and scoring of this row

@@ -118,7 +118,7 @@ class ReasoningGymMath(MathTask):
         # split's hash share) leaves too few, the stream is extended, never redrawn: the first
         # examples, and every id, stay what a smaller request gave.
         generator_seed = seed * 2 + (1 if split == "test" else 0)  # dev shares train's stream, not its questions
-        examples, seen, start, size = [], set(), 0, 20 * n + 200
+        examples, seen, start, size, found_before = [], set(), 0, 20 * n + 200, 0
         while len(examples) < n:
             data = reasoning_gym.create_dataset(self.dataset, size=size, seed=generator_seed, **self.dataset_options)
             for index in range(start, size):
