@@ -6,12 +6,16 @@ answers `eval_n` examples of `task.eval_split` (hook-only: no training; choose s
 `eval_split = "dev"`) greedily, or with self-generation's sampling settings and `ablate.samples`
 completions per question (`ablate.decoding = "sampling"`: the policy SPD distils from), and
 records the task score with its bootstrap CI, each question's outcome, and the correctness-token
-loss on `loss_n` calibration examples. With `ablate.random_draws = D`, each cell is also run with
-D random subspaces of the same layers and ranks (`random_like`, draws 0..D-1): "the gradient subspace helps" then means it scores above the
-random subspaces of its size, not that projecting perturbs the model. Rows go to
+loss on `loss_n` calibration examples (drawn with `seeds[0]`, the same for every row). With
+`ablate.random_draws = D`, each cell is also run with D random subspaces of the same layers and
+ranks (`random_like`, draws 0..D-1): "the gradient subspace helps" then means it scores above the
+random subspaces of its size, not that projecting perturbs the model. With
+`ablate.subspace_seeds = [0, 1, 2]`, each cell runs once per seed's gradient subspace (extracted
+from that seed's calibration examples; default `seeds[0]` alone), so that a cell's claim covers
+the subspace's own sampling noise, not one extraction. Rows go to
 `RUN/ablation.jsonl` one by one (a rerun skips the rows already there), then to `ablation.csv`,
 `ablation.json` (with `controls`: per cell, gradient minus random, paired over questions with a
-bootstrap over the draws, then the questions) and the figures `ablation.html`.
+bootstrap over the seeds and draws, then the questions) and the figures `ablation.html`.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from spd_lens.projection import Projection
 from spd_lens.sampling import SamplingConfig, sample
 from spd_lens.subspace import random_like
 
-CELL = ("rank", "layers", "alpha", "head", "kinds")  # what a cell is; a row adds subspace and draw
+CELL = ("rank", "layers", "alpha", "head", "kinds")  # what a cell is; a row adds subspace, seed and draw
 
 
 def grid(config: ExperimentConfig, subspace_layers: list[int]) -> list[dict]:
@@ -56,14 +60,28 @@ def grid(config: ExperimentConfig, subspace_layers: list[int]) -> list[dict]:
         raise SpdLensError(f"ablate.energies {a.energies}: each is a share of gradient energy in (0, 1]")
     heads = a.heads if a.heads else [None]
     policies = [*a.ranks, *(f"energy={e}" for e in a.energies)]
+    seeds = subspace_seeds(config)
     points = [{"rank": "none", "layers": "none", "alpha": 0.0, "head": "all", "kinds": ",".join(a.kinds),
-               "subspace": "none", "draw": None}]
+               "subspace": "none", "draw": None, "seed": None}]
     for rank, layers, kinds, alpha, head in itertools.product(policies, layer_sets, kind_sets, a.alphas, heads):
         cell = {"rank": rank, "layers": ",".join(map(str, layers)), "alpha": alpha,
                 "head": "all" if head is None else head, "kinds": ",".join(kinds)}
-        points.append({**cell, "subspace": "gradient", "draw": None})
-        points += [{**cell, "subspace": "random", "draw": d} for d in range(a.random_draws)]
+        points += [{**cell, "subspace": "gradient", "draw": None, "seed": s} for s in seeds]
+        # A random draw only takes its ranks from the gradient subspace: at a fixed rank it is the
+        # same whatever the extraction seed, so it runs once; an energy policy's ranks vary by seed.
+        matched = seeds if isinstance(rank, str) else seeds[:1]
+        points += [{**cell, "subspace": "random", "draw": d, "seed": s} for s in matched for d in range(a.random_draws)]
     return points
+
+
+def subspace_seeds(config: ExperimentConfig) -> list[int]:
+    """The extraction seeds each cell runs with: `[ablate] subspace_seeds`, or `seeds[0]` alone."""
+    seeds = config.ablate.subspace_seeds
+    if seeds is None:
+        return [config.seeds[0]]
+    if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise SpdLensError(f"ablate.subspace_seeds = {seeds}: give distinct whole numbers >= 0, e.g. [0, 1, 2]")
+    return list(seeds)
 
 
 def check_decoding(config: ExperimentConfig) -> None:
@@ -96,10 +114,13 @@ def decoding_config(config: ExperimentConfig, run: Run) -> SamplingConfig:
                                batch_size=config.eval.batch_size)
 
 
-def _key(point: dict) -> str:
-    # Rows written before random controls name no subspace: they hold the gradient (or no) projection.
+def _key(point: dict, first_seed: int) -> str:
+    # Rows written before random controls name no subspace: they hold the gradient (or no)
+    # projection; rows written before several seeds name none: they used the first seed's subspace.
     subspace = point.get("subspace") or ("none" if point["rank"] == "none" else "gradient")
-    return json.dumps({**{k: point[k] for k in CELL}, "subspace": subspace, "draw": point.get("draw")}, sort_keys=True)
+    seed = point.get("seed", None if subspace == "none" else first_seed)
+    return json.dumps({**{k: point[k] for k in CELL}, "subspace": subspace, "draw": point.get("draw"), "seed": seed},
+                      sort_keys=True)
 
 
 def _projection(subspace, point: dict, config: ExperimentConfig) -> Projection | None:
@@ -120,17 +141,19 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
     out = Path(out)
     run = Run(config, out)
     sampling = decoding_config(config, run)  # refused before the directory is claimed
+    seeds = subspace_seeds(config)
     run._claim_directory()
     model, tokenizer = run.base_model()
-    subspace = run.subspace("gradient", config.seeds[0])
-    points = grid(config, subspace.layers)
+    first = config.seeds[0]  # rows that name no seed used this one's subspace
+    subspaces = {seeds[0]: run.subspace("gradient", seeds[0])}  # the others' are extracted when a row needs them
+    points = grid(config, subspaces[seeds[0]].layers)
     table_path = out / "ablation.jsonl"
     done = {}
     if table_path.exists():
         for line in table_path.read_text().splitlines():
             try:
                 row = json.loads(line)
-                done[_key(row)] = row
+                done[_key(row, first)] = row
             except (json.JSONDecodeError, KeyError):
                 continue  # a torn last line from an interrupted run
         # Keep only complete rows, so appending starts on a fresh line.
@@ -139,11 +162,14 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
     examples = task.examples(config.task.eval_split, n=config.task.eval_n, seed=0)
     _, calibration = encode_examples(model, run.subspace_task, n=config.ablate.loss_n, split="train",
                                      seed=config.seeds[0], tokenizer=tokenizer)
-    todo = [p for p in points if _key(p) not in done]
+    todo = [p for p in points if _key(p, first) not in done]
     with open(table_path, "a", encoding="utf-8") as table:
         for point in progress(todo) if progress else todo:
             started = time.perf_counter()
-            projection = _projection(subspace, point, config)
+            seed = point["seed"] if point["seed"] is not None else seeds[0]
+            if seed not in subspaces:
+                subspaces[seed] = run.subspace("gradient", seed)
+            projection = _projection(subspaces[seed], point, config)
             handle = projection.attach(model) if projection else None
             try:
                 loss = correctness_loss(model, calibration, pad_id=tokenizer.pad_token_id)
@@ -165,13 +191,14 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
                    "seconds": round(time.perf_counter() - started, 1)}  # loss, decoding and scoring of this row
             table.write(json.dumps(row) + "\n")
             table.flush()
-            done[_key(point)] = row
-    rows = [done[_key(p)] for p in points]
+            done[_key(point, first)] = row
+    rows = [done[_key(p, first)] for p in points]
     baseline_loss = rows[0]["loss"]
     for row in rows:
         row["delta_loss"] = row["loss"] - baseline_loss
         row.setdefault("subspace", "none" if row["rank"] == "none" else "gradient")
         row.setdefault("draw", None)
+        row.setdefault("seed", None if row["subspace"] == "none" else first)
     decoding = {k: v for k, v in dataclasses.asdict(sampling).items() if k not in ("batch_size", "batching")}
     write_json(out / "ablation.json", {"rows": rows, "controls": controls(rows), "task": task.name,
                                        "split": config.task.eval_split, "model": config.model.name,
@@ -193,24 +220,27 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
 
 def controls(rows: list[dict]) -> list[dict]:
     """Per cell with random draws: the gradient subspace's score minus the random subspaces',
-    paired over the questions, the interval resampling the draws, then the questions."""
+    paired over the questions, the interval resampling the gradient subspace's seeds and the
+    draws, then the questions. `gradient` is the mean over seeds (`gradient_seeds` each one's)."""
     cells: dict[str, dict] = {}
     for row in rows:
         if row.get("subspace") in ("gradient", "random") and "outcomes" in row:
             cell = cells.setdefault(json.dumps({k: row[k] for k in CELL}, sort_keys=True),
-                                    {"cell": {k: row[k] for k in CELL}, "gradient": None, "random": []})
-            if row["subspace"] == "gradient":
-                cell["gradient"] = row
-            else:
-                cell["random"].append(row)
+                                    {"cell": {k: row[k] for k in CELL}, "gradient": [], "random": []})
+            cell[row["subspace"]].append(row)
     out = []
     for cell in cells.values():
-        if cell["gradient"] is None or not cell["random"]:
+        if not cell["gradient"] or not cell["random"]:
             continue
-        gradient = [{"prompt_id": p, "passed": v} for p, v in cell["gradient"]["outcomes"].items()]
-        random = [{"prompt_id": p, "passed": v, "seed": r["draw"]} for r in cell["random"] for p, v in r["outcomes"].items()]
+        # Each row is one "seed" of its side for the hierarchical bootstrap: a subspace seed, a draw.
+        gradient = [{"prompt_id": p, "passed": v, "seed": i} for i, r in enumerate(cell["gradient"])
+                    for p, v in r["outcomes"].items()]
+        random = [{"prompt_id": p, "passed": v, "seed": i} for i, r in enumerate(cell["random"])
+                  for p, v in r["outcomes"].items()]
         c = paired_difference(gradient, random)
-        out.append({**cell["cell"], "gradient": cell["gradient"]["score"],
+        out.append({**cell["cell"], "gradient": sum(r["score"] for r in cell["gradient"]) / len(cell["gradient"]),
+                    "gradient_seeds": [r.get("seed") for r in cell["gradient"]],
+                    "gradient_scores": [r["score"] for r in cell["gradient"]],
                     "random": sum(r["score"] for r in cell["random"]) / len(cell["random"]),
                     "random_draws": [r["score"] for r in cell["random"]], "difference": c["difference"], "ci": c["ci"],
                     "n": c["n"], "seed_spread_exceeds_ci": c["seed_spread_exceeds_ci"]})
@@ -224,7 +254,13 @@ def write_ablation_report(out: str | Path, title: str | None = None) -> Path:
     out = Path(out)
     table = read_json_object(out / "ablation.json", "an ablation table (spd-lens ablate)")
     rows = table["rows"]
-    grid_rows = [r for r in rows if r["rank"] != "none" and r.get("subspace", "gradient") == "gradient"]
+    cells: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["rank"] != "none" and r.get("subspace", "gradient") == "gradient":
+            cells.setdefault(json.dumps({k: r.get(k) for k in CELL}), []).append(r)  # old tables lack some keys
+    # With several seeds, a grid cell shows the mean over its gradient subspaces.
+    grid_rows = [{**group[0], **{v: sum(r[v] for r in group) / len(group) for v in ("score", "delta_loss")}}
+                 for group in cells.values()]
     figures = [ablation_figure(grid_rows, x="rank", y="layers", value="score"),
                ablation_figure(grid_rows, x="rank", y="layers", value="delta_loss")]
     if table.get("controls"):

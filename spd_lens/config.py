@@ -135,6 +135,8 @@ class AblateSection:
     # and budget, seed seeds[0]) with `samples` completions per question, scored by their mean.
     decoding: str = "greedy"
     samples: int = 1
+    # Gradient subspaces to run each cell with, one extraction per seed (default: seeds[0] alone).
+    subspace_seeds: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,7 @@ class ExperimentConfig:
         for key in ("preset", "options", "shots"):
             if values["task"][key] in (None, {}):
                 del values["task"][key]
-        for key, default in (("decoding", "greedy"), ("samples", 1)):
+        for key, default in (("decoding", "greedy"), ("samples", 1), ("subspace_seeds", None)):
             if values["ablate"][key] == default:
                 del values["ablate"][key]
         return values

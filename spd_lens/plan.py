@@ -171,10 +171,10 @@ def count_work(config: ExperimentConfig, *, lengths: dict[str, float] | None = N
 
 def count_ablation(config: ExperimentConfig, *, eval_size: int | None = None) -> list[Stage]:
     """The work `spd-lens ablate` will do for `config` (a fresh output directory): one gradient
-    subspace (seed `seeds[0]`), then one evaluation per row of `spd_lens.ablate.grid` (the
+    subspace per seed, then one evaluation per row of `spd_lens.ablate.grid` (the
     unprojected baseline, each cell and its random draws; greedy, or `ablate.samples` sampled
     completions per question), each with the correctness loss on `ablate.loss_n` calibration examples."""
-    from spd_lens.ablate import check_decoding, grid
+    from spd_lens.ablate import CELL, check_decoding, grid, subspace_seeds
     from spd_lens.tasks import get_task
 
     c = config
@@ -185,23 +185,25 @@ def count_ablation(config: ExperimentConfig, *, eval_size: int | None = None) ->
     layers = c.subspace.layers or sorted({layer for s in c.ablate.layer_sets or [] for layer in s}) or [0, 1]
     rows = grid(c, layers)
     calibration_tokens = 300 / CHARS_PER_TOKEN + TEMPLATE_TOKENS
-    extract = Stage("extract", runs=1, examples=c.subspace.n + c.ablate.loss_n)
+    seeds = subspace_seeds(c)
+    extract = Stage("extract", runs=len(seeds), examples=len(seeds) * c.subspace.n + c.ablate.loss_n)
     extract.tokens = round(extract.examples * calibration_tokens)
-    extract.detail = [f"gradient subspace, seed {c.seeds[0]}: {c.subspace.n} calibration examples, layers "
+    extract.detail = [f"gradient subspace per seed {seeds}: {c.subspace.n} calibration examples each, layers "
                       f"{c.subspace.layers or 'L/2 and L-1'}; {c.ablate.loss_n} more for the loss column"]
     questions = c.task.eval_n if c.task.eval_n is not None else eval_size
     sampled = c.ablate.decoding == "sampling"
     samples = c.ablate.samples if sampled else 1
     budget = ((c.sampling.max_new_tokens if sampled else c.eval.max_new_tokens) or task.max_new_tokens)
-    cells = sum(1 for r in rows if r["subspace"] == "gradient")
+    cells = len({json.dumps({k: r[k] for k in CELL}) for r in rows if r["subspace"] == "gradient"})
+    per_seed = f" x {len(seeds)} seeds" if len(seeds) > 1 else ""
     evaluate = Stage("eval", runs=len(rows))
     if questions is not None:
         evaluate.examples = len(rows) * questions
         evaluate.completions = evaluate.examples * samples
         evaluate.decode_slots = _slots(questions * samples, c.eval.batch_size, budget) * len(rows)
     how = f"{samples} sampled completion(s) each (the [sampling] settings)" if sampled else "greedy"
-    evaluate.detail = [f"{len(rows)} rows: the baseline, {cells} cells x (gradient + {c.ablate.random_draws} random "
-                       f"draws); {questions if questions is not None else 'all'} {c.task.eval_split} questions each, "
+    evaluate.detail = [f"{len(rows)} rows: the baseline, {cells} cells x (gradient{per_seed} + {c.ablate.random_draws} "
+                       f"random draws); {questions if questions is not None else 'all'} {c.task.eval_split} questions each, "
                        f"{how}, at most {budget} tokens, batches of {c.eval.batch_size}"]
     return [extract, evaluate]
 

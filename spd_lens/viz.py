@@ -302,13 +302,19 @@ def ablation_figure(rows: list[dict], *, x: str = "rank", y: str = "layers", val
 
 
 def control_figure(controls: list[dict], *, baseline: float | None = None) -> go.Figure:
-    """Per ablation cell: the gradient subspace's score beside the mean of its matched random
-    subspaces (each draw a point), and the gradient-minus-random difference with its interval."""
+    """Per ablation cell: the gradient subspace's score (the mean over its seeds, each seed a cross)
+    beside the mean of its matched random subspaces (each draw a point), and the
+    gradient-minus-random difference with its interval."""
     labels = [f"r {c['rank']} L {c['layers']} {c['kinds']} a {c['alpha']}" + ("" if c["head"] == "all" else f" h {c['head']}")
               for c in controls]
     figure = go.Figure()
     figure.add_trace(go.Bar(x=labels, y=[c["gradient"] for c in controls], name="gradient subspace"))
     figure.add_trace(go.Bar(x=labels, y=[c["random"] for c in controls], name="random subspaces (mean)"))
+    if any(len(c.get("gradient_scores", [])) > 1 for c in controls):
+        figure.add_trace(go.Scatter(x=[lab for c, lab in zip(controls, labels) for _ in c["gradient_scores"]],
+                                    y=[v for c in controls for v in c["gradient_scores"]], mode="markers",
+                                    name="gradient subspace per seed", marker={"color": "blue", "size": 6,
+                                                                               "symbol": "x"}))
     figure.add_trace(go.Scatter(x=[lab for c, lab in zip(controls, labels) for _ in c["random_draws"]],
                                 y=[v for c in controls for v in c["random_draws"]], mode="markers",
                                 name="random draws", marker={"color": "black", "size": 5}))

@@ -289,3 +289,44 @@ def test_sampled_ablation_uses_self_generation_settings_and_scores_each_question
     with pytest.raises(SpdLensError, match="differs in ablate.decoding: run has 'sampling', now 'greedy'"):
         ablate.run_ablation(config_from_dict({**raw, "ablate": {**raw["ablate"], "decoding": "greedy", "samples": 1}}),
                             tmp_path / "sampled")
+
+
+def test_ablation_runs_each_cell_once_per_subspace_seed_and_draws_fixed_rank_controls_once(tmp_path, monkeypatch):
+    import spd_lens.ablate as ablate
+    from spd_lens.config import config_from_dict
+
+    raw = {"name": "seeds", "seeds": [0], "model": {"name": "tiny"}, "task": {"eval_n": 4, "eval_split": "dev"},
+           "subspace": {"n": 2, "layers": [1, 3]}, "eval": {"max_new_tokens": 3},
+           "ablate": {"ranks": [4], "energies": [0.9], "layer_sets": [[1]], "random_draws": 1, "loss_n": 2,
+                      "subspace_seeds": [0, 1]}}
+    rows = ablate.run_ablation(config_from_dict(raw), tmp_path / "gate")
+    # baseline; rank 4: gradient x 2 seeds + 1 draw (its ranks do not depend on the seed);
+    # energy 0.9: gradient x 2 seeds + 1 draw per seed (ranks chosen from each seed's spectrum).
+    assert [(r["rank"], r["subspace"], r["seed"], r["draw"]) for r in rows] == [
+        ("none", "none", None, None), (4, "gradient", 0, None), (4, "gradient", 1, None), (4, "random", 0, 0),
+        ("energy=0.9", "gradient", 0, None), ("energy=0.9", "gradient", 1, None), ("energy=0.9", "random", 0, 0),
+        ("energy=0.9", "random", 1, 0)]
+    # Two extractions, two subspaces: the seed-1 row projects onto another subspace than seed 0's.
+    assert sorted(p.name for p in (tmp_path / "gate" / "subspaces").iterdir()) == ["gradient-seed0", "gradient-seed1"]
+    assert rows[1]["loss"] != pytest.approx(rows[2]["loss"], abs=1e-9)
+    table = json.loads((tmp_path / "gate" / "ablation.json").read_text())
+    by_rank = {c["rank"]: c for c in table["controls"]}
+    assert by_rank[4]["gradient_seeds"] == [0, 1] and len(by_rank[4]["random_draws"]) == 1
+    assert by_rank[4]["gradient"] == pytest.approx((rows[1]["score"] + rows[2]["score"]) / 2)
+    assert len(by_rank["energy=0.9"]["random_draws"]) == 2
+    for c in table["controls"]:
+        assert c["ci"][0] <= c["difference"] <= c["ci"][1]
+    # A directory written before rows named their seed resumes: those rows are the first seed's.
+    one_seed = config_from_dict({**raw, "ablate": {k: v for k, v in raw["ablate"].items() if k != "subspace_seeds"}})
+    assert "subspace_seeds" not in one_seed.to_dict()["ablate"]  # run directories made before the setting match
+    ablate.run_ablation(one_seed, tmp_path / "old")
+    lines = [json.loads(line) for line in (tmp_path / "old" / "ablation.jsonl").read_text().splitlines()]
+    (tmp_path / "old" / "ablation.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "seed"}) + "\n"
+                                                             for r in lines))
+    monkeypatch.setattr(ablate, "sample", lambda *a, **k: pytest.fail("a finished row was run again"))
+    again = ablate.run_ablation(one_seed, tmp_path / "old")
+    assert [r["seed"] for r in again] == [None, 0, 0, 0, 0]
+    with pytest.raises(SpdLensError, match=r"ablate.subspace_seeds = \[1, 1\]"):
+        ablate.run_ablation(config_from_dict({**raw, "ablate": {**raw["ablate"], "subspace_seeds": [1, 1]}}),
+                            tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
