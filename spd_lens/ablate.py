@@ -12,10 +12,11 @@ ranks (`random_like`, draws 0..D-1): "the gradient subspace helps" then means it
 random subspaces of its size, not that projecting perturbs the model. With
 `ablate.subspace_seeds = [0, 1, 2]`, each cell runs once per seed's gradient subspace (extracted
 from that seed's calibration examples; default `seeds[0]` alone), so that a cell's claim covers
-the subspace's own sampling noise, not one extraction. Rows go to
-`RUN/ablation.jsonl` one by one (a rerun skips the rows already there), then to `ablation.csv`,
-`ablation.json` (with `controls`: per cell, gradient minus random, paired over questions with a
-bootstrap over the seeds and draws, then the questions) and the figures `ablation.html`.
+the subspace's own sampling noise, not one extraction. Rows go to `RUN/ablation.jsonl` one by one
+(a rerun skips the rows already there, and a directory accepts a grown or changed grid, `GRID`),
+then to `ablation.csv`, `ablation.json` (with `controls`: per cell, gradient minus random, paired
+over questions with a bootstrap over the seeds and draws, then the questions) and the figures
+`ablation.html`, all three for the grid of this call.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ from spd_lens.sampling import SamplingConfig, sample
 from spd_lens.subspace import random_like
 
 CELL = ("rank", "layers", "alpha", "head", "kinds")  # what a cell is; a row adds subspace, seed and draw
+# Settings that only choose which rows to run: a directory accepts a grid changed in them (rows are
+# kept per cell, so a cell already there is not run again) and holds the rows of every grid run in it.
+GRID = ("name", "ablate.ranks", "ablate.energies", "ablate.layer_sets", "ablate.kind_sets", "ablate.alphas",
+        "ablate.heads", "ablate.random_draws", "ablate.subspace_seeds")
 
 
 def grid(config: ExperimentConfig, subspace_layers: list[int]) -> list[dict]:
@@ -142,7 +147,7 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
     run = Run(config, out)
     sampling = decoding_config(config, run)  # refused before the directory is claimed
     seeds = subspace_seeds(config)
-    run._claim_directory()
+    run._claim_directory(free=GRID)
     model, tokenizer = run.base_model()
     first = config.seeds[0]  # rows that name no seed used this one's subspace
     subspaces = {seeds[0]: run.subspace("gradient", seeds[0])}  # the others' are extracted when a row needs them

@@ -492,7 +492,9 @@ class Run:
             return None
         return dict(Counter(kinds).most_common())
 
-    def _claim_directory(self) -> None:
+    def _claim_directory(self, free: tuple[str, ...] = ()) -> None:
+        """Write config.json, refusing a directory that holds a run of another config; `free`
+        names (dotted) settings that may differ, because results are kept per value of them."""
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / "config.json"
         resolved = self.config.to_dict()
@@ -503,6 +505,7 @@ class Run:
             ignored = ("methods", "sandbox")  # what is run, and how code runs: not what a result is
             changed = settings_differences({k: previous.get(k) for k in current if k not in ignored},
                                            {k: v for k, v in current.items() if k not in ignored}, recorded="run has")
+            changed = [c for c in changed if c.split(":")[0] not in free]
             if changed:
                 raise SpdLensError(f"{self.out} holds a run with another config (differs in {'; '.join(changed)}); "
                                    "use another --out or the same config")

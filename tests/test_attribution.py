@@ -326,6 +326,14 @@ def test_ablation_runs_each_cell_once_per_subspace_seed_and_draws_fixed_rank_con
     monkeypatch.setattr(ablate, "sample", lambda *a, **k: pytest.fail("a finished row was run again"))
     again = ablate.run_ablation(one_seed, tmp_path / "old")
     assert [r["seed"] for r in again] == [None, 0, 0, 0, 0]
+    # The grid may grow in a directory (here: a second subspace seed): only the new rows run.
+    calls = []
+    monkeypatch.setattr(ablate, "sample", lambda model, tokenizer, prompts, config, **k: calls.append(1) or
+                        [["1"] for _ in prompts])
+    grown = ablate.run_ablation(config_from_dict({**raw, "name": "grown"}), tmp_path / "old")
+    assert len(calls) == 3 and len(grown) == 8 and [r["seed"] for r in grown if r["subspace"] != "none"] == [0, 1, 0, 0, 1, 0, 1]
+    with pytest.raises(SpdLensError, match="differs in ablate.loss_n"):
+        ablate.run_ablation(config_from_dict({**raw, "ablate": {**raw["ablate"], "loss_n": 3}}), tmp_path / "old")
     with pytest.raises(SpdLensError, match=r"ablate.subspace_seeds = \[1, 1\]"):
         ablate.run_ablation(config_from_dict({**raw, "ablate": {**raw["ablate"], "subspace_seeds": [1, 1]}}),
                             tmp_path / "bad")
