@@ -31,9 +31,10 @@ def _terms(example) -> list[str]:
 
 
 def test_default_ids_are_unchanged_and_other_difficulties_are_named_in_the_id():
-    assert get_task("arithmetic").examples("test", n=2, seed=1)[0].id == "arithmetic/test/1/11"
-    assert get_task("arithmetic", preset="hard").examples("test", n=1, seed=1)[0].id == "arithmetic/test/1/11"
-    assert get_task("family-mc").examples("test", n=1, seed=1)[0].id == "family-mc/test/1/1"
+    assert get_task("arithmetic").examples("test", n=2, seed=0)[0].id == "arithmetic/test/0/1"
+    assert get_task("arithmetic", preset="hard").examples("test", n=1, seed=0)[0].id == "arithmetic/test/0/1"
+    assert get_task("family-mc").examples("test", n=1, seed=0)[0].id == "family-mc/test/0/1"
+    assert get_task("arithmetic").examples("test", n=2, seed=1)[0].id == "arithmetic/test/s1/2"
     assert get_task("arithmetic", preset="easy").examples("test", n=1)[0].id.startswith("arithmetic@easy/test/0/")
     # Explicit options equal to a preset are that preset; others are spelled out.
     easy = get_task("arithmetic").presets["easy"]
@@ -54,6 +55,26 @@ def test_any_instance_rebuilds_an_example_from_its_id(name, options):
     for example in examples:
         assert default.example_by_id(example.id) == example
         assert default.example_by_id(example.id).prompt == example.prompt
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "family-mc"])
+def test_seeds_draw_independent_questions_and_old_ids_still_rebuild(name):
+    # reasoning-gym draws item i of seed g from Random(g + i): with seeds 2 apart, seed 1's
+    # questions were seed 0's shifted by two items, so "three seeds" saw the same questions.
+    task = get_task(name)
+    first, second = (task.examples("train", n=60, seed=s) for s in (0, 1))
+    shifted = [task.example_by_id(f"{name}/train/1/{i}") for i in range(8)]  # an id of the old spacing
+    old_stream = task.examples("train", n=8, seed=0)
+    def question(e):  # family-mc shuffles each example's options by its id: compare the puzzles
+        return e.meta.get("question", e.prompt)
+
+    assert {question(e) for e in shifted} & {question(e) for e in old_stream}  # the old streams overlapped
+    shared = {question(e) for e in first} & {question(e) for e in second}
+    assert len(shared) <= 20, f"seeds 0 and 1 share {len(shared)} of 60 questions"
+    assert task.example_by_id(second[3].id) == second[3] and second[3].id.split("/")[2] == "s1"
+    assert all(e.id == f"{name}/train/1/{i}" for i, e in enumerate(shifted))
+    with pytest.raises(SpdLensError, match="is not an example id"):
+        task.example_by_id(f"{name}/train/s-1/3")
 
 
 def test_arithmetic_options_shape_the_questions():

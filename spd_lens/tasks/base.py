@@ -292,19 +292,39 @@ def locate_spans(tokenizer: PreTrainedTokenizerBase, example: Example) -> Encode
     )
 
 
+# reasoning-gym draws item i of a dataset made with seed g from Random(g + i), so the streams of
+# seeds g and g + 2 share all but two items. Procedural seeds are spaced this far apart instead
+# (more than any split scans), so that seeds draw independent questions.
+SEED_STRIDE = 10_000_000
+
+
+def generator_seed(seed: int, split: str) -> int:
+    """The reasoning-gym seed of a procedural split's stream for `seed` (test and train/dev draw
+    different streams; dev shares train's stream, not its questions). Seed 0's streams (0 and 1)
+    are the ones every version used, so its examples and ids never changed."""
+    return seed * SEED_STRIDE + (1 if split == "test" else 0)
+
+
 def procedural_id(task: Task, split: str, seed: int, index: int) -> str:
-    """`name/split/seed/index`, the name followed by `@variant` when the difficulty is not the default."""
-    return f"{task.name}{'@' + task.variant if task.variant else ''}/{split}/{seed}/{index}"
+    """`name/split/seed/index`, the name followed by `@variant` when the difficulty is not the
+    default; a seed other than 0 is written `sN` (its stream spaced by `SEED_STRIDE`). A bare seed
+    N >= 1 names the overlapping stream of earlier versions (seed N * 2), still rebuilt by id."""
+    return f"{task.name}{'@' + task.variant if task.variant else ''}/{split}/{seed if seed == 0 else f's{seed}'}/{index}"
 
 
-def parse_procedural_id(task: str, example_id: str) -> tuple[str, str, int, int]:
-    """(variant, split, seed, index) of a procedural example id."""
+def parse_procedural_id(task: str, example_id: str) -> tuple[str, str, int, int, int]:
+    """(variant, split, seed, index, reasoning-gym generator seed) of a procedural example id."""
     parts = example_id.split("/")
     name, _, variant = parts[0].partition("@")
     try:
         if len(parts) != 4 or name != task or parts[1] not in SPLITS or parts[0].endswith("@"):
             raise ValueError
-        return variant, parts[1], int(parts[2]), int(parts[3])
+        spaced = parts[2].startswith("s")
+        seed, index = int(parts[2].removeprefix("s")), int(parts[3])
+        if seed < 0 or index < 0:
+            raise ValueError
+        stream = generator_seed(seed, parts[1]) if spaced else seed * 2 + (1 if parts[1] == "test" else 0)
+        return variant, parts[1], seed, index, stream
     except ValueError:
         raise SpdLensError(f"{example_id!r} is not an example id of task {task!r} "
                            f"(expected '{task}[@VARIANT]/SPLIT/SEED/INDEX')") from None

@@ -13,7 +13,7 @@ import random
 import re
 
 from spd_lens.errors import SpdLensError
-from spd_lens.tasks.base import Example, Score, Task, hash_split, parse_procedural_id, procedural_id
+from spd_lens.tasks.base import Example, Score, Task, generator_seed, hash_split, parse_procedural_id, procedural_id
 from spd_lens.tasks.records import load_split, require_fields
 
 ANSWER_PREFIX = "The answer is "
@@ -117,10 +117,10 @@ class ReasoningGymMath(MathTask):
         # Item i of a generator does not depend on its size, so when a filter (operators, the
         # split's hash share) leaves too few, the stream is extended, never redrawn: the first
         # examples, and every id, stay what a smaller request gave.
-        generator_seed = seed * 2 + (1 if split == "test" else 0)  # dev shares train's stream, not its questions
+        stream = generator_seed(seed, split)
         examples, seen, start, size, found_before = [], set(), 0, 20 * n + 200, 0
         while len(examples) < n:
-            data = reasoning_gym.create_dataset(self.dataset, size=size, seed=generator_seed, **self.dataset_options)
+            data = reasoning_gym.create_dataset(self.dataset, size=size, seed=stream, **self.dataset_options)
             for index in range(start, size):
                 item = data[index]
                 question = item["question"]
@@ -143,10 +143,9 @@ class ReasoningGymMath(MathTask):
         """Rebuild a procedural example from its id (`name[@variant]/split/seed/index`)."""
         import reasoning_gym
 
-        variant, split, seed, index = parse_procedural_id(self.name, example_id)
+        variant, split, seed, index, stream = parse_procedural_id(self.name, example_id)
         task = self._with_variant(variant)
-        data = reasoning_gym.create_dataset(task.dataset, size=index + 1, seed=seed * 2 + (1 if split == "test" else 0),
-                                            **task.dataset_options)
+        data = reasoning_gym.create_dataset(task.dataset, size=index + 1, seed=stream, **task.dataset_options)
         return task.with_shots(task._example(data[index], example_id))
 
     def _example(self, item: dict, example_id: str) -> Example:

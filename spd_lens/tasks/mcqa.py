@@ -16,7 +16,7 @@ import string
 from dataclasses import replace
 
 from spd_lens.errors import SpdLensError
-from spd_lens.tasks.base import Example, Score, Task, hash_split, parse_procedural_id, procedural_id
+from spd_lens.tasks.base import Example, Score, Task, generator_seed, hash_split, parse_procedural_id, procedural_id
 from spd_lens.tasks.records import load_split, require_fields
 
 INSTRUCTION = "Answer with the letter of the correct option."
@@ -174,7 +174,7 @@ class FamilyMC(MultipleChoiceTask):
         if n is None:
             raise SpdLensError(f"task {self.name!r} is procedural: pass n, the number of examples to generate")
         size = 20 * n + 200
-        data = reasoning_gym.create_dataset("family_relationships", size=size, seed=seed * 2 + (split == "test"),
+        data = reasoning_gym.create_dataset("family_relationships", size=size, seed=generator_seed(seed, split),
                                             **self.dataset_options)
         examples, seen = [], set()
         for index in range(size):
@@ -188,7 +188,7 @@ class FamilyMC(MultipleChoiceTask):
                 break
         return examples
 
-    def _example(self, item: dict, split: str, seed: int, index: int) -> Example:
+    def _example(self, item: dict, split: str, seed: int, index: int, example_id: str | None = None) -> Example:
         from reasoning_gym.graphs.family_relationships import Relationship
 
         words = [r.value for r in Relationship]
@@ -197,18 +197,18 @@ class FamilyMC(MultipleChoiceTask):
         answer = str(item["answer"])
         options = [answer, *rng.sample([w for w in words if w != answer], self.num_options - 1)]
         rng.shuffle(options)
-        example = mc_example(procedural_id(self, split, seed, index), question, options, options.index(answer))
+        example = mc_example(example_id or procedural_id(self, split, seed, index), question, options,
+                             options.index(answer))
         example.meta["question"] = question
         return example
 
     def _unrotated_by_id(self, example_id: str) -> Example:
         import reasoning_gym
 
-        variant, split, seed, index = parse_procedural_id(self.name, example_id)
+        variant, split, seed, index, stream = parse_procedural_id(self.name, example_id)
         task = self._with_variant(variant)
-        data = reasoning_gym.create_dataset("family_relationships", size=index + 1, seed=seed * 2 + (split == "test"),
-                                            **task.dataset_options)
-        return task.with_shots(task._example(data[index], split, seed, index))
+        data = reasoning_gym.create_dataset("family_relationships", size=index + 1, seed=stream, **task.dataset_options)
+        return task.with_shots(task._example(data[index], split, seed, index, example_id))
 
 
 class Mmlu(MultipleChoiceTask):
