@@ -134,3 +134,18 @@ def test_every_shipped_config_plans_without_a_problem(path, monkeypatch):
     assert not make_plan(config, threads=2).errors
     if "[ablate]" in path.read_text():
         assert not make_plan(config, threads=2, ablate=True).errors
+
+
+def test_the_study_script_names_only_configs_that_exist():
+    import re
+
+    script = (ROOT / "experiments" / "study" / "run.sh").read_text()
+    named = set(re.findall(r'\$STUDY/([\w./-]+\.toml)', script))
+    named |= {f"{step}.toml" for step in re.search(r"(gate-rank \| [^)]*)\)", script).group(1).split(" | ")}
+    named |= {f"rerun/{step}.toml" for step in ("math-easy", "code")}
+    assert len(named) > 10
+    missing = sorted(n for n in named if "$" not in n and not (ROOT / "experiments" / "study" / n).is_file())
+    assert not missing
+    result = subprocess.run(["bash", str(ROOT / "experiments" / "study" / "run.sh"), "/tmp/unused", "no-such-step"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown step 'no-such-step'" in result.stderr

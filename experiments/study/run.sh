@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The study (RESULTS.md "The study redone"), step by step, in the order it was run. Every step
+# resumes where it stopped, so running this again goes on; a step that is finished costs seconds.
+#   experiments/study/run.sh [RUNS_DIR] [STEP ...]      default: runs/study, every step
+#   experiments/study/run.sh runs/study lr math-hard    only these steps
+# Two lanes on two cores: two calls with different steps, each passing SPD_LENS_THREADS=1.
+# Steps: gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds
+#        gate-heads gate-ood lr math-hard math-hard-chosen math-easy code mc
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RUNS="${1:-runs/study}"
+shift || true
+SPD=(spd-lens --threads "${SPD_LENS_THREADS:-2}")
+STUDY=experiments/study
+CHOSEN_LR="${CHOSEN_LR:-2e-4}"  # the lr sweep's choice on dev (RESULTS.md); every trained method of the rerun uses it
+
+ablate() { "${SPD[@]}" ablate "$STUDY/$1.toml" --out "$RUNS/$1"; }
+
+# Copies a finished file or directory from one run into another when the target lacks it; the
+# run that finds it checks its settings before using it (and refuses it if they differ).
+take() {
+  local from="$1" to="$2"
+  if [ -e "$from" ] && [ ! -e "$to" ]; then
+    mkdir -p "$(dirname "$to")"
+    cp -r "$from" "$to"
+  fi
+}
+
+step() {
+  case "$1" in
+    gate-rank | gate-sampled | gate-layers | gate-kinds | gate-heads | gate-ood) ablate "$1" ;;
+    gate-data-paper) "${SPD[@]}" run "$STUDY/gate-data-paper.toml" --data-only --out "$RUNS/gate-data-paper" ;;
+    gate-data-chosen)
+      # psr samples without a projection: its files are the paper gate's.
+      for seed in 0 1 2; do
+        take "$RUNS/gate-data-paper/generations/psr-seed$seed.jsonl" "$RUNS/gate-data-chosen/generations/psr-seed$seed.jsonl"
+      done
+      "${SPD[@]}" run "$STUDY/gate-data-chosen.toml" --data-only --out "$RUNS/gate-data-chosen" ;;
+    gate-seeds)
+      # The kept cells' seed-0 and random rows are gate-layers' own: start from a copy of it.
+      take "$RUNS/gate-layers" "$RUNS/gate-seeds"
+      ablate gate-seeds ;;
+    lr)
+      local first="$RUNS/lr/psr-lr1e-5"
+      "${SPD[@]}" run "$STUDY/lr/psr-lr1e-5.toml" --out "$first"
+      for lr in 2e-4 5e-5 1e-3; do
+        take "$first/generations/psr-seed0.jsonl" "$RUNS/lr/psr-lr$lr/generations/psr-seed0.jsonl"
+        "${SPD[@]}" run "$STUDY/lr/psr-lr$lr.toml" --out "$RUNS/lr/psr-lr$lr" --reuse "$first"
+      done ;;
+    math-hard)
+      # psr's seed 0 is the lr sweep's run at the chosen lr: the same prompts, samples and training.
+      local sweep="$RUNS/lr/psr-lr$CHOSEN_LR"
+      take "$sweep/generations/psr-seed0.jsonl" "$RUNS/math-hard/generations/psr-seed0.jsonl"
+      take "$sweep/adapters/psr-seed0" "$RUNS/math-hard/adapters/psr-seed0"
+      "${SPD[@]}" run "$STUDY/rerun/math-hard.toml" --out "$RUNS/math-hard" ;;
+    math-hard-chosen)
+      "${SPD[@]}" run "$STUDY/rerun/math-hard-chosen.toml" --out "$RUNS/math-hard-chosen" --reuse "$RUNS/math-hard" ;;
+    math-easy | code) "${SPD[@]}" run "$STUDY/rerun/$1.toml" --out "$RUNS/$1" ;;
+    mc)
+      # The data gate first; training waits on it (see mc.toml).
+      "${SPD[@]}" run "$STUDY/rerun/mc.toml" --data-only --out "$RUNS/mc"
+      "${SPD[@]}" run "$STUDY/rerun/mc.toml" --methods base,hook-only --out "$RUNS/mc" ;;
+    *) echo "unknown step '$1'; steps: see the header of $0" >&2; exit 2 ;;
+  esac
+}
+
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds
+                                 gate-heads gate-ood lr math-hard math-hard-chosen math-easy code mc)
+for s in "${steps[@]}"; do
+  echo "== $s" >&2
+  step "$s"
+done
