@@ -208,8 +208,8 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
     write_json(out / "ablation.json", {"rows": rows, "controls": controls(rows), "task": task.name,
                                        "split": config.task.eval_split, "model": config.model.name,
                                        "decoding": decoding})
-    fields = ["rank", "layers", "alpha", "head", "kinds", "subspace", "draw", "score", "ci_low", "ci_high", "n", "loss",
-              "delta_loss"]
+    fields = ["rank", "layers", "alpha", "head", "kinds", "subspace", "seed", "draw", "score", "ci_low", "ci_high", "n",
+              "loss", "delta_loss"]
 
     def write_csv(tmp):
         with open(tmp, "w", newline="") as f:

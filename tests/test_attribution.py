@@ -331,6 +331,7 @@ def test_ablation_runs_each_cell_once_per_subspace_seed_and_draws_fixed_rank_con
     monkeypatch.setattr(ablate, "sample", lambda model, tokenizer, prompts, config, **k: calls.append(1) or
                         [["1"] for _ in prompts])
     grown = ablate.run_ablation(config_from_dict({**raw, "name": "grown"}), tmp_path / "old")
+    assert [r["seed"] for r in csv.DictReader(open(tmp_path / "old" / "ablation.csv"))][:3] == ["", "0", "1"]
     assert len(calls) == 3 and len(grown) == 8 and [r["seed"] for r in grown if r["subspace"] != "none"] == [0, 1, 0, 0, 1, 0, 1]
     with pytest.raises(SpdLensError, match="differs in ablate.loss_n"):
         ablate.run_ablation(config_from_dict({**raw, "ablate": {**raw["ablate"], "loss_n": 3}}), tmp_path / "old")
