@@ -73,8 +73,9 @@ def grid(config: ExperimentConfig, subspace_layers: list[int]) -> list[dict]:
                 "head": "all" if head is None else head, "kinds": ",".join(kinds)}
         points += [{**cell, "subspace": "gradient", "draw": None, "seed": s} for s in seeds]
         # A random draw only takes its ranks from the gradient subspace: at a fixed rank it is the
-        # same whatever the extraction seed, so it runs once; an energy policy's ranks vary by seed.
-        matched = seeds if isinstance(rank, str) else seeds[:1]
+        # same whatever the extraction seed, so it runs once (seed None); an energy policy's ranks
+        # vary by seed, so its draws run per seed.
+        matched = seeds if isinstance(rank, str) else [None]
         points += [{**cell, "subspace": "random", "draw": d, "seed": s} for s in matched for d in range(a.random_draws)]
     return points
 
@@ -122,8 +123,10 @@ def decoding_config(config: ExperimentConfig, run: Run) -> SamplingConfig:
 def _key(point: dict, first_seed: int) -> str:
     # Rows written before random controls name no subspace: they hold the gradient (or no)
     # projection; rows written before several seeds name none: they used the first seed's subspace.
+    # A fixed-rank random draw does not depend on the seed at all.
     subspace = point.get("subspace") or ("none" if point["rank"] == "none" else "gradient")
-    seed = point.get("seed", None if subspace == "none" else first_seed)
+    fixed_random = subspace == "random" and not isinstance(point["rank"], str)
+    seed = None if subspace == "none" or fixed_random else point.get("seed", first_seed)
     return json.dumps({**{k: point[k] for k in CELL}, "subspace": subspace, "draw": point.get("draw"), "seed": seed},
                       sort_keys=True)
 
@@ -203,7 +206,9 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
         row["delta_loss"] = row["loss"] - baseline_loss
         row.setdefault("subspace", "none" if row["rank"] == "none" else "gradient")
         row.setdefault("draw", None)
-        row.setdefault("seed", None if row["subspace"] == "none" else first)
+        if "seed" not in row:  # written before rows named their seed
+            row["seed"] = None if row["subspace"] == "none" or (row["subspace"] == "random" and
+                                                                 not isinstance(row["rank"], str)) else first
     decoding = {k: v for k, v in dataclasses.asdict(sampling).items() if k not in ("batch_size", "batching")}
     write_json(out / "ablation.json", {"rows": rows, "controls": controls(rows), "task": task.name,
                                        "split": config.task.eval_split, "model": config.model.name,
@@ -237,10 +242,11 @@ def controls(rows: list[dict]) -> list[dict]:
     for cell in cells.values():
         if not cell["gradient"] or not cell["random"]:
             continue
-        # Each row is one "seed" of its side for the hierarchical bootstrap: a subspace seed, a draw.
-        gradient = [{"prompt_id": p, "passed": v, "seed": i} for i, r in enumerate(cell["gradient"])
+        # Each row is one "seed" of its side for the hierarchical bootstrap (a subspace seed, a
+        # draw); the labels never match across sides, so no gradient seed is paired with a draw.
+        gradient = [{"prompt_id": p, "passed": v, "seed": f"gradient {i}"} for i, r in enumerate(cell["gradient"])
                     for p, v in r["outcomes"].items()]
-        random = [{"prompt_id": p, "passed": v, "seed": i} for i, r in enumerate(cell["random"])
+        random = [{"prompt_id": p, "passed": v, "seed": f"random {i}"} for i, r in enumerate(cell["random"])
                   for p, v in r["outcomes"].items()]
         c = paired_difference(gradient, random)
         out.append({**cell["cell"], "gradient": sum(r["score"] for r in cell["gradient"]) / len(cell["gradient"]),
@@ -248,7 +254,7 @@ def controls(rows: list[dict]) -> list[dict]:
                     "gradient_scores": [r["score"] for r in cell["gradient"]],
                     "random": sum(r["score"] for r in cell["random"]) / len(cell["random"]),
                     "random_draws": [r["score"] for r in cell["random"]], "difference": c["difference"], "ci": c["ci"],
-                    "n": c["n"], "seed_spread_exceeds_ci": c["seed_spread_exceeds_ci"]})
+                    "n": c["n"], "seed_spread": c["seed_spread"], "seed_spread_exceeds_ci": c["seed_spread_exceeds_ci"]})
     return out
 
 

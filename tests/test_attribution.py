@@ -303,7 +303,7 @@ def test_ablation_runs_each_cell_once_per_subspace_seed_and_draws_fixed_rank_con
     # baseline; rank 4: gradient x 2 seeds + 1 draw (its ranks do not depend on the seed);
     # energy 0.9: gradient x 2 seeds + 1 draw per seed (ranks chosen from each seed's spectrum).
     assert [(r["rank"], r["subspace"], r["seed"], r["draw"]) for r in rows] == [
-        ("none", "none", None, None), (4, "gradient", 0, None), (4, "gradient", 1, None), (4, "random", 0, 0),
+        ("none", "none", None, None), (4, "gradient", 0, None), (4, "gradient", 1, None), (4, "random", None, 0),
         ("energy=0.9", "gradient", 0, None), ("energy=0.9", "gradient", 1, None), ("energy=0.9", "random", 0, 0),
         ("energy=0.9", "random", 1, 0)]
     # Two extractions, two subspaces: the seed-1 row projects onto another subspace than seed 0's.
@@ -325,17 +325,36 @@ def test_ablation_runs_each_cell_once_per_subspace_seed_and_draws_fixed_rank_con
                                                              for r in lines))
     monkeypatch.setattr(ablate, "sample", lambda *a, **k: pytest.fail("a finished row was run again"))
     again = ablate.run_ablation(one_seed, tmp_path / "old")
-    assert [r["seed"] for r in again] == [None, 0, 0, 0, 0]
+    assert [r["seed"] for r in again] == [None, 0, None, 0, 0]
     # The grid may grow in a directory (here: a second subspace seed): only the new rows run.
     calls = []
     monkeypatch.setattr(ablate, "sample", lambda model, tokenizer, prompts, config, **k: calls.append(1) or
                         [["1"] for _ in prompts])
     grown = ablate.run_ablation(config_from_dict({**raw, "name": "grown"}), tmp_path / "old")
     assert [r["seed"] for r in csv.DictReader(open(tmp_path / "old" / "ablation.csv"))][:3] == ["", "0", "1"]
-    assert len(calls) == 3 and len(grown) == 8 and [r["seed"] for r in grown if r["subspace"] != "none"] == [0, 1, 0, 0, 1, 0, 1]
+    assert len(calls) == 3 and len(grown) == 8
+    assert [r["seed"] for r in grown if r["subspace"] != "none"] == [0, 1, None, 0, 1, 0, 1]
     with pytest.raises(SpdLensError, match="differs in ablate.loss_n"):
         ablate.run_ablation(config_from_dict({**raw, "ablate": {**raw["ablate"], "loss_n": 3}}), tmp_path / "old")
     with pytest.raises(SpdLensError, match=r"ablate.subspace_seeds = \[1, 1\]"):
         ablate.run_ablation(config_from_dict({**raw, "ablate": {**raw["ablate"], "subspace_seeds": [1, 1]}}),
                             tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_controls_never_pair_a_gradient_seed_with_a_random_draw():
+    from spd_lens.ablate import controls
+
+    cell = {"rank": 8, "layers": "1", "alpha": 1.0, "head": "all", "kinds": "k,v"}
+
+    def row(subspace, outcomes, **extra):
+        scores = dict(zip("abcd", outcomes))
+        return {**cell, "subspace": subspace, "outcomes": scores, "score": sum(outcomes) / 4, **extra}
+
+    rows = [row("gradient", [1, 1, 0, 0], seed=0), row("gradient", [1, 1, 1, 1], seed=1),
+            row("random", [0, 0, 0, 0], seed=None, draw=0), row("random", [1, 1, 0, 0], seed=None, draw=1)]
+    (c,) = controls(rows)
+    assert c["gradient"] == 0.75 and c["random"] == 0.25 and c["difference"] == 0.5
+    # Paired by position, seed i against draw i, both differences would be 0.5 (no spread); the
+    # seeds are unrelated to the draws, so each side's spread shows: 0.25 .. 0.75.
+    assert c["seed_spread"] == 0.5

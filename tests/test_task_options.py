@@ -73,8 +73,9 @@ def test_seeds_draw_independent_questions_and_old_ids_still_rebuild(name):
     assert len(shared) <= 20, f"seeds 0 and 1 share {len(shared)} of 60 questions"
     assert task.example_by_id(second[3].id) == second[3] and second[3].id.split("/")[2] == "s1"
     assert all(e.id == f"{name}/train/1/{i}" for i, e in enumerate(shifted))
-    with pytest.raises(SpdLensError, match="is not an example id"):
-        task.example_by_id(f"{name}/train/s-1/3")
+    for bad in ("s-1/3", "s0/3", "01/3", "+1/3", "1/03", "s1_0/3"):
+        with pytest.raises(SpdLensError, match="is not an example id"):
+            task.example_by_id(f"{name}/train/{bad}")
 
 
 def test_arithmetic_options_shape_the_questions():

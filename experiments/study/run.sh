@@ -4,25 +4,30 @@
 #   experiments/study/run.sh [RUNS_DIR] [STEP ...]      default: runs/study, every step
 #   experiments/study/run.sh runs/study lr math-hard    only these steps
 # Two lanes on two cores: two calls with different steps, each passing SPD_LENS_THREADS=1.
+# RUNS_DIR is relative to the repository root. spd-lens: the one on PATH, else .venv's (run.sh setup).
 # Steps: gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds
 #        gate-heads gate-ood lr math-hard math-hard-chosen math-easy code mc
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS="${1:-runs/study}"
 shift || true
-SPD=(spd-lens --threads "${SPD_LENS_THREADS:-2}")
+BIN="$(command -v spd-lens || echo .venv/bin/spd-lens)"
+SPD=("$BIN" --threads "${SPD_LENS_THREADS:-2}")
 STUDY=experiments/study
 CHOSEN_LR="${CHOSEN_LR:-2e-4}"  # the lr sweep's choice on dev (RESULTS.md); every trained method of the rerun uses it
 
 ablate() { "${SPD[@]}" ablate "$STUDY/$1.toml" --out "$RUNS/$1"; }
 
 # Copies a finished file or directory from one run into another when the target lacks it; the
-# run that finds it checks its settings before using it (and refuses it if they differ).
+# run that finds it checks its settings before using it (and refuses it if they differ). The copy
+# lands under another name first, so an interrupted one is never taken for a finished one.
 take() {
   local from="$1" to="$2"
   if [ -e "$from" ] && [ ! -e "$to" ]; then
     mkdir -p "$(dirname "$to")"
-    cp -r "$from" "$to"
+    rm -rf "$to.partial"
+    cp -r "$from" "$to.partial"
+    mv "$to.partial" "$to"
   fi
 }
 
@@ -64,9 +69,16 @@ step() {
   esac
 }
 
+ALL=(gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds gate-heads gate-ood lr
+     math-hard math-hard-chosen math-easy code mc)
+for s in "${ALL[@]}"; do
+  if [ "$RUNS" = "$s" ]; then
+    echo "'$RUNS' is a step, not a runs directory: $0 RUNS_DIR $RUNS" >&2
+    exit 2
+  fi
+done
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds
-                                 gate-heads gate-ood lr math-hard math-hard-chosen math-easy code mc)
+[ ${#steps[@]} -gt 0 ] || steps=("${ALL[@]}")
 for s in "${steps[@]}"; do
   echo "== $s" >&2
   step "$s"

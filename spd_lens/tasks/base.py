@@ -321,7 +321,9 @@ def parse_procedural_id(task: str, example_id: str) -> tuple[str, str, int, int,
             raise ValueError
         spaced = parts[2].startswith("s")
         seed, index = int(parts[2].removeprefix("s")), int(parts[3])
-        if seed < 0 or index < 0:
+        # One id per example: exactly the digits procedural_id writes ("s0", "01", "+1" are not ids).
+        if (seed < 0 or index < 0 or parts[3] != str(index) or
+                parts[2] != (f"s{seed}" if spaced else str(seed)) or (spaced and seed == 0)):
             raise ValueError
         stream = generator_seed(seed, parts[1]) if spaced else seed * 2 + (1 if parts[1] == "test" else 0)
         return variant, parts[1], seed, index, stream
