@@ -51,7 +51,7 @@ step() {
     lr)
       local first="$RUNS/lr/psr-lr1e-5"
       "${SPD[@]}" run "$STUDY/lr/psr-lr1e-5.toml" --out "$first"
-      for lr in 2e-4 5e-5 1e-3; do
+      for lr in 2e-4 5e-5 1e-3 3e-3; do
         take "$first/generations/psr-seed0.jsonl" "$RUNS/lr/psr-lr$lr/generations/psr-seed0.jsonl"
         "${SPD[@]}" run "$STUDY/lr/psr-lr$lr.toml" --out "$RUNS/lr/psr-lr$lr" --reuse "$first"
       done ;;
