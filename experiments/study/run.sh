@@ -6,7 +6,8 @@
 # Two lanes on two cores: two calls with different steps, each passing SPD_LENS_THREADS=1.
 # RUNS_DIR is relative to the repository root. spd-lens: the one on PATH, else .venv's (run.sh setup).
 # Steps: gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds
-#        gate-heads gate-ood gate-sampled-chosen lr math-hard math-hard-chosen math-easy code mc
+#        gate-heads gate-ood gate-seeds-chosen gate-sampled-chosen lr math-hard math-hard-chosen math-easy
+#        code mc
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS="${1:-runs/study}"
@@ -45,6 +46,9 @@ step() {
       # The kept cells' seed-0 and random rows are gate-layers' own: start from a copy of it.
       take "$RUNS/gate-layers" "$RUNS/gate-seeds"
       ablate gate-seeds ;;
+    gate-seeds-chosen)
+      take "$RUNS/gate-kinds" "$RUNS/gate-seeds-chosen"
+      ablate gate-seeds-chosen ;;
     gate-sampled-chosen)
       take "$RUNS/gate-sampled" "$RUNS/gate-sampled-chosen"
       ablate gate-sampled-chosen ;;
@@ -73,7 +77,7 @@ step() {
 }
 
 ALL=(gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds gate-heads gate-ood
-     gate-sampled-chosen lr math-hard math-hard-chosen math-easy code mc)
+     gate-seeds-chosen gate-sampled-chosen lr math-hard math-hard-chosen math-easy code mc)
 for s in "${ALL[@]}"; do
   if [ "$RUNS" = "$s" ]; then
     echo "'$RUNS' is a step, not a runs directory: $0 RUNS_DIR $RUNS" >&2
