@@ -15,7 +15,7 @@ shift || true
 BIN="$(command -v spd-lens || echo .venv/bin/spd-lens)"
 SPD=("$BIN" --threads "${SPD_LENS_THREADS:-2}")
 STUDY=experiments/study
-CHOSEN_LR="${CHOSEN_LR:-2e-4}"  # the lr sweep's choice on dev (RESULTS.md); every trained method of the rerun uses it
+CHOSEN_LR="${CHOSEN_LR:-1e-3}"  # the lr sweep's choice on dev (RESULTS.md); every trained method of the rerun uses it
 
 ablate() { "${SPD[@]}" ablate "$STUDY/$1.toml" --out "$RUNS/$1"; }
 
