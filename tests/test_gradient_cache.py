@@ -86,10 +86,15 @@ def test_subspace_from_cache_equals_streaming_extraction(tiny, cache):
     model, tokenizer = tiny
     streaming = extract_subspace(model, "family-mc", n=5, seed=1, layers=[1, 3], tokenizer=tokenizer, batch_size=3)
     cached = CapabilitySubspace.from_cache(cache, layers=[1, 3])
+    # The sums are the same up to float32 rounding in other batches...
+    for key, gram in streaming.grams.items():
+        assert torch.allclose(cached.grams[key], gram, rtol=0, atol=1e-6 * gram.abs().max())
     for layer, kind, head in streaming.keys():
-        assert torch.allclose(cached.singular_values(layer, kind, head), streaming.singular_values(layer, kind, head),
-                              rtol=1e-5, atol=1e-12)
-        assert torch.allclose(cached.projector(layer, kind, head), streaming.projector(layer, kind, head), atol=1e-5)
+        expected = streaming.singular_values(layer, kind, head)
+        assert torch.allclose(cached.singular_values(layer, kind, head), expected, rtol=1e-5, atol=1e-5 * expected[0])
+        # ...and so the projectors, up to that rounding amplified where the rank cut falls between
+        # two close singular values (here 4.04e-4 and 3.81e-4 at one head: 3e-5).
+        assert torch.allclose(cached.projector(layer, kind, head), streaming.projector(layer, kind, head), atol=1e-4)
 
 
 def test_save_and_load(tmp_path, cache):
