@@ -6,8 +6,8 @@
 # Two lanes on two cores: two calls with different steps, each passing SPD_LENS_THREADS=1.
 # RUNS_DIR is relative to the repository root. spd-lens: the one on PATH, else .venv's (run.sh setup).
 # Steps: gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds
-#        gate-heads gate-ood gate-seeds-chosen gate-sampled-chosen lr math-hard math-hard-chosen math-easy
-#        code mc
+#        gate-heads gate-ood gate-seeds-chosen gate-sampled-chosen lr math-hard math-hard-chosen ood
+#        math-easy code mc
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS="${1:-runs/study}"
@@ -67,6 +67,7 @@ step() {
       "${SPD[@]}" run "$STUDY/rerun/math-hard.toml" --out "$RUNS/math-hard" ;;
     math-hard-chosen)
       "${SPD[@]}" run "$STUDY/rerun/math-hard-chosen.toml" --out "$RUNS/math-hard-chosen" --reuse "$RUNS/math-hard" ;;
+    ood) "${SPD[@]}" run "$STUDY/rerun/ood.toml" --out "$RUNS/ood" --reuse "$RUNS/math-hard" ;;
     math-easy | code) "${SPD[@]}" run "$STUDY/rerun/$1.toml" --out "$RUNS/$1" ;;
     mc)
       # The data gate first; training waits on it (see mc.toml).
@@ -77,7 +78,7 @@ step() {
 }
 
 ALL=(gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds gate-heads gate-ood
-     gate-seeds-chosen gate-sampled-chosen lr math-hard math-hard-chosen math-easy code mc)
+     gate-seeds-chosen gate-sampled-chosen lr math-hard math-hard-chosen ood math-easy code mc)
 for s in "${ALL[@]}"; do
   if [ "$RUNS" = "$s" ]; then
     echo "'$RUNS' is a step, not a runs directory: $0 RUNS_DIR $RUNS" >&2
