@@ -70,6 +70,15 @@ class Processes:
         if self.parallel:
             _state().wait_for_everyone()
 
+    def close(self) -> None:
+        """Ends a launch cleanly: every process waits for the others, then leaves the process
+        group. A process that simply exits while a peer is still connected can abort (SIGABRT)
+        in gloo's teardown, failing a launch whose work was done."""
+        if self.parallel and torch.distributed.is_initialized():
+            state = _state()
+            state.wait_for_everyone()
+            state.destroy_process_group()
+
     def gather(self, value) -> list:
         """Every process's `value` (picklable), in rank order, on every process."""
         if not self.parallel:

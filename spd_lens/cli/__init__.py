@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from spd_lens.errors import SpdLensError
+from spd_lens.processes import Processes
 
 
 def _set_threads(threads: int) -> None:
@@ -47,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.threads is not None:
             _set_threads(args.threads)
-        return args.func(args)
+        code = args.func(args)
+        Processes.current().close()  # under torchrun: leave the process group together
+        return code
     except SpdLensError as err:
         print(f"spd-lens {args.command}: error: {err}", file=sys.stderr)
         return 2
