@@ -120,15 +120,23 @@ def decoding_config(config: ExperimentConfig, run: Run) -> SamplingConfig:
                                batch_size=config.eval.batch_size)
 
 
+def _subspace(point: dict) -> str:
+    # Rows written before random controls name no subspace: they hold the gradient (or no) projection.
+    return point.get("subspace") or ("none" if point["rank"] == "none" else "gradient")
+
+
+def _seed(point: dict, first_seed: int) -> int | None:
+    """The extraction seed a row's projection depends on: none for the baseline and for a
+    fixed-rank random draw; rows written before several seeds name none: they used the first's."""
+    subspace = _subspace(point)
+    if subspace == "none" or (subspace == "random" and not isinstance(point["rank"], str)):
+        return None
+    return point.get("seed", first_seed)
+
+
 def _key(point: dict, first_seed: int) -> str:
-    # Rows written before random controls name no subspace: they hold the gradient (or no)
-    # projection; rows written before several seeds name none: they used the first seed's subspace.
-    # A fixed-rank random draw does not depend on the seed at all.
-    subspace = point.get("subspace") or ("none" if point["rank"] == "none" else "gradient")
-    fixed_random = subspace == "random" and not isinstance(point["rank"], str)
-    seed = None if subspace == "none" or fixed_random else point.get("seed", first_seed)
-    return json.dumps({**{k: point[k] for k in CELL}, "subspace": subspace, "draw": point.get("draw"), "seed": seed},
-                      sort_keys=True)
+    return json.dumps({**{k: point[k] for k in CELL}, "subspace": _subspace(point), "draw": point.get("draw"),
+                       "seed": _seed(point, first_seed)}, sort_keys=True)
 
 
 def _projection(subspace, point: dict, config: ExperimentConfig) -> Projection | None:
@@ -204,11 +212,8 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
     baseline_loss = rows[0]["loss"]
     for row in rows:
         row["delta_loss"] = row["loss"] - baseline_loss
-        row.setdefault("subspace", "none" if row["rank"] == "none" else "gradient")
+        row["subspace"], row["seed"] = _subspace(row), _seed(row, first)
         row.setdefault("draw", None)
-        if "seed" not in row:  # written before rows named their seed
-            row["seed"] = None if row["subspace"] == "none" or (row["subspace"] == "random" and
-                                                                 not isinstance(row["rank"], str)) else first
     decoding = {k: v for k, v in dataclasses.asdict(sampling).items() if k not in ("batch_size", "batching")}
     write_json(out / "ablation.json", {"rows": rows, "controls": controls(rows), "task": task.name,
                                        "split": config.task.eval_split, "model": config.model.name,

@@ -202,8 +202,9 @@ def count_ablation(config: ExperimentConfig, *, eval_size: int | None = None) ->
         evaluate.completions = evaluate.examples * samples
         evaluate.decode_slots = _slots(questions * samples, c.eval.batch_size, budget) * len(rows)
     how = f"{samples} sampled completion(s) each (the [sampling] settings)" if sampled else "greedy"
-    evaluate.detail = [f"{len(rows)} rows: the baseline, {cells} cells x (gradient{per_seed} + {c.ablate.random_draws} "
-                       f"random draws{', per seed at energy policies' if per_seed else ''}); {questions if questions is not None else 'all'} {c.task.eval_split} questions each, "
+    draws = f"{c.ablate.random_draws} random draws{', per seed at energy policies' if per_seed else ''}"
+    evaluate.detail = [f"{len(rows)} rows: the baseline, {cells} cells x (gradient{per_seed} + {draws}); "
+                       f"{questions if questions is not None else 'all'} {c.task.eval_split} questions each, "
                        f"{how}, at most {budget} tokens, batches of {c.eval.batch_size}"]
     return [extract, evaluate]
 

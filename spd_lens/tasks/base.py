@@ -296,13 +296,14 @@ def locate_spans(tokenizer: PreTrainedTokenizerBase, example: Example) -> Encode
 # seeds g and g + 2 share all but two items. Procedural seeds are spaced this far apart instead
 # (more than any split scans), so that seeds draw independent questions.
 SEED_STRIDE = 10_000_000
+OLD_SEED_STRIDE = 2  # the spacing of ids with a bare seed, still rebuilt
 
 
-def generator_seed(seed: int, split: str) -> int:
+def generator_seed(seed: int, split: str, stride: int = SEED_STRIDE) -> int:
     """The reasoning-gym seed of a procedural split's stream for `seed` (test and train/dev draw
     different streams; dev shares train's stream, not its questions). Seed 0's streams (0 and 1)
     are the ones every version used, so its examples and ids never changed."""
-    return seed * SEED_STRIDE + (1 if split == "test" else 0)
+    return seed * stride + (1 if split == "test" else 0)
 
 
 def procedural_id(task: Task, split: str, seed: int, index: int) -> str:
@@ -325,7 +326,7 @@ def parse_procedural_id(task: str, example_id: str) -> tuple[str, str, int, int,
         if (seed < 0 or index < 0 or parts[3] != str(index) or
                 parts[2] != (f"s{seed}" if spaced else str(seed)) or (spaced and seed == 0)):
             raise ValueError
-        stream = generator_seed(seed, parts[1]) if spaced else seed * 2 + (1 if parts[1] == "test" else 0)
+        stream = generator_seed(seed, parts[1], SEED_STRIDE if spaced else OLD_SEED_STRIDE)
         return variant, parts[1], seed, index, stream
     except ValueError:
         raise SpdLensError(f"{example_id!r} is not an example id of task {task!r} "
