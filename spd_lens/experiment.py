@@ -301,9 +301,12 @@ class Run:
 
     def run(self) -> dict:
         self._claim_directory()
-        for method in self.config.methods:
-            for seed in self._seeds(method):
-                self.evaluation(method, seed)
+        # Seed by seed, every method of a seed before the next seed: a run stopped part way has
+        # whole comparisons (each method at seed 0) rather than one method at every seed.
+        for index, seed in enumerate(self.config.seeds):
+            for method in self.config.methods:
+                if METHOD_TABLE[method].seeded or index == 0:
+                    self.evaluation(method, seed if METHOD_TABLE[method].seeded else None)
         # Metrics describe every method this directory holds evaluations for, whether this call
         # ran it or an earlier one did (`--methods` subsets).
         methods, outcomes = {}, {}

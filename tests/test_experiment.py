@@ -55,6 +55,27 @@ def test_spd_trains_on_projected_generations(tmp_path):
     assert [r["prompt_id"] for r in spd] == [r["prompt_id"] for r in psr]
 
 
+def test_a_run_goes_seed_by_seed_so_a_stopped_one_has_whole_comparisons(tmp_path, monkeypatch):
+    import spd_lens.experiment as experiment
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def record(self, method, seed):
+        calls.append((method, seed))
+        if len(calls) == 6:
+            raise Stop
+
+    monkeypatch.setattr(experiment.Run, "evaluation", record)
+    config = {**TINY, "seeds": [0, 1], "methods": ["base", "psr", "hook-only", "spd"]}
+    with pytest.raises(Stop):
+        run_experiment(config_from_dict(config), tmp_path)
+    # Every method of seed 0 (the unseeded ones once) before any method of seed 1.
+    assert calls == [("base", None), ("psr", 0), ("hook-only", None), ("spd", 0), ("psr", 1), ("spd", 1)]
+
+
 def test_a_run_directory_refuses_another_config(tmp_path):
     run_experiment(config_from_dict({**TINY, "seeds": [0], "methods": ["base"]}), tmp_path)
     changed = {**TINY, "seeds": [0], "methods": ["base"], "task": {**TINY["task"], "eval_n": 6}}

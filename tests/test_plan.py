@@ -143,6 +143,8 @@ def test_the_study_script_names_only_configs_that_exist():
     named = set(re.findall(r'\$STUDY/([\w./-]+\.toml)', script))
     named |= {f"{step}.toml" for step in re.search(r"(gate-rank \| [^)]*)\)", script).group(1).split(" | ")}
     named |= {f"rerun/{step}.toml" for step in ("math-easy", "code")}
+    named |= {f"rerun/{name}.toml" for name in re.findall(r"beside_math_hard ([\w-]+) ", script)}
+    assert {"rerun/math-hard-chosen.toml", "rerun/ood.toml"} <= named
     assert len(named) > 10
     missing = sorted(n for n in named if "$" not in n and not (ROOT / "experiments" / "study" / n).is_file())
     assert not missing

@@ -3,7 +3,9 @@
 # resumes where it stopped, so running this again goes on; a step that is finished costs seconds.
 #   experiments/study/run.sh [RUNS_DIR] [STEP ...]      default: runs/study, every step
 #   experiments/study/run.sh runs/study lr math-hard    only these steps
-# Two lanes on two cores: two calls with different steps, each passing SPD_LENS_THREADS=1.
+# Two lanes on two cores: two calls with different steps, each passing SPD_LENS_THREADS=1; the
+# rerun as it was run: `... math-hard` beside `... mc math-hard-chosen ood math-easy code`, then
+# `... math-hard-chosen ood` once math-hard is done (they take its base and psr evaluations).
 # RUNS_DIR is relative to the repository root. spd-lens: the one on PATH, else .venv's (run.sh setup).
 # Steps: gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds
 #        gate-heads gate-ood gate-seeds-chosen gate-sampled-chosen lr math-hard math-hard-chosen ood
@@ -30,6 +32,22 @@ take() {
     cp -r "$from" "$to.partial"
     mv "$to.partial" "$to"
   fi
+}
+
+# A run at math-hard's questions and training settings: its own methods (those that depend on
+# its subspace) first, so it can run on the other lane while math-hard does; base and psr are
+# math-hard's evaluations, taken once math-hard has every one of them (until then this says so,
+# and running the step again later takes them in seconds).
+beside_math_hard() {
+  local name="$1" own="$2" stem
+  "${SPD[@]}" run "$STUDY/rerun/$name.toml" --methods "$own" --out "$RUNS/$name"
+  for stem in base psr-seed0 psr-seed1 psr-seed2; do
+    if [ ! -f "$RUNS/math-hard/eval/$stem.json" ]; then
+      echo "$name: base and psr wait for the math-hard step's evaluations ($stem is not finished); run this step again after it" >&2
+      return 0
+    fi
+  done
+  "${SPD[@]}" run "$STUDY/rerun/$name.toml" --out "$RUNS/$name" --reuse "$RUNS/math-hard"
 }
 
 step() {
@@ -65,9 +83,8 @@ step() {
       take "$sweep/generations/psr-seed0.jsonl" "$RUNS/math-hard/generations/psr-seed0.jsonl"
       take "$sweep/adapters/psr-seed0" "$RUNS/math-hard/adapters/psr-seed0"
       "${SPD[@]}" run "$STUDY/rerun/math-hard.toml" --out "$RUNS/math-hard" ;;
-    math-hard-chosen)
-      "${SPD[@]}" run "$STUDY/rerun/math-hard-chosen.toml" --out "$RUNS/math-hard-chosen" --reuse "$RUNS/math-hard" ;;
-    ood) "${SPD[@]}" run "$STUDY/rerun/ood.toml" --out "$RUNS/ood" --reuse "$RUNS/math-hard" ;;
+    math-hard-chosen) beside_math_hard math-hard-chosen spd,spd-random,hook-only ;;
+    ood) beside_math_hard ood spd,hook-only ;;
     math-easy | code) "${SPD[@]}" run "$STUDY/rerun/$1.toml" --out "$RUNS/$1" ;;
     mc)
       # The data gate first; training waits on it (see mc.toml).
