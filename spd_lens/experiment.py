@@ -301,14 +301,32 @@ class Run:
 
     def run(self) -> dict:
         self._claim_directory()
-        # Seed by seed, every method of a seed before the next seed: a run stopped part way has
-        # whole comparisons (each method at seed 0) rather than one method at every seed.
+        plan = self._plan()
+        # Decided once, after _claim_directory's barrier, so every process refreshes alike.
+        fresh = [(method, seed) for method, seed in plan if self._stored_evaluation(method, seed) is None]
+        for method, seed in plan:
+            self.evaluation(method, seed)
+            if (method, seed) in fresh[:-1]:
+                self.metrics()  # a partial table to read (spd-lens summary) while the rest runs
+        return self.metrics()
+
+    def _plan(self) -> list[tuple[str, int | None]]:
+        """The evaluations this call makes, in order. Seed by seed, every method of a seed before
+        the next seed: a run stopped part way holds whole comparisons (every method at seed 0)
+        rather than one method at every seed."""
+        plan = []
         for index, seed in enumerate(self.config.seeds):
             for method in self.config.methods:
-                if METHOD_TABLE[method].seeded or index == 0:
-                    self.evaluation(method, seed if METHOD_TABLE[method].seeded else None)
-        # Metrics describe every method this directory holds evaluations for, whether this call
-        # ran it or an earlier one did (`--methods` subsets).
+                if METHOD_TABLE[method].seeded:
+                    plan.append((method, seed))
+                elif index == 0:
+                    plan.append((method, None))
+        return plan
+
+    def metrics(self) -> dict:
+        """metrics.json and report.html from every evaluation this directory holds, whether this
+        call ran it or an earlier one did (`--methods` subsets); `pending` names the evaluations of
+        this call's methods not finished yet (empty once the run is complete)."""
         methods, outcomes = {}, {}
         for method in METHOD_TABLE:
             spec = METHOD_TABLE[method]
@@ -350,6 +368,8 @@ class Run:
         metrics = {"run": self.config.name, "task": self.task.name, "subspace_task": self.subspace_task.name,
                    "model": self.config.model.name, "runtime": self.runtime.describe(), "methods": methods,
                    "comparisons": comparisons,
+                   "pending": [method if seed is None else f"{method}-seed{seed}" for method, seed in self._plan()
+                               if self._stored_evaluation(method, seed) is None],
                    "stage_seconds": seconds["completed"], "stage_seconds_interrupted": seconds["interrupted"],
                    "reuse": self.reuse_decisions,
                    "sandbox": summarise_isolation(r for results in outcomes.values() for r in results),

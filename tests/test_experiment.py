@@ -69,11 +69,49 @@ def test_a_run_goes_seed_by_seed_so_a_stopped_one_has_whole_comparisons(tmp_path
             raise Stop
 
     monkeypatch.setattr(experiment.Run, "evaluation", record)
+    monkeypatch.setattr(experiment.Run, "metrics", lambda self: {})
     config = {**TINY, "seeds": [0, 1], "methods": ["base", "psr", "hook-only", "spd"]}
     with pytest.raises(Stop):
         run_experiment(config_from_dict(config), tmp_path)
     # Every method of seed 0 (the unseeded ones once) before any method of seed 1.
     assert calls == [("base", None), ("psr", 0), ("hook-only", None), ("spd", 0), ("psr", 1), ("spd", 1)]
+
+
+def test_a_running_run_keeps_partial_metrics_that_summary_reads(tmp_path, monkeypatch, capsys):
+    import spd_lens.experiment as experiment
+
+    real = experiment.Run.evaluation
+
+    def stop_at_hook_only(self, method, seed):
+        if method == "hook-only":
+            raise KeyboardInterrupt
+        return real(self, method, seed)
+
+    monkeypatch.setattr(experiment.Run, "evaluation", stop_at_hook_only)
+    config = config_from_dict({**TINY, "seeds": [0], "methods": ["base", "hook-only"]})
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, tmp_path / "run")
+    partial = metrics_of(tmp_path / "run")
+    assert list(partial["methods"]) == ["base"] and partial["pending"] == ["hook-only"]
+    assert cli(["summary", f"now={tmp_path / 'run'}"]) == 0
+    out = capsys.readouterr().out
+    assert "| method | now |" in out and "still running: now (hook-only)" in out
+    monkeypatch.undo()
+    full = run_experiment(config, tmp_path / "run")
+    assert full["pending"] == [] and list(full["methods"]) == ["base", "hook-only"]
+    # Two columns (the same run under two labels): one row per method, one per paired difference.
+    assert cli(["summary", f"a={tmp_path / 'run'}", f"b={tmp_path / 'run'}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    base = full["methods"]["base"]
+    cell = f"{base['score']:.3f} [{base['ci'][0]:.3f}, {base['ci'][1]:.3f}]"
+    assert lines[0] == "| method | a | b |" and f"| base | {cell} | {cell} |" in lines
+    difference = full["comparisons"]["hook-only - base"]["difference"]
+    assert any(line.startswith(f"| hook-only - base | {difference:+.3f} [") for line in lines)
+    assert not any("still running" in line for line in lines)
+    assert cli(["summary", str(tmp_path)]) == 2
+    assert "no metrics.json" in capsys.readouterr().err
+    assert cli(["summary", f"a={tmp_path / 'run'}", f"a={tmp_path / 'run'}"]) == 2
+    assert "two runs are labelled 'a'" in capsys.readouterr().err
 
 
 def test_a_run_directory_refuses_another_config(tmp_path):

@@ -1,4 +1,4 @@
-"""Commands around run directories: demo, run, plan, ablate, report, compare."""
+"""Commands around run directories: demo, run, plan, ablate, report, summary, compare."""
 
 from __future__ import annotations
 
@@ -124,6 +124,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_summary(args: argparse.Namespace) -> int:
+    """Several runs side by side, as markdown tables (scores, paired differences, training data)."""
+    from spd_lens.summary import load_runs, summary_tables
+
+    print(summary_tables(load_runs(args.runs)))
+    return 0
+
+
 def evaluation_results(spec: str) -> list[dict]:
     """Per-example results of `RUN_DIR:METHOD` (every seed's evaluation of it)."""
     from pathlib import Path
@@ -207,6 +215,13 @@ def register(commands) -> None:
     common.add_sandbox_flags(ablate)
     common.add_runtime_args(ablate, config=True)
     ablate.set_defaults(func=cmd_ablate)
+
+    summary = commands.add_parser("summary", help="several runs side by side as markdown tables: scores with "
+                                                  "seed-aware intervals, paired differences, training data")
+    summary.add_argument("runs", nargs="+", metavar="[LABEL=]RUN_DIR",
+                         help="run directories written by spd-lens run (a column each; LABEL defaults to the "
+                              "directory's name)")
+    summary.set_defaults(func=cmd_summary)
 
     compare = commands.add_parser("compare", help="paired difference of two evaluations, e.g. runs/ood:spd runs/math:spd")
     compare.add_argument("first", help="RUN_DIR:METHOD")

@@ -1,0 +1,104 @@
+"""Several runs side by side: one markdown table of every method's score, one of the paired
+differences, one of the self-generated training data's quality.
+
+Each cell is what the run's `metrics.json` holds (means over seeds; 95% intervals from the
+hierarchical bootstrap over seeds, then questions), so a results page can quote the table next to
+the command that prints it:
+
+    >>> from spd_lens.summary import summary_tables
+    >>> run = {"methods": {"base": {"score": 0.078, "ci": [0.056, 0.102], "n": 500, "seeds": {}}},
+    ...        "comparisons": {}}
+    >>> print(summary_tables({"math-hard": run}).splitlines()[2])
+    | base | 0.078 [0.056, 0.102] |
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from spd_lens.artifacts import read_json_object
+from spd_lens.errors import SpdLensError
+from spd_lens.methods import METHOD_TABLE
+
+# Marks a result whose seeds differ by more than its question-only interval is wide.
+SPREAD_MARK = " !"
+
+
+def load_runs(specs: list[str]) -> dict[str, dict]:
+    """`RUN_DIR` or `LABEL=RUN_DIR` -> {label: metrics}; the label defaults to the directory's name."""
+    runs = {}
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep:
+            label, path = Path(spec).name, spec
+        metrics = Path(path) / "metrics.json"
+        if not metrics.is_file():
+            raise SpdLensError(f"{path}: no metrics.json (not a run directory, or no method finished yet); "
+                               "pass directories written by spd-lens run")
+        if label in runs:
+            raise SpdLensError(f"two runs are labelled {label!r}: name them, e.g. {label}-a={path}")
+        runs[label] = read_json_object(metrics, "a run's metrics")
+    if not runs:
+        raise SpdLensError("no run directories given")
+    return runs
+
+
+def _interval(value: float, ci: list[float], signed: bool = False) -> str:
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    return f"{fmt.format(value)} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _score_cell(m: dict | None) -> str:
+    if m is None:
+        return ""
+    cell = _interval(m["score"], m["ci"])
+    seeds = m.get("seeds") or {}
+    if len(seeds) > 1:
+        cell += " (" + " / ".join(f"{s['score']:.3f}" for s in seeds.values()) + ")"
+    if m.get("missing_seeds"):
+        cell += f" (seeds {', '.join(map(str, m['missing_seeds']))} missing)"
+    return cell + (SPREAD_MARK if m.get("seed_spread_exceeds_ci") else "")
+
+
+def summary_tables(runs: dict[str, dict]) -> str:
+    """Markdown: scores (methods x runs, per-seed scores in brackets), paired differences and the
+    training data's share correct, in the project's method order; an empty cell is a method the
+    run does not hold."""
+    labels = list(runs)
+    methods = [m for m in METHOD_TABLE if any(m in r["methods"] for r in runs.values())]
+    lines = _table(["method"] + labels,
+                   [[m] + [_score_cell(runs[label]["methods"].get(m)) for label in labels] for m in methods])
+    names = []
+    for r in runs.values():
+        names += [name for name in r.get("comparisons", {}) if name not in names]
+    if names:
+        rows = []
+        for name in names:
+            cells = []
+            for label in labels:
+                c = runs[label].get("comparisons", {}).get(name)
+                cells.append("" if c is None else _interval(c["difference"], c["ci"], signed=True)
+                             + (SPREAD_MARK if c.get("seed_spread_exceeds_ci") else ""))
+            rows.append([name] + cells)
+        lines += [""] + _table(["paired difference"] + labels, rows)
+    trained = [m for m in methods if any(r["methods"].get(m, {}).get("training_data") for r in runs.values())]
+    if trained:
+        rows = []
+        for m in trained:
+            cells = []
+            for label in labels:
+                data = runs[label]["methods"].get(m, {}).get("training_data")
+                cells.append("" if not data else f"{data['correct']:.3f} (cut off {data['cut_off']:.3f}, n {data['n']})")
+            rows.append([m] + cells)
+        lines += [""] + _table(["training data: share correct"] + labels, rows)
+    running = [f"{label} ({', '.join(r['pending'])})" for label, r in runs.items() if r.get("pending")]
+    if running:
+        lines += ["", "still running: " + "; ".join(running)]
+    lines += ["", "Scores: mean over seeds, 95% interval over seeds then questions, each seed's score in "
+                  f"brackets;{SPREAD_MARK.strip()} = the seeds differ by more than the questions explain."]
+    return "\n".join(lines)
