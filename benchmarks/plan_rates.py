@@ -26,9 +26,10 @@ def main() -> None:
     runs = []
     for metrics_path in sorted(root.glob("*/metrics.json")):
         config_path = metrics_path.with_name("config.json")
-        seconds = json.loads(metrics_path.read_text()).get("stage_seconds", {})
-        if not seconds:
-            continue
+        metrics = json.loads(metrics_path.read_text())
+        seconds = metrics.get("stage_seconds", {})
+        if not seconds or metrics.get("pending"):
+            continue  # no timings, or a run not finished (its stage seconds cover part of its work)
         if config_path.is_file():
             values = comparable(json.loads(config_path.read_text()))
         else:  # the demo keeps only its metrics: its config is the packaged quick.toml

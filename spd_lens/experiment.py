@@ -302,7 +302,8 @@ class Run:
     def run(self) -> dict:
         self._claim_directory()
         plan = self._plan()
-        # Decided once, after _claim_directory's barrier, so every process refreshes alike.
+        # Decided once, after _claim_directory's barrier and before any evaluation is written (a
+        # computed or reused one is written only after a barrier), so every process refreshes alike.
         fresh = [(method, seed) for method, seed in plan if self._stored_evaluation(method, seed) is None]
         for method, seed in plan:
             self.evaluation(method, seed)
@@ -326,7 +327,8 @@ class Run:
     def metrics(self) -> dict:
         """metrics.json and report.html from every evaluation this directory holds, whether this
         call ran it or an earlier one did (`--methods` subsets); `pending` names the evaluations of
-        this call's methods not finished yet (empty once the run is complete)."""
+        the methods this call was asked for that are not finished (empty once they all are; a run
+        that stopped keeps its list until it is resumed)."""
         methods, outcomes = {}, {}
         for method in METHOD_TABLE:
             spec = METHOD_TABLE[method]
@@ -478,6 +480,10 @@ class Run:
                 continue
             self._decide(stem, {"reused": True, "from": str(other)})
             record = {**read_json_object(source, "an evaluation written by spd-lens run"), "reused_from": str(other)}
+            # Every process decides alike (the other run's files do not change); the barrier keeps
+            # the main process from writing the copy before every other process has looked for it
+            # (one that found it would skip this path's barriers, and a launch would hang).
+            self.processes.barrier()
             (self.out / "eval").mkdir(parents=True, exist_ok=True)
             if (other / "eval" / f"{stem}.jsonl").is_file() and self.processes.is_main:
                 atomic_write(self.out / "eval" / f"{stem}.jsonl",
@@ -581,6 +587,8 @@ def format_table(metrics: dict) -> str:
             rows.append(f"{name:<24} {c['difference']:>+7.3f}  [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]{flag}")
     if metrics.get("sandbox"):
         rows += ["", describe_isolation(metrics["sandbox"])]
+    if metrics.get("pending"):
+        rows += ["", f"not finished: {', '.join(metrics['pending'])}"]
     return "\n".join(rows)
 
 

@@ -29,8 +29,10 @@ def load_runs(specs: list[str]) -> dict[str, dict]:
     runs = {}
     for spec in specs:
         label, sep, path = spec.partition("=")
-        if not sep:
+        if not (sep and label and path and "/" not in label):  # a path that merely holds "="
             label, path = Path(spec).name, spec
+        if "|" in label:
+            raise SpdLensError(f"label {label!r} holds '|', which would break the table: name the run LABEL={path}")
         metrics = Path(path) / "metrics.json"
         if not metrics.is_file():
             raise SpdLensError(f"{path}: no metrics.json (not a run directory, or no method finished yet); "
@@ -38,6 +40,9 @@ def load_runs(specs: list[str]) -> dict[str, dict]:
         if label in runs:
             raise SpdLensError(f"two runs are labelled {label!r}: name them, e.g. {label}-a={path}")
         runs[label] = read_json_object(metrics, "a run's metrics")
+        if not isinstance(runs[label].get("methods"), dict):
+            raise SpdLensError(f"{metrics} has no 'methods': not the metrics of spd-lens run (an ablation's "
+                               "table is ablation.json; see spd-lens report)")
     if not runs:
         raise SpdLensError("no run directories given")
     return runs
@@ -66,7 +71,7 @@ def _score_cell(m: dict | None) -> str:
 
 
 def summary_tables(runs: dict[str, dict]) -> str:
-    """Markdown: scores (methods x runs, per-seed scores in brackets), paired differences and the
+    """Markdown: scores (methods x runs, each seed's score in parentheses), paired differences and the
     training data's share correct, in the project's method order; an empty cell is a method the
     run does not hold."""
     labels = list(runs)
@@ -96,9 +101,9 @@ def summary_tables(runs: dict[str, dict]) -> str:
                 cells.append("" if not data else f"{data['correct']:.3f} (cut off {data['cut_off']:.3f}, n {data['n']})")
             rows.append([m] + cells)
         lines += [""] + _table(["training data: share correct"] + labels, rows)
-    running = [f"{label} ({', '.join(r['pending'])})" for label, r in runs.items() if r.get("pending")]
-    if running:
-        lines += ["", "still running: " + "; ".join(running)]
-    lines += ["", "Scores: mean over seeds, 95% interval over seeds then questions, each seed's score in "
-                  f"brackets;{SPREAD_MARK.strip()} = the seeds differ by more than the questions explain."]
+    unfinished = [f"{label} ({', '.join(r['pending'])})" for label, r in runs.items() if r.get("pending")]
+    if unfinished:
+        lines += ["", "not finished: " + "; ".join(unfinished)]
+    lines += ["", "Scores: mean over seeds [95% interval over seeds, then questions] (each seed's score); "
+                  f"{SPREAD_MARK.strip()} = the seeds differ by more than the questions explain."]
     return "\n".join(lines)

@@ -95,7 +95,7 @@ def test_a_running_run_keeps_partial_metrics_that_summary_reads(tmp_path, monkey
     assert list(partial["methods"]) == ["base"] and partial["pending"] == ["hook-only"]
     assert cli(["summary", f"now={tmp_path / 'run'}"]) == 0
     out = capsys.readouterr().out
-    assert "| method | now |" in out and "still running: now (hook-only)" in out
+    assert "| method | now |" in out and "not finished: now (hook-only)" in out
     monkeypatch.undo()
     full = run_experiment(config, tmp_path / "run")
     assert full["pending"] == [] and list(full["methods"]) == ["base", "hook-only"]
@@ -107,11 +107,14 @@ def test_a_running_run_keeps_partial_metrics_that_summary_reads(tmp_path, monkey
     assert lines[0] == "| method | a | b |" and f"| base | {cell} | {cell} |" in lines
     difference = full["comparisons"]["hook-only - base"]["difference"]
     assert any(line.startswith(f"| hook-only - base | {difference:+.3f} [") for line in lines)
-    assert not any("still running" in line for line in lines)
+    assert not any("not finished" in line for line in lines)
     assert cli(["summary", str(tmp_path)]) == 2
     assert "no metrics.json" in capsys.readouterr().err
     assert cli(["summary", f"a={tmp_path / 'run'}", f"a={tmp_path / 'run'}"]) == 2
     assert "two runs are labelled 'a'" in capsys.readouterr().err
+    (tmp_path / "x=y").mkdir()  # a path holding "=" is a path, not a label
+    assert cli(["summary", str(tmp_path / "x=y")]) == 2
+    assert f"{tmp_path / 'x=y'}: no metrics.json" in capsys.readouterr().err
 
 
 def test_a_run_directory_refuses_another_config(tmp_path):
