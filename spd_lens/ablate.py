@@ -264,7 +264,8 @@ def controls(rows: list[dict]) -> list[dict]:
 
 
 def write_ablation_report(out: str | Path, title: str | None = None) -> Path:
-    """`OUT/ablation.html` (score and loss-change grids) from `OUT/ablation.json`."""
+    """`OUT/ablation.html` from `OUT/ablation.json`: gradient vs random per cell (where the table
+    has controls), and score and loss-change grids over rank x layers."""
     from spd_lens.viz import ablation_figure, control_figure, write_report
 
     out = Path(out)
@@ -277,8 +278,15 @@ def write_ablation_report(out: str | Path, title: str | None = None) -> Path:
     # With several seeds, a grid cell shows the mean over its gradient subspaces.
     grid_rows = [{**group[0], **{v: sum(r[v] for r in group) / len(group) for v in ("score", "delta_loss")}}
                  for group in cells.values()]
-    figures = [ablation_figure(grid_rows, x="rank", y="layers", value="score"),
-               ablation_figure(grid_rows, x="rank", y="layers", value="delta_loss")]
+    # One rank x layers grid per setting of the other cell keys (K/V, alpha, head): drawn together,
+    # cells that differ only in those would overwrite each other. A grid of one cell says nothing
+    # the per-cell figure does not.
+    grids: dict[str, list[dict]] = {}
+    for r in grid_rows:
+        where = ", ".join(f"{k} {r.get(k)}" for k in CELL if k not in ("rank", "layers") and r.get(k) is not None)
+        grids.setdefault(where, []).append(r)
+    figures = [ablation_figure(group, x="rank", y="layers", value=value, where=where if len(grids) > 1 else "")
+               for value in ("score", "delta_loss") for where, group in grids.items() if len(group) > 1]
     if table.get("controls"):
         figures.insert(0, control_figure(table["controls"], baseline=rows[0]["score"]))
     notes = f"baseline (no projection): score {rows[0]['score']:.3f}, correctness loss {rows[0]['loss']:.4f}"

@@ -287,8 +287,10 @@ def overlap_figure(first, second, *, names=("A", "B"), control=None) -> go.Figur
     return figure
 
 
-def ablation_figure(rows: list[dict], *, x: str = "rank", y: str = "layers", value: str = "score") -> go.Figure:
-    """Heatmap of an ablation table: `value` over the grid `x` by `y` (hover names all three)."""
+def ablation_figure(rows: list[dict], *, x: str = "rank", y: str = "layers", value: str = "score",
+                    where: str = "") -> go.Figure:
+    """Heatmap of an ablation table: `value` over the grid `x` by `y` (hover names all three);
+    `where` names what the rows share otherwise (K/V, alpha, head), for the title."""
     xs = sorted({str(r[x]) for r in rows}, key=_natural)
     ys = sorted({str(r[y]) for r in rows}, key=_natural)
     cell = {(str(r[x]), str(r[y])): r[value] for r in rows}
@@ -297,36 +299,48 @@ def ablation_figure(rows: list[dict], *, x: str = "rank", y: str = "layers", val
     figure = go.Figure(go.Heatmap(z=z, x=xs, y=ys, hovertext=hover, hoverinfo="text", colorscale="Viridis",
                                   text=[[f"{v:.3f}" if v is not None else "" for v in row] for row in z],
                                   texttemplate="%{text}", colorbar={"title": value}))
-    figure.update_layout(title=f"ablation: {value} by {x} and {y}", xaxis_title=x, yaxis_title=y)
+    figure.update_layout(title=f"ablation: {value} by {x} and {y}" + (f" ({where})" if where else ""),
+                         xaxis_title=x, yaxis_title=y)
     return figure
 
 
 def control_figure(controls: list[dict], *, baseline: float | None = None) -> go.Figure:
-    """Per ablation cell: the gradient subspace's score (the mean over its seeds, each seed a cross)
-    beside the mean of its matched random subspaces (each draw a point), and the
-    gradient-minus-random difference with its interval."""
+    """Per ablation cell, two panels on one axis of cells. Above: the gradient subspace's score
+    (the mean over its seeds, each seed a cross) beside the mean of its matched random subspaces
+    (each draw a point), and the unprojected model's score. Below: gradient minus random with its
+    95% interval, against zero, so a cell's verdict reads without a second scale."""
+    from plotly.subplots import make_subplots
+
     labels = [f"r {c['rank']} L {c['layers']} {c['kinds']} a {c['alpha']}" + ("" if c["head"] == "all" else f" h {c['head']}")
               for c in controls]
-    figure = go.Figure()
-    figure.add_trace(go.Bar(x=labels, y=[c["gradient"] for c in controls], name="gradient subspace"))
-    figure.add_trace(go.Bar(x=labels, y=[c["random"] for c in controls], name="random subspaces (mean)"))
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.6, 0.4], vertical_spacing=0.06)
+    figure.add_trace(go.Bar(x=labels, y=[c["gradient"] for c in controls], name="gradient subspace",
+                            marker_color="#4c6ef5"), row=1, col=1)
+    figure.add_trace(go.Bar(x=labels, y=[c["random"] for c in controls], name="random subspaces (mean)",
+                            marker_color="#adb5bd"), row=1, col=1)
     if any(len(c.get("gradient_scores", [])) > 1 for c in controls):
         figure.add_trace(go.Scatter(x=[lab for c, lab in zip(controls, labels) for _ in c["gradient_scores"]],
                                     y=[v for c in controls for v in c["gradient_scores"]], mode="markers",
-                                    name="gradient subspace per seed", marker={"color": "blue", "size": 6,
-                                                                               "symbol": "x"}))
+                                    name="gradient subspace per seed", marker={"color": "#1c2f8a", "size": 7,
+                                                                               "symbol": "x"}), row=1, col=1)
     figure.add_trace(go.Scatter(x=[lab for c, lab in zip(controls, labels) for _ in c["random_draws"]],
                                 y=[v for c in controls for v in c["random_draws"]], mode="markers",
-                                name="random draws", marker={"color": "black", "size": 5}))
+                                name="random draws", marker={"color": "black", "size": 5}), row=1, col=1)
+    if baseline is not None:
+        figure.add_hline(y=baseline, line_dash="dot", row=1, col=1,
+                         annotation_text=f"no projection {baseline:.3f}", annotation_position="top left")
+    resolved = ["#2b8a3e" if c["ci"][0] > 0 else "#c92a2a" if c["ci"][1] < 0 else "#495057" for c in controls]
     figure.add_trace(go.Scatter(
         x=labels, y=[c["difference"] for c in controls], mode="markers", name="gradient - random (95% CI)",
-        yaxis="y2", marker={"symbol": "diamond", "size": 9},
+        marker={"symbol": "diamond", "size": 9, "color": resolved},
         error_y={"type": "data", "array": [c["ci"][1] - c["difference"] for c in controls],
-                 "arrayminus": [c["difference"] - c["ci"][0] for c in controls]}))
-    if baseline is not None:
-        figure.add_hline(y=baseline, line_dash="dot", annotation_text=f"no projection {baseline:.3f}")
-    figure.update_layout(title="gradient vs matched random subspace, per cell", barmode="group", yaxis_title="score",
-                         yaxis2={"title": "difference", "overlaying": "y", "side": "right", "zeroline": True})
+                 "arrayminus": [c["difference"] - c["ci"][0] for c in controls]}), row=2, col=1)
+    figure.add_hline(y=0, line_color="black", line_width=1, row=2, col=1)
+    figure.update_yaxes(title_text="score", row=1, col=1)
+    figure.update_yaxes(title_text="gradient - random<br>(green: 95% CI above 0)", zeroline=True, row=2, col=1)
+    figure.update_layout(title="gradient vs matched random subspace, per cell",
+                         barmode="group", height=620, width=max(700, 200 + 75 * len(labels)),
+                         legend={"orientation": "h", "x": 0, "y": 1.02, "yanchor": "bottom"}, margin={"t": 140})
     return figure
 
 

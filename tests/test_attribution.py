@@ -105,6 +105,33 @@ def test_report_redraws_ablation_and_head_tables(tmp_path, capsys):
     assert "head-attribution table" in capsys.readouterr().err
 
 
+def test_ablation_report_draws_one_grid_per_kv_setting_and_controls_in_two_panels(tmp_path, monkeypatch):
+    import spd_lens.viz as viz
+    from spd_lens.ablate import write_ablation_report
+
+    rows = [{"rank": "none", "layers": "none", "score": 0.1, "loss": 3.0, "delta_loss": 0.0}]
+    score = {("2", "k"): 0.1, ("4", "k"): 0.2, ("2", "v"): 0.3, ("4", "v"): 0.4}
+    rows += [{"rank": r, "layers": "1", "kinds": k, "alpha": 1.0, "head": "all", "subspace": "gradient",
+              "score": score[(str(r), k)], "loss": 3.0, "delta_loss": 0.1} for r in (2, 4) for k in ("k", "v")]
+    controls = [{"rank": r, "layers": "1", "kinds": k, "alpha": 1.0, "head": "all", "gradient": score[(str(r), k)],
+                 "random": 0.1, "random_draws": [0.05, 0.15], "difference": score[(str(r), k)] - 0.1,
+                 "ci": [score[(str(r), k)] - 0.15, score[(str(r), k)] - 0.05]} for r in (2, 4) for k in ("k", "v")]
+    (tmp_path / "ablation.json").write_text(json.dumps({"rows": rows, "controls": controls, "task": "arithmetic"}))
+    drawn = []
+    monkeypatch.setattr(viz, "write_report", lambda path, figures, *args, **kwargs: drawn.extend(figures))
+    write_ablation_report(tmp_path)
+    titles = [f.layout.title.text for f in drawn]
+    assert titles[0].startswith("gradient vs matched random subspace")
+    # Cells differing only in K/V get a grid each: drawn together, one would overwrite the other.
+    assert sum("score by rank and layers" in t for t in titles) == 2 and any("kinds v" in t for t in titles)
+    grid_v = next(f for f in drawn if "score by rank and layers" in f.layout.title.text and "kinds v" in f.layout.title.text)
+    assert [list(row) for row in grid_v.data[0].z] == [[0.3, 0.4]]
+    # Differences sit in their own panel against zero, coloured by whether the interval clears it.
+    difference = next(t for t in drawn[0].data if t.name == "gradient - random (95% CI)")
+    assert difference.yaxis == "y2" and list(difference.marker.color)[3] == "#2b8a3e"
+    assert list(difference.marker.color)[0] == "#495057"
+
+
 def test_ablate_cli_table_figure_and_resume(tmp_path, capsys):
     config = tmp_path / "a.toml"
     config.write_text('name = "t"\n[model]\nname = "tiny"\n[task]\neval_n = 3\n[subspace]\nn = 2\nlayers = [1, 3]\n'
