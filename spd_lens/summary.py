@@ -6,8 +6,8 @@ hierarchical bootstrap over seeds, then questions), so a results page can quote 
 the command that prints it:
 
     >>> from spd_lens.summary import summary_tables
-    >>> run = {"methods": {"base": {"score": 0.078, "ci": [0.056, 0.102], "n": 500, "seeds": {}}},
-    ...        "comparisons": {}}
+    >>> run = {"methods": {"base": {"score": 0.078, "ci": [0.056, 0.102], "n": 500, "seeds": {},
+    ...                             "seed_spread": 0.0}}, "comparisons": {}}
     >>> print(summary_tables({"math-hard": run}).splitlines()[2])
     | base | 0.078 [0.056, 0.102] |
 """
@@ -101,6 +101,10 @@ def summary_tables(runs: dict[str, dict]) -> str:
                 cells.append("" if not data else f"{data['correct']:.3f} (cut off {data['cut_off']:.3f}, n {data['n']})")
             rows.append([m] + cells)
         lines += [""] + _table(["training data: share correct"] + labels, rows)
+    older = [label for label, r in runs.items() if any("seed_spread" not in m for m in r["methods"].values())]
+    if older:
+        lines += ["", f"{', '.join(older)}: metrics from before seed-aware intervals (the interval resamples "
+                      "questions only, seeds held fixed)"]
     unfinished = [f"{label} ({', '.join(r['pending'])})" for label, r in runs.items() if r.get("pending")]
     if unfinished:
         lines += ["", "not finished: " + "; ".join(unfinished)]

@@ -108,6 +108,13 @@ def test_a_running_run_keeps_partial_metrics_that_summary_reads(tmp_path, monkey
     difference = full["comparisons"]["hook-only - base"]["difference"]
     assert any(line.startswith(f"| hook-only - base | {difference:+.3f} [") for line in lines)
     assert not any("not finished" in line for line in lines)
+    assert not any("before seed-aware intervals" in line for line in lines)
+    older = tmp_path / "older"  # metrics written before intervals resampled seeds: said so
+    older.mkdir()
+    stripped = {**full, "methods": {k: {f: v for f, v in m.items() if f != "seed_spread"} for k, m in full["methods"].items()}}
+    (older / "metrics.json").write_text(json.dumps(stripped))
+    assert cli(["summary", str(older)]) == 0
+    assert "older: metrics from before seed-aware intervals" in capsys.readouterr().out
     assert cli(["summary", str(tmp_path)]) == 2
     assert "no metrics.json" in capsys.readouterr().err
     assert cli(["summary", f"a={tmp_path / 'run'}", f"a={tmp_path / 'run'}"]) == 2
