@@ -94,6 +94,38 @@ def _hierarchical_means(matrices: Sequence[np.ndarray], signs: Sequence[float], 
     return total
 
 
+def _nested_groups(results: Sequence[dict]) -> list[dict[str, float]] | None:
+    """Per seed, {prompt: outcome} when each seed answered its own prompts (no prompt answered by
+    two seeds, as in training data: each seed samples its own prompts); None otherwise."""
+    groups = by_seed(results)
+    if len(groups) < 2:
+        return None
+    seen: set[str] = set()
+    for scores in groups.values():
+        if seen & scores.keys():
+            return None
+        seen |= scores.keys()
+    return list(groups.values())
+
+
+def _nested_means(groups: Sequence[np.ndarray], resamples: int, seed: int, *, resample_seeds: bool = True) -> np.ndarray:
+    """Bootstrap distribution of the mean over seeds of each seed's mean, for prompts nested in
+    seeds: each draw picks seeds with replacement (or keeps them), then resamples each picked
+    seed's own prompts afresh."""
+    rng = np.random.default_rng(seed)
+    n_seeds = len(groups)
+    picks = (rng.integers(0, n_seeds, size=(resamples, n_seeds)) if resample_seeds
+             else np.tile(np.arange(n_seeds), (resamples, 1)))
+    means = np.empty((resamples, n_seeds))
+    for index, values in enumerate(groups):
+        chosen = picks == index
+        if chosen.any():
+            n = len(values)
+            counts = rng.multinomial(n, np.full(n, 1 / n), size=int(chosen.sum()))
+            means[chosen] = counts @ values / n
+    return means.mean(axis=1)
+
+
 def _interval(draws: np.ndarray, level: float) -> list[float]:
     tail = (1 - level) / 2
     return [float(np.quantile(draws, tail)), float(np.quantile(draws, 1 - tail))]
@@ -104,7 +136,9 @@ def seeded_ci(results: Sequence[dict], *, resamples: int = 2000, seed: int = 0, 
 
     `results` are per-question results (`prompt_id`, `passed`, optional `seed`). Each draw
     resamples the seeds with replacement and the questions with replacement, so the interval
-    widens when seeds disagree; with one seed it is the usual question bootstrap. Also returns
+    widens when seeds disagree; with one seed it is the usual question bootstrap. Seeds that
+    answered the same questions (evaluations) share each draw's questions; seeds that answered
+    their own questions (training data) have them resampled within each seed. Also returns
     `ci_questions` (the interval resampling questions alone, seeds averaged) and `seed_spread`
     (largest minus smallest seed score), flagged as `seed_spread_exceeds_ci` when the seeds differ
     by more than `ci_questions` is wide: seed noise then dominates, and more seeds, not more
@@ -113,21 +147,30 @@ def seeded_ci(results: Sequence[dict], *, resamples: int = 2000, seed: int = 0, 
     if not results:
         raise SpdLensError("no outcomes to compute a confidence interval from")
     prompts = sorted({r["prompt_id"] for r in results})
-    matrix = _outcome_matrix(results, prompts)
-    ci = _interval(_hierarchical_means([matrix], [1.0], resamples, seed), level)
-    questions = _interval(_hierarchical_means([matrix.mean(axis=0, keepdims=True)], [1.0], resamples, seed), level)
-    seed_scores = matrix.mean(axis=1)
+    nested = _nested_groups(results)
+    if nested is not None:  # each seed its own prompts: they are resampled within their seed
+        groups = [np.array(list(scores.values())) for scores in nested]
+        ci = _interval(_nested_means(groups, resamples, seed), level)
+        questions = _interval(_nested_means(groups, resamples, seed, resample_seeds=False), level)
+        seed_scores = np.array([g.mean() for g in groups])
+    else:  # seeds answered the same prompts (crossed): prompts resampled once per draw
+        matrix = _outcome_matrix(results, prompts)
+        ci = _interval(_hierarchical_means([matrix], [1.0], resamples, seed), level)
+        questions = _interval(_hierarchical_means([matrix.mean(axis=0, keepdims=True)], [1.0], resamples, seed), level)
+        seed_scores = matrix.mean(axis=1)
     spread = float(seed_scores.max() - seed_scores.min())
-    return {"score": float(matrix.mean()), "ci": ci, "ci_questions": questions, "n": len(prompts),
-            "n_seeds": int(matrix.shape[0]), "seed_spread": spread,
-            "seed_spread_exceeds_ci": bool(matrix.shape[0] > 1 and spread > questions[1] - questions[0])}
+    return {"score": float(seed_scores.mean()), "ci": ci, "ci_questions": questions, "n": len(prompts),
+            "n_seeds": len(seed_scores), "seed_spread": spread,
+            "seed_spread_exceeds_ci": bool(len(seed_scores) > 1 and spread > questions[1] - questions[0])}
 
 
 def paired_difference(a: Sequence[dict], b: Sequence[dict], *, resamples: int = 2000, seed: int = 0,
                       level: float = 0.95) -> dict:
     """Score of `a` minus score of `b` on the prompts both answered, with a hierarchical
     bootstrap interval: each side's seeds are resampled on their own, the shared prompts once
-    per draw (the pairing removes the questions' own difficulty from the noise).
+    per draw (the pairing removes the questions' own difficulty from the noise). When each seed
+    answered its own prompts on both sides (training data), a seed's prompts are the pairing:
+    seeds are resampled together, then each seed's prompt-by-prompt differences.
 
     `a` and `b` are per-example results (`prompt_id`, `passed`, and `seed` where a method has
     several). `seed_spread` is the spread of the per-seed differences (seeds paired by name when
@@ -139,6 +182,9 @@ def paired_difference(a: Sequence[dict], b: Sequence[dict], *, resamples: int = 
     shared = sorted(first.keys() & second.keys())
     if not shared:
         raise SpdLensError("the two result sets share no prompt: compare evaluations of the same questions")
+    nested = _nested_pairs(a, b, set(shared))
+    if nested is not None:
+        return _nested_difference(nested, len(shared), resamples, seed, level)
     left, right = _outcome_matrix(a, shared), _outcome_matrix(b, shared)
     ci = _interval(_hierarchical_means([left, right], [1.0, -1.0], resamples, seed), level)
     questions = _interval(_hierarchical_means([left.mean(axis=0, keepdims=True), right.mean(axis=0, keepdims=True)],
@@ -153,6 +199,33 @@ def paired_difference(a: Sequence[dict], b: Sequence[dict], *, resamples: int = 
     spread = float(per_seed.max() - per_seed.min())
     return {"difference": float(left.mean() - right.mean()), "ci": ci, "ci_questions": questions, "n": len(shared),
             "seed_spread": spread, "seed_spread_exceeds_ci": bool(spread > questions[1] - questions[0])}
+
+
+def _nested_pairs(a: Sequence[dict], b: Sequence[dict], shared: set[str]) -> list[np.ndarray] | None:
+    """Per seed, the per-prompt differences a - b when both sides ran the same seeds and each
+    seed answered its own prompts (training data: every method samples a seed's prompts, and
+    seeds sample different ones); None for any other design."""
+    left, right = _nested_groups(a), _nested_groups(b)
+    if left is None or right is None or list(by_seed(a)) != list(by_seed(b)):
+        return None
+    pairs = []
+    for mine, theirs in zip(left, right):
+        prompts = sorted(mine.keys() & theirs.keys() & shared)
+        if not prompts:
+            return None
+        pairs.append(np.array([mine[p] - theirs[p] for p in prompts]))
+    return pairs
+
+
+def _nested_difference(pairs: list[np.ndarray], n: int, resamples: int, seed: int, level: float) -> dict:
+    """paired_difference for prompts nested in seeds: seeds are resampled together on both sides
+    (a seed's prompts are the pairing), then each seed's prompts."""
+    per_seed = np.array([d.mean() for d in pairs])
+    questions = _interval(_nested_means(pairs, resamples, seed, resample_seeds=False), level)
+    spread = float(per_seed.max() - per_seed.min())
+    return {"difference": float(per_seed.mean()), "ci": _interval(_nested_means(pairs, resamples, seed), level),
+            "ci_questions": questions, "n": n, "seed_spread": spread,
+            "seed_spread_exceeds_ci": bool(spread > questions[1] - questions[0])}
 
 
 def score_records(task: Task, examples_by_id: dict[str, Example], records: list[dict],

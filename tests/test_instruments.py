@@ -141,3 +141,30 @@ def test_paired_difference_resamples_seeds_and_flags_their_spread():
     steady = [{"prompt_id": f"q{q}", "passed": q % 5 == 0 or q % 10 == 1, "seed": s} for s in range(2) for q in range(200)]
     resolved = paired_difference(steady, base)
     assert resolved["ci"][0] > 0 and not resolved["seed_spread_exceeds_ci"]
+
+
+def test_intervals_resample_prompts_within_seeds_when_each_seed_has_its_own():
+    """Training data: each seed samples its own prompts. Filling the prompts a seed never saw with
+    its mean made the question-only interval about three times too narrow with three seeds (and
+    flagged seed spreads that were only prompt noise)."""
+    rng = random.Random(1)
+    n = 300
+    own = [{"prompt_id": f"s{s}/q{q}", "passed": rng.random() < 0.3, "seed": s} for s in range(3) for q in range(n)]
+    stats = seeded_ci(own)
+    width = stats["ci_questions"][1] - stats["ci_questions"][0]
+    analytic = 2 * 1.96 * (stats["score"] * (1 - stats["score"]) / (3 * n)) ** 0.5
+    assert 0.8 * analytic < width < 1.2 * analytic
+    assert stats["ci"][0] <= stats["score"] <= stats["ci"][1] and stats["n"] == 3 * n
+    # Paired over each seed's prompts: b answers a's prompts right except 20 per seed.
+    other = [{**r, "passed": r["passed"] or int(r["prompt_id"].split("q")[1]) < 20} for r in own]
+    c = paired_difference(other, own)
+    truth = sum(o["passed"] - r["passed"] for o, r in zip(other, own)) / (3 * n)
+    assert c["difference"] == pytest.approx(truth) and c["ci_questions"][0] > 0 and c["n"] == 3 * n
+    differences = [o["passed"] - r["passed"] for o, r in zip(other, own)]
+    mean = sum(differences) / len(differences)
+    sd = (sum((d - mean) ** 2 for d in differences) / len(differences)) ** 0.5
+    paired_width = c["ci_questions"][1] - c["ci_questions"][0]
+    assert 0.8 * 2 * 1.96 * sd / (3 * n) ** 0.5 < paired_width < 1.2 * 2 * 1.96 * sd / (3 * n) ** 0.5
+    # Evaluations (every seed the same questions) keep the crossed design: unchanged by this.
+    crossed = seeded_ci(_results([0.3, 0.3, 0.3]))
+    assert crossed["n"] == 200 and crossed["n_seeds"] == 3
