@@ -439,8 +439,7 @@ class Run:
         report = {"run": self.config.name, "task": self.task.name, "train_n": self.config.task.train_n,
                   "seeds": self.config.seeds, "sampling": sampling,
                   "methods": {m: self._training_data(m, self._seeds(m)) for m in trained},
-                  "comparisons": {f"{a} - {b}": paired_difference(outcomes[a], outcomes[b])
-                                  for a, b in COMPARISONS if a in outcomes and b in outcomes},
+                  "comparisons": training_data_comparisons(outcomes),
                   "config_hash": config_hash(self.config.to_dict()), "spd_lens_version": spd_lens.__version__}
         if self.processes.is_main:
             write_json(self.out / "data_gate.json", report)
@@ -540,6 +539,33 @@ class Run:
                                    "use another --out or the same config")
         self.processes.barrier()  # everyone has read the old config before it is rewritten
         self._write_json(path, {**resolved, "spd_lens_version": spd_lens.__version__})
+
+
+def training_data_comparisons(outcomes: dict[str, list[dict]]) -> dict:
+    """The share of correct training completions, method against method (spd - psr, ...), paired
+    over each seed's prompts; `outcomes` maps a method to its per-prompt verdicts with `seed`."""
+    return {f"{a} - {b}": paired_difference(outcomes[a], outcomes[b])
+            for a, b in COMPARISONS if a in outcomes and b in outcomes}
+
+
+def recompute_data_gate(run_dir: str | Path) -> dict:
+    """`RUN/data_gate.json` with its comparisons computed again from the verdicts kept beside the
+    training data (`generations/*.quality.json`), by this version's intervals; nothing is generated
+    or scored again, so a gate whose prompts another version drew is recomputed as it was run."""
+    run_dir = Path(run_dir)
+    report = read_json_object(run_dir / "data_gate.json", "a data gate (spd-lens run --data-only)")
+    outcomes: dict[str, list[dict]] = {}
+    for method in report.get("methods", {}):
+        for seed in report.get("seeds", []):
+            path = run_dir / "generations" / f"{method}-seed{seed}.quality.json"
+            if not path.is_file():
+                raise SpdLensError(f"{path} is missing: the data gate's verdicts are kept there; run "
+                                   "spd-lens run CONFIG --data-only --out RUN to make them")
+            quality = read_json_object(path, "a training file's quality")
+            outcomes.setdefault(method, []).extend({**o, "seed": seed} for o in quality.get("outcomes", []))
+    report = {**report, "comparisons": training_data_comparisons(outcomes), "spd_lens_version": spd_lens.__version__}
+    write_json(run_dir / "data_gate.json", report)
+    return report
 
 
 def run_experiment(config: ExperimentConfig, out: str | Path, *, progress: Progress = None, log: Callable = None,

@@ -338,3 +338,13 @@ def test_the_data_gate_generates_and_scores_training_data_and_trains_nothing(tmp
     assert cli(["run", str(config), "--out", str(out), "--data-only"]) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "generations").iterdir()} == before
     assert json.loads((out / "data_gate.json").read_text()) == gate
+    # report recomputes the comparisons from the verdicts kept beside the data, generating nothing.
+    (out / "data_gate.json").write_text(json.dumps({**gate, "comparisons": {}}))
+    capsys.readouterr()
+    assert cli(["report", str(out)]) == 0
+    assert json.loads((out / "data_gate.json").read_text())["comparisons"] == gate["comparisons"]
+    assert "spd - spd-random" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (out / "generations").iterdir()} == before
+    (out / "generations" / "spd-seed1.quality.json").unlink()
+    assert cli(["report", str(out)]) == 2
+    assert "spd-seed1.quality.json is missing" in capsys.readouterr().err

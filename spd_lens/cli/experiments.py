@@ -51,15 +51,20 @@ def data_gate_report(config, out) -> int:
                  log=lambda m: print(f"[spd-lens] {m}", flush=True)).data_gate()
     if not Processes.current().is_main:
         return 0
+    print_data_gate(report)
+    print(f"data gate: {out}/data_gate.json")
+    return 0
+
+
+def print_data_gate(report: dict) -> None:
     print(f"\ntraining data of {report['train_n']} prompts per seed, seeds {report['seeds']}:")
     print(f"{'method':<14} {'correct':>8} {'cut off':>8} {'tokens':>7}")
     for method, q in report["methods"].items():
         tokens = "" if q["mean_tokens"] is None else f"{q['mean_tokens']:.1f}"
         print(f"{method:<14} {q['correct']:>8.3f} {q['cut_off']:>8.3f} {tokens:>7}")
     for name, c in report["comparisons"].items():
-        print(f"{name:<22} {c['difference']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] (share correct, paired)")
-    print(f"data gate: {out}/data_gate.json")
-    return 0
+        flag = "  ! seeds differ more than prompts explain" if c.get("seed_spread_exceeds_ci") else ""
+        print(f"{name:<22} {c['difference']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] (share correct, paired){flag}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -117,6 +122,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         path = write_ablation_report(run_dir)
     elif (run_dir / "heads.json").is_file():
         path = write_heads_report(run_dir)
+    elif (run_dir / "data_gate.json").is_file() and not (run_dir / "metrics.json").is_file():
+        from spd_lens.experiment import recompute_data_gate
+
+        print_data_gate(recompute_data_gate(run_dir))
+        print(f"data gate: {run_dir / 'data_gate.json'} (comparisons recomputed from the kept verdicts)")
+        return 0
     else:
         path = write_run_report(run_dir)
         print(format_table(json.loads((run_dir / "metrics.json").read_text())))
@@ -229,6 +240,8 @@ def register(commands) -> None:
     compare.set_defaults(func=cmd_compare)
 
     report = commands.add_parser("report", help="figures again from a directory's tables: a run (metrics.json -> "
-                                                "report.html), an ablation (ablation.json) or head attribution (heads.json)")
+                                                "report.html), an ablation (ablation.json), head attribution (heads.json) "
+                                                "or a data gate (data_gate.json: its comparisons recomputed from the kept "
+                                                "verdicts)")
     report.add_argument("run_dir")
     report.set_defaults(func=cmd_report)
