@@ -9,7 +9,7 @@
 # RUNS_DIR is relative to the repository root. spd-lens: the one on PATH, else .venv's (run.sh setup).
 # Steps: gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds
 #        gate-heads gate-ood gate-seeds-chosen gate-sampled-chosen lr math-hard math-hard-chosen ood
-#        math-easy code mc
+#        math-easy code mc; and `tables` (the rerun's tables so far, spd-lens summary)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS="${1:-runs/study}"
@@ -90,12 +90,20 @@ step() {
       # The data gate first; training waits on it (see mc.toml).
       "${SPD[@]}" run "$STUDY/rerun/mc.toml" --data-only --out "$RUNS/mc"
       "${SPD[@]}" run "$STUDY/rerun/mc.toml" --methods base,hook-only --out "$RUNS/mc" ;;
+    tables)
+      # The rerun's tables (RESULTS.md), from the runs that have metrics so far; prints, runs nothing.
+      local runs=() name
+      for name in math-hard math-hard-chosen ood math-easy code mc; do
+        [ -f "$RUNS/$name/metrics.json" ] && runs+=("$name=$RUNS/$name")
+      done
+      [ ${#runs[@]} -gt 0 ] || { echo "no rerun has metrics yet under $RUNS" >&2; return 0; }
+      "$BIN" summary "${runs[@]}" ;;
     *) echo "unknown step '$1'; steps: see the header of $0" >&2; exit 2 ;;
   esac
 }
 
 ALL=(gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds gate-heads gate-ood
-     gate-seeds-chosen gate-sampled-chosen lr math-hard math-hard-chosen ood math-easy code mc)
+     gate-seeds-chosen gate-sampled-chosen lr math-hard math-hard-chosen ood math-easy code mc tables)
 for s in "${ALL[@]}"; do
   if [ "$RUNS" = "$s" ]; then
     echo "'$RUNS' is a step, not a runs directory: $0 RUNS_DIR $RUNS" >&2
