@@ -107,7 +107,7 @@ def method_scores_figure(metrics: dict) -> go.Figure:
                            marker={"color": "#e45756", "size": 9, "symbol": "diamond"},
                            hovertext=[f"{m} seed {seed}: {v:.3f}" for m, seed, v in seeded], hoverinfo="text")
     top = max([methods[m]["ci"][1] for m in names] + [v for _, _, v in seeded])
-    figure.update_layout(title=f"{_run_title(metrics)} ({metrics.get('model')}): score per method, 95% CI over seeds and questions",
+    figure.update_layout(title=f"{_run_title(metrics)} ({metrics.get('model')}): score per method<br><sup>95% CI over seeds, then questions</sup>",
                          yaxis_title="score", yaxis_range=[0, max(1e-3, top) * 1.1])
     return figure
 
@@ -126,7 +126,7 @@ def comparison_figure(metrics: dict) -> go.Figure:
                    f"{comparisons[k]['ci'][1]:+.3f}], {comparisons[k]['n']} questions" for k in names],
         hoverinfo="text"))
     figure.add_hline(y=0, line_color="black", line_width=1)
-    figure.update_layout(title=f"{_run_title(metrics)}: paired differences, 95% CI over seeds and shared questions",
+    figure.update_layout(title=f"{_run_title(metrics)}: paired differences<br><sup>95% CI over seeds, then the shared questions</sup>",
                          yaxis_title="score difference")
     return figure
 
