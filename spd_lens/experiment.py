@@ -562,8 +562,15 @@ def recompute_data_gate(run_dir: str | Path) -> dict:
                 raise SpdLensError(f"{path} is missing: the data gate's verdicts are kept there; run "
                                    "spd-lens run CONFIG --data-only --out RUN to make them")
             quality = read_json_object(path, "a training file's quality")
-            outcomes.setdefault(method, []).extend({**o, "seed": seed} for o in quality.get("outcomes", []))
-    report = {**report, "comparisons": training_data_comparisons(outcomes), "spd_lens_version": spd_lens.__version__}
+            if not quality.get("outcomes"):
+                raise SpdLensError(f"{path} keeps no verdicts ('outcomes'; written by an older version): run "
+                                   "spd-lens run CONFIG --data-only --out RUN, which measures it again")
+            outcomes.setdefault(method, []).extend({**o, "seed": seed} for o in quality["outcomes"])
+    comparisons = training_data_comparisons(outcomes)
+    if not comparisons:
+        raise SpdLensError(f"{run_dir / 'data_gate.json'} names no pair of methods to compare "
+                           f"({', '.join(outcomes) or 'none'}): nothing to recompute")
+    report = {**report, "comparisons": comparisons, "spd_lens_version": spd_lens.__version__}
     write_json(run_dir / "data_gate.json", report)
     return report
 

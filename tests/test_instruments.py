@@ -165,6 +165,16 @@ def test_intervals_resample_prompts_within_seeds_when_each_seed_has_its_own():
     sd = (sum((d - mean) ** 2 for d in differences) / len(differences)) ** 0.5
     paired_width = c["ci_questions"][1] - c["ci_questions"][0]
     assert 0.8 * 2 * 1.96 * sd / (3 * n) ** 0.5 < paired_width < 1.2 * 2 * 1.96 * sd / (3 * n) ** 0.5
+    # The order results come in does not change the design or the answer.
+    assert paired_difference(list(reversed(other)), own) == c
+    # Seeds drawing overlapping prompts from one pool (a shuffled dataset) are nested too.
+    pool = [{"prompt_id": f"q{(q * 7 + s * 101) % 600}", "passed": rng.random() < 0.3, "seed": s}
+            for s in range(3) for q in range(n)]
+    overlapping = seeded_ci(pool)
+    width = overlapping["ci_questions"][1] - overlapping["ci_questions"][0]
+    analytic = 2 * 1.96 * (overlapping["score"] * (1 - overlapping["score"]) / (3 * n)) ** 0.5
+    assert 0.8 * analytic < width < 1.2 * analytic
     # Evaluations (every seed the same questions) keep the crossed design: unchanged by this.
     crossed = seeded_ci(_results([0.3, 0.3, 0.3]))
     assert crossed["n"] == 200 and crossed["n_seeds"] == 3
+    assert seeded_ci(list(reversed(_results([0.3, 0.3, 0.3])))) == crossed
