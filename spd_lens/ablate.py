@@ -259,7 +259,7 @@ def controls(rows: list[dict]) -> list[dict]:
                     "gradient_scores": [r["score"] for r in cell["gradient"]],
                     "random": sum(r["score"] for r in cell["random"]) / len(cell["random"]),
                     "random_draws": [r["score"] for r in cell["random"]], "difference": c["difference"], "ci": c["ci"],
-                    "n": c["n"], "seed_spread": c["seed_spread"], "seed_spread_exceeds_ci": c["seed_spread_exceeds_ci"]})
+                    "n": c["n"], "seed_spread": c["seed_spread"], "seed_p": c["seed_p"], "seeds_differ": c["seeds_differ"]})
     return out
 
 

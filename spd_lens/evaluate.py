@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -133,6 +134,67 @@ def _nested_means(groups: Sequence[np.ndarray], resamples: int, seed: int, *, re
     return means.mean(axis=1)
 
 
+def _chi2_sf(x: float, dof: int) -> float:
+    """P(X > x) for a chi-square variable with an integer number of degrees of freedom."""
+    if x <= 0:
+        return 1.0
+    half = x / 2
+    if dof % 2 == 0:
+        term = total = 1.0
+        for i in range(1, dof // 2):
+            term *= half / i
+            total += term
+        return min(1.0, math.exp(-half) * total)
+    total = math.erfc(math.sqrt(half))
+    term = math.sqrt(half) * math.exp(-half) / math.gamma(1.5)
+    for i in range(1, (dof - 1) // 2 + 1):
+        total += term
+        term *= half / (i + 0.5)
+    return min(1.0, total)
+
+
+def _seed_test(between: float, noise: float, dof: int) -> float:
+    """p-value of the seeds' sum of squares `between` against the questions' noise variance."""
+    if noise <= 0:
+        return 1.0 if between <= 1e-12 else 0.0
+    return _chi2_sf(between / noise, dof)
+
+
+def _crossed_seed_p(matrix: np.ndarray) -> float:
+    """Do the seeds (rows) differ more than question noise explains, when every seed answered the
+    same questions (columns)? The seed effect of a two-way analysis of variance (questions as
+    blocks), against chi-square with seeds - 1 degrees of freedom."""
+    n_seeds, n = matrix.shape
+    if n_seeds < 2 or n < 2:
+        return 1.0
+    seed_means, question_means, grand = matrix.mean(axis=1), matrix.mean(axis=0), matrix.mean()
+    residual = matrix - seed_means[:, None] - question_means[None, :] + grand
+    noise = float((residual ** 2).sum()) / ((n_seeds - 1) * (n - 1))
+    return _seed_test(n * float(((seed_means - grand) ** 2).sum()), noise, n_seeds - 1)
+
+
+def _nested_seed_p(groups: Sequence[np.ndarray]) -> float:
+    """The same question when each seed answered its own questions: a one-way analysis of
+    variance of the seed means against the pooled within-seed variance."""
+    total = sum(len(g) for g in groups)
+    if len(groups) < 2 or total <= len(groups):
+        return 1.0
+    grand = float(np.concatenate(groups).mean())
+    between = sum(len(g) * (float(g.mean()) - grand) ** 2 for g in groups)
+    noise = sum(float(((g - g.mean()) ** 2).sum()) for g in groups) / (total - len(groups))
+    return _seed_test(between, noise, len(groups) - 1)
+
+
+SEED_TEST_LEVEL = 0.05  # seeds are said to differ when the test's p-value is below this
+
+
+def seeds_differ(stats: dict) -> bool:
+    """Whether a score's or a difference's seeds differ more than its questions explain: then more
+    seeds, not more questions, would narrow it. Records from before the test carry the older
+    rule's flag (the seeds' range wider than the question-only interval), which is read instead."""
+    return bool(stats.get("seeds_differ", stats.get("seed_spread_exceeds_ci", False)))
+
+
 def _interval(draws: np.ndarray, level: float) -> list[float]:
     tail = (1 - level) / 2
     return [float(np.quantile(draws, tail)), float(np.quantile(draws, 1 - tail))]
@@ -146,10 +208,11 @@ def seeded_ci(results: Sequence[dict], *, resamples: int = 2000, seed: int = 0, 
     widens when seeds disagree; with one seed it is the usual question bootstrap. Seeds that
     answered the same questions (evaluations) share each draw's questions; seeds that answered
     their own questions (training data) have them resampled within each seed. Also returns
-    `ci_questions` (the interval resampling questions alone, seeds averaged) and `seed_spread`
-    (largest minus smallest seed score), flagged as `seed_spread_exceeds_ci` when the seeds differ
-    by more than `ci_questions` is wide: seed noise then dominates, and more seeds, not more
-    questions, are what narrows the result.
+    `ci_questions` (the interval resampling questions alone, seeds averaged), `seed_spread`
+    (largest minus smallest seed score) and `seed_p`, the p-value of an analysis of variance
+    asking whether the seeds differ more than question noise explains (questions as blocks when
+    the seeds share them); `seeds_differ` when it is below `SEED_TEST_LEVEL`: seed noise then
+    matters, and more seeds, not more questions, are what narrows the result.
     """
     if not results:
         raise SpdLensError("no outcomes to compute a confidence interval from")
@@ -160,15 +223,16 @@ def seeded_ci(results: Sequence[dict], *, resamples: int = 2000, seed: int = 0, 
         ci = _interval(_nested_means(groups, resamples, seed), level)
         questions = _interval(_nested_means(groups, resamples, seed, resample_seeds=False), level)
         seed_scores = np.array([g.mean() for g in groups])
+        p = _nested_seed_p(groups)
     else:  # seeds answered the same prompts (crossed): prompts resampled once per draw
         matrix = _outcome_matrix(results, prompts)
         ci = _interval(_hierarchical_means([matrix], [1.0], resamples, seed), level)
         questions = _interval(_hierarchical_means([matrix.mean(axis=0, keepdims=True)], [1.0], resamples, seed), level)
         seed_scores = matrix.mean(axis=1)
-    spread = float(seed_scores.max() - seed_scores.min())
+        p = _crossed_seed_p(matrix)
     return {"score": float(seed_scores.mean()), "ci": ci, "ci_questions": questions, "n": len(prompts),
-            "n_seeds": len(seed_scores), "seed_spread": spread,
-            "seed_spread_exceeds_ci": bool(len(seed_scores) > 1 and spread > questions[1] - questions[0])}
+            "n_seeds": len(seed_scores), "seed_spread": float(seed_scores.max() - seed_scores.min()),
+            "seed_p": p, "seeds_differ": p < SEED_TEST_LEVEL}
 
 
 def paired_difference(a: Sequence[dict], b: Sequence[dict], *, resamples: int = 2000, seed: int = 0,
@@ -181,9 +245,9 @@ def paired_difference(a: Sequence[dict], b: Sequence[dict], *, resamples: int = 
 
     `a` and `b` are per-example results (`prompt_id`, `passed`, and `seed` where a method has
     several). `seed_spread` is the spread of the per-seed differences (seeds paired by name when
-    both sides have them, else each seed of one side against the other side's mean); the
-    comparison is flagged (`seed_spread_exceeds_ci`) when that spread is wider than
-    `ci_questions`, the interval that resampling questions alone gives (see `seeded_ci`).
+    both sides have them, else each seed of one side against the other side's mean); `seed_p`
+    and `seeds_differ` test whether the per-seed differences differ more than question noise
+    explains (with unpaired seeds: each seeded side on its own, Bonferroni; see `seeded_ci`).
     """
     first, second = per_prompt_scores(a), per_prompt_scores(b)
     shared = sorted(first.keys() & second.keys())
@@ -199,13 +263,16 @@ def paired_difference(a: Sequence[dict], b: Sequence[dict], *, resamples: int = 
     seeds_a, seeds_b = sorted(by_seed(a), key=_seed_order), sorted(by_seed(b), key=_seed_order)
     if len(seeds_a) > 1 and seeds_a == seeds_b:
         per_seed = (left - right).mean(axis=1)
+        p = _crossed_seed_p(left - right)  # seeds paired by name: do the differences differ by seed?
     elif len(seeds_a) > 1 or len(seeds_b) > 1:
         per_seed = np.concatenate([left.mean(axis=1) - right.mean(), left.mean() - right.mean(axis=1)])
+        # Each seeded side tested on its own, Bonferroni over the sides tested.
+        tests = [_crossed_seed_p(side) for side in (left, right) if side.shape[0] > 1]
+        p = min(1.0, len(tests) * min(tests))
     else:
-        per_seed = np.array([left.mean() - right.mean()])
-    spread = float(per_seed.max() - per_seed.min())
+        per_seed, p = np.array([left.mean() - right.mean()]), 1.0
     return {"difference": float(left.mean() - right.mean()), "ci": ci, "ci_questions": questions, "n": len(shared),
-            "seed_spread": spread, "seed_spread_exceeds_ci": bool(spread > questions[1] - questions[0])}
+            "seed_spread": float(per_seed.max() - per_seed.min()), "seed_p": p, "seeds_differ": p < SEED_TEST_LEVEL}
 
 
 def _nested_pairs(a: Sequence[dict], b: Sequence[dict], shared: set[str]) -> list[np.ndarray] | None:
@@ -230,10 +297,10 @@ def _nested_difference(pairs: list[np.ndarray], n: int, resamples: int, seed: in
     (a seed's prompts are the pairing), then each seed's prompts."""
     per_seed = np.array([d.mean() for d in pairs])
     questions = _interval(_nested_means(pairs, resamples, seed, resample_seeds=False), level)
-    spread = float(per_seed.max() - per_seed.min())
+    p = _nested_seed_p(pairs)
     return {"difference": float(per_seed.mean()), "ci": _interval(_nested_means(pairs, resamples, seed), level),
-            "ci_questions": questions, "n": n, "seed_spread": spread,
-            "seed_spread_exceeds_ci": bool(spread > questions[1] - questions[0])}
+            "ci_questions": questions, "n": n, "seed_spread": float(per_seed.max() - per_seed.min()),
+            "seed_p": p, "seeds_differ": p < SEED_TEST_LEVEL}
 
 
 def score_records(task: Task, examples_by_id: dict[str, Example], records: list[dict],

@@ -46,7 +46,8 @@ import spd_lens
 from spd_lens.config import ExperimentConfig, build_task, comparable
 from spd_lens.errors import SpdLensError
 from spd_lens.artifacts import atomic_write, canonical, read_json_object, settings_differences, write_json
-from spd_lens.evaluate import evaluate, evaluate_mc, paired_difference, seeded_ci, training_data_quality
+from spd_lens.evaluate import (evaluate, evaluate_mc, paired_difference, seeded_ci, seeds_differ,
+                               training_data_quality)
 from spd_lens.extract import extract_subspace
 from spd_lens.methods import METHOD_TABLE
 from spd_lens.models import load_hf, load_tokenizer
@@ -345,7 +346,8 @@ class Run:
                 "n": len(outcomes[method]),
                 "questions": stats["n"],
                 "seed_spread": stats["seed_spread"],
-                "seed_spread_exceeds_ci": stats["seed_spread_exceeds_ci"],
+                "seed_p": stats["seed_p"],
+                "seeds_differ": stats["seeds_differ"],
                 "seeds": {str(r["seed"]): {"score": r["score"], "ci": r["ci"], "n": r["n"]} for r in per_seed}
                 if spec.seeded else {},
                 "finish_reasons": dict(sorted(Counter(r.get("finish_reason", "unknown") for r in outcomes[method]).items())),
@@ -597,7 +599,7 @@ def format_table(metrics: dict) -> str:
         seeds = "  ".join(f"{seed}: {s['score']:.3f}" for seed, s in m.get("seeds", {}).items())
         answers = "  answers " + " ".join(f"{a}:{k}" for a, k in m["answers"].items()) if m.get("answers") else ""
         kinds = "  outcomes " + " ".join(f"{k}:{v}" for k, v in m["outcomes"].items()) if m.get("outcomes") else ""
-        flag = SPREAD_FLAG if m.get("seed_spread_exceeds_ci") else ""
+        flag = SPREAD_FLAG if seeds_differ(m) else ""
         rows.append(f"{name:<12} {m['score']:>7.3f}  [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]  {m['n']:>5}  {seeds}{answers}{kinds}{flag}")
     scored = {name: m["loglik"] for name, m in metrics["methods"].items() if m.get("loglik")}
     if scored:
@@ -616,7 +618,7 @@ def format_table(metrics: dict) -> str:
     if metrics.get("comparisons"):
         rows += ["", f"{'paired difference':<24} {'mean':>7}  95% CI (bootstrap over seeds, then the shared questions)"]
         for name, c in metrics["comparisons"].items():
-            flag = SPREAD_FLAG if c.get("seed_spread_exceeds_ci") else ""
+            flag = SPREAD_FLAG if seeds_differ(c) else ""
             rows.append(f"{name:<24} {c['difference']:>+7.3f}  [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]{flag}")
     if metrics.get("sandbox"):
         rows += ["", describe_isolation(metrics["sandbox"])]

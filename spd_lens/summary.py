@@ -18,6 +18,7 @@ from pathlib import Path
 
 from spd_lens.artifacts import read_json_object
 from spd_lens.errors import SpdLensError
+from spd_lens.evaluate import seeds_differ
 from spd_lens.methods import METHOD_TABLE
 
 # Marks a result whose seeds differ by more than its question-only interval is wide.
@@ -67,7 +68,7 @@ def _score_cell(m: dict | None) -> str:
         cell += " (" + " / ".join(f"{s['score']:.3f}" for s in seeds.values()) + ")"
     if m.get("missing_seeds"):
         cell += f" (seeds {', '.join(map(str, m['missing_seeds']))} missing)"
-    return cell + (SPREAD_MARK if m.get("seed_spread_exceeds_ci") else "")
+    return cell + (SPREAD_MARK if seeds_differ(m) else "")
 
 
 def summary_tables(runs: dict[str, dict]) -> str:
@@ -88,7 +89,7 @@ def summary_tables(runs: dict[str, dict]) -> str:
             for label in labels:
                 c = runs[label].get("comparisons", {}).get(name)
                 cells.append("" if c is None else _interval(c["difference"], c["ci"], signed=True)
-                             + (SPREAD_MARK if c.get("seed_spread_exceeds_ci") else ""))
+                             + (SPREAD_MARK if seeds_differ(c) else ""))
             rows.append([name] + cells)
         lines += [""] + _table(["paired difference"] + labels, rows)
     trained = [m for m in methods if any(r["methods"].get(m, {}).get("training_data") for r in runs.values())]
@@ -109,5 +110,5 @@ def summary_tables(runs: dict[str, dict]) -> str:
     if unfinished:
         lines += ["", "not finished: " + "; ".join(unfinished)]
     lines += ["", "Scores: mean over seeds [95% interval over seeds, then questions] (each seed's score); "
-                  f"{SPREAD_MARK.strip()} = the seeds differ by more than the questions explain."]
+                  f"{SPREAD_MARK.strip()} = the seeds differ more than the questions explain (p < 0.05)."]
     return "\n".join(lines)

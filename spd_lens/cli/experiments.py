@@ -57,13 +57,15 @@ def data_gate_report(config, out) -> int:
 
 
 def print_data_gate(report: dict) -> None:
+    from spd_lens.evaluate import seeds_differ
+
     print(f"\ntraining data of {report['train_n']} prompts per seed, seeds {report['seeds']}:")
     print(f"{'method':<14} {'correct':>8} {'cut off':>8} {'tokens':>7}")
     for method, q in report["methods"].items():
         tokens = "" if q["mean_tokens"] is None else f"{q['mean_tokens']:.1f}"
         print(f"{method:<14} {q['correct']:>8.3f} {q['cut_off']:>8.3f} {tokens:>7}")
     for name, c in report["comparisons"].items():
-        flag = "  ! seeds differ more than prompts explain" if c.get("seed_spread_exceeds_ci") else ""
+        flag = "  ! seeds differ more than prompts explain" if seeds_differ(c) else ""
         print(f"{name:<22} {c['difference']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] (share correct, paired){flag}")
 
 
@@ -166,15 +168,15 @@ def evaluation_results(spec: str) -> list[dict]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Paired difference of two evaluations (possibly from different runs) on their shared questions."""
-    from spd_lens.evaluate import paired_difference, per_prompt_scores
+    from spd_lens.evaluate import paired_difference, per_prompt_scores, seeds_differ
 
     first, second = evaluation_results(args.first), evaluation_results(args.second)
     c = paired_difference(first, second)
     print(f"{args.first} - {args.second}: {c['difference']:+.3f}  95% CI [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]  "
           f"({c['n']} shared questions; interval over seeds, then questions)")
-    if c["seed_spread_exceeds_ci"]:
-        print(f"! the per-seed differences spread over {c['seed_spread']:.3f}, more than the interval is wide: "
-              "run more seeds before reading this difference")
+    if seeds_differ(c):
+        print(f"! the per-seed differences (spread {c['seed_spread']:.3f}) differ more than question noise explains "
+              f"(p = {c['seed_p']:.3g}): run more seeds before reading this difference")
     a, b = per_prompt_scores(first), per_prompt_scores(second)
     shared = sorted(a.keys() & b.keys(), key=natural_key)
     for name, better in ((args.first, [k for k in shared if a[k] > b[k]]), (args.second, [k for k in shared if b[k] > a[k]])):
