@@ -263,6 +263,17 @@ def controls(rows: list[dict]) -> list[dict]:
     return out
 
 
+def refresh_controls(out: str | Path) -> list[dict]:
+    """`OUT/ablation.json`'s gradient-vs-random controls computed again from its rows by this
+    version (no model runs); the file is rewritten only when they changed."""
+    path = Path(out) / "ablation.json"
+    table = read_json_object(path, "an ablation table (spd-lens ablate)")
+    fresh = controls(table["rows"])
+    if fresh != table.get("controls", []):
+        write_json(path, {**table, "controls": fresh})
+    return fresh
+
+
 def write_ablation_report(out: str | Path, title: str | None = None) -> Path:
     """`OUT/ablation.html` from `OUT/ablation.json`: gradient vs random per cell (where the table
     has controls), and score and loss-change grids over rank x layers."""

@@ -174,6 +174,10 @@ def test_ablation_cells_have_matched_random_controls(tmp_path):
         assert len(c["random_draws"]) == 2 and c["ci"][0] <= c["difference"] <= c["ci"][1]
         assert c["difference"] == pytest.approx(c["gradient"] - c["random"])
     assert "gradient vs matched random subspace" in (tmp_path / "gate" / "ablation.html").read_text()
+    # report recomputes the controls from the rows (a table written by another version is brought up to date).
+    (tmp_path / "gate" / "ablation.json").write_text(json.dumps({**table, "controls": []}))
+    assert cli(["report", str(tmp_path / "gate")]) == 0
+    assert json.loads((tmp_path / "gate" / "ablation.json").read_text())["controls"] == table["controls"]
     # A random draw projects onto another subspace of the same ranks: its correctness loss differs.
     k_rows = [r for r in rows if r["rank"] == 4 and r["kinds"] == "k"]
     assert len({round(r["loss"], 9) for r in k_rows}) == 3

@@ -115,12 +115,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from spd_lens.ablate import write_ablation_report
+    from spd_lens.ablate import refresh_controls, write_ablation_report
     from spd_lens.attribution import write_heads_report
     from spd_lens.experiment import format_table, write_run_report
 
     run_dir = Path(args.run_dir)
     if (run_dir / "ablation.json").is_file():
+        refresh_controls(run_dir)  # the controls by this version's intervals and seed test
         path = write_ablation_report(run_dir)
     elif (run_dir / "heads.json").is_file():
         path = write_heads_report(run_dir)
@@ -242,7 +243,8 @@ def register(commands) -> None:
     compare.set_defaults(func=cmd_compare)
 
     report = commands.add_parser("report", help="figures again from a directory's tables: a run (metrics.json -> "
-                                                "report.html), an ablation (ablation.json), head attribution (heads.json) "
+                                                "report.html), an ablation (ablation.json; its controls recomputed), head "
+                                                "attribution (heads.json) "
                                                 "or a data gate (data_gate.json: its comparisons recomputed from the kept "
                                                 "verdicts)")
     report.add_argument("run_dir")
