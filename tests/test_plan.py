@@ -136,6 +136,38 @@ def test_every_shipped_config_plans_without_a_problem(path, monkeypatch):
         assert not make_plan(config, threads=2, ablate=True).errors
 
 
+def test_the_study_script_runs_beside_math_hard_then_takes_its_base_and_psr(tmp_path):
+    """math-hard-chosen runs its own methods at once, and base and psr only once math-hard has
+    every one of them (an earlier take would train psr again in the wrong directory)."""
+    import os
+    import stat
+
+    stub = tmp_path / "bin" / "spd-lens"  # records each call instead of running a model
+    stub.parent.mkdir()
+    stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path / "calls"}\n')
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}"}
+    runs = tmp_path / "runs"
+    script = str(ROOT / "experiments" / "study" / "run.sh")
+
+    def step(name):
+        (tmp_path / "calls").unlink(missing_ok=True)
+        result = subprocess.run(["bash", script, str(runs), name], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr
+        return (tmp_path / "calls").read_text().splitlines(), result.stderr
+
+    calls, said = step("math-hard-chosen")
+    assert len(calls) == 1 and "--methods spd,spd-random,hook-only" in calls[0] and "--reuse" not in calls[0]
+    assert "(base is not finished)" in said
+    (runs / "math-hard" / "eval").mkdir(parents=True)
+    for stem in ("base", "psr-seed0", "psr-seed1", "psr-seed2"):
+        (runs / "math-hard" / "eval" / f"{stem}.json").write_text("{}")
+    calls, _ = step("math-hard-chosen")
+    assert len(calls) == 2 and calls[1].endswith(f"--reuse {runs / 'math-hard'}") and "--methods" not in calls[1]
+    calls, _ = step("ood")
+    assert "--methods spd,hook-only" in calls[0] and "rerun/ood.toml" in calls[1]
+
+
 def test_the_study_script_names_only_configs_that_exist():
     import re
 
