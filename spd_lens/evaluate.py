@@ -134,6 +134,14 @@ def _nested_means(groups: Sequence[np.ndarray], resamples: int, seed: int, *, re
     return means.mean(axis=1)
 
 
+def _nested_stats(groups: Sequence[np.ndarray], resamples: int, seed: int, level: float):
+    """For values nested in seeds: the interval over seeds then values, the interval over values
+    alone, each seed's mean and the seed test's p-value."""
+    return (_interval(_nested_means(groups, resamples, seed), level),
+            _interval(_nested_means(groups, resamples, seed, resample_seeds=False), level),
+            np.array([g.mean() for g in groups]), _nested_seed_p(groups))
+
+
 def _chi2_sf(x: float, dof: int) -> float:
     """P(X > x) for a chi-square variable with an integer number of degrees of freedom."""
     if x <= 0:
@@ -220,10 +228,7 @@ def seeded_ci(results: Sequence[dict], *, resamples: int = 2000, seed: int = 0, 
     nested = _nested_groups(results)
     if nested is not None:  # each seed its own prompts: they are resampled within their seed
         groups = [np.array(list(scores.values())) for scores in nested.values()]
-        ci = _interval(_nested_means(groups, resamples, seed), level)
-        questions = _interval(_nested_means(groups, resamples, seed, resample_seeds=False), level)
-        seed_scores = np.array([g.mean() for g in groups])
-        p = _nested_seed_p(groups)
+        ci, questions, seed_scores, p = _nested_stats(groups, resamples, seed, level)
     else:  # seeds answered the same prompts (crossed): prompts resampled once per draw
         matrix = _outcome_matrix(results, prompts)
         ci = _interval(_hierarchical_means([matrix], [1.0], resamples, seed), level)
@@ -295,12 +300,9 @@ def _nested_pairs(a: Sequence[dict], b: Sequence[dict], shared: set[str]) -> lis
 def _nested_difference(pairs: list[np.ndarray], n: int, resamples: int, seed: int, level: float) -> dict:
     """paired_difference for prompts nested in seeds: seeds are resampled together on both sides
     (a seed's prompts are the pairing), then each seed's prompts."""
-    per_seed = np.array([d.mean() for d in pairs])
-    questions = _interval(_nested_means(pairs, resamples, seed, resample_seeds=False), level)
-    p = _nested_seed_p(pairs)
-    return {"difference": float(per_seed.mean()), "ci": _interval(_nested_means(pairs, resamples, seed), level),
-            "ci_questions": questions, "n": n, "seed_spread": float(per_seed.max() - per_seed.min()),
-            "seed_p": p, "seeds_differ": p < SEED_TEST_LEVEL}
+    ci, questions, per_seed, p = _nested_stats(pairs, resamples, seed, level)
+    return {"difference": float(per_seed.mean()), "ci": ci, "ci_questions": questions, "n": n,
+            "seed_spread": float(per_seed.max() - per_seed.min()), "seed_p": p, "seeds_differ": p < SEED_TEST_LEVEL}
 
 
 def score_records(task: Task, examples_by_id: dict[str, Example], records: list[dict],

@@ -305,7 +305,7 @@ class Run:
         plan = self._plan()
         # Decided once, after _claim_directory's barrier and before any evaluation is written (a
         # computed or reused one is written only after a barrier), so every process refreshes alike.
-        fresh = [(method, seed) for method, seed in plan if self._stored_evaluation(method, seed) is None]
+        fresh = [(method, seed) for method, seed in plan if not self._evaluation_path(method, seed).is_file()]
         for method, seed in plan:
             self.evaluation(method, seed)
             if (method, seed) in fresh[:-1]:
@@ -372,8 +372,8 @@ class Run:
         metrics = {"run": self.config.name, "task": self.task.name, "subspace_task": self.subspace_task.name,
                    "model": self.config.model.name, "runtime": self.runtime.describe(), "methods": methods,
                    "comparisons": comparisons,
-                   "pending": [method if seed is None else f"{method}-seed{seed}" for method, seed in self._plan()
-                               if self._stored_evaluation(method, seed) is None],
+                   "pending": [path.stem for path in (self._evaluation_path(m, s) for m, s in self._plan())
+                               if not path.is_file()],
                    "stage_seconds": seconds["completed"], "stage_seconds_interrupted": seconds["interrupted"],
                    "reuse": self.reuse_decisions,
                    "sandbox": summarise_isolation(r for results in outcomes.values() for r in results),
@@ -397,8 +397,11 @@ class Run:
     def _seeds(self, method: str) -> list:
         return self.config.seeds if METHOD_TABLE[method].seeded else [None]
 
+    def _evaluation_path(self, method: str, seed: int | None) -> Path:
+        return self.out / "eval" / f"{method if seed is None else f'{method}-seed{seed}'}.json"
+
     def _stored_evaluation(self, method: str, seed: int | None) -> dict | None:
-        path = self.out / "eval" / f"{method if seed is None else f'{method}-seed{seed}'}.json"
+        path = self._evaluation_path(method, seed)
         return read_json_object(path, "an evaluation written by spd-lens run") if path.is_file() else None
 
     def _training_data(self, method: str, seeds: list[int]) -> dict | None:

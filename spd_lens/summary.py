@@ -21,7 +21,7 @@ from spd_lens.errors import SpdLensError
 from spd_lens.evaluate import seeds_differ
 from spd_lens.methods import METHOD_TABLE
 
-# Marks a result whose seeds differ by more than its question-only interval is wide.
+# Marks a result whose seeds differ more than its questions explain (`evaluate.seeds_differ`).
 SPREAD_MARK = " !"
 
 
