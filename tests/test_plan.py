@@ -166,6 +166,11 @@ def test_the_study_script_runs_beside_math_hard_then_takes_its_base_and_psr(tmp_
     assert len(calls) == 2 and calls[1].endswith(f"--reuse {runs / 'math-hard'}") and "--methods" not in calls[1]
     calls, _ = step("ood")
     assert "--methods spd,hook-only" in calls[0] and "rerun/ood.toml" in calls[1]
+    # math-hard and code: the main comparison at every seed, then the other baselines.
+    for name in ("math-hard", "code"):
+        calls, _ = step(name)
+        assert len(calls) == 2 and all(f"rerun/{name}.toml" in c for c in calls)
+        assert "--methods base,psr,spd,spd-random,hook-only" in calls[0] and "--methods" not in calls[1]
 
 
 def test_the_study_script_names_only_configs_that_exist():
@@ -174,7 +179,7 @@ def test_the_study_script_names_only_configs_that_exist():
     script = (ROOT / "experiments" / "study" / "run.sh").read_text()
     named = set(re.findall(r'\$STUDY/([\w./-]+\.toml)', script))
     named |= {f"{step}.toml" for step in re.search(r"(gate-rank \| [^)]*)\)", script).group(1).split(" | ")}
-    named |= {f"rerun/{step}.toml" for step in ("math-easy", "code")}
+    named |= {f"rerun/{step}.toml" for step in ("math-easy", "code", "math-hard")}
     named |= {f"rerun/{name}.toml" for name in re.findall(r"beside_math_hard ([\w-]+) ", script)}
     assert {"rerun/math-hard-chosen.toml", "rerun/ood.toml"} <= named
     assert len(named) > 10

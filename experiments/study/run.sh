@@ -50,6 +50,14 @@ beside_math_hard() {
   "${SPD[@]}" run "$STUDY/rerun/$name.toml" --out "$RUNS/$name" --reuse "$RUNS/math-hard"
 }
 
+# The comparisons the study turns on (spd against psr and its random control, with base and
+# hook-only) at every seed first, the other baselines (ssd, spd-fullseq) after: a study stopped
+# part way holds its main comparison at every seed rather than every baseline at the first.
+CORE=base,psr,spd,spd-random,hook-only
+core_first() {
+  "${SPD[@]}" run "$STUDY/rerun/$1.toml" --methods "$CORE" --out "$RUNS/$1"
+  "${SPD[@]}" run "$STUDY/rerun/$1.toml" --out "$RUNS/$1"
+}
 step() {
   case "$1" in
     gate-rank | gate-sampled | gate-layers | gate-kinds | gate-heads | gate-ood) ablate "$1" ;;
@@ -82,10 +90,11 @@ step() {
       local sweep="$RUNS/lr/psr-lr$CHOSEN_LR"
       take "$sweep/generations/psr-seed0.jsonl" "$RUNS/math-hard/generations/psr-seed0.jsonl"
       take "$sweep/adapters/psr-seed0" "$RUNS/math-hard/adapters/psr-seed0"
-      "${SPD[@]}" run "$STUDY/rerun/math-hard.toml" --out "$RUNS/math-hard" ;;
+      core_first math-hard ;;
     math-hard-chosen) beside_math_hard math-hard-chosen spd,spd-random,hook-only ;;
     ood) beside_math_hard ood spd,hook-only ;;
-    math-easy | code) "${SPD[@]}" run "$STUDY/rerun/$1.toml" --out "$RUNS/$1" ;;
+    math-easy) "${SPD[@]}" run "$STUDY/rerun/math-easy.toml" --out "$RUNS/math-easy" ;;  # its methods are the core
+    code) core_first code ;;
     mc)
       # The data gate first; training waits on it (see mc.toml).
       "${SPD[@]}" run "$STUDY/rerun/mc.toml" --data-only --out "$RUNS/mc"
