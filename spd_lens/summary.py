@@ -1,5 +1,6 @@
 """Several runs side by side: one markdown table of every method's score, one of the paired
-differences, one of the self-generated training data's quality.
+differences, one of the self-generated training data's quality; and where a study's time went
+(`time_table`: hours per stage of any run directory, ablations and data gates included).
 
 Each cell is what the run's `metrics.json` holds (means over seeds; 95% intervals from the
 hierarchical bootstrap over seeds, then questions), so a results page can quote the table next to
@@ -14,6 +15,7 @@ the command that prints it:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from spd_lens.artifacts import read_json_object
@@ -111,4 +113,87 @@ def summary_tables(runs: dict[str, dict]) -> str:
         lines += ["", "not finished: " + "; ".join(unfinished)]
     lines += ["", "Scores: mean over seeds [95% interval over seeds, then questions] (each seed's score); "
                   f"{SPREAD_MARK.strip()} = the seeds differ more than the questions explain (p < 0.05)."]
+    return "\n".join(lines)
+
+
+# The stages a run directory records (`Run._timed`), in pipeline order; an ablation's cells are "ablate".
+STAGES = ("extract", "generate", "train", "eval", "ablate")
+
+
+def stage_hours(directory: str | Path) -> dict:
+    """Seconds per stage that a run directory records: `stage_seconds.json` (completed calls, and
+    apart from them calls that stopped part way) and, for an ablation, each cell's `seconds`
+    (cells written before cells were timed are counted in `untimed_cells`)."""
+    directory = Path(directory)
+    seconds, interrupted, untimed = {}, 0.0, 0
+    path = directory / "stage_seconds.json"
+    if path.is_file():
+        recorded = read_json_object(path, "seconds per stage")
+        if "completed" not in recorded:  # the older flat layout
+            recorded = {"completed": recorded}
+        seconds = {stage: float(v) for stage, v in recorded["completed"].items()}
+        interrupted = float(sum(recorded.get("interrupted", {}).values()))
+    cells = directory / "ablation.jsonl"
+    if cells.is_file():
+        for line in cells.read_text().splitlines():
+            try:
+                cell = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line of a stopped ablation
+            if cell.get("seconds") is None:
+                untimed += 1
+            else:
+                seconds["ablate"] = seconds.get("ablate", 0.0) + cell["seconds"]
+    return {"seconds": seconds, "interrupted": interrupted, "untimed_cells": untimed}
+
+
+def timed_directories(specs: list[str]) -> dict[str, Path]:
+    """`DIR` or `LABEL=DIR` -> {label: directory}; a directory that records no time itself but
+    holds run directories (an lr sweep's) stands for each of them, labelled `DIR/NAME`."""
+    found = {}
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not (sep and label and path and "/" not in label):
+            label, path = Path(spec).name, spec
+        directory = Path(path)
+        if not directory.is_dir():
+            raise SpdLensError(f"{path}: not a directory; pass run, ablation or data-gate directories")
+        if _records_time(directory):
+            found[label] = directory
+            continue
+        inner = sorted(d for d in directory.iterdir() if d.is_dir() and _records_time(d))
+        if not inner:
+            raise SpdLensError(f"{path}: records no time (no stage_seconds.json or ablation.jsonl, nor a "
+                               "directory inside that has one); pass directories written by spd-lens run or ablate")
+        found.update({f"{label}/{d.name}": d for d in inner})
+    return found
+
+
+def _records_time(directory: Path) -> bool:
+    return (directory / "stage_seconds.json").is_file() or (directory / "ablation.jsonl").is_file()
+
+
+def time_table(directories: dict[str, Path]) -> str:
+    """Markdown: hours per stage and directory, a total row and column; time spent by calls that
+    stopped part way is a column of its own (work they did that was kept is in no other column)."""
+    records = {label: stage_hours(d) for label, d in directories.items()}
+    stages = [s for s in STAGES if any(s in r["seconds"] for r in records.values())]
+    stages += sorted({s for r in records.values() for s in r["seconds"]} - set(stages))
+    header = ["run"] + stages + ["stopped calls", "total (h)"]
+
+    def hours(x: float) -> str:
+        return f"{x / 3600:.2f}"
+
+    rows, totals = [], dict.fromkeys(stages + ["stopped calls"], 0.0)
+    for label, r in records.items():
+        cells = [r["seconds"].get(s, 0.0) for s in stages] + [r["interrupted"]]
+        for key, value in zip(totals, cells):
+            totals[key] += value
+        name = label + (f" ({r['untimed_cells']} cells untimed)" if r["untimed_cells"] else "")
+        rows.append([name] + [hours(c) for c in cells] + [hours(sum(cells))])
+    rows.append(["**total**"] + [hours(v) for v in totals.values()] + [hours(sum(totals.values()))])
+    lines = _table(header, rows)
+    if any(r["untimed_cells"] for r in records.values()):
+        lines += ["", "Untimed cells were written before ablation cells recorded their seconds: "
+                      "their time is in no column."]
     return "\n".join(lines)

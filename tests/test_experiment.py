@@ -122,6 +122,38 @@ def test_a_running_run_keeps_partial_metrics_that_summary_reads(tmp_path, monkey
     (tmp_path / "x=y").mkdir()  # a path holding "=" is a path, not a label
     assert cli(["summary", str(tmp_path / "x=y")]) == 2
     assert f"{tmp_path / 'x=y'}: no metrics.json" in capsys.readouterr().err
+    # Where the time went: the stages this run recorded.
+    assert json.loads((tmp_path / "run" / "stage_seconds.json").read_text())["completed"]["eval"] > 0
+    assert cli(["summary", "--time", f"r={tmp_path / 'run'}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| run | extract |") and lines[0].endswith("| eval | stopped calls | total (h) |")
+    assert lines[2].startswith("| r |") and lines[3].startswith("| **total** |")
+
+
+def test_time_table_counts_ablation_cells_and_each_run_of_a_sweep(tmp_path, capsys):
+    from spd_lens.summary import stage_hours, time_table, timed_directories
+
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    (gate / "stage_seconds.json").write_text(json.dumps({"completed": {"extract": 360}, "interrupted": {}}))
+    cells = [{"rank": 8, "seconds": 1800.0}, {"rank": 16, "seconds": 1800.0}, {"rank": 32}]  # the last from before timing
+    (gate / "ablation.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cells) + '{"rank": 6')  # a torn line
+    assert stage_hours(gate) == {"seconds": {"extract": 360.0, "ablate": 3600.0}, "interrupted": 0.0, "untimed_cells": 1}
+    for lr, train in (("1e-3", 7200), ("1e-5", 3600)):
+        run = tmp_path / "lr" / f"psr-lr{lr}"
+        run.mkdir(parents=True)
+        (run / "stage_seconds.json").write_text(json.dumps({"completed": {"train": train}, "interrupted": {"train": 900}}))
+    (tmp_path / "lr" / "notes").mkdir()  # no record: not a row
+    found = timed_directories([str(gate), f"sweep={tmp_path / 'lr'}"])
+    assert list(found) == ["gate", "sweep/psr-lr1e-3", "sweep/psr-lr1e-5"]
+    lines = time_table(found).splitlines()
+    assert lines[0] == "| run | extract | train | ablate | stopped calls | total (h) |"
+    assert lines[2] == "| gate (1 cells untimed) | 0.10 | 0.00 | 1.00 | 0.00 | 1.10 |"
+    assert lines[3] == "| sweep/psr-lr1e-3 | 0.00 | 2.00 | 0.00 | 0.25 | 2.25 |"
+    assert lines[5] == "| **total** | 0.10 | 3.00 | 1.00 | 0.50 | 4.60 |"
+    assert "Untimed cells" in lines[-1]
+    assert cli(["summary", "--time", str(tmp_path / "lr" / "notes")]) == 2
+    assert "records no time" in capsys.readouterr().err
 
 
 def test_a_run_directory_refuses_another_config(tmp_path):

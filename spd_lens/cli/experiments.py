@@ -140,9 +140,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     """Several runs side by side, as markdown tables (scores, paired differences, training data)."""
-    from spd_lens.summary import load_runs, summary_tables
+    from spd_lens.summary import load_runs, summary_tables, time_table, timed_directories
 
-    print(summary_tables(load_runs(args.runs)))
+    print(time_table(timed_directories(args.runs)) if args.time else summary_tables(load_runs(args.runs)))
     return 0
 
 
@@ -235,6 +235,9 @@ def register(commands) -> None:
     summary.add_argument("runs", nargs="+", metavar="[LABEL=]RUN_DIR",
                          help="run directories written by spd-lens run (a column each; LABEL defaults to the "
                               "directory's name)")
+    summary.add_argument("--time", action="store_true",
+                         help="instead: hours per stage (extract, generate, train, eval, ablate) of each directory, "
+                              "ablations and data gates too; a directory of runs (an lr sweep) counts each")
     summary.set_defaults(func=cmd_summary)
 
     compare = commands.add_parser("compare", help="paired difference of two evaluations, e.g. runs/ood:spd runs/math:spd")
