@@ -6,16 +6,20 @@ import subprocess
 import time
 
 
-def kill_when(command: list[str], ready, *, timeout: float = 120, poll: float = 0.02) -> bool:
-    """Run `command`; kill -9 it once `ready()` is true. True if it was still running when killed."""
+def kill_when(command: list[str], ready, *, timeout: float = 120, poll: float = 0.02, sig=signal.SIGKILL,
+              returncode: list | None = None) -> bool:
+    """Run `command`; send it `sig` (kill -9 by default) once `ready()` is true. True if it was
+    still running then; its exit status is appended to `returncode` when given."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while time.time() < deadline and process.poll() is None and not ready():
         time.sleep(poll)
     running = process.poll() is None
     if running:
-        os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+        os.kill(process.pid, sig)
+    process.wait(timeout=timeout)
+    if returncode is not None:
+        returncode.append(process.returncode)
     return running
 
 

@@ -1,7 +1,8 @@
-import json
 """Crash safety: runs killed with SIGKILL (or torn mid-write) and started again finish with the
 results of an uninterrupted run, with no duplicated or missing records."""
 
+import json
+import signal
 import subprocess
 import sys
 
@@ -55,6 +56,25 @@ def test_killed_cli_run_resumes_to_exactly_nread_records(tmp_path):
     uninterrupted = tmp_path / "u.jsonl"
     assert cli([*command[3:-1], str(uninterrupted)]) == 0
     assert [r["messages"] for r in records] == [r["messages"] for r in read_records(uninterrupted)]
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_would_and_it_resumes(tmp_path):
+    """kill (or a scheduler's preemption) sends SIGTERM: the stopped call's time is recorded as
+    stopped, the evaluation it was making is not presented as finished, and running again finishes it."""
+    config = tmp_path / "c.toml"
+    config.write_text('methods = ["base"]\n[model]\nname = "tiny"\n[task]\neval_n = 60\n'
+                      '[eval]\nmax_new_tokens = 48\nbatch_size = 2\n')
+    run = tmp_path / "run"
+    status = []
+    stopped = kill_when([sys.executable, "-m", "spd_lens.cli", "run", str(config), "--out", str(run)],
+                        lambda: any((run / "eval").glob("*partial*")), sig=signal.SIGTERM, returncode=status)
+    assert stopped, "the run finished before it could be stopped; make it longer"
+    assert status == [128 + signal.SIGTERM]
+    recorded = json.loads((run / "stage_seconds.json").read_text())
+    assert recorded["interrupted"]["eval"] > 0 and "eval" not in recorded["completed"]
+    assert not (run / "eval" / "base.json").exists()
+    assert cli(["run", str(config), "--out", str(run)]) == 0
+    assert (run / "eval" / "base.json").is_file()
 
 
 def test_killed_training_resumes_to_the_sameadapter_tensors(tmp_path, data):

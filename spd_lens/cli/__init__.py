@@ -43,7 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stop_on_sigterm() -> None:
+    """End the command on SIGTERM (`kill`, a scheduler's preemption, torchrun stopping its
+    workers) as Ctrl-C would: `finally` blocks run, so a stopped call's time is recorded and
+    nothing half-written is left behind; every stage resumes from what was finished."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the console command (a test calling main([...]) keeps its own handlers)
+        stop_on_sigterm()
     args = build_parser().parse_args(argv)
     try:
         if args.threads is not None:
