@@ -188,3 +188,36 @@ def test_the_study_script_names_only_configs_that_exist():
     result = subprocess.run(["bash", str(ROOT / "experiments" / "study" / "run.sh"), "/tmp/unused", "no-such-step"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "unknown step 'no-such-step'" in result.stderr
+
+
+def test_answer_forms_splits_evaluations_and_training_data_by_how_the_answer_is_written(tmp_path, capsys):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("answer_forms", ROOT / "experiments" / "study" / "answer_forms.py")
+    forms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(forms)
+    assert forms.is_equation("The answer is 59 + 13 = 72.") and forms.is_equation("2 - 0 = 2")
+    assert not forms.is_equation("The answer to this arithmetic problem is 4.") and not forms.is_equation("= 5")
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    results = [{"completion": "1 + 5 = 6", "passed": True}, {"completion": "8 + 7 = 14", "passed": False},
+               {"completion": "It is 3.", "passed": True}, {"completion": "It is 9.", "passed": False},
+               {"completion": "It is 2.", "passed": False}]
+    (run / "eval" / "spd-seed0.json").write_text(json.dumps({"results": results}))
+    (run / "generations").mkdir()
+    records = [{"prompt_id": f"p{i}", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": c}]}
+               for i, c in enumerate(["4 - 1 = 3", "It is 3.", "2 + 2 = 5"])]
+    (run / "generations" / "psr-seed0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    verdicts = [{"prompt_id": f"p{i}", "passed": p} for i, p in enumerate([True, False, False])]
+    (run / "generations" / "psr-seed0.quality.json").write_text(json.dumps({"outcomes": verdicts}))
+    (run / "generations" / "spd-seed0.jsonl").write_text("")  # still being written: no verdicts yet, no row
+    assert forms.main([str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "| spd-seed0 | 5 | 0.400 | 0.400 | 0.500 | 0.333 |" in out
+    assert "| psr-seed0 | 3 | 0.333 | 0.667 | 0.500 | 0.000 |" in out and "| spd-seed0 | 0 |" not in out
+    verdicts.reverse()  # verdicts of other prompts (or another order) are refused, not paired wrongly
+    (run / "generations" / "psr-seed0.quality.json").write_text(json.dumps({"outcomes": verdicts}))
+    with pytest.raises(SystemExit, match="not the same prompts"):
+        forms.main([str(run)])
+    assert forms.main([str(tmp_path)]) == 2
