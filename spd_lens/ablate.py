@@ -158,6 +158,12 @@ def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callabl
     run = Run(config, out)
     sampling = decoding_config(config, run)  # refused before the directory is claimed
     seeds = subspace_seeds(config)
+    with run._exclusive("ablate"):
+        return _run_cells(config, out, run, sampling, seeds, progress)
+
+
+def _run_cells(config: ExperimentConfig, out: Path, run: Run, sampling, seeds: list[int],
+               progress: Callable | None) -> list[dict]:
     run._claim_directory(free=GRID)
     model, tokenizer = run.base_model()
     first = config.seeds[0]  # rows that name no seed used this one's subspace

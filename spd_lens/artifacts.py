@@ -6,7 +6,8 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from spd_lens.errors import SpdLensError
@@ -87,3 +88,28 @@ def check_same_settings(old: dict, new: dict, what: str, fix: str, *, recorded: 
     differences = settings_differences(old, new, recorded=recorded)
     if differences:
         raise SpdLensError(f"{what} was made with other settings; refusing to mix ({'; '.join(differences)}). {fix}")
+
+
+LOCK_NAME = ".spd-lens.lock"
+
+
+@contextmanager
+def exclusive(directory: str | Path, command: str) -> Iterator[None]:
+    """Hold `directory` for one process while it writes there: a second `spd-lens run` or `ablate`
+    on the same directory (started twice by mistake, or from two lanes) is refused at once instead
+    of both writing the same files. The lock is the kernel's (flock): it ends with the process,
+    however the process ends, so a killed run never leaves a directory locked."""
+    from filelock import FileLock, Timeout
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(directory / LOCK_NAME), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise SpdLensError(f"{directory} is being written by another spd-lens process ({command} on the same "
+                           "directory); wait for it to finish (it resumes nothing of yours), or pass another --out") from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -40,12 +40,13 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import spd_lens
 from spd_lens.config import ExperimentConfig, build_task, comparable
 from spd_lens.errors import SpdLensError
-from spd_lens.artifacts import atomic_write, canonical, read_json_object, settings_differences, write_json
+from spd_lens.artifacts import atomic_write, canonical, exclusive, read_json_object, settings_differences, write_json
 from spd_lens.evaluate import (evaluate, evaluate_mc, paired_difference, seeded_ci, seeds_differ,
                                training_data_quality)
 from spd_lens.extract import extract_subspace
@@ -301,6 +302,15 @@ class Run:
     # --- the whole run ------------------------------------------------------------------------
 
     def run(self) -> dict:
+        with self._exclusive("run"):
+            return self._run()
+
+    def _exclusive(self, command: str):
+        """The run directory, held by the main process while it writes (`artifacts.exclusive`);
+        the other processes of a multi-process run write there under its hold."""
+        return exclusive(self.out, command) if self.processes.is_main else nullcontext()
+
+    def _run(self) -> dict:
         self._claim_directory()
         plan = self._plan()
         # Decided once, after _claim_directory's barrier and before any evaluation is written (a
@@ -429,11 +439,15 @@ class Run:
         (spd - psr, spd - spd-random, ...) as a difference in the share correct, paired over the
         prompts (every method samples the same prompts for a seed), with a bootstrap over seeds
         and prompts. Resumable: generations and their scores are kept in the run directory."""
-        self._claim_directory()
         trained = [m for m in self.config.methods if METHOD_TABLE[m].sampling is not None]
         if not trained:
             raise SpdLensError(f"methods {self.config.methods} train nothing: the data gate compares the training data "
                                "of trained methods (psr, ssd, spd, spd-random, spd-fullseq)")
+        with self._exclusive("run --data-only"):
+            return self._data_gate(trained)
+
+    def _data_gate(self, trained: list[str]) -> dict:
+        self._claim_directory()
         outcomes: dict[str, list[dict]] = {}
         for method in trained:
             for seed in self._seeds(method):

@@ -5,7 +5,7 @@ import pytest
 from spd_lens import SpdLensError
 from spd_lens.cli import main as cli
 from spd_lens.config import METHODS, config_from_dict
-from spd_lens.experiment import run_experiment
+from spd_lens.experiment import Run, run_experiment
 
 TINY = {"model": {"name": "tiny"}, "seeds": [0, 1], "task": {"name": "arithmetic", "train_n": 6, "eval_n": 5},
         "subspace": {"n": 4}, "sampling": {"max_new_tokens": 8}, "eval": {"max_new_tokens": 8},
@@ -380,3 +380,21 @@ def test_the_data_gate_generates_and_scores_training_data_and_trains_nothing(tmp
     (out / "generations" / "spd-seed1.quality.json").unlink()
     assert cli(["report", str(out)]) == 2
     assert "spd-seed1.quality.json is missing" in capsys.readouterr().err
+
+
+def test_a_directory_being_written_refuses_a_second_run_at_once(tmp_path):
+    from spd_lens.ablate import run_ablation
+    from spd_lens.artifacts import exclusive
+
+    config = config_from_dict({**TINY, "seeds": [0], "methods": ["base"]})
+    with exclusive(tmp_path / "run", "run"):  # another process writing there (a second lock holder alike)
+        with pytest.raises(SpdLensError, match=r"being written by another spd-lens process \(run on the same directory\)"):
+            run_experiment(config, tmp_path / "run")
+        with pytest.raises(SpdLensError, match="being written by another"):
+            Run(config, tmp_path / "run").data_gate()
+        ablation = config_from_dict({**TINY, "seeds": [0], "ablate": {"ranks": [2], "layer_sets": [[1]]}})
+        with pytest.raises(SpdLensError, match="being written by another"):
+            run_ablation(ablation, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before anything was written
+    assert run_experiment(config, tmp_path / "run")["pending"] == []  # released: the run goes on
+    assert run_experiment(config, tmp_path / "run")["pending"] == []  # and is released again after it

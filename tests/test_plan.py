@@ -221,3 +221,32 @@ def test_answer_forms_splits_evaluations_and_training_data_by_how_the_answer_is_
     with pytest.raises(SystemExit, match="not the same prompts"):
         forms.main([str(run)])
     assert forms.main([str(tmp_path)]) == 2
+
+
+def test_the_study_lanes_run_both_lanes_then_take_math_hards_evaluations(tmp_path):
+    import os
+    import stat
+    import time
+
+    stub = tmp_path / "bin" / "spd-lens"  # records each call instead of running a model
+    stub.parent.mkdir()
+    stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path / "calls"}\n')
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "LANES_POLL_S": "0.2"}
+    runs = tmp_path / "runs"
+    started = subprocess.run(["bash", str(ROOT / "experiments" / "study" / "lanes.sh"), str(runs)],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert started.returncode == 0 and "lanes started" in started.stdout
+    deadline = time.time() + 60
+    while time.time() < deadline and "== tables" not in ((runs / "lanes.log").read_text() if (runs / "lanes.log").exists() else ""):
+        time.sleep(0.2)
+    time.sleep(0.5)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    for config in ("math-hard", "math-easy", "mc", "math-hard-chosen", "ood", "code"):
+        assert any(f"rerun/{config}.toml" in c for c in calls), config
+    assert all("--threads 1" in c for c in calls)
+    last = {name: max(i for i, c in enumerate(calls) if f"rerun/{name}.toml" in c) for name in ("math-easy", "code", "ood")}
+    assert last["ood"] == len(calls) - 1 and last["ood"] > max(last["math-easy"], last["code"])  # after both lanes
+    log = (runs / "lanes.log").read_text()
+    assert "== math-hard-chosen" in log and "== ood" in log and "== tables" in log
+    assert "== math-hard\n" in (runs / "lane1.log").read_text() and "== code" in (runs / "lane2.log").read_text()
