@@ -8,7 +8,7 @@
 # mc math-hard-chosen ood code, then math-hard-chosen ood again to take math-hard's base and psr).
 # RUNS_DIR is relative to the repository root. spd-lens: the one on PATH, else .venv's (run.sh setup).
 # Steps: gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds
-#        gate-heads gate-ood gate-seeds-chosen gate-sampled-chosen lr math-hard math-hard-chosen ood
+#        gate-heads gate-ood gate-seeds-chosen gate-sampled-chosen lr gate-test math-hard math-hard-chosen ood
 #        math-easy code mc; and `tables` (the rerun's tables so far, spd-lens summary)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -60,7 +60,7 @@ core_first() {
 }
 step() {
   case "$1" in
-    gate-rank | gate-sampled | gate-layers | gate-kinds | gate-heads | gate-ood) ablate "$1" ;;
+    gate-rank | gate-sampled | gate-layers | gate-kinds | gate-heads | gate-ood | gate-test) ablate "$1" ;;
     gate-data-paper) "${SPD[@]}" run "$STUDY/gate-data-paper.toml" --data-only --out "$RUNS/gate-data-paper" ;;
     gate-data-chosen)
       # psr samples without a projection: its files are the paper gate's.
@@ -112,7 +112,7 @@ step() {
 }
 
 ALL=(gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds gate-heads gate-ood
-     gate-seeds-chosen gate-sampled-chosen lr math-hard math-hard-chosen ood math-easy code mc tables)
+     gate-seeds-chosen gate-sampled-chosen lr gate-test math-hard math-hard-chosen ood math-easy code mc tables)
 for s in "${ALL[@]}"; do
   if [ "$RUNS" = "$s" ]; then
     echo "'$RUNS' is a step, not a runs directory: $0 RUNS_DIR $RUNS" >&2
