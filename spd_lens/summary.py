@@ -120,12 +120,15 @@ def summary_tables(runs: dict[str, dict]) -> str:
 STAGES = ("extract", "generate", "train", "eval", "ablate")
 
 
-def stage_hours(directory: str | Path) -> dict:
+def stage_hours(directory: str | Path, seen: set[str] | None = None) -> dict:
     """Seconds per stage that a run directory records: `stage_seconds.json` (completed calls, and
     apart from them calls that stopped part way) and, for an ablation, each cell's `seconds`
-    (cells written before cells were timed are counted in `untimed_cells`)."""
+    (cells written before cells were timed are counted in `untimed_cells`). A cell whose line is in
+    `seen` (a directory grown from a copy of another, counted already) is counted in `copied_cells`
+    only; the lines read here are added to `seen`."""
     directory = Path(directory)
-    seconds, interrupted, untimed = {}, 0.0, 0
+    seconds, interrupted, untimed, copied = {}, 0.0, 0, 0
+    seen = set() if seen is None else seen
     path = directory / "stage_seconds.json"
     if path.is_file():
         recorded = read_json_object(path, "seconds per stage")
@@ -140,11 +143,15 @@ def stage_hours(directory: str | Path) -> dict:
                 cell = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a torn last line of a stopped ablation
+            if line in seen:
+                copied += 1
+                continue
+            seen.add(line)
             if cell.get("seconds") is None:
                 untimed += 1
             else:
                 seconds["ablate"] = seconds.get("ablate", 0.0) + cell["seconds"]
-    return {"seconds": seconds, "interrupted": interrupted, "untimed_cells": untimed}
+    return {"seconds": seconds, "interrupted": interrupted, "untimed_cells": untimed, "copied_cells": copied}
 
 
 def timed_directories(specs: list[str]) -> dict[str, Path]:
@@ -175,8 +182,10 @@ def _records_time(directory: Path) -> bool:
 
 def time_table(directories: dict[str, Path]) -> str:
     """Markdown: hours per stage and directory, a total row and column; time spent by calls that
-    stopped part way is a column of its own (work they did that was kept is in no other column)."""
-    records = {label: stage_hours(d) for label, d in directories.items()}
+    stopped part way is a column of its own (work they did that was kept is in no other column).
+    An ablation cell found in a directory listed earlier (the copy another grew from) counts once."""
+    seen: set[str] = set()  # an ablation grown from a copy of another counts only its own cells
+    records = {label: stage_hours(d, seen) for label, d in directories.items()}
     stages = [s for s in STAGES if any(s in r["seconds"] for r in records.values())]
     stages += sorted({s for r in records.values() for s in r["seconds"]} - set(stages))
     header = ["run"] + stages + ["stopped calls", "total (h)"]
@@ -189,7 +198,9 @@ def time_table(directories: dict[str, Path]) -> str:
         cells = [r["seconds"].get(s, 0.0) for s in stages] + [r["interrupted"]]
         for key, value in zip(totals, cells):
             totals[key] += value
-        name = label + (f" ({r['untimed_cells']} cells untimed)" if r["untimed_cells"] else "")
+        notes = [f"{r['untimed_cells']} cells untimed"] if r["untimed_cells"] else []
+        notes += [f"{r['copied_cells']} cells counted above"] if r["copied_cells"] else []
+        name = label + (f" ({', '.join(notes)})" if notes else "")
         rows.append([name] + [hours(c) for c in cells] + [hours(sum(cells))])
     rows.append(["**total**"] + [hours(v) for v in totals.values()] + [hours(sum(totals.values()))])
     lines = _table(header, rows)

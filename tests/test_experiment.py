@@ -138,7 +138,14 @@ def test_time_table_counts_ablation_cells_and_each_run_of_a_sweep(tmp_path, caps
     (gate / "stage_seconds.json").write_text(json.dumps({"completed": {"extract": 360}, "interrupted": {}}))
     cells = [{"rank": 8, "seconds": 1800.0}, {"rank": 16, "seconds": 1800.0}, {"rank": 32}]  # the last from before timing
     (gate / "ablation.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cells) + '{"rank": 6')  # a torn line
-    assert stage_hours(gate) == {"seconds": {"extract": 360.0, "ablate": 3600.0}, "interrupted": 0.0, "untimed_cells": 1}
+    assert stage_hours(gate) == {"seconds": {"extract": 360.0, "ablate": 3600.0}, "interrupted": 0.0, "untimed_cells": 1,
+                                 "copied_cells": 0}
+    grown = tmp_path / "grown"  # a copy of the gate grown by one cell: only that cell is its own
+    grown.mkdir()
+    (grown / "ablation.jsonl").write_text((gate / "ablation.jsonl").read_text().rsplit("\n", 1)[0] + "\n"
+                                          + json.dumps({"rank": 64, "seconds": 720.0}) + "\n")
+    lines = time_table({"gate": gate, "grown": grown}).splitlines()
+    assert lines[3] == "| grown (3 cells counted above) | 0.00 | 0.20 | 0.00 | 0.20 |"
     for lr, train in (("1e-3", 7200), ("1e-5", 3600)):
         run = tmp_path / "lr" / f"psr-lr{lr}"
         run.mkdir(parents=True)
