@@ -180,6 +180,10 @@ def _records_time(directory: Path) -> bool:
     return (directory / "stage_seconds.json").is_file() or (directory / "ablation.jsonl").is_file()
 
 
+def _cells(n: int) -> str:
+    return f"{n} cell" + ("" if n == 1 else "s")
+
+
 def time_table(directories: dict[str, Path]) -> str:
     """Markdown: hours per stage and directory, a total row and column; time spent by calls that
     stopped part way is a column of its own (work they did that was kept is in no other column).
@@ -198,8 +202,8 @@ def time_table(directories: dict[str, Path]) -> str:
         cells = [r["seconds"].get(s, 0.0) for s in stages] + [r["interrupted"]]
         for key, value in zip(totals, cells):
             totals[key] += value
-        notes = [f"{r['untimed_cells']} cells untimed"] if r["untimed_cells"] else []
-        notes += [f"{r['copied_cells']} cells counted above"] if r["copied_cells"] else []
+        notes = [f"{_cells(r['untimed_cells'])} untimed"] if r["untimed_cells"] else []
+        notes += [f"{_cells(r['copied_cells'])} counted above"] if r["copied_cells"] else []
         name = label + (f" ({', '.join(notes)})" if notes else "")
         rows.append([name] + [hours(c) for c in cells] + [hours(sum(cells))])
     rows.append(["**total**"] + [hours(v) for v in totals.values()] + [hours(sum(totals.values()))])

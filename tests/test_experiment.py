@@ -155,7 +155,7 @@ def test_time_table_counts_ablation_cells_and_each_run_of_a_sweep(tmp_path, caps
     assert list(found) == ["gate", "sweep/psr-lr1e-3", "sweep/psr-lr1e-5"]
     lines = time_table(found).splitlines()
     assert lines[0] == "| run | extract | train | ablate | stopped calls | total (h) |"
-    assert lines[2] == "| gate (1 cells untimed) | 0.10 | 0.00 | 1.00 | 0.00 | 1.10 |"
+    assert lines[2] == "| gate (1 cell untimed) | 0.10 | 0.00 | 1.00 | 0.00 | 1.10 |"
     assert lines[3] == "| sweep/psr-lr1e-3 | 0.00 | 2.00 | 0.00 | 0.25 | 2.25 |"
     assert lines[5] == "| **total** | 0.10 | 3.00 | 1.00 | 0.50 | 4.60 |"
     assert "Untimed cells" in lines[-1]
