@@ -136,17 +136,22 @@ def test_every_shipped_config_plans_without_a_problem(path, monkeypatch):
         assert not make_plan(config, threads=2, ablate=True).errors
 
 
-def test_the_study_script_runs_beside_math_hard_then_takes_its_base_and_psr(tmp_path):
-    """math-hard-chosen runs its own methods at once, and base and psr only once math-hard has
-    every one of them (an earlier take would train psr again in the wrong directory)."""
+def _stub_spd_lens(tmp_path) -> dict:
+    """An environment whose spd-lens records each call in tmp_path/calls instead of running a model."""
     import os
     import stat
 
-    stub = tmp_path / "bin" / "spd-lens"  # records each call instead of running a model
+    stub = tmp_path / "bin" / "spd-lens"
     stub.parent.mkdir()
     stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path / "calls"}\n')
     stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
-    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}"}
+    return {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}"}
+
+
+def test_the_study_script_runs_beside_math_hard_then_takes_its_base_and_psr(tmp_path):
+    """math-hard-chosen runs its own methods at once, and base and psr only once math-hard has
+    every one of them (an earlier take would train psr again in the wrong directory)."""
+    env = _stub_spd_lens(tmp_path)
     runs = tmp_path / "runs"
     script = str(ROOT / "experiments" / "study" / "run.sh")
 
@@ -224,15 +229,9 @@ def test_answer_forms_splits_evaluations_and_training_data_by_how_the_answer_is_
 
 
 def test_the_study_lanes_run_both_lanes_then_take_math_hards_evaluations(tmp_path):
-    import os
-    import stat
     import time
 
-    stub = tmp_path / "bin" / "spd-lens"  # records each call instead of running a model
-    stub.parent.mkdir()
-    stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path / "calls"}\n')
-    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
-    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "LANES_POLL_S": "0.2"}
+    env = {**_stub_spd_lens(tmp_path), "LANES_POLL_S": "0.2"}
     runs = tmp_path / "runs"
     started = subprocess.run(["bash", str(ROOT / "experiments" / "study" / "lanes.sh"), str(runs)],
                              capture_output=True, text=True, env=env, timeout=60)
