@@ -90,6 +90,20 @@ def check_same_settings(old: dict, new: dict, what: str, fix: str, *, recorded: 
         raise SpdLensError(f"{what} was made with other settings; refusing to mix ({'; '.join(differences)}). {fix}")
 
 
+def read_stage_seconds(directory: str | Path) -> dict[str, dict[str, float]]:
+    """Wall-clock seconds per stage over every call that did work on a run directory:
+    {"completed": {...}, "interrupted": {...}} (empty when it records none)."""
+    directory = Path(directory)
+    path = directory / "stage_seconds.json"
+    recorded = read_json_object(path, "seconds per stage") if path.is_file() else {}
+    if not path.is_file() and (directory / "metrics.json").is_file():  # run directories from before the file
+        recorded = read_json_object(directory / "metrics.json", "a run's metrics").get("stage_seconds", {})
+    if recorded and "completed" not in recorded:  # the older flat layout: every call counted as completed
+        recorded = {"completed": recorded}
+    return {"completed": {k: float(v) for k, v in recorded.get("completed", {}).items()},
+            "interrupted": {k: float(v) for k, v in recorded.get("interrupted", {}).items()}}
+
+
 LOCK_NAME = ".spd-lens.lock"
 
 

@@ -46,7 +46,8 @@ from pathlib import Path
 import spd_lens
 from spd_lens.config import ExperimentConfig, build_task, comparable
 from spd_lens.errors import SpdLensError
-from spd_lens.artifacts import atomic_write, canonical, exclusive, read_json_object, settings_differences, write_json
+from spd_lens.artifacts import (atomic_write, canonical, exclusive, read_json_object, read_stage_seconds,
+                                settings_differences, write_json)
 from spd_lens.evaluate import (evaluate, evaluate_mc, paired_difference, seeded_ci, seeds_differ,
                                training_data_quality)
 from spd_lens.extract import extract_subspace
@@ -466,15 +467,7 @@ class Run:
         return report
 
     def _stage_seconds(self) -> dict[str, dict[str, float]]:
-        """Wall-clock seconds per stage over every call that did work on this run directory:
-        {"completed": {...}, "interrupted": {...}}."""
-        path = self.out / "stage_seconds.json"
-        recorded = read_json_object(path, "seconds per stage") if path.is_file() else {}
-        if not path.is_file() and (self.out / "metrics.json").is_file():  # run directories from before the file
-            recorded = read_json_object(self.out / "metrics.json", "a run's metrics").get("stage_seconds", {})
-        if recorded and "completed" not in recorded:  # the older flat layout: every call counted as completed
-            recorded = {"completed": recorded}
-        return {"completed": dict(recorded.get("completed", {})), "interrupted": dict(recorded.get("interrupted", {}))}
+        return read_stage_seconds(self.out)
 
     def _reused(self, method: str, stem: str) -> dict | None:
         """A finished evaluation of `method` from a `reuse` run that shares every setting that can

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from spd_lens.artifacts import read_json_object
+from spd_lens.artifacts import read_json_object, read_stage_seconds
 from spd_lens.errors import SpdLensError
 from spd_lens.evaluate import seeds_differ
 from spd_lens.methods import METHOD_TABLE
@@ -27,13 +27,19 @@ from spd_lens.methods import METHOD_TABLE
 SPREAD_MARK = " !"
 
 
+def _label_and_path(spec: str) -> tuple[str, str]:
+    """`LABEL=DIR` -> (LABEL, DIR); a bare `DIR` (even one whose path holds "=") is labelled by its name."""
+    label, sep, path = spec.partition("=")
+    if not (sep and label and path and "/" not in label):
+        return Path(spec).name, spec
+    return label, path
+
+
 def load_runs(specs: list[str]) -> dict[str, dict]:
     """`RUN_DIR` or `LABEL=RUN_DIR` -> {label: metrics}; the label defaults to the directory's name."""
     runs = {}
     for spec in specs:
-        label, sep, path = spec.partition("=")
-        if not (sep and label and path and "/" not in label):  # a path that merely holds "="
-            label, path = Path(spec).name, spec
+        label, path = _label_and_path(spec)
         if "|" in label:
             raise SpdLensError(f"label {label!r} holds '|', which would break the table: name the run LABEL={path}")
         metrics = Path(path) / "metrics.json"
@@ -127,15 +133,10 @@ def stage_hours(directory: str | Path, seen: set[str] | None = None) -> dict:
     `seen` (a directory grown from a copy of another, counted already) is counted in `copied_cells`
     only; the lines read here are added to `seen`."""
     directory = Path(directory)
-    seconds, interrupted, untimed, copied = {}, 0.0, 0, 0
+    untimed, copied = 0, 0
     seen = set() if seen is None else seen
-    path = directory / "stage_seconds.json"
-    if path.is_file():
-        recorded = read_json_object(path, "seconds per stage")
-        if "completed" not in recorded:  # the older flat layout
-            recorded = {"completed": recorded}
-        seconds = {stage: float(v) for stage, v in recorded["completed"].items()}
-        interrupted = float(sum(recorded.get("interrupted", {}).values()))
+    recorded = read_stage_seconds(directory)
+    seconds, interrupted = recorded["completed"], sum(recorded["interrupted"].values())
     cells = directory / "ablation.jsonl"
     if cells.is_file():
         for line in cells.read_text().splitlines():
@@ -159,9 +160,7 @@ def timed_directories(specs: list[str]) -> dict[str, Path]:
     holds run directories (an lr sweep's) stands for each of them, labelled `DIR/NAME`."""
     found = {}
     for spec in specs:
-        label, sep, path = spec.partition("=")
-        if not (sep and label and path and "/" not in label):
-            label, path = Path(spec).name, spec
+        label, path = _label_and_path(spec)
         directory = Path(path)
         if not directory.is_dir():
             raise SpdLensError(f"{path}: not a directory; pass run, ablation or data-gate directories")
