@@ -137,7 +137,8 @@ def test_every_shipped_config_plans_without_a_problem(path, monkeypatch):
 
 
 def _stub_spd_lens(tmp_path) -> dict:
-    """An environment whose spd-lens records each call in tmp_path/calls instead of running a model."""
+    """An environment whose spd-lens records each call in tmp_path/calls instead of running a model,
+    and whose kept runs (run.sh `keep`) are tmp_path/kept, not the repository's."""
     import os
     import stat
 
@@ -145,7 +146,7 @@ def _stub_spd_lens(tmp_path) -> dict:
     stub.parent.mkdir()
     stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path / "calls"}\n')
     stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
-    return {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}"}
+    return {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "SPD_LENS_KEPT": str(tmp_path / "kept")}
 
 
 def test_the_study_script_runs_beside_math_hard_then_takes_its_base_and_psr(tmp_path):
@@ -176,6 +177,37 @@ def test_the_study_script_runs_beside_math_hard_then_takes_its_base_and_psr(tmp_
         calls, _ = step(name)
         assert len(calls) == 2 and all(f"rerun/{name}.toml" in c for c in calls)
         assert "--methods base,psr,spd,spd-random,hook-only" in calls[0] and "--methods" not in calls[1]
+
+
+def test_the_study_script_keeps_finished_files_and_a_new_machine_starts_from_them(tmp_path):
+    """`keep` copies what a rerun finished (not adapters, unfinished .partial files or HTML) into the
+    committed results; the step on a machine without the run directory starts from that copy."""
+    env = _stub_spd_lens(tmp_path)
+    script = str(ROOT / "experiments" / "study" / "run.sh")
+    run = tmp_path / "runs" / "math-easy"
+    for name, text in {"config.json": "{}", "metrics.json": "{}", "report.html": "<html>", ".spd-lens.lock": "",
+                       "eval/base.json": "{}", "eval/base.jsonl": "{}\n", "eval/psr-seed0.jsonl.partial": "{}\n",
+                       "generations/psr-seed0.jsonl": "{}\n", "generations/psr-seed0.quality.json": "{}",
+                       "generations/spd-seed0.jsonl.partial": "", "subspaces/gradient-seed0/basis.pt": "x",
+                       "adapters/psr-seed0/adapter_model.safetensors": "weights"}.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(text)
+    kept = subprocess.run(["bash", script, str(tmp_path / "runs"), "keep"], capture_output=True, text=True, env=env)
+    assert kept.returncode == 0, kept.stderr
+    copy = tmp_path / "kept" / "math-easy"
+    assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*") if p.is_file()) == [
+        "config.json", "eval/base.json", "eval/base.jsonl", "generations/psr-seed0.jsonl",
+        "generations/psr-seed0.quality.json", "metrics.json", "subspaces/gradient-seed0/basis.pt"]
+    assert not (tmp_path / "kept" / "code").exists()  # a rerun not started is not kept
+    fresh = tmp_path / "new-machine"
+    result = subprocess.run(["bash", script, str(fresh), "math-easy"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert (fresh / "math-easy" / "eval" / "base.json").is_file() and not (fresh / "math-easy" / "adapters").exists()
+    assert f"--out {fresh / 'math-easy'}" in (tmp_path / "calls").read_text()
+    # A run directory that exists is never overwritten by the kept copy.
+    (copy / "eval" / "base.json").write_text('{"older": true}')
+    subprocess.run(["bash", script, str(fresh), "math-easy"], capture_output=True, text=True, env=env, check=True)
+    assert (fresh / "math-easy" / "eval" / "base.json").read_text() == "{}"
 
 
 def test_the_study_script_names_only_configs_that_exist():

@@ -9,7 +9,11 @@
 # RUNS_DIR is relative to the repository root. spd-lens: the one on PATH, else .venv's (run.sh setup).
 # Steps: gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds
 #        gate-heads gate-ood gate-seeds-chosen gate-sampled-chosen lr gate-test math-hard math-hard-chosen ood
-#        math-easy code mc; and `tables` (the rerun's tables so far, spd-lens summary)
+#        math-easy code mc; `tables` (the rerun's tables so far, spd-lens summary); and `keep`
+# `keep` copies every rerun's finished files (evaluations, training data and its quality, subspaces,
+# metrics; not the adapters) into experiments/results/study/NAME/ to be committed: a rerun step whose
+# RUNS_DIR/NAME is missing starts from that copy, so a new machine goes on where the last one stopped
+# (only the trained models of unevaluated methods are lost).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS="${1:-runs/study}"
@@ -17,7 +21,26 @@ shift || true
 BIN="$(command -v spd-lens || echo .venv/bin/spd-lens)"
 SPD=("$BIN" --threads "${SPD_LENS_THREADS:-2}")
 STUDY=experiments/study
+KEPT="${SPD_LENS_KEPT:-experiments/results/study}"
+RERUNS=(math-hard math-hard-chosen ood math-easy code mc)
 CHOSEN_LR="${CHOSEN_LR:-1e-3}"  # the lr sweep's choice on dev (RESULTS.md); every trained method of the rerun uses it
+
+# A rerun's finished files into its kept copy: final names only (an unfinished file ends in .partial
+# and every finished one is renamed into place whole), without the adapters or redrawable HTML.
+keep() {
+  local from="$RUNS/$1" to="$KEPT/$1" file
+  [ -d "$from" ] || return 0
+  (cd "$from" && find . -path ./adapters -prune -o -type f ! -name '*.partial' ! -name '.spd-lens.lock' \
+     ! -name '*.html' -print) | while IFS= read -r file; do
+    mkdir -p "$to/$(dirname "$file")"
+    cp "$from/$file" "$to/$file"
+  done
+}
+# A rerun starts from its kept copy on a machine that has none of it (only a copy with evaluations
+# counts: the first math-hard runs' copies hold their metrics alone).
+restore() {
+  if [ -d "$KEPT/$1/eval" ]; then take "$KEPT/$1" "$RUNS/$1"; fi
+}
 
 ablate() { "${SPD[@]}" ablate "$STUDY/$1.toml" --out "$RUNS/$1"; }
 
@@ -59,6 +82,7 @@ core_first() {
   "${SPD[@]}" run "$STUDY/rerun/$1.toml" --out "$RUNS/$1"
 }
 step() {
+  case " ${RERUNS[*]} " in *" $1 "*) restore "$1" ;; esac
   case "$1" in
     gate-rank | gate-sampled | gate-layers | gate-kinds | gate-heads | gate-ood | gate-test) ablate "$1" ;;
     gate-data-paper) "${SPD[@]}" run "$STUDY/gate-data-paper.toml" --data-only --out "$RUNS/gate-data-paper" ;;
@@ -107,12 +131,16 @@ step() {
       done
       [ ${#runs[@]} -gt 0 ] || { echo "no rerun has metrics yet under $RUNS" >&2; return 0; }
       "$BIN" summary "${runs[@]}" ;;
+    keep)
+      local name
+      for name in "${RERUNS[@]}"; do keep "$name"; done
+      echo "kept the reruns' finished files under $KEPT (commit them)" >&2 ;;
     *) echo "unknown step '$1'; steps: see the header of $0" >&2; exit 2 ;;
   esac
 }
 
 ALL=(gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds gate-heads gate-ood
-     gate-seeds-chosen gate-sampled-chosen lr gate-test math-hard math-hard-chosen ood math-easy code mc tables)
+     gate-seeds-chosen gate-sampled-chosen lr gate-test math-hard math-hard-chosen ood math-easy code mc tables keep)
 for s in "${ALL[@]}"; do
   if [ "$RUNS" = "$s" ]; then
     echo "'$RUNS' is a step, not a runs directory: $0 RUNS_DIR $RUNS" >&2
