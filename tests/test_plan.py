@@ -180,13 +180,15 @@ def test_the_study_script_runs_beside_math_hard_then_takes_its_base_and_psr(tmp_
 
 
 def test_the_study_script_keeps_finished_files_and_a_new_machine_starts_from_them(tmp_path):
-    """`keep` copies what a rerun finished (not adapters, unfinished .partial files or HTML) into the
-    committed results; the step on a machine without the run directory starts from that copy."""
+    """`keep` copies what a rerun finished (not adapters, unfinished .partial files, HTML, or the
+    checkpoint of a finished evaluation) into the committed results; the step on a machine without
+    the run directory starts from that copy."""
     env = _stub_spd_lens(tmp_path)
     script = str(ROOT / "experiments" / "study" / "run.sh")
     run = tmp_path / "runs" / "math-easy"
     for name, text in {"config.json": "{}", "metrics.json": "{}", "report.html": "<html>", ".spd-lens.lock": "",
                        "eval/base.json": "{}", "eval/base.jsonl": "{}\n", "eval/psr-seed0.jsonl.partial": "{}\n",
+                       "eval/hook-only.jsonl": "{}\n",  # generated, not yet scored: kept
                        "generations/psr-seed0.jsonl": "{}\n", "generations/psr-seed0.quality.json": "{}",
                        "generations/spd-seed0.jsonl.partial": "", "subspaces/gradient-seed0/basis.pt": "x",
                        "adapters/psr-seed0/adapter_model.safetensors": "weights"}.items():
@@ -196,7 +198,7 @@ def test_the_study_script_keeps_finished_files_and_a_new_machine_starts_from_the
     assert kept.returncode == 0, kept.stderr
     copy = tmp_path / "kept" / "math-easy"
     assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*") if p.is_file()) == [
-        "config.json", "eval/base.json", "eval/base.jsonl", "generations/psr-seed0.jsonl",
+        "config.json", "eval/base.json", "eval/hook-only.jsonl", "generations/psr-seed0.jsonl",
         "generations/psr-seed0.quality.json", "metrics.json", "subspaces/gradient-seed0/basis.pt"]
     assert not (tmp_path / "kept" / "code").exists()  # a rerun not started is not kept
     fresh = tmp_path / "new-machine"
