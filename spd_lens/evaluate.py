@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -142,30 +141,13 @@ def _nested_stats(groups: Sequence[np.ndarray], resamples: int, seed: int, level
             np.array([g.mean() for g in groups]), _nested_seed_p(groups))
 
 
-def _chi2_sf(x: float, dof: int) -> float:
-    """P(X > x) for a chi-square variable with an integer number of degrees of freedom."""
-    if x <= 0:
-        return 1.0
-    half = x / 2
-    if dof % 2 == 0:
-        term = total = 1.0
-        for i in range(1, dof // 2):
-            term *= half / i
-            total += term
-        return min(1.0, math.exp(-half) * total)
-    total = math.erfc(math.sqrt(half))
-    term = math.sqrt(half) * math.exp(-half) / math.gamma(1.5)
-    for i in range(1, (dof - 1) // 2 + 1):
-        total += term
-        term *= half / (i + 0.5)
-    return min(1.0, total)
-
-
 def _seed_test(between: float, noise: float, dof: int) -> float:
     """p-value of the seeds' sum of squares `between` against the questions' noise variance."""
     if noise <= 0:
         return 1.0 if between <= 1e-12 else 0.0
-    return _chi2_sf(between / noise, dof)
+    from scipy.stats import chi2  # here, not at import: scipy.stats takes a second to load
+
+    return float(chi2.sf(between / noise, dof))
 
 
 def _crossed_seed_p(matrix: np.ndarray) -> float:
