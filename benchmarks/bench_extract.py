@@ -1,6 +1,7 @@
 """Extraction speed and memory on the default model, against a plain forward+backward.
 
-Throughput: examples/s of `extract_subspace` (plain HF path, and through the TransformerBridge)
+Throughput: examples/s of `extract_subspace` (plain HF model, and a booted TransformerBridge with no
+hooks on, which takes the same plain path)
 versus a plain forward+backward of the same batches with no hooks (unbooted sdpa model, the same
 correctness-token loss on full logits, `loss.backward()`), all measured in this run, median of
 `--repeats`. Memory: peak RSS of a fresh process extracting n=16 and n=128 examples.
@@ -74,7 +75,7 @@ def main() -> None:
     fast = timed(lambda: extract_subspace(hf, encoded, batch_size=args.batch_size, tokenizer=tok))
     bridge = boot(*load_hf())
     via_bridge = timed(lambda: extract_subspace(bridge, encoded, batch_size=args.batch_size))
-    for name, seconds in (("plain forward+backward", plain), ("extract (HF path)", fast), ("extract (bridge hooks)", via_bridge)):
+    for name, seconds in (("plain forward+backward", plain), ("extract (HF path)", fast), ("extract (booted bridge)", via_bridge)):
         print(f"{name:<24} {seconds:7.2f} s  {args.n / seconds:6.2f} examples/s")
 
     rss16, rss128 = peak_rss_mb(args.memory_task, 16), peak_rss_mb(args.memory_task, 128)

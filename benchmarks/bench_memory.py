@@ -78,7 +78,8 @@ list(iterate_gradients(model, rows[:1], layers=[29], batch_size=1, pad_id=0))  #
 loaded = peak()
 list(iterate_gradients(model, rows, layers=[0, 29], batch_size=batch, pad_id=0, max_memory="100GB",
                        capture="bridge" if path == "bridge" else "auto"))
-estimate = gradient_pass_bytes(model, batch=batch, length=length, first_layer=0, full_logits=path == "bridge")
+estimate = gradient_pass_bytes(model, batch=batch, length=length, first_layer=0, full_logits=path == "bridge",
+                              bridge_attention=path == "bridge")
 print(json.dumps({"path": path, "batch": batch, "length": length, "measured_gb": round(peak() - loaded, 2),
                   "estimate_gb": round(estimate / 2**30, 2)}))
 '''

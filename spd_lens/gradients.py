@@ -10,8 +10,10 @@ Two capture paths give the same numbers (tested):
   `blocks.{l}.attn.hook_k` / `hook_v`, so the gradients are those of the hooked model;
 - otherwise (a plain Hugging Face model, or a bridge with no hooks on): tensor hooks on the
   outputs of `k_proj` / `v_proj` of the underlying model, and logits only where the loss is
-  taken; a plain model's pass uses its memory-efficient attention (SDPA), which keeps no
-  `T x T` pattern per layer (a bridge's attention stays eager, for `hook_pattern`).
+  taken; the pass uses the model's memory-efficient attention (SDPA), which keeps no `T x T`
+  pattern per layer. On a bridge with no hooks on, its attention modules (eager, computing
+  scores and pattern for `hook_attn_scores`/`hook_pattern`) step aside for the pass in favour
+  of the Hugging Face modules they wrap, so no pattern is kept there either.
 Either way the weights are frozen for the pass, so backward runs only as far back as the first
 target layer, computes no weight gradients, and the layers below keep no activations; with the
 correctness loss only the logits of the correctness positions are computed on the plain path.
@@ -31,8 +33,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from spd_lens.errors import SpdLensError
-from spd_lens.memory import (OverBudget, batch_plan, default_budget, gib, gradient_pass_bytes, parse_bytes,
-                             release_freed_memory)
+from spd_lens.memory import (OverBudget, batch_plan, bridged_attention, default_budget, gib, gradient_pass_bytes,
+                             parse_bytes, release_freed_memory)
 from spd_lens.processes import Processes
 from spd_lens.runtime import avoid_cudnn_attention
 from spd_lens.tasks.base import EncodedExample, check_unique_ids
@@ -182,10 +184,11 @@ def gradient_batches(model, encoded: Sequence[EncodedExample], *, layers: Sequen
         agreed = processes.gather((target, limit))
         target, limit = min(t for t, _ in agreed), min(lim for _, lim in agreed)
     first = min(layers)
+    eager_bridge = on_bridge or _has_lens_hooks(hf)  # the bridge's own attention runs (see _memory_efficient_attention)
 
     def estimate(batch: int, length: int) -> int:
         return gradient_pass_bytes(model, batch=batch, length=length, first_layer=first,
-                                   full_logits=on_bridge or loss == "full")
+                                   full_logits=on_bridge or loss == "full", bridge_attention=eager_bridge)
 
     lengths = [len(e.input_ids) for e in encoded]
     try:
@@ -241,17 +244,37 @@ def _frozen(hf):
 
 @contextmanager
 def _memory_efficient_attention(hf):
-    """SDPA instead of eager attention for the pass (a bridge's model is eager for its hooks)."""
+    """SDPA instead of eager attention for the pass. A booted bridge runs its own eager attention
+    (it keeps scores and pattern for its hooks, 2.5 copies of `heads x T x T` per layer); with no
+    hooks on, each decoder layer gets back the Hugging Face attention module the bridge's wraps
+    (same weights, same k_proj/v_proj), which follows the config's SDPA setting."""
     config = hf.config
     previous = getattr(config, "_attn_implementation", None)
     switch = previous == "eager" and getattr(hf, "_supports_sdpa", False)
+    swapped: list[tuple[torch.nn.Module, torch.nn.Module]] = []
     try:
+        if bridged_attention(hf) and not _has_lens_hooks(hf):
+            _unwrap_attention(hf, swapped)
         if switch:
             config._attn_implementation = "sdpa"
         yield
     finally:
+        for decoder_layer, bridge_attention in swapped:
+            decoder_layer._modules["self_attn"] = bridge_attention
         if switch:
             config._attn_implementation = previous
+
+
+def _unwrap_attention(hf, swapped: list) -> None:
+    """Puts each bridged decoder layer's original attention module in place of the bridge's,
+    adding (decoder layer, bridge attention) to `swapped` as it goes, so all are put back."""
+    for block in hf.model.layers:
+        decoder_layer = getattr(block, "original_component", block)
+        bridge_attention = decoder_layer._modules.get("self_attn")
+        original = getattr(bridge_attention, "original_component", None)
+        if original is not None:
+            swapped.append((decoder_layer, bridge_attention))
+            decoder_layer._modules["self_attn"] = original
 
 
 def _loss_from_logits(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:

@@ -9,10 +9,12 @@ slow, the default one):
 
 - per token and kept layer, about `3 d_mlp + 4 d_model + 2 (n_heads + 2 n_kv_heads) d_head`
   values (MLP gate/up/activation, two RMSNorms, queries/keys/values around RoPE and attention);
-- eager attention adds `n_heads x T x T` values per kept layer, 2.5 times over on a bridge (which
-  computes attention itself and keeps scores and pattern for `hook_attn_scores`/`hook_pattern`;
-  measured peaks read about 2.3), 1.5 times on a plain model without SDPA; a plain model's pass
-  uses the memory-efficient SDPA path, which keeps only a per-row log-sum-exp;
+- eager attention adds `n_heads x T x T` values per kept layer, 2.5 times over on a bridge's hook
+  path (the bridge computes attention itself and keeps scores and pattern for
+  `hook_attn_scores`/`hook_pattern`; measured peaks read about 2.3), 1.5 times on a plain model
+  without SDPA; the plain path (a plain model, or a bridge with no hooks on, whose attention
+  modules step aside for the model's own during the pass) uses the memory-efficient SDPA
+  attention, which keeps only a per-row log-sum-exp;
 - the attention mask, `T x T` per example, once;
 - logits: the correctness-only unembedding of the plain-model path computes a few rows; the
   bridge path (and the full-sequence loss) computes `T x vocab` per example, and its backward
@@ -109,17 +111,22 @@ def gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**20:.1f} MiB" if n_bytes >= 2**20 else f"{int(n_bytes)} bytes"
 
 
-def gradient_pass_bytes(model, *, batch: int, length: int, first_layer: int, full_logits: bool = False) -> int:
+def gradient_pass_bytes(model, *, batch: int, length: int, first_layer: int, full_logits: bool = False,
+                        bridge_attention: bool = False) -> int:
     """Estimated transient memory of one gradient pass over `batch` examples of `length` tokens
     (see the module docstring); `full_logits`: the pass computes logits at every position (the
-    bridge path, the full-sequence loss)."""
+    bridge path, the full-sequence loss); `bridge_attention`: a booted bridge's own attention runs
+    (the bridge path, or any hooks on; otherwise the model's own attention stands in for it)."""
     from spd_lens.models import hf_model_of
 
     hf = hf_model_of(model)
     cfg = hf.config
     # Copies of the attention pattern a kept layer holds: a bridge's own eager attention, a plain
     # model's eager attention, or none with SDPA.
-    pattern_copies = 2.5 if bridged_attention(hf) else 0.0 if getattr(hf, "_supports_sdpa", False) else 1.5
+    if bridge_attention and bridged_attention(hf):
+        pattern_copies = 2.5
+    else:
+        pattern_copies = 0.0 if getattr(hf, "_supports_sdpa", False) else 1.5
     element = torch.finfo(hf.dtype).bits // 8
     n_heads = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads

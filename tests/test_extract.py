@@ -71,10 +71,18 @@ def test_bridge_hooks_and_plain_path_give_the_same_gradients(encoded):
     plain = _stacked_rows(model, encoded, [1, 3], batch_size=3, pad_id=tokenizer.pad_token_id)
     bridge = boot(model, tokenizer)
     hooked = _stacked_rows(bridge, encoded, [1, 3], batch_size=3, capture="bridge")
+    # With no hooks on, the bridge's plain path swaps its eager attention for the model's own (SDPA).
+    bridge_attention = [block.original_component._modules["self_attn"] for block in model.model.layers]
+    unhooked = _stacked_rows(bridge, encoded, [1, 3], batch_size=3)
     for key in plain:
-        # The bridge forces eager attention (the plain model uses sdpa): equal up to op order.
+        # The bridge's attention is eager (the plain model uses sdpa): equal up to op order.
         scale = plain[key].abs().max()
         assert (plain[key] - hooked[key]).abs().max() <= 1e-6 * scale, key
+        assert (unhooked[key] - hooked[key]).abs().max() <= 1e-6 * scale, key
+    # ...and puts it back: the bridge's own attention modules, computing the pattern for its hooks.
+    assert [block.original_component._modules["self_attn"] for block in model.model.layers] == bridge_attention
+    _, cache = bridge.run_with_cache(torch.tensor([[1, 70, 71]]), names_filter=lambda name: name.endswith("hook_pattern"))
+    assert len(cache) == model.config.num_hidden_layers
 
 
 def test_gradients_do_not_depend_on_batching(tiny64, encoded):
@@ -215,7 +223,9 @@ def test_cli_extract_bad_input_is_a_clear_error(tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_extract_on_the_default_model(tmp_path):
     out = tmp_path / "he"
-    assert cli(["extract", "--model", "smollm2-135m-instruct", "--task", "humaneval", "--n", "8", "--out", str(out)]) == 0
+    # A budget well under the default's 3 GiB keeps the suite's peak far from its 4 GB (README "Memory").
+    assert cli(["extract", "--model", "smollm2-135m-instruct", "--task", "humaneval", "--n", "8", "--max-memory", "1.5GB",
+                "--out", str(out)]) == 0
     subspace = CapabilitySubspace.load(out)
     meta = subspace.meta
     assert meta["model_id"] == "smollm2-135m-instruct" and meta["task"] == "humaneval" and meta["layers"] == [15, 29]

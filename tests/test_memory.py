@@ -53,7 +53,7 @@ def test_the_estimate_covers_what_the_pass_keeps(capture):
         encoded = _examples([length] * batch)
         saved = _saved_bytes(model, encoded, [first, 3], "bridge" if capture == "bridge" else "plain")
         estimate = gradient_pass_bytes(model, batch=batch, length=length, first_layer=first,
-                                       full_logits=capture == "bridge")
+                                       full_logits=capture == "bridge", bridge_attention=capture == "bridge")
         # An upper bound, and not a wild one: beyond the logits (computed and freed, never kept)
         # the rest is working room the pass also needs.
         logits = 2 * (batch * length if capture == "bridge" else batch * 8) * hf.config.vocab_size * 4
