@@ -160,7 +160,7 @@ def _passes(model, hf, batches, layers, loss, pad_id, on_bridge, progress) -> It
                 grads, value = _bridge_pass(model, ids, attention_dev, mask_dev, layers)
         else:
             with _frozen(hf), _memory_efficient_attention(hf):
-                grads, value = _hf_pass(hf, ids, attention_dev, mask_dev, layers, loss)
+                grads, value = _hf_pass(hf, ids, mask_dev, layers, loss)
         for key, grad in grads.items():
             if not torch.isfinite(grad).all():
                 raise SpdLensError(
@@ -283,7 +283,7 @@ def _loss_from_logits(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
     return summed_example_means(predict[rows, cols], ids[:, 1:][rows, cols], rows, ids.shape[0])
 
 
-def _hf_pass(hf, ids, attention, mask, layers, loss) -> tuple[dict, float]:
+def _hf_pass(hf, ids, mask, layers, loss) -> tuple[dict, float]:
     captured: dict[tuple[int, str], Tensor] = {}
     handles = []
 
@@ -301,16 +301,20 @@ def _hf_pass(hf, ids, attention, mask, layers, loss) -> tuple[dict, float]:
         for kind in KINDS:
             proj = getattr(attn_layers[layer].self_attn, f"{kind}_proj")
             handles.append(proj.register_forward_hook(capture((layer, kind))))
+    # Right padding needs no attention mask in a causal model: a real token attends only to earlier
+    # positions, all real, and padding takes no loss, so it sends no gradient back to real tokens
+    # (tested: the same gradients batched or alone). Without a mask SDPA runs its causal kernel,
+    # which keeps no T x T pattern for backward; with one, the CPU's falls back to one that does.
     try:
         with torch.enable_grad():
             if loss == "correctness":
                 # Only the correctness positions' logits are needed: skip the rest of the unembedding.
-                hidden = hf.model(input_ids=ids, attention_mask=attention.long()).last_hidden_state
+                hidden = hf.model(input_ids=ids).last_hidden_state
                 rows, cols = mask[:, 1:].nonzero(as_tuple=True)
                 logits = hf.lm_head(hidden[rows, cols])
                 value = summed_example_means(logits, ids[:, 1:][rows, cols], rows, ids.shape[0])
             else:
-                logits = hf(input_ids=ids, attention_mask=attention.long()).logits
+                logits = hf(input_ids=ids).logits
                 value = _loss_from_logits(logits, ids, mask)
             keys = list(captured)
             tensors = [captured[k] for k in keys]

@@ -49,8 +49,11 @@ def _saved_bytes(model, encoded, layers, capture):
 def test_the_estimate_covers_what_the_pass_keeps(capture):
     hf, tokenizer = load_hf("tiny")
     model = hf if capture == "plain" else boot(hf, tokenizer)
-    for batch, length, first in ((1, 64, 2), (2, 256, 0), (1, 600, 0), (3, 128, 1)):
-        encoded = _examples([length] * batch)
+    cases = [(1, 64, 2, 64), (2, 256, 0, 256), (1, 600, 0, 600), (3, 128, 1, 128)]
+    if capture != "bridge":  # padded batches: the plain path keeps no pattern for them either (it runs without a mask)
+        cases += [(2, 600, 0, 300), (3, 400, 1, 100)]
+    for batch, length, first, shortest in cases:
+        encoded = _examples([length] * (batch - 1) + [shortest])
         saved = _saved_bytes(model, encoded, [first, 3], "bridge" if capture == "bridge" else "plain")
         estimate = gradient_pass_bytes(model, batch=batch, length=length, first_layer=first,
                                        full_logits=capture == "bridge", bridge_attention=capture == "bridge")
