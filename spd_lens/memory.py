@@ -17,9 +17,10 @@ slow, the default one):
   modules step aside for the model's own during the pass) uses the memory-efficient SDPA
   attention, which keeps only a per-row log-sum-exp;
 - the attention mask, `T x T` per example, once;
-- logits: the correctness-only unembedding of the plain-model path computes a few rows; the
-  bridge path (and the full-sequence loss) computes `T x vocab` per example, and its backward
-  another tensor of that size;
+- logits: the correctness-only unembedding of the plain-model path computes a row per
+  correctness token (a few for an arithmetic answer, hundreds for a program); the bridge path
+  (and the full-sequence loss) computes `T x vocab` per example; their backward another tensor of
+  that size;
 - working room for one layer's backward (its gradients are as large as what it kept).
 
 The budget: `max_memory` when given. Otherwise batches aim at half of the memory available now
@@ -113,11 +114,13 @@ def gib(n_bytes: float) -> str:
 
 
 def gradient_pass_bytes(model, *, batch: int, length: int, first_layer: int, full_logits: bool = False,
-                        bridge_attention: bool = False) -> int:
+                        bridge_attention: bool = False, targets: int = 8) -> int:
     """Estimated transient memory of one gradient pass over `batch` examples of `length` tokens
     (see the module docstring); `full_logits`: the pass computes logits at every position (the
     bridge path, the full-sequence loss); `bridge_attention`: a booted bridge's own attention runs
-    (the bridge path, or any hooks on; otherwise the model's own attention stands in for it)."""
+    (the bridge path, or any hooks on; otherwise the model's own attention stands in for it);
+    `targets`: the most correctness tokens an example has (the rows whose logits the plain path
+    computes: a few for an arithmetic answer, hundreds for a program)."""
     from spd_lens.models import hf_model_of
 
     hf = hf_model_of(model)
@@ -144,7 +147,7 @@ def gradient_pass_bytes(model, *, batch: int, length: int, first_layer: int, ful
     layer += int(pattern_copies * batch * n_heads * length * length * element)
     total = kept * layer + layer  # every kept layer, plus one layer's backward working room
     total += batch * length * length * 4  # the attention mask (float, or bool plus temporaries)
-    logit_rows = tokens if full_logits else batch * 8  # a few correctness tokens per example
+    logit_rows = tokens if full_logits else batch * min(targets, length)
     total += 2 * logit_rows * cfg.vocab_size * 4  # float32 logits and their gradient
     return int(total)
 

@@ -28,11 +28,14 @@ def encoded(tiny64):
 
 
 def _stacked_rows(model, encoded, layers, **kwargs):
+    """Every token's gradient row, examples in the order given (whatever order the batches come in)."""
     rows = {}
     for batch in iterate_gradients(model, encoded, layers=layers, **kwargs):
         for key, grad in batch.grads.items():
-            rows.setdefault(key, []).append(grad[batch.attention_mask].reshape(int(batch.attention_mask.sum()), -1))
-    return {key: torch.cat(parts) for key, parts in rows.items()}
+            for row, example_id in enumerate(batch.example_ids):
+                kept = grad[row][batch.attention_mask[row]]
+                rows.setdefault(key, {})[example_id] = kept.reshape(kept.shape[0], -1)
+    return {key: torch.cat([by_id[e.example_id] for e in encoded]) for key, by_id in rows.items()}
 
 
 def test_gradient_matches_finite_differences(tiny64, encoded):

@@ -63,6 +63,22 @@ def test_the_estimate_covers_what_the_pass_keeps(capture):
         assert saved <= estimate <= 3 * saved + logits, (capture, batch, length, first, saved, estimate)
 
 
+def test_batches_count_the_logits_of_every_correctness_token(tiny_hf):
+    # A program's correctness tokens are hundreds, an arithmetic answer's a few: the plain path
+    # computes a logit row for each, so the same lengths with more targets make smaller batches.
+    model, _ = tiny_hf
+    lengths = [300] * 4
+    few = _examples(lengths)
+    many = [EncodedExample(e.example_id, e.input_ids, [False] * 50 + [True] * 250, e.answer_mask, e.prompt_length)
+            for e in few]
+    budget = gradient_pass_bytes(model, batch=4, length=300, first_layer=3, targets=3)
+    assert gradient_pass_bytes(model, batch=4, length=300, first_layer=3, targets=250) > budget
+    plan = {name: [len(b) for b in gradient_batches(model, examples, layers=[3], loss="correctness", batch_size=4,
+                                                    max_memory=budget)]
+            for name, examples in (("few", few), ("many", many))}
+    assert plan["few"] == [4] and len(plan["many"]) > 1, plan
+
+
 def test_frozen_weights_keep_nothing_below_the_first_target_layer(tiny_hf):
     model, _ = tiny_hf
     encoded = _examples([200, 200])
