@@ -7,10 +7,10 @@ import time
 
 
 def kill_when(command: list[str], ready, *, timeout: float = 120, poll: float = 0.02, sig=signal.SIGKILL,
-              returncode: list | None = None) -> bool:
+              returncode: list | None = None, env: dict | None = None) -> bool:
     """Run `command`; send it `sig` (kill -9 by default) once `ready()` is true. True if it was
     still running then; its exit status is appended to `returncode` when given."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + timeout
     while time.time() < deadline and process.poll() is None and not ready():
         time.sleep(poll)
