@@ -466,7 +466,9 @@ def test_train_reruns_resumes_and_refuses(tmp_path, train_data, capsys):
     assert "checkpoint has 0.005, now 0.001" in capsys.readouterr().err
     assert cli(command(killed)) == 0
     a, b = adapter_tensors(straight), adapter_tensors(killed)
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # Within rounding (MKL's products round with the arrays' alignment; see test_crash_safety); a
+    # resume that lost the optimizer or RNG state is off by about the learning rate.
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=2e-4) for k in a)
     other_data = tmp_path / "other.jsonl"
     other_data.write_text("".join(train_data.read_text().splitlines(keepends=True)[:4]))
     for cmd, named in ((command(straight, lr="1e-3"), "config.lr: directory has 0.005, now 0.001"),
