@@ -172,11 +172,34 @@ def test_the_study_script_runs_beside_math_hard_then_takes_its_base_and_psr(tmp_
     assert len(calls) == 2 and calls[1].endswith(f"--reuse {runs / 'math-hard'}") and "--methods" not in calls[1]
     calls, _ = step("ood")
     assert "--methods spd,hook-only" in calls[0] and "rerun/ood.toml" in calls[1]
-    # math-hard and code: the main comparison at every seed, then the other baselines.
-    for name in ("math-hard", "code"):
-        calls, _ = step(name)
-        assert len(calls) == 2 and all(f"rerun/{name}.toml" in c for c in calls)
-        assert "--methods base,psr,spd,spd-random,hook-only" in calls[0] and "--methods" not in calls[1]
+    # code and math-hard: the main comparison at every seed, then the other baselines (math-hard:
+    # spd-fullseq first, ssd being the other lane's).
+    calls, _ = step("code")
+    assert len(calls) == 2 and all("rerun/code.toml" in c for c in calls)
+    assert "--methods base,psr,spd,spd-random,hook-only" in calls[0] and "--methods" not in calls[1]
+    calls, _ = step("math-hard")
+    assert len(calls) == 3 and all("rerun/math-hard.toml" in c for c in calls)
+    assert "--methods base,psr,spd,spd-random,hook-only" in calls[0] and "--methods spd-fullseq" in calls[1]
+    assert "--methods" not in calls[2]
+
+
+def test_math_hards_ssd_runs_in_its_own_directory_and_math_hard_takes_its_finished_seeds(tmp_path):
+    env = _stub_spd_lens(tmp_path)
+    runs = tmp_path / "runs"
+    script = str(ROOT / "experiments" / "study" / "run.sh")
+    subprocess.run(["bash", script, str(runs), "math-hard-ssd"], env=env, check=True)
+    assert (tmp_path / "calls").read_text().split() [-4:] == ["--methods", "ssd", "--out", str(runs / "math-hard-ssd")]
+    other = runs / "math-hard-ssd"
+    finished = {"eval/ssd-seed0.json": "{}", "generations/ssd-seed0.jsonl": "{}\n",
+                "generations/ssd-seed0.quality.json": "{}"}
+    unfinished = {"generations/ssd-seed1.jsonl": "{}\n", "generations/ssd-seed1.quality.json": "{}",
+                  "eval/ssd-seed1.jsonl": "{}\n"}  # trained, still being evaluated
+    for name, text in {**finished, **unfinished}.items():
+        (other / name).parent.mkdir(parents=True, exist_ok=True)
+        (other / name).write_text(text)
+    subprocess.run(["bash", script, str(runs), "math-hard"], env=env, check=True)
+    taken = sorted(str(p.relative_to(runs / "math-hard")) for p in (runs / "math-hard").rglob("*") if p.is_file())
+    assert taken == sorted(finished)  # the unfinished seed is math-hard's own to run (or take later)
 
 
 def test_the_study_script_keeps_finished_files_and_a_new_machine_starts_from_them(tmp_path):
@@ -284,4 +307,6 @@ def test_the_study_lanes_run_both_lanes_then_take_math_hards_evaluations(tmp_pat
     log = (runs / "lanes.log").read_text()
     assert "== math-hard-chosen" in log and "== ood" in log and "== tables" in log
     assert "== math-easy\n== math-hard\n" in (runs / "lane1.log").read_text()
-    assert "== code\n== math-hard-chosen\n" in (runs / "lane2.log").read_text()
+    lane2 = (runs / "lane2.log").read_text()
+    assert "== code\n== math-hard-chosen\n" in lane2 and lane2.index("== ood") < lane2.index("== math-hard-ssd")
+    assert "== math-hard\n== math-hard-chosen\n" in log  # math-hard takes ssd's seeds after both lanes

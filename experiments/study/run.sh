@@ -8,7 +8,7 @@
 # code math-hard-chosen ood, then math-hard-chosen ood again to take math-hard's base and psr).
 # RUNS_DIR is relative to the repository root. spd-lens: the one on PATH, else .venv's (run.sh setup).
 # Steps: gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds
-#        gate-heads gate-ood gate-seeds-chosen gate-sampled-chosen lr gate-test math-hard math-hard-chosen ood
+#        gate-heads gate-ood gate-seeds-chosen gate-sampled-chosen lr gate-test math-hard math-hard-ssd math-hard-chosen ood
 #        math-easy code mc; `tables` (the rerun's tables so far, spd-lens summary); and `keep`
 # `keep` copies every rerun's finished files (evaluations, training data and its quality, subspaces,
 # metrics; not the adapters) into experiments/results/study/NAME/ to be committed: a rerun step whose
@@ -22,7 +22,7 @@ BIN="$(command -v spd-lens || echo .venv/bin/spd-lens)"
 SPD=("$BIN" --threads "${SPD_LENS_THREADS:-2}")
 STUDY=experiments/study
 KEPT="${SPD_LENS_KEPT:-experiments/results/study}"
-RERUNS=(math-hard math-hard-chosen ood math-easy code mc)
+RERUNS=(math-hard math-hard-ssd math-hard-chosen ood math-easy code mc)
 CHOSEN_LR="${CHOSEN_LR:-1e-3}"  # the lr sweep's choice on dev (RESULTS.md); every trained method of the rerun uses it
 
 # A rerun's finished files into its kept copy: final names only (an unfinished file ends in .partial
@@ -59,6 +59,18 @@ take() {
     cp -r "$from" "$to.partial"
     mv "$to.partial" "$to"
   fi
+}
+
+# A method's finished seeds (evaluation, training data and its quality) from one run directory
+# into another of the same config, which then finds them done: take_finished FROM TO METHOD.
+take_finished() {
+  local from="$RUNS/$1" to="$RUNS/$2" method="$3" seed
+  for seed in 0 1 2; do
+    [ -f "$from/eval/$method-seed$seed.json" ] || continue
+    take "$from/generations/$method-seed$seed.jsonl" "$to/generations/$method-seed$seed.jsonl"
+    take "$from/generations/$method-seed$seed.quality.json" "$to/generations/$method-seed$seed.quality.json"
+    take "$from/eval/$method-seed$seed.json" "$to/eval/$method-seed$seed.json"
+  done
 }
 
 # A run at math-hard's questions and training settings: its own methods (those that depend on
@@ -118,7 +130,15 @@ step() {
       local sweep="$RUNS/lr/psr-lr$CHOSEN_LR"
       take "$sweep/generations/psr-seed0.jsonl" "$RUNS/math-hard/generations/psr-seed0.jsonl"
       take "$sweep/adapters/psr-seed0" "$RUNS/math-hard/adapters/psr-seed0"
-      core_first math-hard ;;
+      "${SPD[@]}" run "$STUDY/rerun/math-hard.toml" --methods "$CORE" --out "$RUNS/math-hard"
+      "${SPD[@]}" run "$STUDY/rerun/math-hard.toml" --methods spd-fullseq --out "$RUNS/math-hard"
+      # ssd is the other lane's (math-hard-ssd): take its finished seeds, run what is left.
+      take_finished math-hard-ssd math-hard ssd
+      "${SPD[@]}" run "$STUDY/rerun/math-hard.toml" --out "$RUNS/math-hard" ;;
+    math-hard-ssd)
+      # math-hard's ssd in a directory of its own, so a second lane can run it beside math-hard
+      # (one process per run directory); the math-hard step takes its finished seeds.
+      "${SPD[@]}" run "$STUDY/rerun/math-hard.toml" --methods ssd --out "$RUNS/math-hard-ssd" ;;
     math-hard-chosen) beside_math_hard math-hard-chosen spd,spd-random,hook-only ;;
     ood) beside_math_hard ood spd,hook-only ;;
     math-easy) "${SPD[@]}" run "$STUDY/rerun/math-easy.toml" --out "$RUNS/math-easy" ;;  # its methods are the core
@@ -144,7 +164,7 @@ step() {
 }
 
 ALL=(gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds gate-heads gate-ood
-     gate-seeds-chosen gate-sampled-chosen lr gate-test math-hard math-hard-chosen ood math-easy code mc tables keep)
+     gate-seeds-chosen gate-sampled-chosen lr gate-test math-hard math-hard-ssd math-hard-chosen ood math-easy code mc tables keep)
 for s in "${ALL[@]}"; do
   if [ "$RUNS" = "$s" ]; then
     echo "'$RUNS' is a step, not a runs directory: $0 RUNS_DIR $RUNS" >&2
