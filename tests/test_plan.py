@@ -188,7 +188,7 @@ def test_math_hards_ssd_runs_in_its_own_directory_and_math_hard_takes_its_finish
     runs = tmp_path / "runs"
     script = str(ROOT / "experiments" / "study" / "run.sh")
     subprocess.run(["bash", script, str(runs), "math-hard-ssd"], env=env, check=True)
-    assert (tmp_path / "calls").read_text().split() [-4:] == ["--methods", "ssd", "--out", str(runs / "math-hard-ssd")]
+    assert (tmp_path / "calls").read_text().split()[-4:] == ["--methods", "ssd", "--out", str(runs / "math-hard-ssd")]
     other = runs / "math-hard-ssd"
     finished = {"eval/ssd-seed0.json": "{}", "generations/ssd-seed0.jsonl": "{}\n",
                 "generations/ssd-seed0.quality.json": "{}"}

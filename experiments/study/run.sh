@@ -5,7 +5,8 @@
 #   experiments/study/run.sh runs/study lr math-hard    only these steps
 # Two lanes on two cores: two calls with different steps, each passing SPD_LENS_THREADS=1; the
 # rerun's lanes, in the background: experiments/study/lanes.sh RUNS_DIR (math-easy math-hard beside
-# code math-hard-chosen ood, then math-hard-chosen ood again to take math-hard's base and psr).
+# code math-hard-chosen ood math-hard-ssd, then math-hard to take ssd's seeds and math-hard-chosen
+# ood again to take math-hard's base and psr).
 # RUNS_DIR is relative to the repository root. spd-lens: the one on PATH, else .venv's (run.sh setup).
 # Steps: gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds
 #        gate-heads gate-ood gate-seeds-chosen gate-sampled-chosen lr gate-test math-hard math-hard-ssd math-hard-chosen ood
