@@ -115,9 +115,17 @@ def _mean_loglik(per_seed: list[dict]) -> dict:
 
 class Run:
     def __init__(self, config: ExperimentConfig, out: str | Path, progress: Progress = None, log: Callable = None,
-                 reuse: Sequence[str | Path] = ()):
+                 reuse: Sequence[str | Path] = (), seeds: Sequence[int] | None = None):
         self.config = config
         self.out = Path(out)
+        # The seeds this call runs (a subset of the config's, e.g. one per process or machine, each
+        # in a directory of its own); the config, its metrics and its other seeds stay as they are.
+        if seeds is not None:
+            unknown = [s for s in seeds if s not in config.seeds]
+            if unknown or not seeds:
+                raise SpdLensError(f"--seeds {','.join(map(str, seeds)) or '(none)'}: run seeds from the config's "
+                                   f"seeds {config.seeds} (unknown: {unknown or 'none given'})")
+        self.only_seeds = None if seeds is None else list(seeds)
         self.reuse = [Path(r) for r in reuse]
         for other in self.reuse:
             if not (other / "config.json").is_file():
@@ -327,8 +335,9 @@ class Run:
         """The evaluations this call makes, in order. Seed by seed, every method of a seed before
         the next seed: a run stopped part way holds whole comparisons (every method at seed 0)
         rather than one method at every seed."""
+        seeds = self.config.seeds if self.only_seeds is None else [s for s in self.config.seeds if s in self.only_seeds]
         plan = []
-        for index, seed in enumerate(self.config.seeds):
+        for index, seed in enumerate(seeds):
             for method in self.config.methods:
                 if METHOD_TABLE[method].seeded:
                     plan.append((method, seed))
@@ -588,14 +597,17 @@ def recompute_data_gate(run_dir: str | Path) -> dict:
 
 
 def run_experiment(config: ExperimentConfig, out: str | Path, *, progress: Progress = None, log: Callable = None,
-                   reuse: Sequence[str | Path] = ()) -> dict:
+                   reuse: Sequence[str | Path] = (), seeds: Sequence[int] | None = None) -> dict:
     """Run every configured method; returns (and writes) the metrics. See the module docstring.
+
+    `seeds`: run only these of the config's seeds now (metrics still describe every seed the
+    directory holds, and name the missing ones).
 
     `reuse`: other run directories whose finished base / psr / ssd evaluations are taken over when
     every setting they depend on (model, task, eval, and sampling / ssd / train for the trained
     ones) is the same here; each such record names the run it came from (`reused_from`).
     """
-    return Run(config, out, progress, log, reuse).run()
+    return Run(config, out, progress, log, reuse, seeds).run()
 
 
 SPREAD_FLAG = "  ! seeds differ more than questions alone explain: more seeds needed"

@@ -77,6 +77,40 @@ def test_a_run_goes_seed_by_seed_so_a_stopped_one_has_whole_comparisons(tmp_path
     assert calls == [("base", None), ("psr", 0), ("hook-only", None), ("spd", 0), ("psr", 1), ("spd", 1)]
 
 
+def test_seeds_split_across_directories_join_into_one_run(tmp_path, capsys):
+    """--seeds runs a subset of the config's seeds (one process or machine per seed, each with its
+    own directory); the finished evaluations copied into one directory make the whole run."""
+    import shutil
+
+    config = tmp_path / "c.toml"
+    config.write_text('seeds = [0, 1]\nmethods = ["base", "psr"]\n[model]\nname = "tiny"\n'
+                      '[task]\ntrain_n = 4\neval_n = 3\n[sampling]\nmax_new_tokens = 4\n'
+                      '[eval]\nmax_new_tokens = 4\n[train]\nepochs = 1\n')
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert cli(["run", str(config), "--out", str(first), "--seeds", "1"]) == 0
+    assert sorted(p.name for p in (first / "eval").glob("*.json")) == ["base.json", "psr-seed1.json"]
+    metrics = json.loads((first / "metrics.json").read_text())
+    assert metrics["methods"]["psr"]["missing_seeds"] == [0] and list(metrics["methods"]["psr"]["seeds"]) == ["1"]
+    assert json.loads((first / "config.json").read_text())["seeds"] == [0, 1]  # the config is not narrowed
+    assert cli(["run", str(config), "--out", str(second), "--seeds", "0", "--methods", "psr"]) == 0
+    assert sorted(p.name for p in (second / "eval").glob("*.json")) == ["psr-seed0.json"]
+    shutil.copy(second / "eval" / "psr-seed0.json", first / "eval" / "psr-seed0.json")
+    capsys.readouterr()
+    assert cli(["run", str(config), "--out", str(first)]) == 0
+    assert "training psr" not in capsys.readouterr().out  # every seed was found finished
+    metrics = json.loads((first / "metrics.json").read_text())
+    assert sorted(metrics["methods"]["psr"]["seeds"]) == ["0", "1"] and "missing_seeds" not in metrics["methods"]["psr"]
+    assert metrics["methods"]["psr"]["n"] == 6
+    # Seeds the config lacks, a malformed list and a data gate split by seed are refused by name.
+    assert cli(["run", str(config), "--out", str(first), "--seeds", "0,7"]) == 2
+    assert "unknown: [7]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["run", str(config), "--seeds", "0,x"])
+    assert "'0,x' is not a comma-separated list" in capsys.readouterr().err
+    assert cli(["run", str(config), "--out", str(tmp_path / "gate"), "--seeds", "0", "--data-only"]) == 2
+    assert "--data-only" in capsys.readouterr().err and not (tmp_path / "gate").exists()
+
+
 def test_a_running_run_keeps_partial_metrics_that_summary_reads(tmp_path, monkeypatch, capsys):
     import spd_lens.experiment as experiment
 

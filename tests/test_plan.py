@@ -202,6 +202,26 @@ def test_math_hards_ssd_runs_in_its_own_directory_and_math_hard_takes_its_finish
     assert taken == sorted(finished)  # the unfinished seed is math-hard's own to run (or take later)
 
 
+def test_spd_fullseqs_last_seed_runs_in_its_own_directory_and_math_hard_takes_it(tmp_path):
+    env = _stub_spd_lens(tmp_path)
+    runs = tmp_path / "runs"
+    script = str(ROOT / "experiments" / "study" / "run.sh")
+    subprocess.run(["bash", script, str(runs), "math-hard-seed2"], env=env, check=True)
+    assert (tmp_path / "calls").read_text().split()[-6:] == ["--methods", "spd-fullseq", "--seeds", "2", "--out",
+                                                             str(runs / "math-hard-seed2")]
+    finished = {"eval/spd-fullseq-seed2.json": "{}", "generations/spd-fullseq-seed2.jsonl": "{}\n",
+                "generations/spd-fullseq-seed2.quality.json": "{}", "subspaces/fullseq-seed2/basis.pt": "x"}
+    for name, text in finished.items():
+        (runs / "math-hard-seed2" / name).parent.mkdir(parents=True, exist_ok=True)
+        (runs / "math-hard-seed2" / name).write_text(text)
+    (tmp_path / "calls").unlink()
+    subprocess.run(["bash", script, str(runs), "math-hard"], env=env, check=True)
+    taken = sorted(str(p.relative_to(runs / "math-hard")) for p in (runs / "math-hard").rglob("*") if p.is_file())
+    assert taken == sorted(finished)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert "--methods spd-fullseq" in calls[1]  # taken before math-hard runs its own seeds of it
+
+
 def test_the_study_script_keeps_finished_files_and_a_new_machine_starts_from_them(tmp_path):
     """`keep` copies what a rerun finished (not adapters, unfinished .partial files, HTML, or the
     checkpoint of a finished evaluation) into the committed results; the step on a machine without
@@ -309,4 +329,5 @@ def test_the_study_lanes_run_both_lanes_then_take_math_hards_evaluations(tmp_pat
     assert "== math-easy\n== math-hard\n" in (runs / "lane1.log").read_text()
     lane2 = (runs / "lane2.log").read_text()
     assert "== code\n== math-hard-chosen\n" in lane2 and lane2.index("== ood") < lane2.index("== math-hard-ssd")
+    assert "== math-hard-ssd\n== math-hard-seed2\n" in lane2
     assert "== math-hard\n== math-hard-chosen\n" in log  # math-hard takes ssd's seeds after both lanes

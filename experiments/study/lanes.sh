@@ -3,7 +3,8 @@
 #   experiments/study/lanes.sh [RUNS_DIR]        start, or resume after a stop: every step resumes
 # Lane 1: math-easy, then math-hard (its core methods, spd-fullseq, then whatever is left). Lane 2:
 # code, then math-hard-chosen and ood (their own methods, beside math-hard), then math-hard's ssd
-# in a directory of its own (math-hard-ssd). When both are done, math-hard takes ssd's seeds,
+# and spd-fullseq's seed 2 in directories of their own (math-hard-ssd, math-hard-seed2). When both
+# are done, math-hard takes those seeds,
 # math-hard-chosen and ood take math-hard's base and psr evaluations (seconds), the tables are
 # printed and the finished files kept (run.sh `keep`).
 # Multiple choice is finished (its data gate stopped its training; `run.sh RUNS mc` runs it again).
@@ -24,7 +25,7 @@ lane() {
   echo $!
 }
 first=$(lane lane1 math-easy math-hard)
-second=$(lane lane2 code math-hard-chosen ood math-hard-ssd)
+second=$(lane lane2 code math-hard-chosen ood math-hard-ssd math-hard-seed2)
 nohup bash -c "while kill -0 $first 2>/dev/null || kill -0 $second 2>/dev/null; do sleep ${LANES_POLL_S:-60}; done
                exec nice -n 10 $RUN '$RUNS' math-hard math-hard-chosen ood tables keep" >> "$RUNS/lanes.log" 2>&1 &
 echo "lanes started (pids $first, $second); logs under $RUNS; the tables so far: $RUN $RUNS tables"

@@ -5,11 +5,12 @@
 #   experiments/study/run.sh runs/study lr math-hard    only these steps
 # Two lanes on two cores: two calls with different steps, each passing SPD_LENS_THREADS=1; the
 # rerun's lanes, in the background: experiments/study/lanes.sh RUNS_DIR (math-easy math-hard beside
-# code math-hard-chosen ood math-hard-ssd, then math-hard to take ssd's seeds and math-hard-chosen
-# ood again to take math-hard's base and psr).
+# code math-hard-chosen ood math-hard-ssd math-hard-seed2, then math-hard to take those seeds and
+# math-hard-chosen ood again to take math-hard's base and psr).
 # RUNS_DIR is relative to the repository root. spd-lens: the one on PATH, else .venv's (run.sh setup).
 # Steps: gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds
-#        gate-heads gate-ood gate-seeds-chosen gate-sampled-chosen lr gate-test math-hard math-hard-ssd math-hard-chosen ood
+#        gate-heads gate-ood gate-seeds-chosen gate-sampled-chosen lr gate-test math-hard math-hard-ssd
+#        math-hard-seed2 math-hard-chosen ood
 #        math-easy code mc; `tables` (the rerun's tables so far, spd-lens summary); and `keep`
 # `keep` copies every rerun's finished files (evaluations, training data and its quality, subspaces,
 # metrics; not the adapters) into experiments/results/study/NAME/ to be committed: a rerun step whose
@@ -23,7 +24,7 @@ BIN="$(command -v spd-lens || echo .venv/bin/spd-lens)"
 SPD=("$BIN" --threads "${SPD_LENS_THREADS:-2}")
 STUDY=experiments/study
 KEPT="${SPD_LENS_KEPT:-experiments/results/study}"
-RERUNS=(math-hard math-hard-ssd math-hard-chosen ood math-easy code mc)
+RERUNS=(math-hard math-hard-ssd math-hard-seed2 math-hard-chosen ood math-easy code mc)
 CHOSEN_LR="${CHOSEN_LR:-1e-3}"  # the lr sweep's choice on dev (RESULTS.md); every trained method of the rerun uses it
 
 # A rerun's finished files into its kept copy: final names only (an unfinished file ends in .partial
@@ -132,6 +133,9 @@ step() {
       take "$sweep/generations/psr-seed0.jsonl" "$RUNS/math-hard/generations/psr-seed0.jsonl"
       take "$sweep/adapters/psr-seed0" "$RUNS/math-hard/adapters/psr-seed0"
       "${SPD[@]}" run "$STUDY/rerun/math-hard.toml" --methods "$CORE" --out "$RUNS/math-hard"
+      # spd-fullseq's seed 2 is the other lane's (math-hard-seed2), when it has finished it.
+      take_finished math-hard-seed2 math-hard spd-fullseq
+      take "$RUNS/math-hard-seed2/subspaces/fullseq-seed2" "$RUNS/math-hard/subspaces/fullseq-seed2"
       "${SPD[@]}" run "$STUDY/rerun/math-hard.toml" --methods spd-fullseq --out "$RUNS/math-hard"
       # ssd is the other lane's (math-hard-ssd): take its finished seeds, run what is left.
       take_finished math-hard-ssd math-hard ssd
@@ -140,6 +144,9 @@ step() {
       # math-hard's ssd in a directory of its own, so a second lane can run it beside math-hard
       # (one process per run directory); the math-hard step takes its finished seeds.
       "${SPD[@]}" run "$STUDY/rerun/math-hard.toml" --methods ssd --out "$RUNS/math-hard-ssd" ;;
+    math-hard-seed2)
+      # The same for spd-fullseq's last seed (--seeds runs a subset of the config's seeds).
+      "${SPD[@]}" run "$STUDY/rerun/math-hard.toml" --methods spd-fullseq --seeds 2 --out "$RUNS/math-hard-seed2" ;;
     math-hard-chosen) beside_math_hard math-hard-chosen spd,spd-random,hook-only ;;
     ood) beside_math_hard ood spd,hook-only ;;
     math-easy) "${SPD[@]}" run "$STUDY/rerun/math-easy.toml" --out "$RUNS/math-easy" ;;  # its methods are the core
@@ -165,7 +172,8 @@ step() {
 }
 
 ALL=(gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds gate-heads gate-ood
-     gate-seeds-chosen gate-sampled-chosen lr gate-test math-hard math-hard-ssd math-hard-chosen ood math-easy code mc tables keep)
+     gate-seeds-chosen gate-sampled-chosen lr gate-test math-hard math-hard-ssd math-hard-seed2 math-hard-chosen ood
+     math-easy code mc tables keep)
 for s in "${ALL[@]}"; do
   if [ "$RUNS" = "$s" ]; then
     echo "'$RUNS' is a step, not a runs directory: $0 RUNS_DIR $RUNS" >&2

@@ -11,11 +11,11 @@ from spd_lens.errors import SpdLensError
 from spd_lens.processes import Processes
 
 
-def run_and_report(config, out, reuse=()) -> int:
+def run_and_report(config, out, reuse=(), seeds=None) -> int:
     from spd_lens.experiment import format_table, run_experiment
 
     metrics = run_experiment(config, out, progress=common.progress_labelled,
-                             log=lambda m: print(f"[spd-lens] {m}", flush=True), reuse=reuse)
+                             log=lambda m: print(f"[spd-lens] {m}", flush=True), reuse=reuse, seeds=seeds)
     if not Processes.current().is_main:
         return 0  # under torchrun the main process reports
     print()
@@ -25,6 +25,14 @@ def run_and_report(config, out, reuse=()) -> int:
         print("lost to interrupted calls: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["stage_seconds_interrupted"].items()))
     print(f"metrics: {out}/metrics.json\nreport:  {out}/report.html")
     return 0
+
+
+def seed_list(text: str) -> list[int]:
+    """--seeds 0,2 -> [0, 2]."""
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integer seeds, e.g. 0,2") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -40,8 +48,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, methods=args.methods)
     out = args.out or str(Path("runs") / config.name)
     if args.data_only:
+        if args.seeds is not None:
+            raise SpdLensError(f"--seeds {','.join(map(str, args.seeds))} with --data-only: the data gate compares "
+                               "every seed of the config; drop --seeds (or set seeds in the config)")
         return data_gate_report(config, out)
-    return run_and_report(config, out, reuse=args.reuse)
+    return run_and_report(config, out, reuse=args.reuse, seeds=args.seeds)
 
 
 def data_gate_report(config, out) -> int:
@@ -203,6 +214,9 @@ def register(commands) -> None:
     run.add_argument("--methods", type=lambda t: [m for m in t.split(",") if m],
                      help="comma-separated subset of the config's methods to run now (a run directory accepts "
                           "more methods later)")
+    run.add_argument("--seeds", type=seed_list,
+                     help="comma-separated subset of the config's seeds to run now, e.g. one seed per process "
+                          "or machine, each with its own --out (a directory holds one process at a time)")
     run.add_argument("--data-only", action="store_true",
                      help="the gate before training: generate and score every trained method's training data, "
                           "write RUN/data_gate.json, train and evaluate nothing")
