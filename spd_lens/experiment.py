@@ -125,7 +125,7 @@ class Run:
             if unknown or not seeds:
                 raise SpdLensError(f"--seeds {','.join(map(str, seeds)) or '(none)'}: run seeds from the config's "
                                    f"seeds {config.seeds} (unknown: {unknown or 'none given'})")
-        self.only_seeds = None if seeds is None else list(seeds)
+        self.seeds_now = [s for s in config.seeds if seeds is None or s in seeds]
         self.reuse = [Path(r) for r in reuse]
         for other in self.reuse:
             if not (other / "config.json").is_file():
@@ -335,9 +335,8 @@ class Run:
         """The evaluations this call makes, in order. Seed by seed, every method of a seed before
         the next seed: a run stopped part way holds whole comparisons (every method at seed 0)
         rather than one method at every seed."""
-        seeds = self.config.seeds if self.only_seeds is None else [s for s in self.config.seeds if s in self.only_seeds]
         plan = []
-        for index, seed in enumerate(seeds):
+        for index, seed in enumerate(self.seeds_now):
             for method in self.config.methods:
                 if METHOD_TABLE[method].seeded:
                     plan.append((method, seed))
