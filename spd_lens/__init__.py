@@ -19,7 +19,7 @@ from spd_lens.models import DEFAULT_MODEL, load_hf, load_model, model_names
 from spd_lens.projection import Projection, fold_projection, project
 from spd_lens.runtime import Runtime
 from spd_lens.subspace import CapabilitySubspace, RankPolicy, random_like
-from spd_lens.tasks import Example, get_task, task_names
+from spd_lens.tasks import Capability, Example, capability, get_task, task_names
 
 __all__ = [
     "CapabilitySubspace",
@@ -34,7 +34,9 @@ __all__ = [
     "extract_subspace",
     "random_like",
     "to_chat_tokens",
+    "Capability",
     "Example",
+    "capability",
     "DEFAULT_MODEL",
     "SpdLensError",
     "__version__",

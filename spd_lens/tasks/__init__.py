@@ -19,11 +19,13 @@ from spd_lens.errors import SpdLensError
 from spd_lens.tasks.bbh import BigBenchHard
 from spd_lens.tasks.base import EncodedExample, Example, Score, Task, default_shots, hash_split, locate_spans
 from spd_lens.tasks.code import HumanEval, Mbpp
+from spd_lens.tasks.custom import Capability, capability
 from spd_lens.tasks.math import Arithmetic, Gsm8k, GsmSymbolic, Svamp
 from spd_lens.tasks.mcqa import Arc, FamilyMC, Mmlu
 
 TASKS: dict[str, type[Task]] = {
-    cls.name: cls for cls in (HumanEval, Mbpp, Arithmetic, GsmSymbolic, Gsm8k, Svamp, FamilyMC, Mmlu, Arc, BigBenchHard)
+    cls.name: cls for cls in (HumanEval, Mbpp, Arithmetic, GsmSymbolic, Gsm8k, Svamp, FamilyMC, Mmlu, Arc, BigBenchHard,
+                              Capability)
 }
 
 
@@ -58,5 +60,5 @@ def get_task(name: str | Task, *, shots: int = 0, **options) -> Task:
     return task
 
 
-__all__ = ["EncodedExample", "Example", "Score", "Task", "TASKS", "default_shots", "get_task", "hash_split",
+__all__ = ["Capability", "EncodedExample", "Example", "Score", "Task", "TASKS", "capability", "default_shots", "get_task", "hash_split",
            "locate_spans", "task_names"]
