@@ -108,26 +108,33 @@ def method_scores_figure(metrics: dict) -> go.Figure:
                            hovertext=[f"{m} seed {seed}: {v:.3f}" for m, seed, v in seeded], hoverinfo="text")
     top = max([methods[m]["ci"][1] for m in names] + [v for _, _, v in seeded])
     figure.update_layout(title=f"{_run_title(metrics)} ({metrics.get('model')}): score per method<br><sup>95% CI over seeds, then questions</sup>",
-                         yaxis_title="score", yaxis_range=[0, max(1e-3, top) * 1.1])
+                         yaxis_title="score", yaxis_range=[0, max(1e-3, top) * 1.1], height=420)
     return figure
 
 
 def comparison_figure(metrics: dict) -> go.Figure:
-    """Paired differences between methods (e.g. `spd - base`) with their 95% intervals; a bar
-    whose interval crosses zero is a difference the run cannot resolve."""
+    """Paired differences between methods (e.g. `spd - base`) as dots with their 95% intervals
+    against a line at zero: green or red where the interval lies above or below zero, grey where
+    it includes zero (a difference the run cannot resolve). Hover adds the shared questions."""
     comparisons = metrics["comparisons"]
-    names = list(comparisons)
+    names = list(comparisons)[::-1]  # the first comparison on top
     values = [comparisons[k]["difference"] for k in names]
-    figure = go.Figure(go.Bar(
-        x=names, y=values, marker_color=["#54a24b" if v >= 0 else "#e45756" for v in values],
-        error_y={"type": "data", "array": [comparisons[k]["ci"][1] - comparisons[k]["difference"] for k in names],
-                 "arrayminus": [comparisons[k]["difference"] - comparisons[k]["ci"][0] for k in names]},
-        hovertext=[f"{k}: {comparisons[k]['difference']:+.3f} [{comparisons[k]['ci'][0]:+.3f}, "
-                   f"{comparisons[k]['ci'][1]:+.3f}], {comparisons[k]['n']} questions" for k in names],
-        hoverinfo="text"))
-    figure.add_hline(y=0, line_color="black", line_width=1)
-    figure.update_layout(title=f"{_run_title(metrics)}: paired differences<br><sup>95% CI over seeds, then the shared questions</sup>",
-                         yaxis_title="score difference")
+    lows = [comparisons[k]["ci"][0] for k in names]
+    highs = [comparisons[k]["ci"][1] for k in names]
+    colours = ["#2b8a3e" if lo > 1e-9 else "#c92a2a" if hi < -1e-9 else "#6c757d" for lo, hi in zip(lows, highs)]
+    figure = go.Figure(go.Scatter(
+        x=values, y=names, mode="markers", marker={"color": colours, "size": 11, "symbol": "diamond"},
+        error_x={"type": "data", "array": [hi - v for hi, v in zip(highs, values)],
+                 "arrayminus": [v - lo for lo, v in zip(lows, values)], "color": "#444", "thickness": 1.5},
+        hovertext=[f"{k}: {v:+.3f} [{lo:+.3f}, {hi:+.3f}], {comparisons[k]['n']} shared questions"
+                   for k, v, lo, hi in zip(names, values, lows, highs)],
+        hoverinfo="text", showlegend=False))
+    figure.add_vline(x=0, line_color="black", line_width=1)
+    reach = max([abs(x) for x in lows + highs] + [1e-3]) * 1.1
+    figure.update_layout(title=f"{_run_title(metrics)}: paired differences<br><sup>95% CI over seeds, then the shared "
+                               "questions; grey: includes zero (not resolved)</sup>",
+                         xaxis_title="score difference", xaxis_range=[-reach, reach],
+                         height=170 + 34 * len(names), margin={"l": 160, "t": 80})
     return figure
 
 
@@ -152,7 +159,7 @@ def training_data_figure(metrics: dict) -> go.Figure:
                            name="correct, one seed", marker={"color": "black", "symbol": "diamond", "size": 8},
                            hovertext=[f"{m} seed {seed}: {v:.3f}" for m, seed, v in seeded], hoverinfo="text")
     figure.update_layout(barmode="group", title=f"{_run_title(metrics)}: quality of the self-generated training data",
-                         yaxis_title="share of completions", yaxis_range=[0, 1])
+                         yaxis_title="share of completions", yaxis_range=[0, 1], height=420)
     return figure
 
 
@@ -176,7 +183,7 @@ def outcome_figure(metrics: dict, key: str = "outcomes", *, top: int = 6) -> go.
                        hovertext=[f"{m}<br>{kind}: {counted[m]} of {sizes[m]}" for m in methods])
     what = "kind of result (passed, or the exception raised)" if key == "outcomes" else "answer chosen"
     figure.update_layout(barmode="stack", title=f"{_run_title(metrics)}: share of each {what}",
-                         yaxis_title="share of completions (seeds pooled)", yaxis_range=[0, 1])
+                         yaxis_title="share of completions (seeds pooled)", yaxis_range=[0, 1], height=420)
     return figure
 
 
@@ -192,7 +199,7 @@ def spectrum_figure(subspace, kind: str = "k", head="flat") -> go.Figure:
         figure.add_scatter(x=[rank], y=[cumulative[rank - 1]], mode="markers", marker={"size": 10, "symbol": "x"},
                            name=f"layer {layer} chosen rank {rank}", showlegend=True)
     figure.update_layout(title=f"cumulative {kind.upper()} gradient energy by rank ({'flattened' if head == 'flat' else f'head {head}'})",
-                         xaxis_title="rank", yaxis_title="fraction of Σσ²")
+                         xaxis_title="rank", yaxis_title="fraction of Σσ²", yaxis_range=[0, 1.02], height=420)
     return figure
 
 
