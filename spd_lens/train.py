@@ -33,6 +33,7 @@ from spd_lens.chat import encode_conversation
 from spd_lens.artifacts import canonical, check_same_settings, read_json_object, sha256_file
 from spd_lens.errors import SpdLensError
 from spd_lens.memory import release_freed_memory
+from spd_lens.precision import Precision
 from spd_lens.runtime import Runtime, resolve_runtime
 from spd_lens.tasks.records import read_jsonl
 
@@ -395,10 +396,12 @@ def _read_loss_history(checkpoint: Path, step: int) -> list[float]:
 
 def load_trained(model_name: str, trained: str | Path, *, merge: bool = True, runtime: Runtime | None = None):
     """(model, tokenizer) of `model_name` with a trained adapter (or a fully fine-tuned model) from
-    `trained`, placed by `runtime` (default: auto)."""
+    `trained`, on `runtime`'s device (default: auto) and in its evaluation dtype
+    (`spd_lens.precision.Precision`): float32 whatever the runtime's dtype. The adapter is merged in
+    float32; merged into half-precision weights most of a small update would round away."""
     from spd_lens.models import load_hf
 
-    runtime = resolve_runtime(runtime)
+    runtime = Precision.of(resolve_runtime(runtime)).evaluation_runtime()
     trained = Path(trained)
     meta_path = trained / DONE_FILE
     if not meta_path.is_file():
