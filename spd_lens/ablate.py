@@ -8,13 +8,17 @@ completions per question (`ablate.decoding = "sampling"`: the policy SPD distils
 records the task score with its bootstrap CI, each question's outcome, and the correctness-token
 loss on `loss_n` calibration examples (drawn with `seeds[0]`, the same for every row). With
 `ablate.random_draws = D`, each cell is also run with D random subspaces of the same layers and
-ranks (`random_like`, draws 0..D-1): "the gradient subspace helps" then means it scores above the
-random subspaces of its size, not that projecting perturbs the model. With
+ranks (`random_like`, draw k seeded by `control_seed(eval_split, k)`, or `ablate.random_seeds`;
+recorded per row as `random_seed`): "the gradient subspace helps" then means it scores above the
+random subspaces of its size, not that projecting perturbs the model. The seeds differ between
+splits, so a test gate's controls are never the dev gates' (rows written before seeds were recorded
+used seed = draw, and are read so). With
 `ablate.subspace_seeds = [0, 1, 2]`, each cell runs once per seed's gradient subspace (extracted
 from that seed's calibration examples; default `seeds[0]` alone), so that a cell's claim covers
 the subspace's own sampling noise, not one extraction. Rows go to `RUN/ablation.jsonl` one by one
 (a rerun skips the rows already there, and a directory accepts a grown or changed grid, `GRID`),
-then to `ablation.csv`, `ablation.json` (with `controls`: per cell, gradient minus random, paired
+and a directory holding only another run's `ablation.json` resumes from its rows: a row is run
+again only where its cell, subspace seed or random seed differs), then to `ablation.csv`, `ablation.json` (with `controls`: per cell, gradient minus random, paired
 over questions with a bootstrap over the seeds and draws, then the questions) and the figures
 `ablation.html`, all three for the grid of this call.
 """
@@ -38,13 +42,13 @@ from spd_lens.experiment import Run
 from spd_lens.extract import encode_examples
 from spd_lens.projection import Projection
 from spd_lens.sampling import SamplingConfig, sample
-from spd_lens.subspace import random_like
+from spd_lens.subspace import control_seed, random_like
 
-CELL = ("rank", "layers", "alpha", "head", "kinds")  # what a cell is; a row adds subspace, seed and draw
+CELL = ("rank", "layers", "alpha", "head", "kinds")  # what a cell is; a row adds subspace, seed, draw, random_seed
 # Settings that only choose which rows to run: a directory accepts a grid changed in them (rows are
 # kept per cell, so a cell already there is not run again) and holds the rows of every grid run in it.
 GRID = ("name", "ablate.ranks", "ablate.energies", "ablate.layer_sets", "ablate.kind_sets", "ablate.alphas",
-        "ablate.heads", "ablate.random_draws", "ablate.subspace_seeds")
+        "ablate.heads", "ablate.random_draws", "ablate.subspace_seeds", "ablate.random_seeds")
 
 
 def grid(config: ExperimentConfig, subspace_layers: list[int]) -> list[dict]:
@@ -59,13 +63,12 @@ def grid(config: ExperimentConfig, subspace_layers: list[int]) -> list[dict]:
     bad = [k for s in kind_sets for k in s if k not in ("k", "v")] + [s for s in kind_sets if not s]
     if bad:
         raise SpdLensError(f"ablate.kind_sets {kind_sets}: each set holds 'k' and/or 'v', e.g. [['k'], ['v'], ['k', 'v']]")
-    if not (isinstance(a.random_draws, int) and a.random_draws >= 0):
-        raise SpdLensError(f"ablate.random_draws must be a whole number >= 0, got {a.random_draws!r}")
     if any(not 0 < e <= 1 for e in a.energies):
         raise SpdLensError(f"ablate.energies {a.energies}: each is a share of gradient energy in (0, 1]")
     heads = a.heads if a.heads else [None]
     policies = [*a.ranks, *(f"energy={e}" for e in a.energies)]
     seeds = subspace_seeds(config)
+    draw_seeds = random_seeds(config)
     points = [{"rank": "none", "layers": "none", "alpha": 0.0, "head": "all", "kinds": ",".join(a.kinds),
                "subspace": "none", "draw": None, "seed": None}]
     for rank, layers, kinds, alpha, head in itertools.product(policies, layer_sets, kind_sets, a.alphas, heads):
@@ -76,8 +79,26 @@ def grid(config: ExperimentConfig, subspace_layers: list[int]) -> list[dict]:
         # same whatever the extraction seed, so it runs once (seed None); an energy policy's ranks
         # vary by seed, so its draws run per seed.
         matched = seeds if isinstance(rank, str) else [None]
-        points += [{**cell, "subspace": "random", "draw": d, "seed": s} for s in matched for d in range(a.random_draws)]
+        points += [{**cell, "subspace": "random", "draw": d, "seed": s, "random_seed": r} for s in matched
+                   for d, r in enumerate(draw_seeds)]
     return points
+
+
+def random_seeds(config: ExperimentConfig) -> list[int]:
+    """Each random draw's `random_like` seed: `[ablate] random_seeds`, or `control_seed(split, k)`
+    for draw k on `task.eval_split` (so dev and test gates never share a random subspace)."""
+    a = config.ablate
+    if not (isinstance(a.random_draws, int) and a.random_draws >= 0):
+        raise SpdLensError(f"ablate.random_draws must be a whole number >= 0, got {a.random_draws!r}")
+    if a.random_seeds is None:
+        return [control_seed(config.task.eval_split, d) for d in range(a.random_draws)]
+    given = list(a.random_seeds)
+    if len(set(given)) != len(given) or not all(isinstance(s, int) and s >= 0 for s in given):
+        raise SpdLensError(f"ablate.random_seeds = {given}: give distinct whole numbers >= 0, one per random draw")
+    if a.random_draws not in (0, len(given)):
+        raise SpdLensError(f"ablate.random_seeds gives {len(given)} seed(s) but ablate.random_draws = {a.random_draws}: "
+                           "give one seed per draw, or leave random_draws out")
+    return given
 
 
 def subspace_seeds(config: ExperimentConfig) -> list[int]:
@@ -134,9 +155,16 @@ def _seed(point: dict, first_seed: int) -> int | None:
     return point.get("seed", first_seed)
 
 
+def _random_seed(point: dict) -> int | None:
+    """A random draw's `random_like` seed; rows written before seeds were recorded used the draw."""
+    if _subspace(point) != "random":
+        return None
+    return point.get("random_seed", point.get("draw"))
+
+
 def _key(point: dict, first_seed: int) -> str:
     return json.dumps({**{k: point[k] for k in CELL}, "subspace": _subspace(point), "draw": point.get("draw"),
-                       "seed": _seed(point, first_seed)}, sort_keys=True)
+                       "seed": _seed(point, first_seed), "random_seed": _random_seed(point)}, sort_keys=True)
 
 
 def _projection(subspace, point: dict, config: ExperimentConfig) -> Projection | None:
@@ -146,7 +174,7 @@ def _projection(subspace, point: dict, config: ExperimentConfig) -> Projection |
     chosen = (subspace.with_rank(energy=float(rank.split("=")[1])) if isinstance(rank, str)
               else subspace.with_rank(rank=rank))
     if point.get("subspace") == "random":
-        chosen = random_like(chosen, seed=point["draw"])  # the same layers and per-basis ranks
+        chosen = random_like(chosen, seed=_random_seed(point))  # the same layers and per-basis ranks
     heads = None if point["head"] == "all" else [point["head"]]
     return Projection.build(chosen, layers=[int(x) for x in point["layers"].split(",")],
                             kinds=point["kinds"].split(","), layout="flat" if heads is None else "head", heads=heads,
@@ -171,6 +199,13 @@ def _run_cells(config: ExperimentConfig, out: Path, run: Run, sampling, seeds: l
     points = grid(config, subspaces[seeds[0]].layers)
     table_path = out / "ablation.jsonl"
     done = {}
+    summary_path = out / "ablation.json"
+    if summary_path.is_file():
+        # Rows of another run copied in (its ablation.json alone): reused where their key matches;
+        # marked, so that their seconds are not counted as this directory's time.
+        for row in read_json_object(summary_path, "an ablation table (spd-lens ablate)").get("rows", []):
+            row = {k: v for k, v in row.items() if k != "delta_loss"}
+            done[_key(row, first)] = {**row, "copied": True}
     if table_path.exists():
         for line in table_path.read_text().splitlines():
             try:
@@ -178,7 +213,8 @@ def _run_cells(config: ExperimentConfig, out: Path, run: Run, sampling, seeds: l
                 done[_key(row, first)] = row
             except (json.JSONDecodeError, KeyError):
                 continue  # a torn last line from an interrupted run
-        # Keep only complete rows, so appending starts on a fresh line.
+    if done:
+        # Keep only complete rows (and the copied ones), so appending starts on a fresh line.
         atomic_write(table_path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values())))
     task = run.task
     examples = task.examples(config.task.eval_split, n=config.task.eval_n, seed=0)
@@ -196,7 +232,7 @@ def _run_cells(config: ExperimentConfig, out: Path, run: Run, sampling, seeds: l
             try:
                 loss = correctness_loss(model, calibration, pad_id=tokenizer.pad_token_id)
                 # One call: refill decoding keeps batch_size rows in flight across all the examples.
-                completions = sample(model, tokenizer, [e.prompt for e in examples], sampling)
+                completions = sample(model, tokenizer, examples, sampling)  # each with its own system prompt
             finally:
                 if handle:
                     handle.remove()
@@ -219,12 +255,13 @@ def _run_cells(config: ExperimentConfig, out: Path, run: Run, sampling, seeds: l
     for row in rows:
         row["delta_loss"] = row["loss"] - baseline_loss
         row["subspace"], row["seed"] = _subspace(row), _seed(row, first)
+        row["random_seed"] = _random_seed(row)
         row.setdefault("draw", None)
     decoding = {k: v for k, v in dataclasses.asdict(sampling).items() if k not in ("batch_size", "batching")}
     write_json(out / "ablation.json", {"rows": rows, "controls": controls(rows), "task": task.name,
                                        "split": config.task.eval_split, "model": config.model.name,
                                        "decoding": decoding})
-    fields = ["rank", "layers", "alpha", "head", "kinds", "subspace", "seed", "draw", "score", "ci_low", "ci_high", "n",
+    fields = ["rank", "layers", "alpha", "head", "kinds", "subspace", "seed", "draw", "random_seed", "score", "ci_low", "ci_high", "n",
               "loss", "delta_loss"]
 
     def write_csv(tmp):
@@ -264,7 +301,8 @@ def controls(rows: list[dict]) -> list[dict]:
                     "gradient_seeds": [r.get("seed") for r in cell["gradient"]],
                     "gradient_scores": [r["score"] for r in cell["gradient"]],
                     "random": sum(r["score"] for r in cell["random"]) / len(cell["random"]),
-                    "random_draws": [r["score"] for r in cell["random"]], "difference": c["difference"], "ci": c["ci"],
+                    "random_draws": [r["score"] for r in cell["random"]],
+                    "random_seeds": [_random_seed(r) for r in cell["random"]], "difference": c["difference"], "ci": c["ci"],
                     "n": c["n"], "seed_spread": c["seed_spread"], "seed_p": c["seed_p"], "seeds_differ": c["seeds_differ"]})
     return out
 

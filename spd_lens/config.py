@@ -17,6 +17,7 @@ import json
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,9 +114,14 @@ class SsdSection:
 
 @dataclass(frozen=True)
 class EvalSection:
+    """Evaluation: greedy by default, at the task's token budget. `cut_off` says how an answer
+    that hit the budget (finish reason "length") is scored: "score" reads it as written (its last
+    sentence may still hold a right answer), "wrong" counts it wrong (`spd_lens.evaluate.CUT_OFF`)."""
+
     temperature: float = 0.0
     max_new_tokens: int | None = None
     batch_size: int = 16
+    cut_off: str = "score"
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,8 @@ class AblateSection:
     kinds: list[str] = field(default_factory=lambda: ["k", "v"])
     kind_sets: list[list[str]] | None = None  # e.g. [["k"], ["v"], ["k", "v"]]; default: [kinds]
     random_draws: int = 0  # matched random subspaces (same layers and ranks) per cell, as its control
+    # The draws' random_like seeds; default: control_seed(eval_split, draw), disjoint across splits.
+    random_seeds: list[int] | None = None
     loss_n: int = 16  # calibration examples for the correctness-loss column
     # "greedy", or "sampling": psr's self-generation settings ([sampling] temperature, top-k, top-p
     # and budget, seed seeds[0]) with `samples` completions per question, scored by their mean.
@@ -164,9 +172,12 @@ class ExperimentConfig:
         for key in ("preset", "options", "shots"):
             if values["task"][key] in (None, {}):
                 del values["task"][key]
-        for key, default in (("decoding", "greedy"), ("samples", 1), ("subspace_seeds", None)):
+        for key, default in (("decoding", "greedy"), ("samples", 1), ("subspace_seeds", None),
+                             ("random_seeds", None)):
             if values["ablate"][key] == default:
                 del values["ablate"][key]
+        if values["eval"]["cut_off"] == "score":
+            del values["eval"]["cut_off"]
         return values
 
 
@@ -268,6 +279,9 @@ def config_from_dict(values: dict) -> ExperimentConfig:
             raise SpdLensError(f"{where} = {data!r}: a table of data files takes the keys 'train', 'dev' and/or "
                                "'test' (dev, when not given, is carved out of train), "
                                'e.g. {train = "gsm8k/train.jsonl", test = "gsm8k/test.jsonl"}')
+    if config.eval.cut_off not in ("score", "wrong"):
+        raise SpdLensError(f"eval.cut_off = {config.eval.cut_off!r}: score an answer cut off at the token budget "
+                           "as written ('score') or count it wrong ('wrong')")
     if config.task.eval_split not in ("dev", "test"):
         raise SpdLensError(f"task.eval_split = {config.task.eval_split!r}: evaluate on 'dev' (where settings are "
                            "chosen) or 'test' (touched once per final configuration)")
@@ -326,13 +340,45 @@ def comparable(resolved: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
+def load_config(path: str | Path, overrides: Sequence[str | Path] = ()) -> ExperimentConfig:
+    """The config in the TOML file `path`, with each file of `overrides` merged on top in order
+    (tables merge key by key, any other value replaces; `merge_overrides`).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "big.toml").write_text('[model]\\nname = "Qwen/Qwen2.5-0.5B-Instruct"\\n[task]\\ntrain_n = 2000')
+        >>> _ = (folder / "small.toml").write_text('[model]\\nname = "tiny"')
+        >>> config = load_config(folder / "big.toml", overrides=[folder / "small.toml"])
+        >>> config.model.name, config.task.train_n, config.name
+        ('tiny', 2000, 'big')
+    """
+    values = _read_toml(path)
+    values.setdefault("name", Path(path).stem)
+    for override in overrides:
+        values = merge_overrides(values, _read_toml(override))
+    return config_from_dict(values)
+
+
+def merge_overrides(base: dict, override: dict) -> dict:
+    """`base` with `override` on top: tables merged key by key (recursively), other values replaced.
+
+    Example:
+        >>> merge_overrides({"task": {"name": "gsm8k", "train_n": 2000}}, {"task": {"train_n": 8}})
+        {'task': {'name': 'gsm8k', 'train_n': 8}}
+    """
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = (merge_overrides(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict)
+                       else value)
+    return merged
+
+
+def _read_toml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise SpdLensError(f"config {str(path)!r} is not a file")
     try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise SpdLensError(f"{path} is not valid TOML: {err}") from err
-    values.setdefault("name", path.stem)
-    return config_from_dict(values)

@@ -174,7 +174,7 @@ def count_ablation(config: ExperimentConfig, *, eval_size: int | None = None) ->
     subspace per seed, then one evaluation per row of `spd_lens.ablate.grid` (the
     unprojected baseline, each cell and its random draws; greedy, or `ablate.samples` sampled
     completions per question), each with the correctness loss on `ablate.loss_n` calibration examples."""
-    from spd_lens.ablate import CELL, check_decoding, grid, subspace_seeds
+    from spd_lens.ablate import CELL, check_decoding, grid, random_seeds, subspace_seeds
     from spd_lens.tasks import get_task
 
     c = config
@@ -202,7 +202,7 @@ def count_ablation(config: ExperimentConfig, *, eval_size: int | None = None) ->
         evaluate.completions = evaluate.examples * samples
         evaluate.decode_slots = _slots(questions * samples, c.eval.batch_size, budget) * len(rows)
     how = f"{samples} sampled completion(s) each (the [sampling] settings)" if sampled else "greedy"
-    draws = f"{c.ablate.random_draws} random draws{', per seed at energy policies' if per_seed else ''}"
+    draws = f"{len(random_seeds(c))} random draws{', per seed at energy policies' if per_seed else ''}"
     evaluate.detail = [f"{len(rows)} rows: the baseline, {cells} cells x (gradient{per_seed} + {draws}); "
                        f"{questions if questions is not None else 'all'} {c.task.eval_split} questions each, "
                        f"{how}, at most {budget} tokens, batches of {c.eval.batch_size}"]

@@ -374,6 +374,28 @@ def random_like(subspace: CapabilitySubspace, seed: int = 0) -> CapabilitySubspa
     return result
 
 
+LEGACY_SEEDS = 1000  # control seeds below this were draw indices (0..D-1); control_seed never returns one
+
+
+def control_seed(split: str, draw: int, stream: int | str = 0) -> int:
+    """The `random_like` seed of random control `draw` on `split`: a hash of the three, so the
+    random subspaces of a test gate are never those of a dev gate (which a seed equal to the draw
+    index made them), and never one of the small seeds 0..999 that earlier tables used. `stream`
+    gives an independent sequence on the same split (a fresh call of `spd_lens.ablate` draws one).
+
+    Example:
+        >>> control_seed("dev", 0) != control_seed("test", 0), control_seed("dev", 0) == control_seed("dev", 0)
+        (True, True)
+        >>> min(control_seed(s, d) for s in ("dev", "test") for d in range(100)) >= 1000
+        True
+    """
+    if not isinstance(draw, int) or isinstance(draw, bool) or draw < 0:
+        raise SpdLensError(f"control_seed: draw must be a whole number >= 0, got {draw!r}")
+    digest = hashlib.sha256(json.dumps(["spd_lens control", str(split), str(stream), draw]).encode()).digest()
+    # 62 bits: any two of the (split, stream, draw) triples a study uses collide with chance ~1e-15.
+    return LEGACY_SEEDS + int.from_bytes(digest[:8], "big") % (2**62)
+
+
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

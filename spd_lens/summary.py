@@ -144,7 +144,7 @@ def stage_hours(directory: str | Path, seen: set[str] | None = None) -> dict:
                 cell = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a torn last line of a stopped ablation
-            if line in seen:
+            if line in seen or (isinstance(cell, dict) and cell.get("copied")):  # copied: another run's row
                 copied += 1
                 continue
             seen.add(line)
