@@ -117,36 +117,41 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def register(commands) -> None:
     train = commands.add_parser("train", help="fine-tune on an exported JSONL (LoRA by default)")
-    train.add_argument("--model", default=DEFAULT_MODEL)
+    train.add_argument("--model", default=DEFAULT_MODEL, help="model: a built-in name (spd-lens models), a Hugging Face directory or hub id (default %(default)s)")
     train.add_argument("--data", required=True, help="JSONL from spd-lens generate")
-    train.add_argument("--out", required=True)
+    train.add_argument("--out", required=True, help="directory for the adapter (or model), its checkpoints and train.json; resumed from its last checkpoint when the settings are the same")
     train.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    train.add_argument("--lr", type=float, default=1e-5)
-    train.add_argument("--epochs", type=int, default=5)
+    train.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate, cosine schedule (default %(default)s)")
+    train.add_argument("--epochs", type=int, default=5, help="passes over the data (default %(default)s)")
     train.add_argument("--batch-size", type=int, default=4,
                        help="examples per process per micro-batch; the global batch of one optimizer step is "
                             "batch-size x grad-accum x processes (torchrun --nproc_per_node N)")
-    train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--grad-accum", type=int, default=1,
+                       help="batches whose gradients are summed per optimizer step (default %(default)s)")
     train.add_argument("--truncated", default="keep", choices=["keep", "drop"],
                        help="completions cut off at their token budget: train on them without an end-of-turn "
                             "marker (keep, default) or leave them out (drop)")
-    train.add_argument("--loss-on", default="completion", choices=["completion", "all"])
-    train.add_argument("--checkpoint-every", type=int, default=50)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--loss-on", default="completion", choices=["completion", "all"],
+                       help="tokens the loss is taken on: the completion only (default) or the prompt too")
+    train.add_argument("--checkpoint-every", type=int, default=50,
+                       help="optimizer steps between checkpoints a stopped call resumes from (default %(default)s)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the data order, LoRA init and dropout (default %(default)s)")
     common.add_runtime_args(train)
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("eval", help="score a model (optionally with a trained adapter) on a task")
-    evaluate.add_argument("--model", default=DEFAULT_MODEL)
+    evaluate.add_argument("--model", default=DEFAULT_MODEL, help="model: a built-in name (spd-lens models), a Hugging Face directory or hub id (default %(default)s)")
     evaluate.add_argument("--adapter", help="directory written by spd-lens train")
-    evaluate.add_argument("--task", required=True)
+    evaluate.add_argument("--task", required=True, help="the task scored (spd-lens tasks)")
     common.add_task_arguments(evaluate)
-    evaluate.add_argument("--n", type=int)
-    evaluate.add_argument("--split", default="test", choices=["train", "dev", "test"])
-    evaluate.add_argument("--temperature", type=float, default=0.0)
-    evaluate.add_argument("--max-new-tokens", type=int)
-    evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--n", type=int, help="questions scored (default: every question of the split)")
+    evaluate.add_argument("--split", default="test", choices=["train", "dev", "test"],
+                          help="split the questions come from (default %(default)s)")
+    evaluate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    evaluate.add_argument("--max-new-tokens", type=int, help="token budget per answer (default: the task's)")
+    evaluate.add_argument("--batch-size", type=int, default=16,
+                          help="questions generated at once: memory and speed (default %(default)s)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the questions' draw and of sampling (default %(default)s)")
     evaluate.add_argument("--out", required=True, help="JSON file for the score, CI and per-example results")
     evaluate.add_argument("--mc-loglik", action="store_true",
                           help="multiple choice: also score by the label's log-likelihood at the answer position, as "
@@ -156,8 +161,8 @@ def register(commands) -> None:
     evaluate.set_defaults(func=cmd_eval)
 
     score = commands.add_parser("score", help="score completions from a JSONL file (spd-lens generate, vLLM, ...)")
-    score.add_argument("--task", required=True)
+    score.add_argument("--task", required=True, help="the task whose scorer reads the completions (spd-lens tasks)")
     score.add_argument("--completions", required=True, help="JSONL: generate export or {prompt_id, completion}")
-    score.add_argument("--out", required=True)
+    score.add_argument("--out", required=True, help="JSON file for the score, CI and per-example verdicts")
     common.add_sandbox_flags(score)
     score.set_defaults(func=cmd_score)
