@@ -99,7 +99,7 @@ def correctness_loss(model, examples, *, pad_id: int | None = None, tokenizer=No
 
 def task_score(model, tokenizer, task, examples, max_new_tokens: int) -> float:
     config = SamplingConfig(max_new_tokens=max_new_tokens, batch_size=16)
-    completions = [c[0] for c in sample(model, tokenizer, [e.prompt for e in examples], config)]
+    completions = [c[0] for c in sample(model, tokenizer, examples, config)]  # each with its own system prompt
     return sum(task.score(e, c).passed for e, c in zip(examples, completions)) / len(examples)
 
 

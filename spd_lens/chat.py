@@ -64,6 +64,24 @@ def messages(user: str, assistant: str | None = None, system: str | None = None)
     return turns
 
 
+def record_system(record: dict) -> str | None:
+    """The system turn a chat-`messages` record was made under: its `system` field (written by
+    `spd_lens.sampling` for an example with its own system prompt; "" = no system turn), else the
+    content of a system message, else None (the template's default).
+
+    >>> record_system({"messages": messages("2+2?", "4", system="Be brief.")}), record_system({"system": ""})
+    ('Be brief.', '')
+    """
+    if "system" in record:
+        return record["system"]
+    turns = record.get("messages")
+    if isinstance(turns, list):
+        for turn in turns:
+            if isinstance(turn, dict) and turn.get("role") == "system":
+                return turn.get("content")
+    return None
+
+
 def _apply_template(tokenizer: PreTrainedTokenizerBase, turns: list[dict], system: str | None,
                     add_generation_prompt: bool) -> str:
     if system != NO_SYSTEM:

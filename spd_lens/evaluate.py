@@ -24,6 +24,7 @@ import numpy as np
 
 from spd_lens.artifacts import write_json  # noqa: F401  (re-exported for callers)
 from spd_lens.errors import SpdLensError
+from spd_lens.chat import record_system
 from spd_lens.processes import Processes
 from spd_lens.sampling import SamplingConfig, generate_jsonl
 from spd_lens.tasks import Example, Task, get_task
@@ -299,6 +300,7 @@ def score_records(task: Task, examples_by_id: dict[str, Example], records: list[
     unknown = [r["prompt_id"] for r in records if r["prompt_id"] not in examples_by_id]
     if unknown:
         raise SpdLensError(f"prompt id {unknown[0]!r} is not an example of task {task.name!r}")
+    check_record_systems(examples_by_id, records)
     parallel = processes is not None and processes.parallel
     mine = processes.shard(len(records)) if parallel else range(len(records))
     scored = {i: _score_record(task, examples_by_id[records[i]["prompt_id"]], records[i])
@@ -308,6 +310,20 @@ def score_records(task: Task, examples_by_id: dict[str, Example], records: list[
     results = [scored[i] for i in range(len(records))]
     outcomes = [r["passed"] for r in results]
     return EvalResult(task.name, sum(outcomes) / len(outcomes), bootstrap_ci(outcomes), len(outcomes), results)
+
+
+def check_record_systems(examples_by_id: dict[str, Example], records: Sequence[dict]) -> None:
+    """Refuse completions sampled under another system prompt than their example carries (a record's
+    `system`, where known: see `read_completions`), naming both: they answer another prompt."""
+    for record in records:
+        if "system" not in record:
+            continue
+        example = examples_by_id[record["prompt_id"]]
+        if record["system"] != example.system:
+            raise SpdLensError(
+                f"the completion of {example.id!r} was sampled under the system prompt {record['system']!r}, but the "
+                f"example carries {example.system!r} (None: the template's default, '': none): score completions "
+                "generated from the examples themselves (spd-lens generate / generate_jsonl with the same examples)")
 
 
 def _score_record(task: Task, example: Example, record: dict) -> dict:
@@ -336,6 +352,9 @@ def read_completions(path: str | Path) -> list[dict]:
             raise SpdLensError(f"{path}: record {number} needs a string 'prompt_id' and a 'completion' (or chat "
                                "'messages' with an assistant turn)")
         record_out = {"prompt_id": prompt_id, "completion": completion}
+        if "system" in record or "settings" in record or any(
+                isinstance(m, dict) and m.get("role") == "system" for m in record.get("messages") or []):
+            record_out["system"] = record_system(record)  # known: written by generate_jsonl, or a system turn
         if record.get("finish_reason") in ("stop", "length"):
             record_out["finish_reason"] = record["finish_reason"]
         records.append(record_out)
@@ -367,7 +386,7 @@ def evaluate(model, tokenizer, task: str | Task, *, n: int | None = None, split:
                           provenance={"split": split, **(provenance or {})}, progress=progress, processes=processes)
     records = [json.loads(line) for line in open(path, encoding="utf-8")]
     records = [{"prompt_id": r["prompt_id"], "completion": r["messages"][-1]["content"],
-                "finish_reason": r.get("finish_reason", "stop")} for r in records]
+                "finish_reason": r.get("finish_reason", "stop"), "system": record_system(r)} for r in records]
     return score_records(task, {e.id: e for e in examples}, records, processes=processes)
 
 

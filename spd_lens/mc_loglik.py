@@ -53,7 +53,7 @@ def choice_query(tokenizer: PreTrainedTokenizerBase, example: Example) -> Choice
     if not labels:
         raise SpdLensError(f"example {example.id!r} has no option labels: log-likelihood scoring needs a "
                            "multiple-choice task (family-mc, mmlu, arc)")
-    rendered = render_prompt(tokenizer, example.prompt)
+    rendered = render_prompt(tokenizer, example.prompt, system=example.system)  # the prompt the example carries
     context = rendered.rstrip(" ")
     gap = rendered[len(context):]  # a trailing space belongs to the label, as harnesses split it
     context_ids = encode(tokenizer, context)

@@ -91,33 +91,94 @@ class Completion:
     tokens: int
 
 
-def sample(model, tokenizer, prompts: Sequence[str], config: SamplingConfig, *, first_index: int = 0) -> list[list[str]]:
-    """`config.num_samples` completion texts for each user prompt (one batch)."""
-    return [[c.text for c in row] for row in sample_completions(model, tokenizer, prompts, config, first_index=first_index)]
+class _Unset:
+    def __repr__(self) -> str:
+        return "unset"
 
 
-def sample_completions(model, tokenizer, prompts: Sequence[str], config: SamplingConfig, *,
-                       first_index: int = 0) -> list[list[Completion]]:
-    """`config.num_samples` completions for each user prompt, with finish reasons.
+UNSET = _Unset()  # `system` not given: each Example renders its own, a bare string the template's default
+
+Prompts = Sequence["str | Example"]
+
+
+def prompt_turns(prompts: Prompts, system: str | None | _Unset = UNSET) -> list[tuple[str, str | None]]:
+    """(user text, system prompt) of each prompt, as it is rendered for generation.
+
+    An `Example` renders exactly the prompt it carries: its text (its shots included) and its
+    `system`, the same turns extraction takes gradients on. A bare string renders with `system`
+    (not given: the template's default). A `system` given beside Examples that carry another is
+    refused, naming both: the model would be sampled on another prompt than the one its
+    examples (and a subspace extracted from them) describe.
+
+    >>> from spd_lens.tasks import Example
+    >>> prompt_turns([Example("a", "2+2?", "4", [[0, 1]], system=""), "3+3?"])
+    [('2+2?', ''), ('3+3?', None)]
+    """
+    if isinstance(prompts, (str, Example)):
+        prompts = [prompts]
+    turns = []
+    for prompt in prompts:
+        if isinstance(prompt, Example):
+            if not isinstance(system, _Unset) and system != prompt.system:
+                raise SpdLensError(
+                    f"example {prompt.id!r} carries the system prompt {_describe_system(prompt.system)}, but this call "
+                    f"renders with {_describe_system(system)}: leave system= out (each example is rendered with its "
+                    "own) or make the examples carry the prompt you mean (dataclasses.replace(example, system=...))")
+            turns.append((prompt.prompt, prompt.system))
+        elif isinstance(prompt, str):
+            turns.append((prompt, None if isinstance(system, _Unset) else system))
+        else:
+            raise SpdLensError(f"a prompt must be a string or an spd_lens.Example, got {type(prompt).__name__}")
+    return turns
+
+
+def _describe_system(system) -> str:
+    if system is None:
+        return "None (the template's default)"
+    return "'' (no system turn)" if system == "" else repr(system)
+
+
+def _shared_prefix(tokenizer, systems: Sequence[str | None]) -> list[int]:
+    """The template opening most prompts share (their most common system prompt's)."""
+    if not systems:
+        return template_prefix(tokenizer)
+    common = max(set(systems), key=lambda s: (systems.count(s), s is None, s or ""))
+    return template_prefix(tokenizer, system=common)
+
+
+def sample(model, tokenizer, prompts: Prompts, config: SamplingConfig, *, first_index: int = 0,
+           system: str | None | _Unset = UNSET) -> list[list[str]]:
+    """`config.num_samples` completion texts for each prompt (one batch): a user prompt string or an
+    `Example`, rendered as `prompt_turns` says (an Example with its own system prompt and shots)."""
+    return [[c.text for c in row] for row in sample_completions(model, tokenizer, prompts, config,
+                                                                first_index=first_index, system=system)]
+
+
+def sample_completions(model, tokenizer, prompts: Prompts, config: SamplingConfig, *,
+                       first_index: int = 0, system: str | None | _Unset = UNSET) -> list[list[Completion]]:
+    """`config.num_samples` completions for each prompt (a string or an `Example`), with finish reasons.
 
     Prompt i is the `first_index + i`-th of its list: with `batching="refill"` its samples draw
     from generators seeded by that position, so they do not depend on how prompts are grouped."""
     if config.batching == "static":
-        return _sample_static(model, tokenizer, prompts, config, first_index=first_index)
+        return _sample_static(model, tokenizer, prompts, config, first_index=first_index, system=system)
     out: list[list[Completion | None]] = [[None] * config.num_samples for _ in prompts]
-    for i, k, completion in stream_completions(model, tokenizer, prompts, config, first_index=first_index):
+    for i, k, completion in stream_completions(model, tokenizer, prompts, config, first_index=first_index,
+                                               system=system):
         out[i][k] = completion
     return out  # type: ignore[return-value]
 
 
-def stream_completions(model, tokenizer, prompts: Sequence[str], config: SamplingConfig, *,
-                       first_index: int = 0, positions: Sequence[int] | None = None
-                       ) -> Iterator[tuple[int, int, Completion]]:
+def stream_completions(model, tokenizer, prompts: Prompts, config: SamplingConfig, *,
+                       first_index: int = 0, positions: Sequence[int] | None = None,
+                       system: str | None | _Unset = UNSET) -> Iterator[tuple[int, int, Completion]]:
     """(prompt i, sample k, completion) as each finishes, decoding with `spd_lens.decode`: at most
     `config.batch_size` rows in flight, refilled from the waiting prompts. `positions` (default
-    `first_index`, `first_index + 1`, ...) place each prompt in its full list, which seeds its samples."""
-    positions = list(range(first_index, first_index + len(prompts))) if positions is None else list(positions)
-    encoded = [encode(tokenizer, render_prompt(tokenizer, p)) for p in prompts]
+    `first_index`, `first_index + 1`, ...) place each prompt in its full list, which seeds its samples.
+    Prompts are strings or `Example`s (see `prompt_turns`)."""
+    turns = prompt_turns(prompts, system)
+    positions = list(range(first_index, first_index + len(turns))) if positions is None else list(positions)
+    encoded = [encode(tokenizer, render_prompt(tokenizer, user, system=own)) for user, own in turns]
     rows = [(i, k) for i in range(len(prompts)) for k in range(config.num_samples)]
     stops = stop_strings(tokenizer)
 
@@ -129,18 +190,18 @@ def stream_completions(model, tokenizer, prompts: Sequence[str], config: Samplin
         stop_ids=end_of_turn_ids(tokenizer), pad_id=tokenizer.pad_token_id, temperature=config.temperature,
         top_k=config.top_k, top_p=config.top_p, seed=config.seed,
         row_indices=[positions[i] * config.num_samples + k for i, k in rows], stopped=stopped if stops else None,
-        shared_prefix=template_prefix(tokenizer))
+        shared_prefix=_shared_prefix(tokenizer, [own for _, own in turns]))
     for row, decoded in stream:
         i, k = rows[row]
         text = cut_at_stop(tokenizer.decode(decoded.tokens, skip_special_tokens=True), stops)
         yield i, k, Completion(text, decoded.finish_reason, len(decoded.tokens))
 
 
-def _sample_static(model, tokenizer, prompts: Sequence[str], config: SamplingConfig, *,
-                   first_index: int = 0) -> list[list[Completion]]:
+def _sample_static(model, tokenizer, prompts: Prompts, config: SamplingConfig, *,
+                   first_index: int = 0, system: str | None | _Unset = UNSET) -> list[list[Completion]]:
     """transformers' batched `generate` over all `prompts` as one batch (the reference path)."""
     hf = hf_model_of(model)
-    rendered = [render_prompt(tokenizer, p) for p in prompts]
+    rendered = [render_prompt(tokenizer, user, system=own) for user, own in prompt_turns(prompts, system)]
     encoded = [encode(tokenizer, text) for text in rendered]
     length = max(len(ids) for ids in encoded)
     pad = tokenizer.pad_token_id
@@ -188,8 +249,10 @@ def _read_records(path: Path) -> list[dict]:
 
 
 def prompts_hash(examples: Sequence[Example]) -> str:
-    """A short hash of the prompts (ids and text): names the prompts a file was generated for."""
-    return hashlib.sha256(json.dumps([[e.id, e.prompt] for e in examples]).encode()).hexdigest()[:16]
+    """A short hash of the prompts (ids, text, and the system prompt of an example that carries its
+    own): names the prompts a file was generated for."""
+    return hashlib.sha256(json.dumps([[e.id, e.prompt] + ([e.system] if e.system is not None else [])
+                                      for e in examples]).encode()).hexdigest()[:16]
 
 
 def generation_settings(model, examples: Sequence[Example], config: SamplingConfig, *, task: str,
@@ -204,6 +267,9 @@ def generation_settings(model, examples: Sequence[Example], config: SamplingConf
         raise SpdLensError(f"provenance names the projection {given['projection']!r}, but the model is projected by "
                            f"{projection!r}: the projection is read from the model; leave it out of provenance")
     given["projection"] = projection
+    systems = sorted({e.system for e in examples if e.system is not None})
+    # Named (not only hashed) where examples carry their own, so a resume refusal says which differs.
+    given = {**({"system_prompts": systems} if systems else {}), **given}
     return canonical({"model": model_id(model), "task": task, **asdict(config), "n_prompts": len(examples),
                       "prompts_sha256": prompts_hash(examples), **given, "spd_lens_version": spd_lens.__version__})
 
@@ -281,7 +347,7 @@ def generate_jsonl(
             for start in progress(starts) if progress else starts:
                 batch = todo[start:start + config.batch_size]
                 # Seeded by the batch's position in the full list: a resumed run reproduces the same output.
-                completions = _sample_static(model, tokenizer, [e.prompt for e in batch], config,
+                completions = _sample_static(model, tokenizer, batch, config,
                                              first_index=position[batch[0].id])
                 for example, samples in zip(batch, completions):
                     write(example, samples)
@@ -293,9 +359,12 @@ def generate_jsonl(
 
 
 def _write_prompt(handle, example: Example, samples: Sequence[Completion], task: str, settings: dict) -> None:
+    # The system turn the completion was sampled under: in `messages` when it is text, and as
+    # `system` whenever the example carries its own ("" = none), so training renders the same prompt.
+    own = {"system": example.system} if example.system is not None else {}
     lines = [json.dumps({"id": f"{example.id}#{k}", "task": task, "prompt_id": example.id, "sample_index": k,
-                         "messages": messages(example.prompt, c.text), "finish_reason": c.finish_reason,
-                         "completion_tokens": c.tokens, "settings": settings}) + "\n"
+                         "messages": messages(example.prompt, c.text, system=example.system), **own,
+                         "finish_reason": c.finish_reason, "completion_tokens": c.tokens, "settings": settings}) + "\n"
              for k, c in enumerate(samples)]
     handle.write("".join(lines).encode())  # one write and fsync per prompt: a crash tears at most one line
     handle.flush()
@@ -369,7 +438,7 @@ class _FinishedPrompts:
     def __iter__(self):
         model, tokenizer, examples, positions, config = self.args
         pending: dict[int, dict[int, Completion]] = {}
-        for i, k, completion in stream_completions(model, tokenizer, [e.prompt for e in examples], config,
+        for i, k, completion in stream_completions(model, tokenizer, examples, config,
                                                    positions=positions):
             pending.setdefault(i, {})[k] = completion
             if len(pending[i]) == config.num_samples:

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 
 import spd_lens
-from spd_lens.chat import encode_conversation
+from spd_lens.chat import encode_conversation, record_system
 from spd_lens.artifacts import canonical, check_same_settings, read_json_object, sha256_file
 from spd_lens.errors import SpdLensError
 from spd_lens.memory import release_freed_memory
@@ -85,6 +85,7 @@ class TrainingRecord(NamedTuple):
     user: str
     assistant: str
     finished: bool = True
+    system: str | None = None  # the system turn it was sampled under (None: the template's default, "": none)
 
 
 def read_training_records(path: str | Path) -> list[TrainingRecord]:
@@ -104,10 +105,11 @@ def read_training_records(path: str | Path) -> list[TrainingRecord]:
             assistant = next(t["content"] for t in turns if t["role"] == "assistant")
         except (KeyError, TypeError, StopIteration, AttributeError) as err:
             raise SpdLensError(f"{path}: record {number} has no user and assistant 'messages'") from err
+        system = record_system(record)
         reason = record.get("finish_reason", "stop")
         if reason not in ("stop", "length"):
             raise SpdLensError(f"{path}: record {number} has finish_reason {reason!r}; expected 'stop' or 'length'")
-        pairs.append(TrainingRecord(str(user), str(assistant), reason == "stop"))
+        pairs.append(TrainingRecord(str(user), str(assistant), reason == "stop", system))
     return pairs
 
 
@@ -120,10 +122,10 @@ def build_features(tokenizer, records, config: TrainConfig) -> list[dict]:
     """
     features = []
     for record in records:
-        user, assistant, finished = TrainingRecord(*record)
+        user, assistant, finished, system = TrainingRecord(*record)
         if not finished and config.truncated == "drop":
             continue
-        encoded = encode_conversation(tokenizer, user, assistant)
+        encoded = encode_conversation(tokenizer, user, assistant, system=system)
         ids, answer = encoded.input_ids, encoded.answer_mask
         if not finished:
             answer_end = encoded.conversation.answer_end

@@ -390,13 +390,23 @@ class Capability(Task):
     def split_sizes(self) -> dict[str, int]:
         return {s: len(items) for s, items in self._splits.items()}
 
-    def _examples(self, split: str, n: int | None, seed: int) -> list[Example]:
-        examples = list(self._splits[split])
-        if not examples:
+    def examples(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[Example]:
+        """`n` examples of `split` (all when None) in an order shuffled by `seed`; see `Task.examples`."""
+        if split in self._splits and not self._splits[split]:
             raise SpdLensError(f"capability {self.name!r} has no {split} examples (its splits hold "
                                f"{self.split_sizes()}): add examples, give each a 'split', or use another split")
+        return super().examples(split, n, seed)
+
+    def _examples(self, split: str, n: int | None, seed: int) -> list[Example]:
+        examples = list(self._splits[split])
         random.Random(seed).shuffle(examples)
         return examples
+
+    def _example_by_id(self, example_id: str) -> Example:
+        index = self.__dict__.setdefault("_id_index", {e.id: e for e in self._all})
+        if example_id not in index:
+            raise SpdLensError(f"{example_id!r} is not an example id of capability {self.name!r}")
+        return index[example_id]
 
     def score(self, example: Example, completion: str) -> Score:
         return _as_score(self._scorer(example, completion), self.scorer_spec or "span_match")
