@@ -288,22 +288,33 @@ def _nested_difference(pairs: list[np.ndarray], n: int, resamples: int, seed: in
             "seed_spread": float(per_seed.max() - per_seed.min()), "seed_p": p, "seeds_differ": p < SEED_TEST_LEVEL}
 
 
+CUT_OFF = ("score", "wrong")  # `[eval] cut_off`: how an answer cut off at the token budget is scored
+
+
 def score_records(task: Task, examples_by_id: dict[str, Example], records: list[dict],
-                  progress: Callable | None = None, processes: Processes | None = None) -> EvalResult:
+                  progress: Callable | None = None, processes: Processes | None = None,
+                  cut_off: str = "score") -> EvalResult:
     """Score completion records (`prompt_id` + completion text) against the task's examples.
+
+    A record whose `finish_reason` is "length" stopped at the token budget: with `cut_off =
+    "score"` it is scored as written, with "wrong" it fails (status "cut_off", the scorer's own
+    verdict kept as `scored_as`), so that a truncated text cannot pass on whatever its last
+    sentence happens to say.
 
     With `processes` (every process of a launch calls this with the same records) each process
     scores every world-th record, so the sandbox work of code tasks is divided, and every process
     returns the whole result in the records' order."""
     if not records:
         raise SpdLensError("no completions to score")
+    if cut_off not in CUT_OFF:
+        raise SpdLensError(f"cut_off = {cut_off!r}: use 'score' (a cut-off answer scored as written) or 'wrong'")
     unknown = [r["prompt_id"] for r in records if r["prompt_id"] not in examples_by_id]
     if unknown:
         raise SpdLensError(f"prompt id {unknown[0]!r} is not an example of task {task.name!r}")
     check_record_systems(examples_by_id, records)
     parallel = processes is not None and processes.parallel
     mine = processes.shard(len(records)) if parallel else range(len(records))
-    scored = {i: _score_record(task, examples_by_id[records[i]["prompt_id"]], records[i])
+    scored = {i: _score_record(task, examples_by_id[records[i]["prompt_id"]], records[i], cut_off)
               for i in (progress(mine) if progress else mine)}
     if parallel:
         scored = {i: result for part in processes.gather(scored) for i, result in part.items()}
@@ -326,12 +337,14 @@ def check_record_systems(examples_by_id: dict[str, Example], records: Sequence[d
                 "generated from the examples themselves (spd-lens generate / generate_jsonl with the same examples)")
 
 
-def _score_record(task: Task, example: Example, record: dict) -> dict:
+def _score_record(task: Task, example: Example, record: dict, cut_off: str = "score") -> dict:
     verdict = task.score(example, record["completion"])
     result = {"prompt_id": record["prompt_id"], "passed": verdict.passed, "status": verdict.status,
               "completion": record["completion"], "detail": verdict.detail[-300:]}
     if "finish_reason" in record:
         result["finish_reason"] = record["finish_reason"]
+        if cut_off == "wrong" and record["finish_reason"] == "length":
+            result.update(passed=False, status="cut_off", scored_as=verdict.passed)
     if verdict.isolation is not None:
         result["sandbox"] = verdict.isolation
     return result
@@ -372,8 +385,10 @@ def score_file(task: str | Task, path: str | Path, progress: Callable | None = N
 
 def evaluate(model, tokenizer, task: str | Task, *, n: int | None = None, split: str = "test", seed: int = 0,
              config: SamplingConfig | None = None, generations: str | Path, provenance: dict | None = None,
-             progress: Callable | None = None, processes: Processes | None = None) -> EvalResult:
+             progress: Callable | None = None, processes: Processes | None = None,
+             cut_off: str = "score") -> EvalResult:
     """Greedy (by default) generation on `split` examples, scored; generations saved to `generations`.
+    Each result keeps its `finish_reason`; `cut_off` is `[eval] cut_off` (see `score_records`).
 
     Under a multi-process launch (`processes`, default `Processes.current()`; every process calls
     this) each process generates and scores a shard; every process returns the whole result."""
@@ -387,7 +402,7 @@ def evaluate(model, tokenizer, task: str | Task, *, n: int | None = None, split:
     records = [json.loads(line) for line in open(path, encoding="utf-8")]
     records = [{"prompt_id": r["prompt_id"], "completion": r["messages"][-1]["content"],
                 "finish_reason": r.get("finish_reason", "stop"), "system": record_system(r)} for r in records]
-    return score_records(task, {e.id: e for e in examples}, records, processes=processes)
+    return score_records(task, {e.id: e for e in examples}, records, processes=processes, cut_off=cut_off)
 
 
 def training_data_quality(task: str | Task, path: str | Path, examples: Sequence[Example] | None = None,

@@ -135,14 +135,18 @@ def count_test_intervals() -> dict:
 
 
 def cut_off_shares() -> dict:
-    """Per run and method: answers cut off at the token budget, of all answers (every seed)."""
+    """Per run and method (every seed): answers cut off at the token budget, how many of those the
+    scorer passed (what `cut_off = "wrong"` would turn to wrong), and all answers."""
     shares = {}
     for run in ["math-hard", "math-hard-chosen", "ood", "math-easy", "code", "mc"]:
         metrics = json.loads((ROOT / run / "metrics.json").read_text())
         for method, m in metrics["methods"].items():
             reasons = m.get("finish_reasons", {})
-            total = sum(reasons.values())
-            shares[f"{run}:{method}"] = {"cut_off": reasons.get("length", 0), "answers": total}
+            # mc's per-question files were lost with a machine (RESULTS.md "What was lost"): unknown.
+            results = evaluation(run, method) if (ROOT / run / "eval").is_dir() else None
+            passed = None if results is None else sum(r["passed"] and r["finish_reason"] == "length" for r in results)
+            shares[f"{run}:{method}"] = {"cut_off": reasons.get("length", 0), "cut_off_passed": passed,
+                                         "answers": sum(reasons.values())}
     return shares
 
 
@@ -179,9 +183,10 @@ def main() -> None:
           f"[{a3['ci'][0]:.3f}, {a3['ci'][1]:.3f}]; code subspace (one extraction): "
           f"{extra['code_subspace_hook_only']['score']:.3f}")
     print("intervals on test:", json.dumps(extra["test_intervals"]))
-    print("answers cut off at the token budget (cut off / answers):")
+    print("answers cut off at the token budget: cut off / answers (share), of them scored right")
     for key, c in extra["cut_off"].items():
-        print(f"  {key:<28} {c['cut_off']:>4} / {c['answers']:<5} {c['cut_off'] / c['answers']:.3f}")
+        print(f"  {key:<28} {c['cut_off']:>4} / {c['answers']:<5} ({c['cut_off'] / c['answers']:.3f})  "
+              f"{'?' if c['cut_off_passed'] is None else c['cut_off_passed']:>3} right")
 
 
 if __name__ == "__main__":
