@@ -17,6 +17,7 @@ import json
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +136,8 @@ class AblateSection:
     kinds: list[str] = field(default_factory=lambda: ["k", "v"])
     kind_sets: list[list[str]] | None = None  # e.g. [["k"], ["v"], ["k", "v"]]; default: [kinds]
     random_draws: int = 0  # matched random subspaces (same layers and ranks) per cell, as its control
+    # The draws' random_like seeds; default: control_seed(eval_split, draw), disjoint across splits.
+    random_seeds: list[int] | None = None
     loss_n: int = 16  # calibration examples for the correctness-loss column
     # "greedy", or "sampling": psr's self-generation settings ([sampling] temperature, top-k, top-p
     # and budget, seed seeds[0]) with `samples` completions per question, scored by their mean.
@@ -169,7 +172,8 @@ class ExperimentConfig:
         for key in ("preset", "options", "shots"):
             if values["task"][key] in (None, {}):
                 del values["task"][key]
-        for key, default in (("decoding", "greedy"), ("samples", 1), ("subspace_seeds", None)):
+        for key, default in (("decoding", "greedy"), ("samples", 1), ("subspace_seeds", None),
+                             ("random_seeds", None)):
             if values["ablate"][key] == default:
                 del values["ablate"][key]
         if values["eval"]["cut_off"] == "score":
@@ -336,13 +340,45 @@ def comparable(resolved: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
+def load_config(path: str | Path, overrides: Sequence[str | Path] = ()) -> ExperimentConfig:
+    """The config in the TOML file `path`, with each file of `overrides` merged on top in order
+    (tables merge key by key, any other value replaces; `merge_overrides`).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "big.toml").write_text('[model]\\nname = "Qwen/Qwen2.5-0.5B-Instruct"\\n[task]\\ntrain_n = 2000')
+        >>> _ = (folder / "small.toml").write_text('[model]\\nname = "tiny"')
+        >>> config = load_config(folder / "big.toml", overrides=[folder / "small.toml"])
+        >>> config.model.name, config.task.train_n, config.name
+        ('tiny', 2000, 'big')
+    """
+    values = _read_toml(path)
+    values.setdefault("name", Path(path).stem)
+    for override in overrides:
+        values = merge_overrides(values, _read_toml(override))
+    return config_from_dict(values)
+
+
+def merge_overrides(base: dict, override: dict) -> dict:
+    """`base` with `override` on top: tables merged key by key (recursively), other values replaced.
+
+    Example:
+        >>> merge_overrides({"task": {"name": "gsm8k", "train_n": 2000}}, {"task": {"train_n": 8}})
+        {'task': {'name': 'gsm8k', 'train_n': 8}}
+    """
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = (merge_overrides(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict)
+                       else value)
+    return merged
+
+
+def _read_toml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise SpdLensError(f"config {str(path)!r} is not a file")
     try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise SpdLensError(f"{path} is not valid TOML: {err}") from err
-    values.setdefault("name", path.stem)
-    return config_from_dict(values)

@@ -53,12 +53,9 @@ from spd_lens.evaluate import (evaluate, evaluate_mc, paired_difference, seeded_
 from spd_lens.extract import extract_subspace
 from spd_lens.methods import METHOD_TABLE
 from spd_lens.models import load_hf, load_tokenizer
-from spd_lens.precision import Precision
 from spd_lens.processes import Processes
 from spd_lens.projection import Projection
-from spd_lens.sampling import SamplingConfig, finished_generations, generate_jsonl, generation_settings
-from spd_lens.stages import NO_EFFECT as STAGE_NO_EFFECT
-from spd_lens.stages import Stage, effective, examples_hash, runtime_record, weights_id
+from spd_lens.sampling import SamplingConfig, generate_jsonl
 from spd_lens.sandbox import summarise_isolation
 from spd_lens.subspace import META_FILE as SUBSPACE_META
 from spd_lens.subspace import CapabilitySubspace, config_hash, random_like
@@ -77,9 +74,7 @@ RESULT_SETTINGS = {
     "plain": ["model", "task", "eval", "sampling", "train"],
     "ssd": ["model", "task", "eval", "sampling", "ssd", "train"],
 }
-NO_EFFECT = STAGE_NO_EFFECT  # settings that change no stage's output (spd_lens.stages): never block
-INPUTS_FILE = "inputs.json"  # what the run's stages read: data contents, resolved runtime, weights id
-RUN_ONLY = ("name", "seeds", "methods", "sandbox", "spd_lens_version")  # what is run, not what a result is
+NO_EFFECT = {"train.checkpoint_every"}
 
 
 # Paired differences every run reports: each method against the base model, and SPD against the
@@ -90,7 +85,12 @@ COMPARISONS = [(m, "base") for m in METHOD_TABLE if m != "base"] + [
 
 def _result_settings(config: dict, sections: Sequence[str]) -> dict:
     """The sections of a resolved config that can change a reused result, less `NO_EFFECT` keys."""
-    return effective({section: config.get(section) for section in sections}, NO_EFFECT)
+    picked = canonical({section: config.get(section) for section in sections})
+    for key in NO_EFFECT:
+        section, name = key.split(".")
+        if isinstance(picked.get(section), dict):
+            picked[section].pop(name, None)
+    return picked
 
 
 def _loglik_summary(loglik: dict) -> dict:
@@ -136,7 +136,7 @@ class Run:
         self.log = (log if self.processes.is_main else None) or (lambda message: None)
         self.runtime = config.model.runtime()  # fails here, before any work, when the device is absent
         # Under torchrun every process runs every stage on its shard; the main one writes the files.
-        self._base = self._eval_base = None
+        self._base = None
         # Difficulty and shots from [task]; shots left unset depend on the model's chat template.
         # Only the tokenizer is loaded for that: the model waits until a stage needs it.
         tokenizer = load_tokenizer(config.model.name) if config.task.shots is None else None
@@ -152,16 +152,6 @@ class Run:
         if self._base is None:
             self._base = load_hf(self.config.model.name, self.runtime)
         return self._base
-
-    def evaluation_base(self):
-        """The base model as evaluations see it: in the precision policy's evaluation dtype
-        (float32, `spd_lens.precision`), like every trained model it is compared with."""
-        runtime = Precision.of(self.runtime).evaluation_runtime()
-        if runtime == self.runtime:
-            return self.base_model()
-        if self._eval_base is None:
-            self._eval_base = load_hf(self.config.model.name, runtime)
-        return self._eval_base
 
     def _bar(self, label: str):
         return self.progress(label) if self.progress and self.processes.is_main else None
@@ -280,7 +270,7 @@ class Run:
         result_path = self.out / "eval" / f"{stem}.json"
         if result_path.is_file():
             return json.loads(result_path.read_text())
-        reused = self._reused(method, stem, seed)
+        reused = self._reused(method, stem)
         if reused is not None:
             return reused
         c = self.config
@@ -288,7 +278,7 @@ class Run:
             adapter = self.adapter(method, seed)
             model, tokenizer = load_trained(c.model.name, adapter, runtime=self.runtime)
         else:
-            model, tokenizer = self.evaluation_base()
+            model, tokenizer = self.base_model()
         config = SamplingConfig(temperature=c.eval.temperature, max_new_tokens=self.task.max_new_tokens if c.eval.max_new_tokens is None else c.eval.max_new_tokens,
                                 seed=0, batch_size=c.eval.batch_size)
         provenance = {"method": method, "seed": seed}
@@ -314,47 +304,9 @@ class Run:
         else:
             result = self._timed("eval", run)
         result, extra = result
-        record = {**result.as_dict(), **extra, "method": method, "seed": seed,
-                  "stage": self.evaluation_stage(method, seed).record()}
+        record = {**result.as_dict(), **extra, "method": method, "seed": seed}
         self._write_json(result_path, record)
         return record
-
-    # --- what the stages read (spd_lens.stages) -------------------------------------------------
-
-    def inputs(self) -> dict:
-        """What this run's stages read (kept in RUN/inputs.json): the resolved runtime and the
-        evaluation's (`spd_lens.precision`), the weights id, and content hashes of the evaluation
-        examples, each seed's training prompts (methods that self-generate) and each seed's
-        calibration examples (methods with a subspace)."""
-        if getattr(self, "_inputs", None) is None:
-            c = self.config
-            data = {"eval": examples_hash(self.task.examples(c.task.eval_split, n=c.task.eval_n, seed=0))}
-            if any(METHOD_TABLE[m].sampling is not None for m in c.methods):
-                data["train"] = {str(s): examples_hash(self.task.examples("train", n=c.task.train_n, seed=s))
-                                 for s in c.seeds}
-            if any(METHOD_TABLE[m].subspace is not None for m in c.methods):
-                data["calibration"] = {str(s): examples_hash(self.subspace_task.examples("train", n=c.subspace.n, seed=s))
-                                       for s in c.seeds}
-            self._inputs = canonical({
-                "runtime": runtime_record(self.runtime),
-                "evaluation_runtime": runtime_record(Precision.of(self.runtime).evaluation_runtime()),
-                "weights": weights_id(c.model.name), "data": data})
-        return self._inputs
-
-    def evaluation_stage(self, method: str, seed: int | None) -> Stage:
-        """The evaluation of `method` (at `seed`) as a stage: the evaluation examples, the runtime
-        it is evaluated in, the weights, the data its training read, the settings that change it."""
-        spec, inputs = METHOD_TABLE[method], self.inputs()
-        upstream = {}
-        if spec.sampling is not None:
-            upstream["train_data"] = inputs["data"]["train"][str(seed)]
-        if spec.subspace is not None:
-            upstream["calibration"] = inputs["data"]["calibration"][str(self.config.seeds[0] if seed is None else seed)]
-        config = comparable(self.config.to_dict())
-        sections = RESULT_SETTINGS.get(spec.sampling) or [k for k in config if k not in RUN_ONLY]
-        settings = effective({k: config.get(k) for k in sections}, (*NO_EFFECT, "model.dtype", "model.device"))
-        return Stage("evaluation", data=inputs["data"]["eval"], runtime=inputs["evaluation_runtime"],
-                     weights=inputs["weights"], upstream=upstream, settings=settings)
 
     # --- the whole run ------------------------------------------------------------------------
 
@@ -525,11 +477,9 @@ class Run:
     def _stage_seconds(self) -> dict[str, dict[str, float]]:
         return read_stage_seconds(self.out)
 
-    def _reused(self, method: str, stem: str, seed: int | None = None) -> dict | None:
-        """A finished evaluation of `method` from a `reuse` run made from the same inputs: the
-        settings that can change it (`RESULT_SETTINGS`), and its stage record's data, runtime,
-        weights and upstream data (`evaluation_stage`; an evaluation written before stages were
-        recorded has none, and is not reused). Each decision is logged and kept in `reuse_decisions`."""
+    def _reused(self, method: str, stem: str) -> dict | None:
+        """A finished evaluation of `method` from a `reuse` run that shares every setting that can
+        change it (`RESULT_SETTINGS`); each decision is logged and kept in `reuse_decisions`."""
         if not self.reuse:
             return None
         spec = METHOD_TABLE[method]
@@ -544,9 +494,6 @@ class Run:
             source = other / "eval" / f"{stem}.json"
             differences = settings_differences(_result_settings(theirs, sections), _result_settings(mine, sections),
                                                recorded="run has")
-            if not differences and source.is_file():
-                recorded = read_json_object(source, "an evaluation written by spd-lens run").get("stage")
-                differences = self.evaluation_stage(method, seed).differences(recorded, label="run has")
             if differences or not source.is_file():
                 reasons[str(other)] = differences or [f"no finished evaluation {source.name}"]
                 continue
