@@ -10,7 +10,9 @@
 # RUNS_DIR is relative to the repository root. spd-lens: the one on PATH, else .venv's (run.sh setup).
 # Steps: gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds
 #        gate-heads gate-ood gate-seeds-chosen gate-sampled-chosen lr gate-test math-hard math-hard-ssd
-#        math-hard-seed2 math-hard-chosen ood
+#        math-hard-seed2 math-hard-chosen ood gate-test-clean (the test gate with fresh test-split
+#        random draws: `nohup nice -n 10 experiments/study/run.sh runs/study gate-test-clean
+#        > runs/study/gate-test-clean.log 2>&1 &`, resumable; it copies its table into the kept copy)
 #        math-easy code mc; `tables` (the rerun's tables so far, spd-lens summary); and `keep`
 # `keep` copies every rerun's finished files (evaluations, training data and its quality, subspaces,
 # metrics; not the adapters) into experiments/results/study/NAME/ to be committed: a rerun step whose
@@ -103,6 +105,15 @@ step() {
   case " ${RERUNS[*]} " in *" $1 "*) restore "$1" ;; esac
   case "$1" in
     gate-rank | gate-sampled | gate-layers | gate-kinds | gate-heads | gate-ood | gate-test) ablate "$1" ;;
+    gate-test-clean)
+      # gate-test's baseline and gradient rows (the same settings) come from its committed table:
+      # only the random rows, drawn from the test split's own seeds, run here.
+      take "$KEPT/gate-test/ablation.json" "$RUNS/gate-test-clean/ablation.json"
+      ablate gate-test-clean
+      # Its table and figure into the kept copy (the rows' outcomes are in ablation.json).
+      mkdir -p "$KEPT/gate-test-clean"
+      cp "$RUNS/gate-test-clean/"{ablation.json,ablation.csv,config.json} "$KEPT/gate-test-clean/"
+      "$BIN" report "$KEPT/gate-test-clean" >/dev/null || true ;;
     gate-data-paper) "${SPD[@]}" run "$STUDY/gate-data-paper.toml" --data-only --out "$RUNS/gate-data-paper" ;;
     gate-data-chosen)
       # psr samples without a projection: its files are the paper gate's.
@@ -173,7 +184,7 @@ step() {
 
 ALL=(gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds gate-heads gate-ood
      gate-seeds-chosen gate-sampled-chosen lr gate-test math-hard math-hard-ssd math-hard-seed2 math-hard-chosen ood
-     math-easy code mc tables keep)
+     math-easy code mc gate-test-clean tables keep)
 for s in "${ALL[@]}"; do
   if [ "$RUNS" = "$s" ]; then
     echo "'$RUNS' is a step, not a runs directory: $0 RUNS_DIR $RUNS" >&2
