@@ -5,11 +5,10 @@
     python notebooks/execute.py --images-only        # only attach PNGs to the stored outputs
 
 Each figure is stored as plotly's JSON (interactive in Jupyter) plus a static PNG, which is what a
-repository page shows (it does not run plotly.js). PNGs need kaleido and a Chrome or Chromium
-(`pip install 'spd-lens[export]'` and, on Debian, `apt-get install chromium`); the image step only
-needs plotly, kaleido and nbformat, so `--images-only` can run in another environment than the
-one that executed the notebooks. Without kaleido the notebooks keep the plotly output and the
-script says so. One notebook runs at a time, each in a fresh kernel (memory stays that of one).
+repository page shows (it does not run plotly.js). PNGs are drawn by kaleido where it works (it
+needs a Chrome), else by matplotlib from the figure's data (`spd_lens.figure_files`: no browser);
+`--images-only` attaches them to the stored outputs without running anything. One notebook runs
+at a time, each in a fresh kernel (memory stays that of one).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import base64
 import json
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -52,10 +50,14 @@ def execute(path: Path, small: bool) -> str:
 
 
 def attach_images(path: Path) -> str:
+    import tempfile
+
     import plotly.io as pio
 
+    from spd_lens.figure_files import write_image
+
     notebook = nbformat.read(path, as_version=4)
-    count = 0
+    count, engines = 0, set()
     for cell in notebook.cells:
         for output in cell.get("outputs", []):
             data = output.get("data", {})
@@ -63,12 +65,14 @@ def attach_images(path: Path) -> str:
                 continue
             figure = pio.from_json(json.dumps(data[PLOTLY]), skip_invalid=True)
             height = figure.layout.height or HEIGHT
-            png = figure.to_image(format="png", width=WIDTH, height=height)
-            data["image/png"] = base64.b64encode(png).decode()
+            with tempfile.TemporaryDirectory() as folder:
+                image = Path(folder) / "figure.png"
+                engines.add(write_image(figure, image, width=WIDTH, height=height).split(" (")[0])
+                data["image/png"] = base64.b64encode(image.read_bytes()).decode()
             data.pop("text/html", None)  # a copy of plotly.js: megabytes, and pages do not run it
             count += 1
     nbformat.write(notebook, path)
-    return f"{count} figure(s) as PNG ({path.stat().st_size / 1024:.0f} KB notebook)"
+    return f"{count} figure(s) as PNG by {', '.join(sorted(engines)) or '-'} ({path.stat().st_size / 1024:.0f} KB notebook)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,15 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     paths = [Path(p) if Path(p).exists() else HERE / p for p in args.notebooks] or sorted(HERE.glob("*.ipynb"))
     images = not args.execute_only
-    if images:
-        try:
-            import kaleido  # noqa: F401
-        except ImportError:
-            if args.images_only:
-                print("PNG export needs kaleido and a Chrome/Chromium: pip install 'spd-lens[export]'", file=sys.stderr)
-                return 2
-            print("kaleido is not installed: figures keep their plotly output only", file=sys.stderr)
-            images = False
     for path in paths:
         notes = [] if args.images_only else [execute(path, args.small)]
         if images:

@@ -203,47 +203,66 @@ def spectrum_figure(subspace, kind: str = "k", head="flat") -> go.Figure:
     return figure
 
 
-def export_images(figures: list[go.Figure], directory, stem: str) -> str:
-    """PNG and SVG of each figure where this machine can render them (kaleido with a Chrome).
+def export_images(figures: list[go.Figure], directory, stem: str, *, suffixes: tuple[str, ...] = ("png", "svg")) -> str:
+    """PNG and SVG of each figure, `DIRECTORY/STEM-1.png`, ...: through kaleido where it works,
+    else drawn by matplotlib (no browser needed; see `spd_lens.figure_files`).
 
-    Returns a line saying what was written, or why nothing was.
+    Returns a line saying what was written, and how.
     """
     from pathlib import Path
 
-    try:
-        import kaleido  # noqa: F401
-    except ImportError:
-        return "PNG/SVG export unavailable: install kaleido (pip install 'spd-lens[export]') and a Chrome"
+    from spd_lens.figure_files import write_image
+
     directory = Path(directory)
-    written = []
+    written, engines = [], set()
     for i, figure in enumerate(figures):
-        for suffix in ("png", "svg"):
+        for suffix in suffixes:
             path = directory / f"{stem}-{i + 1}.{suffix}"
             try:
-                figure.write_image(str(path))
-            except Exception as err:  # kaleido reports a missing browser in several ways
-                return f"PNG/SVG export unavailable here ({type(err).__name__}: {str(err)[:120]})"
+                engines.add(write_image(figure, path))
+            except Exception as err:  # a figure the static drawing cannot render: the HTML still has it
+                return f"PNG/SVG export failed for {path.name} ({type(err).__name__}: {str(err)[:120]})"
             written.append(path.name)
-    return f"images: {', '.join(written)}"
+    return f"images: {', '.join(written)}" + (f" (drawn by {'; '.join(sorted(engines))})" if engines else "")
 
 
-def write_report(path, figures: list[go.Figure], title: str, notes: str = "", images: bool = True) -> str:
-    """One self-contained HTML file (plotly.js embedded once: opens offline), plus PNG/SVG copies
-    of the figures where the machine can render them. Returns the image export line."""
+def write_report(path, figures: list[go.Figure], title: str, notes: str = "", images: bool = True,
+                 plotlyjs: str = "shared") -> str:
+    """One HTML page of the figures, plus PNG/SVG copies of them (`export_images`). plotly.js:
+    `shared` (one `plotly.min.js` beside the page, written once per folder: opens offline),
+    `cdn` or `inline` (embedded: a self-contained ~5 MB file). Returns the image export line."""
     from pathlib import Path
+
+    from spd_lens.figure_files import plotly_script
 
     path = Path(path)
     exported = export_images(figures, path.parent, path.stem) if images else "PNG/SVG export not requested"
     notes = f"{notes}\n{exported}" if notes else exported
-    parts = [f"<html><head><meta charset='utf-8'><title>{title}</title></head><body>", f"<h1>{title}</h1>",
-             f"<pre>{notes}</pre>"]
-    for i, figure in enumerate(figures):
-        parts.append(figure.to_html(full_html=False, include_plotlyjs=(i == 0)))
+    parts = [f"<html><head><meta charset='utf-8'><title>{title}</title>{plotly_script(path.parent, plotlyjs)}"
+             "</head><body>", f"<h1>{title}</h1>", f"<pre>{notes}</pre>"]
+    for figure in figures:
+        parts.append(figure.to_html(full_html=False, include_plotlyjs=False))
     parts.append("</body></html>")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(parts), encoding="utf-8")
     tmp.replace(path)
     return exported
+
+
+def save_figure(fig: go.Figure, path, *, plotlyjs: str = "shared", engine: str = "auto", **kwargs):
+    """`fig` to `.html` (plotly.js `shared` beside it, `cdn` or `inline`), `.png`, `.svg` or `.pdf`
+    (kaleido where it works, else matplotlib: no browser needed); see `spd_lens.figure_files`.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> path = save_figure(go.Figure(go.Bar(x=[1], y=[2])), Path(tempfile.mkdtemp()) / "f.png")
+        >>> path.stat().st_size > 1000
+        True
+    """
+    from spd_lens.figure_files import save_figure as save
+
+    return save(fig, path, plotlyjs=plotlyjs, engine=engine, **kwargs)
 
 
 def head_attribution_figure(rows: list[dict], value: str = "energy_share") -> go.Figure:

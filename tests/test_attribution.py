@@ -209,7 +209,7 @@ def test_report_exports_images_where_it_can(tmp_path, monkeypatch):
     from spd_lens.viz import write_report
 
     figure = go.Figure(go.Bar(x=[1], y=[2]))
-    # Without kaleido: the HTML is written and says why there are no images.
+    # Without kaleido: matplotlib draws the images (no browser needed), and the line says so.
     real_import = builtins.__import__
 
     def no_kaleido(name, *args, **kwargs):
@@ -219,21 +219,53 @@ def test_report_exports_images_where_it_can(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_kaleido)
     line = write_report(tmp_path / "a.html", [figure], "t")
-    assert "unavailable" in line and "unavailable" in (tmp_path / "a.html").read_text()
+    assert "matplotlib" in line and (tmp_path / "a-1.png").read_bytes()[:4] == b"\x89PNG"
+    assert "<svg" in (tmp_path / "a-1.svg").read_text()
     monkeypatch.setattr(builtins, "__import__", real_import)
-    # With a renderer: one PNG and one SVG per figure, named after the report.
+    # With a renderer: kaleido writes one PNG and one SVG per figure, named after the report.
     monkeypatch.setitem(sys.modules, "kaleido", types.ModuleType("kaleido"))
-    monkeypatch.setattr(go.Figure, "write_image", lambda self, path: open(path, "w").write("img"))
+    monkeypatch.setattr(go.Figure, "write_image", lambda self, path, **kw: open(path, "w").write("img"))
     line = write_report(tmp_path / "b.html", [figure, figure], "t")
     assert sorted(p.name for p in tmp_path.glob("b-*")) == ["b-1.png", "b-1.svg", "b-2.png", "b-2.svg"]
-    assert "b-2.svg" in line
-    # A renderer that fails (no browser): reported, the HTML still written.
-    def broken(self, path):
+    assert "b-2.svg" in line and "kaleido" in line and (tmp_path / "b-1.png").read_text() == "img"
+    # A renderer that fails (no browser): matplotlib draws instead, the HTML still written.
+    def broken(self, path, **kw):
         raise RuntimeError("no Chrome found")
 
     monkeypatch.setattr(go.Figure, "write_image", broken)
     assert "no Chrome found" in write_report(tmp_path / "c.html", [figure], "t")
-    assert (tmp_path / "c.html").is_file()
+    assert (tmp_path / "c.html").is_file() and (tmp_path / "c-1.png").read_bytes()[:4] == b"\x89PNG"
+    # The pages share one plotly.js beside them instead of embedding 4.8 MB each.
+    assert sorted(p.name for p in tmp_path.glob("*.js")) == ["plotly.min.js"]
+    assert all((tmp_path / f"{n}.html").stat().st_size < 100_000 for n in "abc")
+    write_report(tmp_path / "d.html", [figure], "t", plotlyjs="inline", images=False)
+    assert (tmp_path / "d.html").stat().st_size > 1_000_000
+
+
+def test_save_figure_draws_heatmaps_bars_and_subplots_without_a_browser(tmp_path):
+    import json
+
+    from spd_lens.ablate import controls
+    from spd_lens.viz import control_figure, save_figure
+
+    rows = [{"layer": l, "head": h, "energy_share_k": 0.5, "energy_share_v": 0.5, "delta_loss": (l - 1) * h}
+            for l in range(3) for h in range(2)]
+    cell = {"rank": 8, "layers": "1", "alpha": 1.0, "head": "all", "kinds": "k"}
+    table = [{**cell, "subspace": s, "draw": d, "seed": 0, "score": 0.5,
+              "outcomes": {f"q{i}": int((i + (d or 0)) % 2) for i in range(6)}} for s, d in (("gradient", None),
+                                                                                      ("random", 0), ("random", 1))]
+    for figure, name in ((head_attribution_figure(rows, "delta_loss"), "heads"),
+                         (control_figure(controls(table), baseline=0.5), "controls")):
+        path = save_figure(figure, tmp_path / f"{name}.png", engine="matplotlib")
+        assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5_000
+        assert "<svg" in save_figure(figure, tmp_path / f"{name}.svg", engine="matplotlib").read_text()
+    html = save_figure(figure, tmp_path / "page.html", plotlyjs="cdn")
+    assert "cdn.plot.ly" in html.read_text() and not (tmp_path / "plotly.min.js").exists()
+    with pytest.raises(SpdLensError, match="plotlyjs='web'"):
+        save_figure(figure, tmp_path / "x.html", plotlyjs="web")
+    with pytest.raises(SpdLensError, match="save a figure as"):
+        save_figure(figure, tmp_path / "x.gif")
+    assert json.loads(figure.to_json())  # the figure itself untouched by drawing it
 
 
 def test_attribution_takes_your_own_examples(tiny):
