@@ -57,6 +57,11 @@ class TaskSection:
     preset: str | None = None  # difficulty preset of a procedural task (arithmetic, family-mc: "easy", "hard")
     options: dict = field(default_factory=dict)  # more constructor options, e.g. {max_digits = 1}
     shots: int | None = None  # demonstrations per prompt; None: 0 with a chat template, the task's base_shots without
+    # Your own capability (spd_lens.tasks.custom): a JSONL of {id, prompt, answer, span(s)}, or one file
+    # per split {train = "...", test = "..."}; `name` then names it (default: the file's stem) and
+    # `options` may set max_new_tokens. `scorer`: "package.module:function" (default: span match).
+    examples: str | dict[str, str] | None = None
+    scorer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,7 @@ class ExperimentConfig:
         values = json.loads(json.dumps(dataclasses.asdict(self)))
         # Settings added after run directories already existed are written only when set, so a
         # run directory made before them still matches its config on resume and --reuse.
-        for key in ("preset", "options", "shots"):
+        for key in ("preset", "options", "shots", "examples", "scorer"):
             if values["task"][key] in (None, {}):
                 del values["task"][key]
         for key, default in (("decoding", "greedy"), ("samples", 1), ("subspace_seeds", None),
@@ -289,7 +294,14 @@ def config_from_dict(values: dict) -> ExperimentConfig:
         raise SpdLensError("task.train_n and subspace.n must be positive")
     from spd_lens.tasks import task_names
 
-    for where, name in (("task.name", config.task.name), ("subspace.task", config.subspace.task)):
+    c = config.task
+    if c.examples is None and c.scorer is not None:
+        raise SpdLensError(f"task.scorer = {c.scorer!r} scores your own examples: give them as task.examples = "
+                           "\"FILE.jsonl\" (a shipped task has its own scorer)")
+    if c.examples is not None and (c.data is not None or c.preset is not None):
+        raise SpdLensError("task.examples is your own capability: task.data and task.preset belong to shipped tasks; "
+                           "give the files as task.examples = {train = \"...\", test = \"...\"} instead")
+    for where, name in (("task.name", None if c.examples is not None else c.name), ("subspace.task", config.subspace.task)):
         if name is not None and name not in task_names():
             raise SpdLensError(f"{where} = {name!r} is not a task: use one of {task_names()}")
     build_task(config, shots=config.task.shots or 0)  # bad options are errors now, not after model loading
@@ -309,10 +321,19 @@ def build_task(config: ExperimentConfig, tokenizer=None, *, calibration: bool = 
     >>> task.variant, task.shots
     ('easy', 2)
     """
-    from spd_lens.tasks import TASKS, default_shots, get_task
+    from spd_lens.tasks import TASKS, Capability, default_shots, get_task
 
     c = config.task
     other = calibration and config.subspace.task is not None
+    if c.examples is not None and not other:
+        shots = c.shots if shots is None else shots
+        if set(c.options) - {"max_new_tokens"}:
+            raise SpdLensError(f"task.options = {c.options!r}: your own capability takes only max_new_tokens "
+                               "(its generation budget)")
+        made = Capability.from_jsonl(c.examples, scorer=c.scorer, name=None if c.name in TASKS else c.name,
+                                     **c.options)
+        made.shots = shots or 0  # your prompts are used as written unless shots are asked for
+        return made
     name = config.subspace.task if other else c.name
     data = config.subspace.data if other else c.data
     options = {} if other else {**({"preset": c.preset} if c.preset is not None else {}), **c.options}

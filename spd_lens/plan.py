@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from spd_lens.config import ExperimentConfig
+from spd_lens.config import ExperimentConfig, build_task
 from spd_lens.errors import SpdLensError
 from spd_lens.methods import METHOD_TABLE
 
@@ -129,7 +129,7 @@ def count_work(config: ExperimentConfig, *, lengths: dict[str, float] | None = N
 
     lengths = lengths or {}
     c = config
-    task = get_task(c.task.name, **({"path": c.task.data} if c.task.data else {}))
+    task = build_task(c, shots=0)
     seeds, methods = c.seeds, [METHOD_TABLE[m] for m in c.methods]
     subspaces = set()
     for m in methods:
@@ -179,7 +179,7 @@ def count_ablation(config: ExperimentConfig, *, eval_size: int | None = None) ->
 
     c = config
     check_decoding(c)
-    task = get_task(c.task.name, **({"path": c.task.data} if c.task.data else {}))
+    task = build_task(c, shots=0)
     # Without [subspace] layers the run extracts {L//2, L-1}: two layers stand for them here, and
     # layer sets are counted as given (the run refuses one outside {L//2, L-1}; L is not read here).
     layers = c.subspace.layers or sorted({layer for s in c.ablate.layer_sets or [] for layer in s}) or [0, 1]
@@ -322,9 +322,11 @@ def check_data(config: ExperimentConfig) -> tuple[list[tuple[str, str, str]], di
     online = None
     for name, data, split, n, role in wanted:
         what = f"data {name} {split} ({role})"
-        task = get_task(name, **({"path": data} if data else {}))
+        own = c.task.examples is not None and name == c.task.name and data == c.task.data
+        task = build_task(c, shots=0) if own else get_task(name, **({"path": data} if data else {}))
         from_hub = hasattr(task, "path") and data is None  # tasks that take a path otherwise read the hub
-        source = describe_source(data) if hasattr(task, "path") else "a package (offline)"
+        source = (f"your examples {c.task.examples}" if own else
+                  describe_source(data) if hasattr(task, "path") else "a package (offline)")
         if from_hub:
             online = hub_reachable() if online is None else online
             if not online:

@@ -181,3 +181,54 @@ def test_a_call_whose_examples_and_rendering_disagree_is_refused(default_system_
     with pytest.raises(SpdLensError, match="the completion of 'own/0' was sampled under the system prompt None"):
         score_file(cap, path)  # completions of the template's default prompt scored as no-system ones
     assert score_file(spd_lens.capability(plain), path).n == 3
+
+
+# --- everywhere a task goes -----------------------------------------------------------------------
+
+def test_a_capability_goes_where_a_task_goes(tmp_path):
+    """extract_subspace, cache_gradients, correctness_loss, head_attribution and evaluate take it
+    (a Capability, its list of Examples, or the path of its JSONL), each with its own prompts."""
+    from spd_lens.attribution import head_attribution
+    from spd_lens.evaluate import evaluate
+
+    model = spd_lens.load_model("tiny")
+    examples = plus_one(24, system="Answer with a number.")
+    cap = spd_lens.capability(examples, name="plus-one", max_new_tokens=4)
+    path = write_jsonl(tmp_path / "plus-one.jsonl", [{"id": e.id, "prompt": e.prompt, "answer": e.reference,
+                                                      "span": e.span_texts()[0], "system": e.system} for e in examples])
+    from_task = spd_lens.extract_subspace(model, cap, n=4, rank=2)
+    from_file = spd_lens.extract_subspace(model, str(path), n=4, rank=2)
+    from_list = spd_lens.extract_subspace(model, cap.examples("train", n=4), rank=2)
+    assert from_task.meta["task"] == from_file.meta["task"] == "plus-one"
+    assert from_task.meta["examples_sha256"] == from_file.meta["examples_sha256"] == from_list.meta["examples_sha256"]
+    cache = spd_lens.cache_gradients(model, cap, n=4)
+    assert len(cache.example_ids) == 4
+    assert spd_lens.correctness_loss(model, cap, n=4) == pytest.approx(spd_lens.correctness_loss(model, cap.examples("train", n=4)))
+    rows = head_attribution(model, cap, n=4, rank=2, layers=[3], score_top=1, score_n=2)
+    assert len(rows) == 2 and sum(r["delta_score"] is not None for r in rows) == 1
+    result = evaluate(model, model.tokenizer, cap, n=3, generations=tmp_path / "eval.jsonl",
+                      config=SamplingConfig(max_new_tokens=4))
+    records = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert result.n == 3 and all(r["messages"][0]["content"] == "Answer with a number." for r in records)
+
+
+def test_spd_lens_run_distils_a_capability_from_a_jsonl_end_to_end(tmp_path, monkeypatch, capsys):
+    from spd_lens.cli import main as cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_scorer.py").write_text(
+        "def first_digit(example, completion):\n    return completion.strip()[:1] == example.reference[:1]\n")
+    write_jsonl(tmp_path / "mine.jsonl", [{"id": f"p{i}", "prompt": f"What is {i} + 1?", "answer": f"It is {i + 1}.",
+                                           "span": str(i + 1)} for i in range(40)])
+    (tmp_path / "run.toml").write_text(
+        'seeds = [0]\nmethods = ["base", "psr", "spd"]\n[model]\nname = "tiny"\n'
+        '[task]\nexamples = "mine.jsonl"\nscorer = "my_scorer:first_digit"\ntrain_n = 4\neval_n = 3\n'
+        '[subspace]\nn = 4\n[sampling]\nmax_new_tokens = 4\n[eval]\nmax_new_tokens = 4\n[train]\nepochs = 1\n')
+    assert cli(["run", "run.toml", "--out", "out"]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["task"] == "mine" and set(metrics["methods"]) == {"base", "psr", "spd"}
+    assert all(m["questions"] == 3 for m in metrics["methods"].values())
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["task"]["examples"] == "mine.jsonl"
+    (tmp_path / "run.toml").write_text((tmp_path / "run.toml").read_text().replace("first_digit", "nope"))
+    assert cli(["run", "run.toml", "--out", "out2"]) == 2
+    assert "module 'my_scorer' has no function 'nope'" in capsys.readouterr().err

@@ -66,6 +66,13 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a task option, e.g. max_digits=1 or num_options=3 (repeatable)")
     parser.add_argument("--shots", type=int, help="demonstrations from the train split before each question "
                         "(default: 0 with a chat template, the task's base_shots without one)")
+    add_scorer_argument(parser)
+
+
+def add_scorer_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scorer", metavar="MODULE:FUNCTION",
+                        help="with --task FILE.jsonl (your own examples): the function (example, completion) -> "
+                             "Score or bool that scores them (default: the answer span in the final answer)")
 
 
 def data_source(values: list[str] | None):
@@ -96,7 +103,20 @@ def task_options(args: argparse.Namespace, tokenizer) -> dict:
         options[key] = int(value) if value.lstrip("-").isdigit() else value
     task_class = TASKS.get(args.task)
     shots = args.shots if args.shots is not None else default_shots(task_class, tokenizer) if task_class else 0
-    return {**options, "shots": shots}
+    return {**options, **scorer_option(args), "shots": shots}
+
+
+def scorer_option(args: argparse.Namespace) -> dict:
+    """{"scorer": ...} from --scorer, which only your own examples (--task FILE.jsonl) take."""
+    from spd_lens.tasks import TASKS
+
+    scorer = getattr(args, "scorer", None)
+    if scorer is None:
+        return {}
+    if args.task in TASKS:
+        raise SpdLensError(f"--scorer scores your own examples (--task FILE.jsonl); task {args.task!r} has its own "
+                           "scorer: drop --scorer")
+    return {"scorer": scorer}
 
 
 # --- the code sandbox -----------------------------------------------------------------------------
@@ -125,6 +145,7 @@ def configured_task(args: argparse.Namespace, **options):
     from spd_lens.tasks import get_task
     from spd_lens.tasks.code import configure_sandbox
 
+    options = {**scorer_option(args), **options}
     return configure_sandbox(get_task(args.task, **options), sandbox_options(args))
 
 

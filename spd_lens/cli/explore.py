@@ -176,7 +176,8 @@ def register(commands) -> None:
 
     extract = commands.add_parser("extract", help="capability subspace from correctness-token gradients")
     extract.add_argument("--model", default=DEFAULT_MODEL, help="model: a built-in name (spd-lens models), a Hugging Face directory or hub id (default %(default)s)")
-    extract.add_argument("--task", required=True, help="the capability's task (spd-lens tasks lists them)")
+    extract.add_argument("--task", required=True, help="the capability's task (spd-lens tasks lists them), or a JSONL "
+                         "file of your own examples ({id, prompt, answer, span} a line)")
     common.add_task_arguments(extract)
     extract.add_argument("--n", type=int, required=True, help="number of calibration examples")
     extract.add_argument("--split", default="train", choices=["train", "dev", "test"],
@@ -199,7 +200,8 @@ def register(commands) -> None:
 
     generate = commands.add_parser("generate", help="self-generation (optionally projected) exported as JSONL")
     generate.add_argument("--model", default=DEFAULT_MODEL, help="model: a built-in name (spd-lens models), a Hugging Face directory or hub id (default %(default)s)")
-    generate.add_argument("--task", required=True, help="the task whose prompts are answered (spd-lens tasks)")
+    generate.add_argument("--task", required=True, help="the task whose prompts are answered (spd-lens tasks), or a "
+                          "JSONL file of your own examples")
     common.add_task_arguments(generate)
     generate.add_argument("--n", type=int, required=True, help="number of prompts")
     generate.add_argument("--split", default="train", choices=["train", "dev", "test"],
@@ -229,7 +231,8 @@ def register(commands) -> None:
 
     heads = commands.add_parser("heads", help="which KV heads carry a capability (all layers)")
     heads.add_argument("--model", default=DEFAULT_MODEL, help="model: a built-in name (spd-lens models), a Hugging Face directory or hub id (default %(default)s)")
-    heads.add_argument("--task", required=True, help="the capability's task (spd-lens tasks)")
+    heads.add_argument("--task", required=True, help="the capability's task (spd-lens tasks), or a JSONL file of your own examples")
+    common.add_scorer_argument(heads)
     heads.add_argument("--n", type=int, default=16, help="calibration examples for the gradients (default %(default)s)")
     heads.add_argument("--seed", type=int, default=0, help="seed of the examples' draw (default %(default)s)")
     heads.add_argument("--layers", type=int_list, help="default: every layer")

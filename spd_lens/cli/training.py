@@ -142,7 +142,8 @@ def register(commands) -> None:
     evaluate = commands.add_parser("eval", help="score a model (optionally with a trained adapter) on a task")
     evaluate.add_argument("--model", default=DEFAULT_MODEL, help="model: a built-in name (spd-lens models), a Hugging Face directory or hub id (default %(default)s)")
     evaluate.add_argument("--adapter", help="directory written by spd-lens train")
-    evaluate.add_argument("--task", required=True, help="the task scored (spd-lens tasks)")
+    evaluate.add_argument("--task", required=True, help="the task scored (spd-lens tasks), or a JSONL file of your own "
+                          "examples")
     common.add_task_arguments(evaluate)
     evaluate.add_argument("--n", type=int, help="questions scored (default: every question of the split)")
     evaluate.add_argument("--split", default="test", choices=["train", "dev", "test"],
@@ -161,7 +162,9 @@ def register(commands) -> None:
     evaluate.set_defaults(func=cmd_eval)
 
     score = commands.add_parser("score", help="score completions from a JSONL file (spd-lens generate, vLLM, ...)")
-    score.add_argument("--task", required=True, help="the task whose scorer reads the completions (spd-lens tasks)")
+    score.add_argument("--task", required=True, help="the task whose scorer reads the completions (spd-lens tasks), "
+                       "or a JSONL file of your own examples")
+    common.add_scorer_argument(score)
     score.add_argument("--completions", required=True, help="JSONL: generate export or {prompt_id, completion}")
     score.add_argument("--out", required=True, help="JSON file for the score, CI and per-example verdicts")
     common.add_sandbox_flags(score)

@@ -42,9 +42,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import random
 import re
 import string
+import sys
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -128,7 +130,8 @@ def span_match(example: Example, completion: str) -> Score:
 
 
 def load_scorer(spec: str | Scorer | None) -> Scorer:
-    """A scorer from `"package.module:function"`, a callable, or None (`span_match`)."""
+    """A scorer from `"package.module:function"` (imported from the current directory or the Python
+    path), a callable, or None (`span_match`)."""
     if spec is None:
         return span_match
     if callable(spec):
@@ -138,7 +141,15 @@ def load_scorer(spec: str | Scorer | None) -> Scorer:
                            "(example, completion) and returning a Score or a bool)")
     module_name, attribute = spec.split(":")
     try:
-        module = importlib.import_module(module_name)
+        # As `python -m` would: the current directory first, so a scorer beside your data imports.
+        added = os.getcwd() not in sys.path
+        if added:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        finally:
+            if added:
+                sys.path.remove(os.getcwd())
     except ImportError as err:
         raise SpdLensError(f"scorer {spec!r}: cannot import module {module_name!r} ({err}); put it on the "
                            "Python path (e.g. PYTHONPATH=. or pip install your package)") from err
@@ -419,6 +430,14 @@ class Capability(Task):
                 f"scorer={self.scorer_spec or 'span_match'!r})")
 
 
+def is_examples_path(name) -> bool:
+    """Whether a task "name" is the path of your own examples: a `.jsonl` name, or an existing file
+    or directory (a shipped task's name is never one)."""
+    if not isinstance(name, (str, Path)):
+        return False
+    return str(name).endswith(".jsonl") or Path(name).expanduser().exists()
+
+
 def _stem(path) -> str:
     if isinstance(path, Mapping):
         path = next(iter(path.values()))
@@ -455,5 +474,5 @@ def capability(examples: Sequence[Example] | Mapping[str, Sequence[Example]] | s
     return made
 
 
-__all__ = ["Capability", "capability", "final_answer", "load_scorer", "normalise", "span_match"]
+__all__ = ["Capability", "capability", "final_answer", "is_examples_path", "load_scorer", "normalise", "span_match"]
 
