@@ -22,6 +22,7 @@ from spd_lens.artifacts import read_json_object, read_stage_seconds
 from spd_lens.errors import SpdLensError
 from spd_lens.evaluate import seeds_differ
 from spd_lens.methods import METHOD_TABLE
+from spd_lens.report import cut_off_warnings
 
 # Marks a result whose seeds differ more than its questions explain (`evaluate.seeds_differ`).
 SPREAD_MARK = " !"
@@ -82,7 +83,8 @@ def _score_cell(m: dict | None) -> str:
 def summary_tables(runs: dict[str, dict]) -> str:
     """Markdown: scores (methods x runs, each seed's score in parentheses), paired differences and the
     training data's share correct, in the project's method order; an empty cell is a method the
-    run does not hold."""
+    run does not hold. A line starting `!` names each method with more than 10% of its evaluation
+    or training completions cut off at the token budget."""
     labels = list(runs)
     methods = [m for m in METHOD_TABLE if any(m in r["methods"] for r in runs.values())]
     lines = _table(["method"] + labels,
@@ -117,6 +119,9 @@ def summary_tables(runs: dict[str, dict]) -> str:
     unfinished = [f"{label} ({', '.join(r['pending'])})" for label, r in runs.items() if r.get("pending")]
     if unfinished:
         lines += ["", "not finished: " + "; ".join(unfinished)]
+    cut_off = [f"! {label}: {line}" for label, r in runs.items() for line in cut_off_warnings(r)]
+    if cut_off:
+        lines += [""] + cut_off
     lines += ["", "Scores: mean over seeds [95% interval over seeds, then questions] (each seed's score); "
                   f"{SPREAD_MARK.strip()} = the seeds differ more than the questions explain (p < 0.05)."]
     return "\n".join(lines)

@@ -43,30 +43,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def stop_on_sigterm() -> None:
-    """End the command on SIGTERM (`kill`, a scheduler's preemption, torchrun stopping its
-    workers) as Ctrl-C would: `finally` blocks run, so a stopped call's time is recorded and
-    nothing half-written is left behind; every stage resumes from what was finished."""
-    import signal
-    import threading
-
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop)
-
-
 def main(argv: list[str] | None = None) -> int:
+    """`spd-lens ARGS`: 0 when done, 2 on a bad input (one line saying what and the fix), 130 / 143
+    when stopped by Ctrl-C / SIGTERM (one line saying what was kept and the command to resume)."""
+    from spd_lens.cli import stopping
+
     if argv is None:  # the console command (a test calling main([...]) keeps its own handlers)
-        stop_on_sigterm()
-    args = build_parser().parse_args(argv)
+        stopping.stop_on_sigterm()
+    words = sys.argv[1:] if argv is None else list(argv)
+    stopping.keep(None)
     try:
-        if args.threads is not None:
-            _set_threads(args.threads)
-        code = args.func(args)
-        Processes.current().close()  # under torchrun: leave the process group together
-        return code
-    except SpdLensError as err:
-        print(f"spd-lens {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+        try:
+            if args.threads is not None:
+                _set_threads(args.threads)
+            code = args.func(args)
+            Processes.current().close()  # under torchrun: leave the process group together
+            return code
+        except SpdLensError as err:
+            print(f"spd-lens {args.command}: error: {err}", file=sys.stderr)
+            return 2
+    except (KeyboardInterrupt, stopping.Stopped) as stop:
+        import signal
+
+        signum = stop.signum if isinstance(stop, stopping.Stopped) else signal.SIGINT
+        print(stopping.line_for(words, signum), file=sys.stderr, flush=True)
+        return 128 + signum

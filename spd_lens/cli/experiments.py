@@ -6,13 +6,14 @@ import argparse
 import re
 import sys
 
-from spd_lens.cli import common
+from spd_lens.cli import common, stopping
 from spd_lens.errors import SpdLensError
 from spd_lens.processes import Processes
 
 
 def run_and_report(config, out, reuse=(), seeds=None) -> int:
-    from spd_lens.experiment import format_table, run_experiment
+    from spd_lens.experiment import run_experiment
+    from spd_lens.report import format_table
 
     metrics = run_experiment(config, out, progress=common.progress_labelled,
                              log=lambda m: print(f"[spd-lens] {m}", flush=True), reuse=reuse, seeds=seeds)
@@ -45,8 +46,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = common.with_flags(load_config(args.config), args)
     if args.methods is not None:
         check_methods(args.methods)
+        outside = [m for m in args.methods if m not in config.methods]
+        if outside:
+            raise SpdLensError(f"--methods {','.join(args.methods)}: {', '.join(outside)} not among the methods of "
+                               f"{args.config} ({', '.join(config.methods)}); add it to the config's `methods` "
+                               "list, or run a subset of those")
         config = dataclasses.replace(config, methods=args.methods)
     out = args.out or str(Path("runs") / config.name)
+    stopping.keep(lambda: stopping.run_kept(config, out))
     if args.data_only:
         if args.seeds is not None:
             raise SpdLensError(f"--seeds {','.join(map(str, args.seeds))} with --data-only: the data gate compares "
@@ -87,6 +94,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from spd_lens.config import load_config
 
     config = common.with_runtime(load_config(files("spd_lens") / "configs" / "quick.toml"), args)
+    stopping.keep(lambda: stopping.run_kept(config, args.out))
     return run_and_report(config, args.out)
 
 
@@ -114,6 +122,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     config = common.with_flags(load_config(args.config), args)
     out = Path(args.out or Path("runs") / f"{config.name}-ablation")
+    stopping.keep(lambda: stopping.ablation_kept(out))
     rows = run_ablation(config, out, progress=common.progress_labelled("ablation"))
     print(f"{'rank':>5} {'layers':>8} {'alpha':>5} {'head':>4} {'score':>6}  {'loss':>7}")
     for r in rows:
@@ -128,7 +137,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from spd_lens.ablate import refresh_controls, write_ablation_report
     from spd_lens.attribution import write_heads_report
-    from spd_lens.experiment import format_table, write_run_report
+    from spd_lens.report import format_table, write_run_report
 
     run_dir = Path(args.run_dir)
     if (run_dir / "ablation.json").is_file():
@@ -143,7 +152,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"data gate: {run_dir / 'data_gate.json'} (comparisons recomputed from the kept verdicts)")
         return 0
     else:
-        path = write_run_report(run_dir)
+        path = write_run_report(run_dir, plotly=args.plotly, log=print)
         print(format_table(json.loads((run_dir / "metrics.json").read_text())))
     print(f"report: {path}")
     return 0
@@ -204,16 +213,16 @@ def natural_key(text: str) -> list:
 
 def register(commands) -> None:
     demo = commands.add_parser("demo", help="the main job: the quick SPD comparison on the default model")
-    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--out", default="runs/demo", help="run directory (default %(default)s; resumed when it exists)")
     common.add_runtime_args(demo, config=True)
     demo.set_defaults(func=cmd_demo)
 
     run = commands.add_parser("run", help="a full experiment from a TOML config (resumable)")
-    run.add_argument("config")
+    run.add_argument("config", help="TOML config (spd_lens/configs/*.toml, experiments/**/*.toml; see docs/runs.md)")
     run.add_argument("--out", help="run directory (default runs/<config name>)")
     run.add_argument("--methods", type=lambda t: [m for m in t.split(",") if m],
-                     help="comma-separated subset of the config's methods to run now (a run directory accepts "
-                          "more methods later)")
+                     help="comma-separated subset of the config's methods to run now; a method the config "
+                          "does not list is refused (a run directory accepts the others later)")
     run.add_argument("--seeds", type=seed_list,
                      help="comma-separated subset of the config's seeds to run now, e.g. one seed per process "
                           "or machine, each with its own --out (a directory holds one process at a time)")
@@ -229,7 +238,7 @@ def register(commands) -> None:
 
     plan = commands.add_parser("plan", help="check a config and its data, count each stage's work and estimate "
                                             "its time, without running a model")
-    plan.add_argument("config")
+    plan.add_argument("config", help="TOML config to check and plan")
     plan.add_argument("--ablate", action="store_true", help="plan `spd-lens ablate CONFIG` (the [ablate] grid) "
                                                              "instead of `spd-lens run CONFIG`")
     plan.add_argument("--figures", help="throughput JSON from benchmarks/gpu_check.py (its last line) to estimate "
@@ -238,7 +247,7 @@ def register(commands) -> None:
     plan.set_defaults(func=cmd_plan)
 
     ablate = commands.add_parser("ablate", help="sweep ranks x layers x alphas (x heads) of projected decoding")
-    ablate.add_argument("config")
+    ablate.add_argument("config", help="TOML config whose [ablate] section gives the grid")
     ablate.add_argument("--out", help="run directory (default runs/<config name>-ablation)")
     common.add_sandbox_flags(ablate)
     common.add_runtime_args(ablate, config=True)
@@ -264,5 +273,9 @@ def register(commands) -> None:
                                                 "attribution (heads.json) "
                                                 "or a data gate (data_gate.json: its comparisons recomputed from the kept "
                                                 "verdicts)")
-    report.add_argument("run_dir")
+    report.add_argument("run_dir", help="a directory written by spd-lens run, ablate, or run --data-only")
+    report.add_argument("--plotly", choices=["file", "cdn", "inline"], default="file",
+                        help="how a run's report.html gets plotly.js: file (default: one plotly.min.js written "
+                             "beside it, the page stays small), cdn (linked from cdn.plot.ly: needs the network to "
+                             "view) or inline (embedded: one self-contained file of about 5 MB)")
     report.set_defaults(func=cmd_report)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from spd_lens.cli import common
+from spd_lens.cli import common, stopping
 from spd_lens.cli.common import DEFAULT_MODEL, int_list
 from spd_lens.errors import SpdLensError
 from spd_lens.processes import Processes
@@ -96,6 +96,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             num_samples=args.num_samples,
                             seed=args.seed, batch_size=args.batch_size)
     examples = task.examples(args.split, n=args.n, seed=args.seed)
+    stopping.keep(lambda: stopping.jsonl_kept(args.out))
     provenance: dict = {"split": args.split}  # the projection is recorded from the model (hooks or folded weights)
     hooks = nullcontext()
     if args.subspace:

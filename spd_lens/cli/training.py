@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from spd_lens.cli import common
+from spd_lens.cli import common, stopping
 from spd_lens.cli.common import DEFAULT_MODEL
 from spd_lens.errors import SpdLensError
 from spd_lens.processes import Processes
@@ -20,6 +20,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(lora=not args.full, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                          grad_accum=args.grad_accum, loss_on=args.loss_on, checkpoint_every=args.checkpoint_every,
                          truncated=args.truncated, seed=args.seed)
+    stopping.keep(lambda: stopping.training_kept(args.out))
     out = train_on_jsonl(args.model, args.data, args.out, config, runtime=common.runtime(args),
                          progress=common.progress_labelled("train"))
     if PartialState().is_main_process:  # once, not once per process under torchrun
@@ -70,6 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(json.dumps({"task": previous["task"], "score": previous["score"], "ci": previous["ci"],
                               "n": previous["n"]}))
             return 0
+    stopping.keep(lambda: stopping.jsonl_kept(out.with_suffix(".generations.jsonl")))
     result = evaluate(model, tokenizer, task, n=args.n, split=args.split, seed=args.seed, config=config,
                       generations=out.with_suffix(".generations.jsonl"), progress=common.progress_labelled("eval"))
     extra = {}
