@@ -13,6 +13,8 @@
 #        math-hard-seed2 math-hard-chosen ood gate-test-clean (the test gate with fresh test-split
 #        random draws: `nohup nice -n 10 experiments/study/run.sh runs/study gate-test-clean
 #        > runs/study/gate-test-clean.log 2>&1 &`, resumable; it copies its table into the kept copy)
+#        Gemma-3-270M, pre-registered (RESULTS.md), in this order: gemma-presets gemma-gate
+#        gemma-gate-test gemma-gate-data gemma-main (not in the default list: run them by name)
 #        math-easy code mc; `tables` (the rerun's tables so far, spd-lens summary); and `keep`
 # `keep` copies every rerun's finished files (evaluations, training data and its quality, subspaces,
 # metrics; not the adapters) into experiments/results/study/NAME/ to be committed: a rerun step whose
@@ -23,6 +25,7 @@ cd "$(dirname "$0")/../.."
 RUNS="${1:-runs/study}"
 shift || true
 BIN="$(command -v spd-lens || echo .venv/bin/spd-lens)"
+PY="$(dirname "$BIN")/python"; [ -x "$PY" ] || PY=python3
 SPD=("$BIN" --threads "${SPD_LENS_THREADS:-2}")
 STUDY=experiments/study
 KEPT="${SPD_LENS_KEPT:-experiments/results/study}"
@@ -51,6 +54,7 @@ restore() {
 }
 
 ablate() { "${SPD[@]}" ablate "$STUDY/$1.toml" --out "$RUNS/$1"; }
+gemma() { "$PY" "$STUDY/gemma_rules.py" "$1" "$RUNS" "${@:2}"; }
 
 # Copies a finished file or directory from one run into another when the target lacks it; the
 # run that finds it checks its settings before using it (and refuses it if they differ). The copy
@@ -166,6 +170,34 @@ step() {
       # The data gate first; training waits on it (see mc.toml).
       "${SPD[@]}" run "$STUDY/rerun/mc.toml" --data-only --out "$RUNS/mc"
       "${SPD[@]}" run "$STUDY/rerun/mc.toml" --methods base,hook-only --out "$RUNS/mc" ;;
+    # Gemma-3-270M (RESULTS.md "Gemma-3-270M: pre-registered"): each step takes its config from
+    # gemma_rules.py, which applies the pre-registered rules to the finished steps before it.
+    gemma-presets)
+      "${SPD[@]}" run "$STUDY/gemma-preset-hard.toml" --out "$RUNS/gemma-preset-hard"
+      "${SPD[@]}" run "$STUDY/gemma-preset-easy.toml" --out "$RUNS/gemma-preset-easy"
+      echo "gemma preset (base k-shot score on dev in [0.1, 0.5]): $(gemma preset)" >&2 ;;
+    gemma-gate) "${SPD[@]}" ablate "$(gemma config gemma-gate)" --out "$RUNS/gemma-gate" ;;
+    gemma-gate-test) "${SPD[@]}" ablate "$(gemma config gemma-gate-test)" --out "$RUNS/gemma-gate-test" ;;
+    gemma-gate-data)
+      "${SPD[@]}" run "$(gemma config gemma-gate-data)" --data-only --out "$RUNS/gemma-gate-data"
+      # At the hook-only gate's chosen cell too, when it chose one.
+      if chosen=$(gemma config gemma-gate-data-chosen 2>/dev/null); then
+        "${SPD[@]}" run "$chosen" --data-only --out "$RUNS/gemma-gate-data-chosen"
+      fi ;;
+    gemma-main)
+      local gates
+      gates=$(gemma passed)
+      if [ -z "$gates" ]; then
+        echo "gemma-main: no gate's gradient - random interval is above zero; as pre-registered, the gates are the answer for this model" >&2
+        return 0
+      fi
+      echo "gates passed: $gates" >&2
+      if grep -q -e "data gate gemma-gate-data$" -e "rank 128, layers 9,17, k,v$" <<< "$gates"; then
+        "${SPD[@]}" run "$(gemma config gemma-main)" --out "$RUNS/gemma-main"
+      fi
+      if grep -q -e "gemma-gate-data-chosen" <<< "$gates" || grep "hook-only on test" <<< "$gates" | grep -qv "rank 128, layers 9,17, k,v$"; then
+        "${SPD[@]}" run "$(gemma config gemma-main-chosen)" --out "$RUNS/gemma-main-chosen"
+      fi ;;
     tables)
       # The rerun's tables (RESULTS.md), from the runs that have metrics so far; prints, runs nothing.
       local runs=() name

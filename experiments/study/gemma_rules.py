@@ -1,0 +1,114 @@
+"""The Gemma-3-270M study's pre-registered rules (RESULTS.md "Gemma-3-270M: pre-registered"),
+applied mechanically to finished run directories, so that no choice is made by hand:
+
+    python experiments/study/gemma_rules.py preset RUNS      # hard | easy | none (step 1)
+    python experiments/study/gemma_rules.py config RUNS NAME # the config to run for step NAME
+    python experiments/study/gemma_rules.py passed RUNS      # which gates passed (step 4 runs if any)
+
+`config` prints experiments/study/NAME.toml when step 1 chose "hard", else writes the same file
+with the chosen preset under RUNS/gemma-configs/ and prints that path; for `gemma-gate-test`,
+`gemma-gate-data-chosen` and `gemma-main-chosen` it writes the config from the hook-only gate's
+chosen cell (and fails while there is none).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+STUDY = Path(__file__).resolve().parent
+LOW, HIGH = 0.1, 0.5  # the k-shot base score on dev a preset must have
+
+
+def preset(runs: Path) -> str:
+    for name in ("hard", "easy"):
+        metrics = runs / f"gemma-preset-{name}" / "metrics.json"
+        if not metrics.is_file():
+            raise SystemExit(f"step 1 has not run for preset {name!r} ({metrics} is missing)")
+        if LOW <= json.loads(metrics.read_text())["methods"]["base"]["score"] <= HIGH:
+            return name
+    return "none"
+
+
+def chosen_cell(runs: Path) -> dict | None:
+    """The dev gate's cell with the largest gradient - random difference whose interval is above zero."""
+    table = runs / "gemma-gate" / "ablation.json"
+    if not table.is_file():
+        raise SystemExit(f"the hook-only gate has not finished ({table} is missing)")
+    above = [c for c in json.loads(table.read_text())["controls"] if c["ci"][0] > 0]
+    return max(above, key=lambda c: c["difference"]) if above else None
+
+
+def _text(name: str, runs: Path) -> str:
+    text = (STUDY / f"{name}.toml").read_text()
+    choice = preset(runs)
+    if choice == "none":
+        raise SystemExit("step 1 found no preset with a base score in [0.1, 0.5]: the Gemma study stops there")
+    return text.replace('preset = "hard"', f'preset = "{choice}"')
+
+
+def _cell_lines(cell: dict) -> tuple[list[int], str]:
+    layers = [int(x) for x in str(cell["layers"]).split(",")]
+    kinds = ", ".join(f'"{k}"' for k in str(cell["kinds"]).split(","))
+    return layers, kinds
+
+
+def config(runs: Path, name: str) -> Path:
+    out = runs / "gemma-configs" / f"{name}.toml"
+    if name in ("gemma-gate-test", "gemma-gate-data-chosen", "gemma-main-chosen"):
+        cell = chosen_cell(runs)
+        if cell is None:
+            raise SystemExit("the hook-only gate chose no cell (no interval above zero): nothing to confirm or train at it")
+        layers, kinds = _cell_lines(cell)
+        if name == "gemma-gate-test":
+            # The chosen cell and the paper's, on test, fresh test-split draws, the 3 subspace seeds.
+            text = _text("gemma-gate", runs).replace("study-gemma-gate", "study-gemma-gate-test")
+            text = text.replace('eval_split = "dev"\neval_n = 300', 'eval_split = "test"\neval_n = 500')
+            # ablate runs the product of ranks, layer sets and kinds: the two cells' values, each
+            # once (as gate-test did: up to 8 cells, the chosen and the paper's among them).
+            unique = lambda *values: [v for i, v in enumerate(values) if v not in values[:i]]  # noqa: E731
+            grid = text[text.index("[ablate]"):]
+            text = text.replace(grid, "[ablate]\nranks = %s\nlayer_sets = %s\nkind_sets = %s\n"
+                                "random_draws = 4\nsubspace_seeds = [0, 1, 2]\nloss_n = 16\n"
+                                % (unique(int(cell["rank"]), 128), unique(layers, [9, 17]),
+                                   "[" + ", ".join(f"[{k}]" for k in unique(kinds, '"k", "v"')) + "]"))
+        else:
+            base = "gemma-gate-data" if name == "gemma-gate-data-chosen" else "gemma-main"
+            text = _text(base, runs).replace(f"study-{base}", f"study-{name}")
+            text = text.replace("layers = [9, 17]\nrank_frac = 0.5", f"layers = {layers}\nrank = {cell['rank']}")
+            text = text.replace("[sampling]", f"[projection]\nkinds = [{kinds}]\n\n[sampling]")
+    else:
+        text = _text(name, runs)
+        if 'preset = "hard"' in text:
+            return STUDY / f"{name}.toml"
+        text = text.replace(f'name = "study-{name}"', f'name = "study-{name}-easy"')
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return out
+
+
+def passed(runs: Path) -> list[str]:
+    """The gates whose gradient - random interval is above zero (pre-registered condition of step 4)."""
+    gates = []
+    test = runs / "gemma-gate-test" / "ablation.json"
+    if test.is_file():
+        gates += [f"hook-only on test: rank {c['rank']}, layers {c['layers']}, {c['kinds']}"
+                  for c in json.loads(test.read_text())["controls"] if c["ci"][0] > 0]
+    for name in ("gemma-gate-data", "gemma-gate-data-chosen"):
+        gate = runs / name / "data_gate.json"
+        if gate.is_file() and json.loads(gate.read_text())["comparisons"]["spd - spd-random"]["ci"][0] > 0:
+            gates.append(f"data gate {name}")
+    return gates
+
+
+if __name__ == "__main__":
+    command, runs = sys.argv[1], Path(sys.argv[2])
+    if command == "preset":
+        print(preset(runs))
+    elif command == "config":
+        print(config(runs, sys.argv[3]))
+    elif command == "passed":
+        print("\n".join(passed(runs)))
+    else:
+        raise SystemExit(__doc__)
