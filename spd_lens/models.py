@@ -180,10 +180,12 @@ def boot(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Trans
     bridge_tokenizer.init_kwargs = {
         **tokenizer.init_kwargs, "name_or_path": model_id or "local-model", "add_bos_token": True
     }
+    linears = kv_linears(hf_model)  # before booting, which rewires the modules
     bridge = TransformerBridge.boot_transformers(
         model_id or "local-model", hf_model=hf_model, tokenizer=bridge_tokenizer, device=hf_model.device,
         dtype=hf_model.dtype,
     )
+    check_kv_hook_points(bridge, linears)
     # Rendered chat text already starts with its own special tokens: TransformerLens's default of
     # prepending a BOS would give `model.to_tokens(text)` / `model(text)` a second `<|im_start|>`
     # (different ids and logits from spd_lens's own encoding). `prepend_bos=True` still adds one.
@@ -191,6 +193,53 @@ def boot(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Trans
         bridge.cfg.default_prepend_bos = False
     bridge.eval()
     return bridge
+
+
+def kv_linears(hf_model: PreTrainedModel) -> dict[tuple[int, str], torch.nn.Module]:
+    """Each layer's `k_proj` / `v_proj` linear: where spd_lens takes K/V gradients, projects and folds.
+
+    Models whose attention has no separate k_proj / v_proj (fused qkv) are refused by name: the
+    projection point and folding are defined on those two linears.
+
+    Example:
+        >>> model, _ = load_hf("tiny")
+        >>> sorted(kv_linears(model))[:2]
+        [(0, 'k'), (0, 'v')]
+    """
+    try:
+        layers = hf_model.model.layers
+        return {(index, kind): getattr(layer.self_attn, f"{kind}_proj") for index, layer in enumerate(layers)
+                for kind in ("k", "v")}
+    except AttributeError as err:
+        raise SpdLensError(
+            f"{type(hf_model).__name__} has no model.layers[i].self_attn.k_proj / v_proj ({err}): spd_lens takes "
+            "K/V gradients, projects and folds on those linears (Llama, Qwen2, Qwen3, Gemma 3, Mistral and their "
+            "relatives have them; see docs/gpu.md for the architectures tested)") from err
+
+
+def check_kv_hook_points(bridge: TransformerBridge, linears: dict[tuple[int, str], torch.nn.Module]) -> None:
+    """Refuses a bridge whose `blocks.{l}.attn.hook_k` / `hook_v` is not the output of that layer's
+    `k_proj` / `v_proj` linear.
+
+    spd_lens projects K and V at that point three ways that must agree: hooks on the bridge, hooks
+    on the plain model's linears, and the map folded into the linear's weights. On models with a
+    key norm after `k_proj` (Qwen3, Gemma 3) TransformerLens 4.x keeps `hook_k` on the linear's
+    output, before the norm (`hook_k_normed` is after it), so the three agree exactly; a version
+    that moved `hook_k` after the norm would make bridge projections and gradients differ from the
+    folded model's, and is refused here rather than silently used.
+    """
+    for (layer, kind), linear in linears.items():
+        attention = bridge.blocks[layer].attn
+        wrapper = getattr(attention, kind, None)
+        point = bridge.hook_dict.get(f"blocks.{layer}.attn.hook_{kind}")
+        if wrapper is None or point is None or point is not getattr(wrapper, "hook_out", None) or \
+                getattr(wrapper, "original_component", None) is not linear:
+            raise SpdLensError(
+                f"this TransformerLens bridge's blocks.{layer}.attn.hook_{kind} is not the output of layer {layer}'s "
+                f"{kind}_proj: spd_lens projects K/V on that output (before RoPE and any key norm), where folding "
+                "into the weights is exact; a hook elsewhere would give bridge results that differ from the folded "
+                "model's. Use the plain model (spd_lens.load_hf) or a transformer-lens version that keeps hook_k "
+                "on k_proj's output (4.3 does)")
 
 
 def model_id(model: TransformerBridge | PreTrainedModel) -> str:

@@ -18,6 +18,8 @@ Example:
     >>> runtime = Runtime.resolve("cpu", "bfloat16")
     >>> runtime.describe()
     {'device': 'cpu', 'dtype': 'bfloat16'}
+    >>> runtime.banner().startswith("runtime: device cpu, dtype bfloat16, torch ")
+    True
     >>> Runtime.resolve("auto", "auto").dtype in (torch.float32, torch.bfloat16)
     True
 """
@@ -26,7 +28,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import warnings
 from contextlib import nullcontext
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +90,19 @@ class Runtime:
     def __str__(self) -> str:
         return f"{self.device} {dtype_name(self.dtype)}"
 
+    def banner(self) -> str:
+        """One line saying what this runtime resolved to and which torch runs it: what every CLI
+        command that loads a model prints first (`describe()` is the part recorded with results).
+
+        Example:
+            >>> Runtime.resolve("cpu", "float32").banner()  # doctest: +ELLIPSIS
+            'runtime: device cpu, dtype float32, torch ..., CUDA available: ...'
+        """
+        available = "yes" if torch.cuda.is_available() else "no"
+        where = f" ({torch.cuda.get_device_name(self.device)})" if self.is_cuda else ""
+        return (f"runtime: device {self.device}{where}, dtype {dtype_name(self.dtype)}, torch {torch.__version__} "
+                f"({torch_build()}), CUDA available: {available}")
+
     @property
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
@@ -116,6 +134,48 @@ class Runtime:
         if self.is_cuda and self.device.index is not None:
             return torch.cuda.device(self.device)
         return nullcontext()
+
+
+CUDA_INDEX_EXAMPLE = "https://download.pytorch.org/whl/cu128"
+
+
+def torch_build() -> str:
+    """Which build of torch this is: "CPU-only build", "CUDA 12.8 build" or "ROCm 6.4 build".
+
+    Example:
+        >>> torch_build() in ("CPU-only build", f"CUDA {torch.version.cuda} build", f"ROCm {torch.version.hip} build")
+        True
+    """
+    if torch.version.cuda:
+        return f"CUDA {torch.version.cuda} build"
+    if getattr(torch.version, "hip", None):
+        return f"ROCm {torch.version.hip} build"
+    return "CPU-only build"
+
+
+def nvidia_gpu_visible() -> bool:
+    """Whether this machine shows an NVIDIA GPU (a driver loaded or `nvidia-smi` installed), whatever
+    torch makes of it."""
+    return Path("/proc/driver/nvidia/gpus").is_dir() or shutil.which("nvidia-smi") is not None
+
+
+def unused_gpu_advice() -> str | None:
+    """Why torch cannot use the NVIDIA GPU this machine shows, and the fix; None when there is no
+    such GPU or torch uses it. `Runtime.resolve("auto")` warns with it when it falls back to the CPU.
+
+    Example:
+        >>> unused_gpu_advice() is None or "run.sh setup" in unused_gpu_advice()
+        True
+    """
+    if torch.cuda.is_available() or not nvidia_gpu_visible():
+        return None
+    fix = (f"reinstall torch for your driver's CUDA version (nvidia-smi shows it), e.g. "
+           f"`SPD_LENS_TORCH_INDEX={CUDA_INDEX_EXAMPLE} bash run.sh setup` or "
+           f"`pip install --force-reinstall torch==<version> --index-url {CUDA_INDEX_EXAMPLE}` (see docs/gpu.md)")
+    if torch.version.cuda is None:
+        return f"this machine has an NVIDIA GPU but torch {torch.__version__} is a CPU-only build, so 'auto' runs on the CPU: {fix}"
+    return (f"this machine has an NVIDIA GPU but torch {torch.__version__} (built for CUDA {torch.version.cuda}) cannot "
+            f"use it (a driver older than that CUDA version?), so 'auto' runs on the CPU: {fix}")
 
 
 def avoid_cudnn_attention(device: str | torch.device) -> None:
@@ -153,6 +213,9 @@ def _resolve_device(spec: str | torch.device | None) -> torch.device:
     spec = check_device("auto" if spec is None else spec)
     if spec == "auto":
         if not torch.cuda.is_available():
+            advice = unused_gpu_advice()
+            if advice:
+                warnings.warn(advice, RuntimeWarning, stacklevel=3)
             return torch.device("cpu")
         spec = "cuda"
     if spec == "cpu":
@@ -161,7 +224,7 @@ def _resolve_device(spec: str | torch.device | None) -> torch.device:
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
         raise SpdLensError(f"device {spec!r} was asked for, but this machine has no usable CUDA device (torch "
                            f"{torch.__version__}, {build}): use device 'cpu' or 'auto', or install a CUDA build "
-                           "of torch (SPD_LENS_TORCH in run.sh)")
+                           f"of torch (`SPD_LENS_TORCH_INDEX={CUDA_INDEX_EXAMPLE} bash run.sh setup`, see docs/gpu.md)")
     count = torch.cuda.device_count()
     if spec == "cuda":
         local_rank = os.environ.get("LOCAL_RANK")

@@ -39,9 +39,20 @@ def add_runtime_args(parser: argparse.ArgumentParser, config: bool = False) -> N
 
 
 def runtime(args: argparse.Namespace):
+    """The runtime of --device / --dtype, announced (`announce_runtime`): commands call it before loading a model."""
     from spd_lens.runtime import Runtime
 
-    return Runtime.resolve(args.device, args.dtype)
+    return announce_runtime(Runtime.resolve(args.device, args.dtype))
+
+
+def announce_runtime(resolved):
+    """Prints the resolved runtime's one line (device, dtype, torch build, CUDA available) first, once
+    per process on the main process, and returns it."""
+    from spd_lens.processes import Processes
+
+    if Processes.current().is_main:
+        print(resolved.banner(), flush=True)
+    return resolved
 
 
 def with_runtime(config, args: argparse.Namespace):

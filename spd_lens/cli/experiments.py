@@ -43,7 +43,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from spd_lens.config import check_methods, load_config
 
-    config = common.with_flags(load_config(args.config), args)
+    config = common.with_flags(load_config(args.config, overrides=args.override), args)
+    common.announce_runtime(config.model.runtime())
     if args.methods is not None:
         check_methods(args.methods)
         outside = [m for m in args.methods if m not in config.methods]
@@ -95,6 +96,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config = common.with_runtime(load_config(files("spd_lens") / "configs" / "quick.toml"), args)
     stopping.keep(lambda: stopping.run_kept(config, args.out))
+    common.announce_runtime(config.model.runtime())
     return run_and_report(config, args.out)
 
 
@@ -121,6 +123,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from spd_lens.config import load_config
 
     config = common.with_flags(load_config(args.config), args)
+    common.announce_runtime(config.model.runtime())
     out = Path(args.out or Path("runs") / f"{config.name}-ablation")
     stopping.keep(lambda: stopping.ablation_kept(out))
     rows = run_ablation(config, out, progress=common.progress_labelled("ablation"))
@@ -220,6 +223,9 @@ def register(commands) -> None:
     run = commands.add_parser("run", help="a full experiment from a TOML config (resumable)")
     run.add_argument("config", help="TOML config (spd_lens/configs/*.toml, experiments/**/*.toml; see docs/runs.md)")
     run.add_argument("--out", help="run directory (default runs/<config name>)")
+    run.add_argument("--override", action="append", default=[], metavar="TOML",
+                     help="a TOML file merged on top of the config, key by key (repeatable, later files win), e.g. "
+                          "experiments/paper/smoke.toml: the paper's config with only its model and sizes shrunk")
     run.add_argument("--methods", type=lambda t: [m for m in t.split(",") if m],
                      help="comma-separated subset of the config's methods to run now; a method the config "
                           "does not list is refused (a run directory accepts the others later)")
