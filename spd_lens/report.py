@@ -211,8 +211,7 @@ def _what_ran(run_dir: Path, metrics: dict, config: dict) -> list[tuple[str, str
             f"{k} {v:.0f} s" for k, v in stages.items()) + ")"
     hashes = recorded_hashes(run_dir, metrics, config)
     weights = [f"{k} {v}" for k, v in hashes.items() if "weights" in k]
-    rows = [("model", f"{metrics.get('model')}" + (f"; weights {'; '.join(weights)}" if weights
-                                                   else "; weights id not recorded by this run")),
+    rows = [("model", f"{metrics.get('model')}; " + ("; ".join(weights) if weights else "weights id not recorded by this run")),
             ("task", task_line), ("data", str(data)),
             ("methods", ", ".join(metrics["methods"])),
             ("seeds", ", ".join(map(str, seeds)) + (f" (missing: {', '.join(map(str, missing))})" if missing else "")),
