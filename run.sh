@@ -25,11 +25,32 @@ setup() {
   touch "$STAMP"
 }
 
+# --- the report's browser check (tests/test_report.py) needs a Chromium; only `test` calls this ---
+ensure_browser() {
+  if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
+    return
+  fi
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo -n"
+  if command -v apt-get >/dev/null 2>&1 && { [ -z "$sudo" ] || sudo -n true 2>/dev/null; }; then
+    echo "installing chromium (Debian package) for the report's browser check..." >&2
+    if $sudo apt-get update -qq >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+        && command -v chromium >/dev/null 2>&1; then
+      return
+    fi
+  fi
+  if [ "${CI:-}" = "true" ]; then
+    echo "error: no Chromium and it could not be installed (apt-get install chromium); CI needs it for the report's browser check" >&2
+    exit 1
+  fi
+  echo "note: no Chromium (apt-get install chromium): the report's browser check will be skipped" >&2
+}
+
 command="${1:-}"
 shift || true
 case "$command" in
   setup) setup ;;
   demo) setup; exec "$VENV/bin/spd-lens" demo "$@" ;;
-  test) setup; exec "$VENV/bin/python" -m pytest "$@" ;;
+  test) setup; ensure_browser; exec "$VENV/bin/python" -m pytest "$@" ;;
   *) echo "usage: bash run.sh {demo|test|setup} [options]" >&2; exit 2 ;;
 esac
