@@ -53,9 +53,12 @@ from spd_lens.evaluate import (evaluate, evaluate_mc, paired_difference, seeded_
 from spd_lens.extract import extract_subspace
 from spd_lens.methods import METHOD_TABLE
 from spd_lens.models import load_hf, load_tokenizer
+from spd_lens.precision import Precision
 from spd_lens.processes import Processes
 from spd_lens.projection import Projection
-from spd_lens.sampling import SamplingConfig, generate_jsonl
+from spd_lens.sampling import SamplingConfig, finished_generations, generate_jsonl, generation_settings
+from spd_lens.stages import NO_EFFECT as STAGE_NO_EFFECT
+from spd_lens.stages import Stage, effective, examples_hash, runtime_record, weights_id
 from spd_lens.sandbox import summarise_isolation
 from spd_lens.subspace import META_FILE as SUBSPACE_META
 from spd_lens.subspace import CapabilitySubspace, config_hash, random_like
@@ -74,7 +77,9 @@ RESULT_SETTINGS = {
     "plain": ["model", "task", "eval", "sampling", "train"],
     "ssd": ["model", "task", "eval", "sampling", "ssd", "train"],
 }
-NO_EFFECT = {"train.checkpoint_every"}
+NO_EFFECT = STAGE_NO_EFFECT  # settings that change no stage's output (spd_lens.stages): never block
+INPUTS_FILE = "inputs.json"  # what the run's stages read: data contents, resolved runtime, weights id
+RUN_ONLY = ("name", "seeds", "methods", "sandbox", "spd_lens_version")  # what is run, not what a result is
 
 
 # Paired differences every run reports: each method against the base model, and SPD against the
@@ -85,12 +90,7 @@ COMPARISONS = [(m, "base") for m in METHOD_TABLE if m != "base"] + [
 
 def _result_settings(config: dict, sections: Sequence[str]) -> dict:
     """The sections of a resolved config that can change a reused result, less `NO_EFFECT` keys."""
-    picked = canonical({section: config.get(section) for section in sections})
-    for key in NO_EFFECT:
-        section, name = key.split(".")
-        if isinstance(picked.get(section), dict):
-            picked[section].pop(name, None)
-    return picked
+    return effective({section: config.get(section) for section in sections}, NO_EFFECT)
 
 
 def _loglik_summary(loglik: dict) -> dict:
@@ -136,7 +136,7 @@ class Run:
         self.log = (log if self.processes.is_main else None) or (lambda message: None)
         self.runtime = config.model.runtime()  # fails here, before any work, when the device is absent
         # Under torchrun every process runs every stage on its shard; the main one writes the files.
-        self._base = None
+        self._base = self._eval_base = None
         # Difficulty and shots from [task]; shots left unset depend on the model's chat template.
         # Only the tokenizer is loaded for that: the model waits until a stage needs it.
         tokenizer = load_tokenizer(config.model.name) if config.task.shots is None else None
@@ -152,6 +152,16 @@ class Run:
         if self._base is None:
             self._base = load_hf(self.config.model.name, self.runtime)
         return self._base
+
+    def evaluation_base(self):
+        """The base model as evaluations see it: in the precision policy's evaluation dtype
+        (float32, `spd_lens.precision`), like every trained model it is compared with."""
+        runtime = Precision.of(self.runtime).evaluation_runtime()
+        if runtime == self.runtime:
+            return self.base_model()
+        if self._eval_base is None:
+            self._eval_base = load_hf(self.config.model.name, runtime)
+        return self._eval_base
 
     def _bar(self, label: str):
         return self.progress(label) if self.progress and self.processes.is_main else None
@@ -219,11 +229,34 @@ class Run:
                 return self._timed("generate", lambda: generate_jsonl(
                     model, tokenizer, examples, path, config, task=self.task.name, provenance=provenance,
                     progress=self._bar(f"generate {method}")))
+        self._reuse_generations(path, generation_settings(model, examples, config, task=self.task.name,
+                                                          provenance=provenance), len(examples) * config.num_samples)
         if not path.is_file():
             self.log(f"self-generation for {method} (seed {seed})")
         return self._timed("generate", lambda: generate_jsonl(
             model, tokenizer, examples, path, config, task=self.task.name, provenance=provenance,
             progress=self._bar(f"generate {method}")))
+
+    def _reuse_generations(self, path: Path, settings: dict, count: int) -> None:
+        """Take over a `reuse` run's finished training data made with the same settings (model,
+        runtime, prompts, sampling: `generation_settings`): sampling depends on none of the
+        training settings, so an `lr` change retrains without sampling again. Unprojected
+        methods only (a projected one's subspace is not shared between runs)."""
+        partial = path.with_name(path.name + ".partial")
+        if not self.reuse or path.is_file() or partial.exists():
+            return
+        stem = f"generations/{path.stem}"
+        source = next((other / "generations" / path.name for other in self.reuse
+                       if finished_generations(other / "generations" / path.name, settings, count)), None)
+        if source is None:
+            self._decide(stem, {"reused": False, "why": "no --reuse run holds it finished with the same settings"})
+            return
+        self._decide(stem, {"reused": True, "from": str(source.parent.parent)})
+        self.processes.barrier()  # every process has looked for the file before it appears
+        if self.processes.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
+        self.processes.barrier()
 
     def sampling_config(self, method: str, seed: int) -> SamplingConfig:
         """The one [sampling] setting; ssd changes the temperature (and, when the config says so
@@ -270,7 +303,7 @@ class Run:
         result_path = self.out / "eval" / f"{stem}.json"
         if result_path.is_file():
             return json.loads(result_path.read_text())
-        reused = self._reused(method, stem)
+        reused = self._reused(method, stem, seed)
         if reused is not None:
             return reused
         c = self.config
@@ -278,7 +311,7 @@ class Run:
             adapter = self.adapter(method, seed)
             model, tokenizer = load_trained(c.model.name, adapter, runtime=self.runtime)
         else:
-            model, tokenizer = self.base_model()
+            model, tokenizer = self.evaluation_base()
         config = SamplingConfig(temperature=c.eval.temperature, max_new_tokens=self.task.max_new_tokens if c.eval.max_new_tokens is None else c.eval.max_new_tokens,
                                 seed=0, batch_size=c.eval.batch_size)
         provenance = {"method": method, "seed": seed}
@@ -304,9 +337,47 @@ class Run:
         else:
             result = self._timed("eval", run)
         result, extra = result
-        record = {**result.as_dict(), **extra, "method": method, "seed": seed}
+        record = {**result.as_dict(), **extra, "method": method, "seed": seed,
+                  "stage": self.evaluation_stage(method, seed).record()}
         self._write_json(result_path, record)
         return record
+
+    # --- what the stages read (spd_lens.stages) -------------------------------------------------
+
+    def inputs(self) -> dict:
+        """What this run's stages read (kept in RUN/inputs.json): the resolved runtime and the
+        evaluation's (`spd_lens.precision`), the weights id, and content hashes of the evaluation
+        examples, each seed's training prompts (methods that self-generate) and each seed's
+        calibration examples (methods with a subspace)."""
+        if getattr(self, "_inputs", None) is None:
+            c = self.config
+            data = {"eval": examples_hash(self.task.examples(c.task.eval_split, n=c.task.eval_n, seed=0))}
+            if any(METHOD_TABLE[m].sampling is not None for m in c.methods):
+                data["train"] = {str(s): examples_hash(self.task.examples("train", n=c.task.train_n, seed=s))
+                                 for s in c.seeds}
+            if any(METHOD_TABLE[m].subspace is not None for m in c.methods):
+                data["calibration"] = {str(s): examples_hash(self.subspace_task.examples("train", n=c.subspace.n, seed=s))
+                                       for s in c.seeds}
+            self._inputs = canonical({
+                "runtime": runtime_record(self.runtime),
+                "evaluation_runtime": runtime_record(Precision.of(self.runtime).evaluation_runtime()),
+                "weights": weights_id(c.model.name), "data": data})
+        return self._inputs
+
+    def evaluation_stage(self, method: str, seed: int | None) -> Stage:
+        """The evaluation of `method` (at `seed`) as a stage: the evaluation examples, the runtime
+        it is evaluated in, the weights, the data its training read, the settings that change it."""
+        spec, inputs = METHOD_TABLE[method], self.inputs()
+        upstream = {}
+        if spec.sampling is not None:
+            upstream["train_data"] = inputs["data"]["train"][str(seed)]
+        if spec.subspace is not None:
+            upstream["calibration"] = inputs["data"]["calibration"][str(self.config.seeds[0] if seed is None else seed)]
+        config = comparable(self.config.to_dict())
+        sections = RESULT_SETTINGS.get(spec.sampling) or [k for k in config if k not in RUN_ONLY]
+        settings = effective({k: config.get(k) for k in sections}, (*NO_EFFECT, "model.dtype", "model.device"))
+        return Stage("evaluation", data=inputs["data"]["eval"], runtime=inputs["evaluation_runtime"],
+                     weights=inputs["weights"], upstream=upstream, settings=settings)
 
     # --- the whole run ------------------------------------------------------------------------
 
@@ -321,6 +392,7 @@ class Run:
 
     def _run(self) -> dict:
         self._claim_directory()
+        self._claim_inputs()
         plan = self._plan()
         # Decided once, after _claim_directory's barrier and before any evaluation is written (a
         # computed or reused one is written only after a barrier), so every process refreshes alike.
@@ -389,7 +461,8 @@ class Run:
                        for a, b in COMPARISONS if a in outcomes and b in outcomes}
         seconds = self._stage_seconds()
         metrics = {"run": self.config.name, "task": self.task.name, "subspace_task": self.subspace_task.name,
-                   "model": self.config.model.name, "runtime": self.runtime.describe(), "methods": methods,
+                   "model": self.config.model.name, "runtime": self.runtime.describe(),
+                   "precision": Precision.of(self.runtime).describe(), "methods": methods,
                    "comparisons": comparisons,
                    "pending": [path.stem for path in (self._evaluation_path(m, s) for m, s in self._plan())
                                if not path.is_file()],
@@ -457,6 +530,7 @@ class Run:
 
     def _data_gate(self, trained: list[str]) -> dict:
         self._claim_directory()
+        self._claim_inputs()
         outcomes: dict[str, list[dict]] = {}
         for method in trained:
             for seed in self._seeds(method):
@@ -477,9 +551,11 @@ class Run:
     def _stage_seconds(self) -> dict[str, dict[str, float]]:
         return read_stage_seconds(self.out)
 
-    def _reused(self, method: str, stem: str) -> dict | None:
-        """A finished evaluation of `method` from a `reuse` run that shares every setting that can
-        change it (`RESULT_SETTINGS`); each decision is logged and kept in `reuse_decisions`."""
+    def _reused(self, method: str, stem: str, seed: int | None = None) -> dict | None:
+        """A finished evaluation of `method` from a `reuse` run made from the same inputs: the
+        settings that can change it (`RESULT_SETTINGS`), and its stage record's data, runtime,
+        weights and upstream data (`evaluation_stage`; an evaluation written before stages were
+        recorded has none, and is not reused). Each decision is logged and kept in `reuse_decisions`."""
         if not self.reuse:
             return None
         spec = METHOD_TABLE[method]
@@ -494,6 +570,9 @@ class Run:
             source = other / "eval" / f"{stem}.json"
             differences = settings_differences(_result_settings(theirs, sections), _result_settings(mine, sections),
                                                recorded="run has")
+            if not differences and source.is_file():
+                recorded = read_json_object(source, "an evaluation written by spd-lens run").get("stage")
+                differences = self.evaluation_stage(method, seed).differences(recorded, label="run has")
             if differences or not source.is_file():
                 reasons[str(other)] = differences or [f"no finished evaluation {source.name}"]
                 continue
@@ -553,12 +632,62 @@ class Run:
             ignored = ("methods", "sandbox")  # what is run, and how code runs: not what a result is
             changed = settings_differences({k: previous.get(k) for k in current if k not in ignored},
                                            {k: v for k, v in current.items() if k not in ignored}, recorded="run has")
-            changed = [c for c in changed if c.split(":")[0] not in free]
+            changed = [c for c in changed if c.split(":")[0] not in (*free, *NO_EFFECT)]
             if changed:
                 raise SpdLensError(f"{self.out} holds a run with another config (differs in {'; '.join(changed)}); "
                                    "use another --out or the same config")
         self.processes.barrier()  # everyone has read the old config before it is rewritten
         self._write_json(path, {**resolved, "spd_lens_version": spd_lens.__version__})
+
+    def _claim_inputs(self) -> None:
+        """Refuse a directory whose stages read other data, ran in another resolved runtime or on
+        other weights (`inputs`, kept in RUN/inputs.json): its finished methods and the ones this
+        call would add could not share one table. Data of seeds or stages the record lacks is added."""
+        path, current = self.out / INPUTS_FILE, self.inputs()
+        recorded = read_json_object(path, "the inputs of a run's stages") if path.is_file() else None
+        finished = [*self.out.glob("eval/*.json"), *self.out.glob("generations/*.jsonl"),
+                    *self.out.glob("adapters/*/train.json"), *self.out.glob("subspaces/*/subspace.json")]
+        self.processes.barrier()  # every process has looked before the main one writes: all decide alike
+        if recorded is None:
+            if finished:  # written before inputs were kept: unknown, and left so (never certified now)
+                self.log(f"{self.out} records no inputs (made by an older version): the data contents, runtime and "
+                         "weights its finished stages read are unknown; they are kept as they are (pass another --out "
+                         "to make them again from today's inputs)")
+            else:
+                self._write_json(path, current)
+            return
+        then, now = _flatten(recorded), _flatten(current)
+        shared = [k for k in now if k in then or not k.startswith("data.")]  # a new seed's data is added
+        changed = settings_differences({k: then.get(k) for k in shared}, {k: now[k] for k in shared}, recorded="run has")
+        if changed:
+            raise SpdLensError(f"{self.out} holds stages made from other inputs (differs in {'; '.join(changed)}); "
+                               "its finished methods and new ones would share one table. Use another --out, with "
+                               f"--reuse {self.out} to take over every finished evaluation and training data whose "
+                               "inputs are the same (what differs is made again)")
+        if set(now) - set(then):
+            self._write_json(path, _unflatten({**now, **then}))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"data": {"train": {"0": h}}} as {"data.train.0": h} (dict leaves only)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "runtime" and not key.endswith("runtime"):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _unflatten(flat: dict) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        *path, last = key.split(".")
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return tree
 
 
 def training_data_comparisons(outcomes: dict[str, list[dict]]) -> dict:

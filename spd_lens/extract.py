@@ -31,13 +31,15 @@ from spd_lens.gradients import KINDS, GradientBatch, Progress, check_layers, ite
 from spd_lens.models import hf_model_of, model_id
 from spd_lens.processes import Processes
 from spd_lens.projection import projection_provenance
+from spd_lens.runtime import Runtime
+from spd_lens.stages import runtime_record
 from spd_lens.subspace import META_FILE, CapabilitySubspace, RankPolicy, config_hash
 from spd_lens.tasks import EncodedExample, Example, Task, get_task, locate_spans
 from spd_lens.tasks.base import check_unique_ids
 
 # What a saved subspace must share with a new extraction for the saved one to be reused.
 EXTRACTION_SETTINGS = ("model_id", "task", "n", "split", "seed", "layers", "loss", "batch_size", "examples_sha256",
-                       "projection", "rank_policy")
+                       "projection", "rank_policy", "runtime")
 
 
 class GramAccumulator:
@@ -123,7 +125,9 @@ def run_settings(model, task_name: str, n_examples: int, *, split: str, seed: in
     settings = {"model_id": model_id(model), "task": task_name, "n": n_examples}
     if task_name != CUSTOM:
         settings.update(split=split, seed=seed)
-    return {**settings, **more, "projection": projection_provenance(model)}
+    # The resolved device type and dtype: bfloat16 gradients give another subspace (and another id).
+    runtime = runtime_record(Runtime.of(model))
+    return {**settings, **more, "projection": projection_provenance(model), "runtime": runtime}
 
 
 def model_dtype(model) -> str:

@@ -41,6 +41,8 @@ from spd_lens.errors import SpdLensError
 from spd_lens.models import hf_model_of, model_id
 from spd_lens.processes import Processes
 from spd_lens.projection import projection_provenance
+from spd_lens.runtime import Runtime
+from spd_lens.stages import UNRECORDED, runtime_record
 from spd_lens.tasks import Example
 from spd_lens.tasks.base import check_unique_ids
 
@@ -271,7 +273,38 @@ def generation_settings(model, examples: Sequence[Example], config: SamplingConf
     # Named (not only hashed) where examples carry their own, so a resume refusal says which differs.
     given = {**({"system_prompts": systems} if systems else {}), **given}
     return canonical({"model": model_id(model), "task": task, **asdict(config), "n_prompts": len(examples),
-                      "prompts_sha256": prompts_hash(examples), **given, "spd_lens_version": spd_lens.__version__})
+                      "prompts_sha256": prompts_hash(examples), **given,
+                      "runtime": runtime_record(Runtime.of(model)),  # bfloat16 greedy differs from float32
+                      "spd_lens_version": spd_lens.__version__})
+
+
+def resume_view(settings: dict) -> dict:
+    """The recorded settings a file is resumed or reused by: all of them, less what cannot change
+    a record (with refill decoding a prompt's completion does not depend on the rows in flight, so
+    `batch_size` is left out; static batches keep it). A runtime an older file did not record
+    reads as not recorded, never as equal."""
+    view = {**canonical(settings)}
+    if view.get("batching", "refill") == "refill":
+        view.pop("batch_size", None)
+    view.setdefault("runtime", UNRECORDED)
+    return view
+
+
+def check_same_generation(recorded: dict, settings: dict, where: str) -> None:
+    """Refuse to resume or reuse `where` unless its records were made with these settings (`resume_view`)."""
+    check_same_settings(resume_view(recorded), resume_view(settings), where,
+                        "Use another output path or the same settings")
+
+
+def finished_generations(path: str | Path, settings: dict, count: int) -> bool:
+    """True when `path` is a finished file of `count` records made with `settings` (`resume_view`):
+    what another run directory's generations must be to be taken over."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    records = _read_records(path)
+    return (len(records) == count and
+            resume_view(records[0].get("settings", {})) == resume_view(settings))
 
 
 def generate_jsonl(
@@ -315,8 +348,7 @@ def generate_jsonl(
     if existing is not None:
         records = _read_records(existing)
         for record in records[:1]:
-            check_same_settings(record.get("settings", {}), settings, str(existing),
-                                "Use another output path or the same settings")
+            check_same_generation(record.get("settings", {}), settings, str(existing))
         by_key = {(r.get("prompt_id"), r.get("sample_index")): r for r in records if r.get("prompt_id") in position}
         for start in range(0, len(examples), unit):
             keys = [(e.id, k) for e in examples[start:start + unit] for k in range(config.num_samples)]
@@ -388,8 +420,7 @@ def _generate_sharded(model, tokenizer, examples: Sequence[Example], out: Path, 
     for source in (s for s in sources if s.is_file()):
         records = _read_records(source)
         for record in records[:1]:
-            check_same_settings(record.get("settings", {}), settings, str(source),
-                                "Use another output path or the same settings")
+            check_same_generation(record.get("settings", {}), settings, str(source))
         by_key.update({(r.get("prompt_id"), r.get("sample_index")): r for r in records})
     if out.is_file():
         return out  # finished with these settings

@@ -34,6 +34,8 @@ from spd_lens.artifacts import canonical, check_same_settings, read_json_object,
 from spd_lens.errors import SpdLensError
 from spd_lens.memory import release_freed_memory
 from spd_lens.precision import Precision
+from spd_lens.processes import Processes
+from spd_lens.stages import runtime_record, weights_id
 from spd_lens.runtime import Runtime, resolve_runtime
 from spd_lens.tasks.records import read_jsonl
 
@@ -239,12 +241,12 @@ def _train(model_name: str, data: str | Path, out: Path, config: TrainConfig, ru
     from spd_lens.models import load_hf
 
     pairs = read_training_records(data)
-    settings = training_settings(model_name, data, config)
+    settings = training_settings(model_name, data, config, runtime=runtime, processes=Processes.current().world)
     if (out / DONE_FILE).is_file():
         record = read_json_object(out / DONE_FILE, "a training run's record")
         # A record written before settings were kept names the base model and the config.
         old = record.get("settings") or {"base_model": record.get("base_model"), "config": record.get("config")}
-        check_same_settings(old, {k: settings[k] for k in old}, str(out), "Use another --out or the same settings",
+        check_same_settings(old, {k: settings.get(k) for k in old}, str(out), "Use another --out or the same settings",
                             recorded="directory has")
         return out
     if not config.lora and runtime.dtype == torch.float16:
@@ -369,9 +371,19 @@ def _train(model_name: str, data: str | Path, out: Path, config: TrainConfig, ru
     return out
 
 
-def training_settings(model_name: str, data: str | Path, config: TrainConfig) -> dict:
-    """What a trained directory must share with a new call to be reused or resumed (canonical form)."""
-    return canonical({"base_model": model_name, "data_sha256": sha256_file(data), "config": asdict(config)})
+def training_settings(model_name: str, data: str | Path, config: TrainConfig, *, runtime: Runtime | None = None,
+                      processes: int = 1) -> dict:
+    """What a trained directory must share with a new call to be reused or resumed (canonical form):
+    the base model and its weights id, the data's content, the config, the resolved device type and
+    dtype, and the number of processes where it changes the result (LoRA dropout draws its masks
+    per process, so they differ with the split; without dropout the split changes nothing)."""
+    settings = {"base_model": model_name, "weights": weights_id(model_name), "data_sha256": sha256_file(data),
+                "config": asdict(config)}
+    if runtime is not None:
+        settings["runtime"] = runtime_record(runtime)
+    if config.lora and config.lora_dropout > 0:
+        settings["processes"] = processes
+    return canonical(settings)
 
 
 def _save_checkpoint(accelerator, out: Path, step: int, settings: dict, losses: list[float]) -> None:
