@@ -134,7 +134,7 @@ def comparison_figure(metrics: dict) -> go.Figure:
     figure.update_layout(title=f"{_run_title(metrics)}: paired differences<br><sup>95% CI over seeds, then the shared "
                                "questions; grey: includes zero (not resolved)</sup>",
                          xaxis_title="score difference", xaxis_range=[-reach, reach],
-                         height=170 + 34 * len(names), margin={"l": 160, "t": 80})
+                         height=min(900, 170 + 34 * len(names)), margin={"l": 160, "t": 80})
     return figure
 
 
