@@ -193,7 +193,8 @@ def recorded_hashes(run_dir: Path, metrics: dict, config: dict) -> dict[str, str
 
 def _what_ran(run_dir: Path, metrics: dict, config: dict) -> list[tuple[str, str | list[str]]]:
     task = config.get("task") or {}
-    data = task.get("data") or "the task's built-in generator or packaged data"
+    data = (task.get("data") or "the task's built-in generator or packaged data") if config else \
+        "not recorded (no config.json beside metrics.json)"
     sizes = ", ".join(f"{k.removesuffix('_n')} {task[k]}" for k in ("train_n", "eval_n") if task.get(k) is not None)
     subspace = metrics.get("subspace_task")
     task_line = f"{metrics.get('task')}" + (f" ({sizes}; evaluated on the {task.get('eval_split', 'test')} split)"
@@ -309,7 +310,8 @@ def _method_table(metrics: dict) -> str:
     methods = metrics["methods"]
     trained = any(m.get("training_data") for m in methods.values())
     kinds = any(m.get("outcomes") or m.get("answers") for m in methods.values())
-    header = ["method", "score", "95% interval", "n", "each seed", "cut off (eval)"]
+    counted = any(_eval_cut_off(m) is not None for m in methods.values())  # older metrics lack finish reasons
+    header = ["method", "score", "95% interval", "n", "each seed"] + (["cut off (eval)"] if counted else [])
     header += ["training data correct", "training data cut off", "mean tokens"] if trained else []
     header += ["kinds of result"] if kinds else []
     rows = []
@@ -321,8 +323,9 @@ def _method_table(metrics: dict) -> str:
         cut = _eval_cut_off(m)
         cells = [f"<th>{_e(name)}</th>", f"<td class='num'>{m['score']:.3f}{flag}</td>",
                  f"<td class='num'>{_interval(m['ci'])}</td>", f"<td class='num'>{m['n']}</td>",
-                 f"<td>{_e(seeds)}</td>",
-                 f"<td class='num{' cut' if cut is not None and cut > CUT_OFF_WARNING else ''}'>{_share(cut)}</td>"]
+                 f"<td>{_e(seeds)}</td>"]
+        if counted:
+            cells.append(f"<td class='num{' cut' if cut is not None and cut > CUT_OFF_WARNING else ''}'>{_share(cut)}</td>")
         if trained:
             q = m.get("training_data") or {}
             hot = q.get("cut_off") is not None and q["cut_off"] > CUT_OFF_WARNING
@@ -372,11 +375,13 @@ def _visible(text: str) -> str:
 
 
 def _examples_section(run_dir: Path, metrics: dict) -> str:
+    if not any((run_dir / "eval").glob("*.json")):
+        return "<p>This directory keeps no evaluation records (RUN/eval/): only its metrics.</p>"
     parts = []
     for name in metrics["methods"]:
         examples = example_completions(run_dir, name)
         if not examples:
-            parts.append(f"<h3>{_e(name)}</h3><p>No evaluation records kept in {_e(run_dir / 'eval')}.</p>")
+            parts.append(f"<h3>{_e(name)}</h3><p>No evaluation records of {_e(name)} kept in RUN/eval/.</p>")
             continue
         parts.append(f"<h3>{_e(name)}</h3>")
         if not any(x["kind"] == "cut off" for x in examples):

@@ -112,7 +112,7 @@ def test_report_says_what_ran_and_what_it_found(tmp_path):
     assert re.findall(r"data-kind='([^']+)'", page) == ["right", "wrong", "right", "wrong", "cut off"]
     assert "spd-seed0 &lt;b&gt;answer&lt;/b&gt; 0 and on and on" in page and "What is 0 + 1?" in page
     assert "No completion of this evaluation was cut off." in page  # base
-    assert "No evaluation records kept" in page  # psr keeps none here
+    assert "No evaluation records of psr kept in RUN/eval/" in page  # psr keeps none here
     # figures: scores from zero, comparisons, the spectra, outcomes, training data; none taller than a screen
     assert len(re.findall(r"<div id=\"figure-\d+\"", page)) == 6
     assert all(int(h) <= 900 for h in re.findall(r'style="height:(\d+)px', page))
