@@ -393,6 +393,10 @@ def evaluate(model, tokenizer, task: str | Task, *, n: int | None = None, split:
     Under a multi-process launch (`processes`, default `Processes.current()`; every process calls
     this) each process generates and scores a shard; every process returns the whole result."""
     processes = processes or Processes.current()
+    if not isinstance(task, (str, Task)):  # a list of your own Examples: all of them (or n) are `split`,
+        from spd_lens.tasks import Capability  # scored by span_match (a Capability brings its own scorer)
+
+        task = Capability({split: list(task)})
     task = get_task(task)
     task.check_ready()  # e.g. no code sandbox here: refuse before generating
     examples = task.examples(split, n=n, seed=seed)

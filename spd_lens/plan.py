@@ -321,9 +321,9 @@ def check_data(config: ExperimentConfig) -> tuple[list[tuple[str, str, str]], di
         wanted.append((calibration_task, calibration_data, "train", c.subspace.n, "calibration"))
     online = None
     for name, data, split, n, role in wanted:
-        what = f"data {name} {split} ({role})"
         own = c.task.examples is not None and name == c.task.name and data == c.task.data
         task = build_task(c, shots=0) if own else get_task(name, **({"path": data} if data else {}))
+        what = f"data {task.name} {split} ({role})"
         from_hub = hasattr(task, "path") and data is None  # tasks that take a path otherwise read the hub
         source = (f"your examples {c.task.examples}" if own else
                   describe_source(data) if hasattr(task, "path") else "a package (offline)")

@@ -210,6 +210,8 @@ def test_a_capability_goes_where_a_task_goes(tmp_path):
                       config=SamplingConfig(max_new_tokens=4))
     records = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert result.n == 3 and all(r["messages"][0]["content"] == "Answer with a number." for r in records)
+    assert evaluate(model, model.tokenizer, examples[:2], generations=tmp_path / "list.jsonl",  # a plain list
+                    config=SamplingConfig(max_new_tokens=2)).n == 2
 
 
 def test_spd_lens_run_distils_a_capability_from_a_jsonl_end_to_end(tmp_path, monkeypatch, capsys):
