@@ -353,6 +353,7 @@ def _score_record(task: Task, example: Example, record: dict, cut_off: str = "sc
 def read_completions(path: str | Path) -> list[dict]:
     """`{"prompt_id", "completion"}` records from the generate export or the minimal format."""
     from spd_lens.tasks.records import read_jsonl
+    from spd_lens.train import finish_reason
 
     records = []
     for number, record in enumerate(read_jsonl(path), start=1):
@@ -368,8 +369,8 @@ def read_completions(path: str | Path) -> list[dict]:
         if "system" in record or "settings" in record or any(
                 isinstance(m, dict) and m.get("role") == "system" for m in record.get("messages") or []):
             record_out["system"] = record_system(record)  # known: written by generate_jsonl, or a system turn
-        if record.get("finish_reason") in ("stop", "length"):
-            record_out["finish_reason"] = record["finish_reason"]
+        if finish_reason(record) in ("stop", "length"):  # the project's, vLLM's or OpenAI's (choices[0])
+            record_out["finish_reason"] = finish_reason(record)
         records.append(record_out)
     return records
 

@@ -108,11 +108,42 @@ def read_training_records(path: str | Path) -> list[TrainingRecord]:
         except (KeyError, TypeError, StopIteration, AttributeError) as err:
             raise SpdLensError(f"{path}: record {number} has no user and assistant 'messages'") from err
         system = record_system(record)
-        reason = record.get("finish_reason", "stop")
+        reason = finish_reason(record) or "stop"
         if reason not in ("stop", "length"):
             raise SpdLensError(f"{path}: record {number} has finish_reason {reason!r}; expected 'stop' or 'length'")
         pairs.append(TrainingRecord(str(user), str(assistant), reason == "stop", system))
     return pairs
+
+
+def finish_reason(record: dict) -> str | None:
+    """Why a generated record ended: the project's (and vLLM's offline) top-level `finish_reason`,
+    or an OpenAI-style response's `choices[0].finish_reason`; None when the record does not say.
+
+    Example:
+        >>> finish_reason({"choices": [{"finish_reason": "length"}]}), finish_reason({"messages": []})
+        ('length', None)
+    """
+    if record.get("finish_reason") is not None:
+        return record["finish_reason"]
+    choices = record.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        return choices[0].get("finish_reason")
+    return None
+
+
+def finish_reason_counts(path: str | Path) -> dict[str, int]:
+    """How many records of a JSONL end by each reason ("stop", "length"), and how many do not say
+    ("missing": made elsewhere without it; they are trained as finished, ending at end-of-turn).
+
+    Example:
+        >>> # finish_reason_counts("vllm_outputs.jsonl") -> {"missing": 12, "stop": 0, "length": 0}
+    """
+    counts = {"stop": 0, "length": 0, "missing": 0}
+    for record in read_jsonl(path):
+        reason = finish_reason(record) if isinstance(record, dict) else None
+        key = "missing" if reason is None else reason
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def build_features(tokenizer, records, config: TrainConfig) -> list[dict]:

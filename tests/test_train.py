@@ -119,3 +119,27 @@ def test_trained_adapter_boots_into_a_bridge(tmp_path, data):
         bridge = boot(model, tokenizer)
         assert torch.allclose(bridge(ids), expected, atol=1e-4)
     assert "blocks.0.attn.hook_k" in bridge.hook_dict
+
+
+def test_outside_generations_say_why_they_ended(tmp_path, tiny_tokenizer, capsys):
+    from spd_lens.cli.training import warn_missing_finish_reasons
+    from spd_lens.train import finish_reason_counts
+
+    def record(answer, **why):
+        return {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": answer}],
+                **why}
+
+    # Another engine's output: messages only, OpenAI-style choices, the project's own field.
+    rows = [record("4"), record("4 and then", choices=[{"finish_reason": "length"}]), record("4", finish_reason="stop")]
+    path = tmp_path / "outside.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = read_training_records(path)
+    assert [r.finished for r in records] == [True, False, True]
+    assert finish_reason_counts(path) == {"stop": 1, "length": 1, "missing": 1}
+    cut, whole = build_features(tiny_tokenizer, records[1:3], TrainConfig())
+    assert not tiny_tokenizer.decode(cut["input_ids"]).endswith("<|im_end|>\n")  # not taught to end there
+    assert "<|im_end|>" in tiny_tokenizer.decode(whole["input_ids"][-3:])
+    # `spd-lens train` and `score` warn first, with counts (the warning alone: training is tested above).
+    warn_missing_finish_reasons(path, "trained as finished")
+    err = capsys.readouterr().err
+    assert "warning: 1 of 3 records" in err and "give no finish_reason" in err

@@ -21,6 +21,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          grad_accum=args.grad_accum, loss_on=args.loss_on, checkpoint_every=args.checkpoint_every,
                          truncated=args.truncated, seed=args.seed)
     stopping.keep(lambda: stopping.training_kept(args.out))
+    warn_missing_finish_reasons(args.data, "trained as finished (taught to end where they stop)")
     out = train_on_jsonl(args.model, args.data, args.out, config, runtime=common.runtime(args),
                          progress=common.progress_labelled("train"))
     if PartialState().is_main_process:  # once, not once per process under torchrun
@@ -29,6 +30,23 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{record['per_process_batch_size']} per process x {config.grad_accum} accumulation x "
               f"{record['processes']} process(es))")
     return 0
+
+
+def warn_missing_finish_reasons(path, consequence: str) -> None:
+    """A warning (stderr, main process), with counts, when records of `path` do not say why they
+    ended (`finish_reason` at the top level or in `choices[0]`): a cut-off completion among them
+    cannot be told from a finished one."""
+    import sys
+
+    from accelerate import PartialState
+
+    from spd_lens.train import finish_reason_counts
+
+    counts = finish_reason_counts(path)
+    if counts["missing"] and PartialState().is_main_process:
+        print(f"warning: {counts['missing']} of {sum(counts.values())} records in {path} give no finish_reason "
+              f"(at the top level or in choices[0]); they are {consequence}. Cut-off completions cannot be told "
+              "apart: write the engine's finish_reason ('stop' / 'length') into each record", file=sys.stderr)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -117,6 +135,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+    warn_missing_finish_reasons(args.completions, "scored as finished")
 def register(commands) -> None:
     train = commands.add_parser("train", help="fine-tune on an exported JSONL (LoRA by default)")
     train.add_argument("--model", default=DEFAULT_MODEL, help="model: a built-in name (spd-lens models), a Hugging Face directory or hub id (default %(default)s)")
