@@ -265,11 +265,54 @@ def save_figure(fig: go.Figure, path, *, plotlyjs: str = "shared", engine: str =
     return save(fig, path, plotlyjs=plotlyjs, engine=engine, **kwargs)
 
 
-def head_attribution_figure(rows: list[dict], value: str = "energy_share") -> go.Figure:
+_LABELS = {"energy_share": "share of the layer's gradient energy", "energy": "gradient energy Σσ²",
+           "effective_rank": "effective rank", "top_energy": "energy inside the rank-r basis",
+           "delta_loss": "Δ correctness loss, head kept in its subspace (P)",
+           "delta_loss_remove": "Δ correctness loss, head's subspace removed (I − P)",
+           "delta_score": "Δ score, head kept in its subspace (P)",
+           "delta_score_remove": "Δ score, head's subspace removed (I − P)"}
+
+
+def worse_sign(value: str) -> int:
+    """+1 where a larger value means the capability got worse (a loss rose), -1 where smaller
+    does (a score fell): the colour scales put red on that side."""
+    return 1 if "loss" in value else -1
+
+
+def diverging_scale(values: list[float | None], value: str, scale: str = "clip", quantile: float = 0.95) -> dict:
+    """Heatmap settings for a signed change: centred on 0, red where the capability got worse.
+    `scale="clip"`: the colour range is ±(the `quantile` of |values|), so one extreme cell does
+    not wash out the rest (hover still shows every value); `"symlog"`: z = sign·log10(1 + |v|/c)
+    with c a tenth of that range, ticks labelled in the original units; `"linear"`: ±max|v|."""
+    if scale not in ("clip", "symlog", "linear"):
+        raise SpdLensError(f"scale={scale!r}: use 'clip', 'symlog' or 'linear'")
+    present = sorted(abs(v) for v in values if v is not None and not math.isnan(v))
+    top = present[-1] if present else 1.0
+    reach = top if scale == "linear" or len(present) < 5 else present[int(quantile * (len(present) - 1))]
+    reach = reach or top or 1.0
+    colours = "RdBu_r" if worse_sign(value) > 0 else "RdBu"  # RdBu: red low, blue high
+    if scale != "symlog":
+        return {"transform": lambda v: v, "colorscale": colours, "zmid": 0, "zmin": -reach, "zmax": reach,
+                "note": f"colours clipped at ±{reach:.3g}" if scale == "clip" and reach < top else ""}
+    c = reach / 10
+
+    def transform(v):
+        return None if v is None else math.copysign(math.log10(1 + abs(v) / c), v)
+
+    ticks = [0.0] + [t * sign for t in (c, reach, top) for sign in (1, -1)]
+    return {"transform": transform, "colorscale": colours, "zmid": 0, "zmin": transform(-top), "zmax": transform(top),
+            "tickvals": [transform(t) for t in ticks], "ticktext": [f"{t:.2g}" for t in ticks],
+            "note": "symmetric log colour scale"}
+
+
+def head_attribution_figure(rows: list[dict], value: str = "energy_share", *, scale: str = "clip") -> go.Figure:
     """Layer x KV head heatmaps of an attribution quantity, K and V side by side.
 
-    `value` is `energy_share`, `effective_rank` or `top_energy` (per K/V), or `delta_loss` /
-    `delta_score` (one panel: both K and V of the head projected).
+    `value` is `energy_share`, `energy`, `effective_rank` or `top_energy` (per K/V), or
+    `delta_loss` / `delta_score` (one panel: both K and V of the head projected onto its
+    subspace) and `delta_loss_remove` / `delta_score_remove` (its subspace removed). Changes are
+    coloured on a scale centred at 0 with red where the capability gets worse (loss up, score
+    down), clipped or symmetric-log (`scale`, see `diverging_scale`); hover shows every value.
     """
     from plotly.subplots import make_subplots
 
@@ -278,21 +321,76 @@ def head_attribution_figure(rows: list[dict], value: str = "energy_share") -> go
     by_key = {(r["layer"], r["head"]): r for r in rows}
     columns = [f"{value}_k", f"{value}_v"] if f"{value}_k" in rows[0] else [value]
     if columns[0] not in rows[0]:
-        raise SpdLensError(f"unknown attribution value {value!r}: use energy_share, effective_rank, top_energy, "
-                           "delta_loss or delta_score")
-    figure = make_subplots(rows=1, cols=len(columns), subplot_titles=[c.replace("_", " ") for c in columns],
-                           horizontal_spacing=0.28)  # room for the left panel's colour bar
+        raise SpdLensError(f"unknown attribution value {value!r}: use energy_share, energy, effective_rank, top_energy, "
+                           "delta_loss, delta_loss_remove, delta_score or delta_score_remove")
+    signed = value.startswith("delta")
+    label = _LABELS.get(value, value.replace("_", " "))
+    figure = make_subplots(rows=1, cols=len(columns), horizontal_spacing=0.28,  # room for the left colour bar
+                           subplot_titles=[f"{label} ({c[-1].upper()})" for c in columns] if len(columns) > 1 else None)
+    notes = set()
     for i, column in enumerate(columns, start=1):
-        z = [[by_key.get((layer, head), {}).get(column) for head in heads] for layer in layers]
-        hover = [[f"layer {layer}<br>head {head}<br>{column} {by_key[(layer, head)][column]:.4g}"
+        raw = [[by_key.get((layer, head), {}).get(column) for head in heads] for layer in layers]
+        hover = [[f"layer {layer}<br>KV head {head}<br>{column} {by_key[(layer, head)][column]:.4g}"
                   if by_key.get((layer, head), {}).get(column) is not None else "" for head in heads] for layer in layers]
+        colorbar = {"x": 0.38 if (i == 1 and len(columns) == 2) else 1.0,
+                    "title": {"text": ("Δ loss" if "loss" in value else "Δ score") if signed else value.split("_")[0]}}
+        settings = {"colorscale": "Viridis"}
+        z = raw
+        if signed:
+            scaled = diverging_scale([v for row in raw for v in row], value, scale)
+            z = [[scaled["transform"](v) if v is not None else None for v in row] for row in raw]
+            settings = {k: scaled[k] for k in ("colorscale", "zmid", "zmin", "zmax")}
+            if "tickvals" in scaled:
+                colorbar.update(tickvals=scaled["tickvals"], ticktext=scaled["ticktext"])
+            notes.add(scaled["note"])
         figure.add_trace(go.Heatmap(z=z, x=[f"head {h}" for h in heads], y=layers, hovertext=hover, hoverinfo="text",
-                                    colorscale="RdBu" if value.startswith("delta") else "Viridis",
-                                    zmid=0 if value.startswith("delta") else None,
-                                    colorbar={"x": 0.38 if (i == 1 and len(columns) == 2) else 1.0}), 1, i)
+                                    colorbar=colorbar, **settings), 1, i)
+        figure.update_xaxes(title_text="KV head", row=1, col=i)
     figure.update_yaxes(title_text="layer", row=1, col=1)
-    figure.update_layout(title=f"which KV heads carry the capability: {value.replace('_', ' ')}",
-                         height=max(350, 18 * len(layers) + 150))
+    sub = "; ".join(n for n in sorted(notes) if n)
+    how = "red = the capability gets worse" + (f"; {sub}" if sub else "") if signed else ""
+    figure.update_layout(title=f"which KV heads carry the capability: {label}" + (f"<br><sup>{how}</sup>" if how else ""),
+                         height=max(350, 18 * len(layers) + 170), margin={"t": 100})
+    return figure
+
+
+def layer_attribution_figure(rows: list[dict]) -> go.Figure:
+    """The layer view of `head_attribution` rows, before the per-head one: above, each layer's
+    absolute gradient energy (K and V stacked, so the layer that holds the energy shows); below,
+    the correctness-loss change with the whole layer's K and V kept in its subspace (P) and with
+    the subspace removed (I − P). Red bars: the capability got worse."""
+    from plotly.subplots import make_subplots
+
+    from spd_lens.attribution import layer_rows
+
+    layers = layer_rows(rows)
+    if not layers or "layer_energy_k" not in layers[0]:
+        raise SpdLensError("these attribution rows have no layer view (made by an older version): run "
+                           "head_attribution again")
+    x = [str(r["layer"]) for r in layers]
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
+                           subplot_titles=["gradient energy per layer (absolute Σσ²)",
+                                           "Δ correctness loss with the layer projected"])
+    for kind, colour in (("k", "#4c78a8"), ("v", "#72b7b2")):
+        figure.add_trace(go.Bar(x=x, y=[r[f"layer_energy_{kind}"] for r in layers], name=f"{kind.upper()} energy",
+                                marker_color=colour, hovertext=[f"layer {r['layer']}: {r['layer_energy_share']:.1%} of "
+                                                                "all layers' energy" for r in layers],
+                                hoverinfo="text+y"), row=1, col=1)
+    for key, name, edge in (("layer_delta_loss", "kept in subspace (P)", "#1c1c1c"),
+                            ("layer_delta_loss_remove", "subspace removed (I − P)", "#868e96")):
+        if key not in layers[0]:
+            continue
+        values = [r[key] for r in layers]
+        figure.add_trace(go.Bar(x=x, y=values, name=name, marker={"color": ["#c92a2a" if v > 0 else "#1971c2"
+                                                                            for v in values],
+                                                                  "line": {"color": edge, "width": 1.5}},
+                                hovertemplate=f"layer %{{x}}<br>{name}: Δ loss %{{y:.4g}}<extra></extra>"), row=2, col=1)
+    figure.add_hline(y=0, line_color="black", line_width=1, row=2, col=1)
+    figure.update_yaxes(title_text="Σσ²", row=1, col=1)
+    figure.update_yaxes(title_text="Δ loss (red: worse)", row=2, col=1)
+    figure.update_xaxes(title_text="layer", row=2, col=1)
+    figure.update_layout(title="which layers carry the capability", barmode="group", height=560,
+                         legend={"orientation": "h", "y": -0.15})
     return figure
 
 

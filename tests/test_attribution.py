@@ -29,7 +29,7 @@ def test_effective_rank():
 
 def test_attribution_rows_cover_every_layer_and_head(tiny):
     model, tokenizer = tiny
-    rows = head_attribution(model, "arithmetic", n=3, tokenizer=tokenizer, score_top=2, score_n=3)
+    rows = head_attribution(model, "arithmetic", n=3, tokenizer=tokenizer, score_top=2, score_n=3, modes=["keep"])
     assert [(r["layer"], r["head"]) for r in rows] == [(l, h) for l in range(4) for h in range(2)]
     for layer in range(4):
         shares = [r["energy_share_k"] for r in rows if r["layer"] == layer]
@@ -68,6 +68,95 @@ def test_figures_name_what_they_show(tiny):
                                  "seeds": {"0": {"score": 0.1}, "1": {"score": 0.5}}}
     seeds = method_scores_figure(metrics).data[1]
     assert list(seeds.x) == ["spd", "spd"] and list(seeds.y) == [0.1, 0.5]
+
+
+def test_head_attribution_plain_route_remove_mode_and_layer_view():
+    from spd_lens import load_model
+    from spd_lens.attribution import hooks_on, layer_rows, span_accuracy
+    from spd_lens.viz import layer_attribution_figure
+
+    bridge = load_model("tiny")
+    mine = [Example(f"mine/{i}", f"What is {i} + 7?", str(i + 7), ((0, len(str(i + 7))),)) for i in range(3)]
+    subspace = extract_subspace(bridge, mine, layers=[1, 3], rank=2)
+    plain = head_attribution(bridge, mine, subspace=subspace)  # no hooks on: through the plain model
+    assert not hooks_on(bridge) and getattr(bridge, "_spd_lens_unbooted", None) is not None
+    through = head_attribution(bridge, mine, subspace=subspace, route="bridge")
+    assert [sorted(r) for r in plain] == [sorted(r) for r in through]
+    for a, b in zip(plain, through):  # the same rows either way
+        for key, value in a.items():
+            if isinstance(value, float):
+                assert value == pytest.approx(b[key], abs=1e-5), key
+    # remove = the head's subspace projected out (I - P); keep and remove differ.
+    row = plain[3]
+    with Projection.build(subspace, layers=[row["layer"]], layout="head", heads=[row["head"]],
+                          complement=True).apply(bridge):
+        removed = correctness_loss(bridge, mine)
+    assert removed - row["baseline_loss"] == pytest.approx(row["delta_loss_remove"], abs=1e-5)
+    assert row["delta_loss_remove"] != pytest.approx(row["delta_loss"], abs=1e-9)
+    # The layer view: absolute energies (shares of all layers add to one), whole-layer projections.
+    layers = layer_rows(plain)
+    assert [r["layer"] for r in layers] == [1, 3]
+    assert sum(r["layer_energy_share"] for r in layers) == pytest.approx(1.0)
+    with Projection.build(subspace, layers=[3]).apply(bridge):
+        assert correctness_loss(bridge, mine) - row["baseline_loss"] == pytest.approx(layers[1]["layer_delta_loss"],
+                                                                                      abs=1e-5)
+    assert plain[0]["energy_k"] + plain[1]["energy_k"] == pytest.approx(layers[0]["layer_energy_k"], rel=1e-6)
+    figure = layer_attribution_figure(plain)
+    assert figure.layout.xaxis2.title.text == "layer" and len(figure.data) == 4
+    # A hook of your own on the bridge: auto goes through the bridge, so the hook applies.
+    calls = []
+    bridge.hook_dict["blocks.1.attn.hook_k"].add_hook(lambda t, hook: calls.append(1) or t)
+    try:
+        assert hooks_on(bridge)
+        head_attribution(bridge, mine, subspace=subspace, modes=["remove"], layers=[1])
+        assert calls
+    finally:
+        bridge.reset_hooks()
+    with pytest.raises(SpdLensError, match="modes"):
+        head_attribution(bridge, mine, subspace=subspace, modes=["drop"])
+    # Per example: the loss and the teacher-forced span accuracy, in the examples' order.
+    losses = correctness_loss(bridge, mine, reduction="none")
+    assert len(losses) == 3 and sum(losses) / 3 == pytest.approx(correctness_loss(bridge, mine))
+    spans = span_accuracy(bridge, mine, reduction="none")
+    assert len(spans) == 3 and set(spans) <= {0.0, 1.0}
+    with pytest.raises(SpdLensError, match="reduction='sum'"):
+        correctness_loss(bridge, mine, reduction="sum")
+
+
+def test_span_accuracy_is_one_exactly_when_every_span_token_is_the_top_prediction(tiny):
+    from spd_lens.attribution import span_accuracy
+
+    model, tokenizer = tiny
+    mine = [Example(f"mine/{i}", f"What is {i} + 7?", str(i + 7), ((0, len(str(i + 7))),)) for i in range(6)]
+    _, encoded = encode_examples(model, mine, n=None, split="train", seed=0, tokenizer=tokenizer)
+    with torch.no_grad():
+        for example, value in zip(encoded, span_accuracy(model, encoded, tokenizer=tokenizer, reduction="none")):
+            ids = torch.tensor([example.input_ids])
+            top = model(ids).logits[0].argmax(-1)
+            positions = [p for p, c in enumerate(example.correctness_mask) if c and p > 0]
+            assert value == float(all(top[p - 1] == example.input_ids[p] for p in positions))
+
+
+def test_change_heatmaps_are_centred_clipped_and_red_where_worse():
+    from spd_lens.viz import diverging_scale
+
+    rows = [{"layer": l, "head": h, "delta_loss": 0.01 * (l + h), "delta_score": -0.01 * h} for l in range(4)
+            for h in range(3)]
+    rows[5]["delta_loss"] = 10.0  # one extreme cell
+    loss = head_attribution_figure(rows, "delta_loss")
+    trace = loss.data[0]
+    assert trace.zmid == 0 and trace.zmax < 10.0 and trace.zmin == -trace.zmax  # clipped, centred
+    assert trace.colorscale[-1][1] in ("rgb(103,0,31)", "#67001f") or "red" in loss.layout.title.text
+    assert loss.layout.xaxis.title.text == "KV head" and loss.layout.yaxis.title.text == "layer"
+    assert "red = the capability gets worse" in loss.layout.title.text
+    score = head_attribution_figure(rows, "delta_score").data[0]
+    # A loss that rises and a score that falls are both red: the scales are mirrored.
+    assert [c for _, c in trace.colorscale] == [c for _, c in score.colorscale][::-1]
+    symlog = head_attribution_figure(rows, "delta_loss", scale="symlog").data[0]
+    assert max(v for row in symlog.z for v in row if v is not None) < 10.0 and symlog.colorbar.ticktext
+    assert diverging_scale([1.0, -2.0], "delta_loss", "linear")["zmax"] == 2.0
+    with pytest.raises(SpdLensError, match="scale='log'"):
+        head_attribution_figure(rows, "delta_loss", scale="log")
 
 
 def test_outcome_figure_stacks_shares_and_pools_rare_kinds():
