@@ -158,6 +158,12 @@ def test_generation_and_export_render_the_prompt_each_example_carries(default_sy
     # Training renders the same prompt each completion was sampled under.
     features = build_features(tokenizer, read_training_records(path), TrainConfig())
     assert [f["input_ids"][:len(w)] for f, w in zip(features, wanted)] == wanted
+    # Log-likelihood multiple choice reads the label after the same prompt.
+    from spd_lens.mc_loglik import choice_query
+
+    asked = Example("mc/0", "Pick one: A) 4 B) 5", "A", [[0, 1]], meta={"labels": ["A", "B"]}, system=NO_SYSTEM)
+    assert choice_query(tokenizer, asked).context_ids == encode(
+        tokenizer, render_prompt(tokenizer, asked.prompt, system=NO_SYSTEM).rstrip(" "))
     # The static (transformers generate) path renders them the same way.
     static = SamplingConfig(max_new_tokens=3, batching="static")
     assert sample(model, tokenizer, examples, static) == [
