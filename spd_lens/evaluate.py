@@ -387,12 +387,13 @@ def score_file(task: str | Task, path: str | Path, progress: Callable | None = N
 def evaluate(model, tokenizer, task: str | Task, *, n: int | None = None, split: str = "test", seed: int = 0,
              config: SamplingConfig | None = None, generations: str | Path, provenance: dict | None = None,
              progress: Callable | None = None, processes: Processes | None = None,
-             cut_off: str = "score") -> EvalResult:
+             cut_off: str = "score", engine=None) -> EvalResult:
     """Greedy (by default) generation on `split` examples, scored; generations saved to `generations`.
     Each result keeps its `finish_reason`; `cut_off` is `[eval] cut_off` (see `score_records`).
 
     Under a multi-process launch (`processes`, default `Processes.current()`; every process calls
-    this) each process generates and scores a shard; every process returns the whole result."""
+    this) each process generates and scores a shard; every process returns the whole result.
+    `engine` (`spd_lens.engines`, default the HF decoder on `model`) generates the answers."""
     processes = processes or Processes.current()
     if not isinstance(task, (str, Task)):  # a list of your own Examples: all of them (or n) are `split`,
         from spd_lens.tasks import Capability  # scored by span_match (a Capability brings its own scorer)
@@ -403,7 +404,8 @@ def evaluate(model, tokenizer, task: str | Task, *, n: int | None = None, split:
     examples = task.examples(split, n=n, seed=seed)
     config = config or SamplingConfig(temperature=0.0, max_new_tokens=task.max_new_tokens, seed=seed)
     path = generate_jsonl(model, tokenizer, examples, generations, config, task=task.name,
-                          provenance={"split": split, **(provenance or {})}, progress=progress, processes=processes)
+                          provenance={"split": split, **(provenance or {})}, progress=progress, processes=processes,
+                          engine=engine)
     records = [json.loads(line) for line in open(path, encoding="utf-8")]
     records = [{"prompt_id": r["prompt_id"], "completion": r["messages"][-1]["content"],
                 "finish_reason": r.get("finish_reason", "stop"), "system": record_system(r)} for r in records]

@@ -258,8 +258,9 @@ def prompts_hash(examples: Sequence[Example]) -> str:
 
 
 def generation_settings(model, examples: Sequence[Example], config: SamplingConfig, *, task: str,
-                        provenance: dict | None = None) -> dict:
-    """The `settings` each record of `generate_jsonl` carries, in canonical (JSON) form.
+                        provenance: dict | None = None, engine: str = "hf") -> dict:
+    """The `settings` each record of `generate_jsonl` carries, in canonical (JSON) form; `engine`
+    names what generated (`spd_lens.engines`: "hf" or "vllm").
 
     `projection` is read from the model (`spd_lens.projection.projection_provenance`); a
     `provenance["projection"]` that disagrees with it is an error."""
@@ -272,7 +273,8 @@ def generation_settings(model, examples: Sequence[Example], config: SamplingConf
     systems = sorted({e.system for e in examples if e.system is not None})
     # Named (not only hashed) where examples carry their own, so a resume refusal says which differs.
     given = {**({"system_prompts": systems} if systems else {}), **given}
-    return canonical({"model": model_id(model), "task": task, **asdict(config), "n_prompts": len(examples),
+    return canonical({"model": model_id(model), "task": task, **asdict(config), "engine": engine,
+                      "n_prompts": len(examples),
                       "prompts_sha256": prompts_hash(examples), **given,
                       "runtime": runtime_record(Runtime.of(model)),  # bfloat16 greedy differs from float32
                       "spd_lens_version": spd_lens.__version__})
@@ -287,6 +289,7 @@ def resume_view(settings: dict) -> dict:
     if view.get("batching", "refill") == "refill":
         view.pop("batch_size", None)
     view.setdefault("runtime", UNRECORDED)
+    view.setdefault("engine", "hf")  # files written before engines were recorded came from the HF decoder
     return view
 
 
@@ -318,8 +321,13 @@ def generate_jsonl(
     provenance: dict | None = None,
     progress: Callable | None = None,
     processes: Processes | None = None,
+    engine=None,
 ) -> Path:
     """Generate for every example and export to `out` (see the module docstring). Returns `out`.
+
+    `engine` (`spd_lens.engines`; default the HF refill decoder on `model`) generates; `model` is
+    still what the records name (its id, its projection, its runtime), so a vLLM engine is given the
+    model its checkpoint was saved from. A file made by another engine is refused on resume.
 
     Under a multi-process launch (`processes`, default `Processes.current()`) each process
     generates every world-th example into its own part file, `OUT.rankR.partial` (resumable like
@@ -335,7 +343,11 @@ def generate_jsonl(
     except OSError as err:
         raise SpdLensError(f"cannot create the directory of {str(out)!r}: {err}") from err
     check_unique_ids([e.id for e in examples])  # records and resumed batches are keyed by prompt id
-    settings = generation_settings(model, examples, config, task=task, provenance=provenance)
+    settings = generation_settings(model, examples, config, task=task, provenance=provenance,
+                                   engine=engine.name if engine is not None else "hf")
+    if processes.parallel and engine is not None and engine.name != "hf":
+        raise SpdLensError(f"engine {engine.name!r} runs in one process (it parallelises itself: its "
+                           "tensor/data-parallel settings); launch without torchrun / accelerate")
     if processes.parallel:
         return _generate_sharded(model, tokenizer, examples, out, config, settings, task, progress, processes)
     # The unit kept on resume. Refill decoding: a prompt, whose completions depend on nothing but
@@ -371,7 +383,7 @@ def generate_jsonl(
 
     with handle:
         if config.batching == "refill":
-            finished = _FinishedPrompts(model, tokenizer, todo, [position[e.id] for e in todo], config)
+            finished = _FinishedPrompts(model, tokenizer, todo, [position[e.id] for e in todo], config, engine)
             for example, samples in progress(finished) if progress else finished:
                 write(example, samples)
         else:
@@ -460,8 +472,10 @@ def _generate_sharded(model, tokenizer, examples: Sequence[Example], out: Path, 
 class _FinishedPrompts:
     """(example, its completions) as each prompt's last sample finishes; sized, for progress bars."""
 
-    def __init__(self, model, tokenizer, examples: Sequence[Example], positions: Sequence[int], config: SamplingConfig):
+    def __init__(self, model, tokenizer, examples: Sequence[Example], positions: Sequence[int], config: SamplingConfig,
+                 engine=None):
         self.args = (model, tokenizer, examples, positions, config)
+        self.engine = engine
 
     def __len__(self) -> int:
         return len(self.args[2])
@@ -469,8 +483,9 @@ class _FinishedPrompts:
     def __iter__(self):
         model, tokenizer, examples, positions, config = self.args
         pending: dict[int, dict[int, Completion]] = {}
-        for i, k, completion in stream_completions(model, tokenizer, examples, config,
-                                                   positions=positions):
+        stream = (self.engine.stream(model, tokenizer, examples, config, positions) if self.engine is not None
+                  else stream_completions(model, tokenizer, examples, config, positions=positions))
+        for i, k, completion in stream:
             pending.setdefault(i, {})[k] = completion
             if len(pending[i]) == config.num_samples:
                 samples = pending.pop(i)

@@ -103,18 +103,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
         subspace = CapabilitySubspace.load(args.subspace, model)
         projection = Projection.build(subspace, layers=args.layers, kinds=args.kinds, layout=args.layout,
                                       heads=args.heads, alpha=args.alpha)
-        if args.fold or args.save_folded:
+        if args.fold or args.save_folded or args.engine == "vllm":
             folded = fold_projection(model, projection)
-            if args.save_folded:
+            if args.save_folded and args.engine != "vllm":
                 save_folded(folded, tokenizer, args.save_folded)
-            if args.fold:
+            if args.fold or args.engine == "vllm":
                 folded.config.spd_lens_model_id = model.config.spd_lens_model_id
                 model = folded
-        if not args.fold:
+        if not args.fold and args.engine != "vllm":
             hooks = projection.apply(model)
-    with hooks:
-        path = generate_jsonl(model, tokenizer, examples, args.out, config, task=task.name, provenance=provenance,
-                              progress=common.progress("generate"))
+    engine = None
+    if args.engine == "vllm":  # vLLM has no hooks: it generates from the folded checkpoint
+        from spd_lens.engines import VLLMEngine, dtype_of, folded_checkpoint
+
+        dtype = dtype_of(model)
+        checkpoint = folded_checkpoint(args.model, projection if args.subspace else None, args.save_folded,
+                                       dtype=dtype)
+        print(f"vLLM generates from {checkpoint} ({dtype})", flush=True)
+        engine = VLLMEngine(checkpoint, dtype=dtype, seed=args.seed)
+    try:
+        with hooks:
+            path = generate_jsonl(model, tokenizer, examples, args.out, config, task=task.name, provenance=provenance,
+                                  progress=common.progress("generate"), engine=engine)
+    finally:
+        if engine is not None:
+            engine.close()
     if Processes.current().is_main:  # once, not once per process under torchrun
         print(f"{len(examples) * config.num_samples} completions in {path}")
     return 0
@@ -227,6 +240,9 @@ def register(commands) -> None:
     generate.add_argument("--batch-size", type=int, default=8,
                           help="prompts generated at once: memory and speed (default %(default)s)")
     generate.add_argument("--out", required=True, help="JSONL file (resumed if it exists with the same settings)")
+    generate.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                          help="what generates: hf, the project's decoder (default), or vllm (its own environment, "
+                               "`bash run.sh setup-vllm`; a projection reaches it folded into the weights)")
     common.add_runtime_args(generate)
     generate.set_defaults(func=cmd_generate)
 

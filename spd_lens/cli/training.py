@@ -76,6 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = canonical({
         "model": args.model, "adapter": args.adapter, "task": task.name, "task_options": task_options, "n": args.n,
         "split": args.split, "seed": args.seed, "sampling": asdict(config), "dtype": runtime.describe()["dtype"],
+        "engine": args.engine,
         **({"mc_loglik": True} if args.mc_loglik else {}),
         # what the adapter was trained from, so a retrained adapter is not taken for the old one
         "adapter_settings": read_json_object(trained, "a training run's record").get("settings")
@@ -84,14 +85,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if out.is_file():
         previous = read_json_object(out, "an evaluation written by spd-lens eval")
         if "settings" in previous:  # evaluations written before settings were kept are redone
-            old = {"dtype": "float32", **previous["settings"]}  # written before the dtype was kept: float32
+            # written before the dtype / the engine were kept: float32, the HF decoder
+            old = {"dtype": "float32", "engine": "hf", **previous["settings"]}
             check_same_settings(old, settings, str(out), "Use another --out or the same settings")
             print(json.dumps({"task": previous["task"], "score": previous["score"], "ci": previous["ci"],
                               "n": previous["n"]}))
             return 0
     stopping.keep(lambda: stopping.jsonl_kept(out.with_suffix(".generations.jsonl")))
-    result = evaluate(model, tokenizer, task, n=args.n, split=args.split, seed=args.seed, config=config,
-                      generations=out.with_suffix(".generations.jsonl"), progress=common.progress_labelled("eval"))
+    engine = None
+    if args.engine == "vllm":  # the base checkpoint in the model's (evaluation) dtype, the adapter unmerged
+        from spd_lens.engines import VLLMEngine, dtype_of, folded_checkpoint
+
+        engine = VLLMEngine(folded_checkpoint(args.model, None, dtype=dtype_of(model)), dtype=dtype_of(model),
+                            adapter=args.adapter, seed=args.seed)
+    try:
+        result = evaluate(model, tokenizer, task, n=args.n, split=args.split, seed=args.seed, config=config,
+                          generations=out.with_suffix(".generations.jsonl"), progress=common.progress_labelled("eval"),
+                          engine=engine)
+    finally:
+        if engine is not None:
+            engine.close()
     extra = {}
     if args.mc_loglik:  # beside the generated letter: label log-likelihood, as asked and over rotations
         from spd_lens.evaluate import evaluate_mc
@@ -175,6 +188,9 @@ def register(commands) -> None:
                           help="questions generated at once: memory and speed (default %(default)s)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the questions' draw and of sampling (default %(default)s)")
     evaluate.add_argument("--out", required=True, help="JSON file for the score, CI and per-example results")
+    evaluate.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                          help="what generates the answers: hf, the project's decoder (default), or vllm (its own "
+                               "environment, `bash run.sh setup-vllm`; an adapter applied by its LoRA support)")
     evaluate.add_argument("--mc-loglik", action="store_true",
                           help="multiple choice: also score by the label's log-likelihood at the answer position, as "
                                "asked, over cyclically rotated options and option-averaged (kept under 'loglik')")
