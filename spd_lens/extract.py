@@ -167,8 +167,10 @@ def extract_subspace(
 ) -> CapabilitySubspace:
     """The capability subspace of `model` for a task (SPD steps 1-3).
 
-    `task_or_examples` is a task name, a `Task` (then `n` examples of `split`, drawn by `seed`),
-    or your own `Example`s / `EncodedExample`s (all of them, or the first `n`).
+    `task_or_examples` is a task name, a `Task` or `Capability` (your own examples and scorer,
+    `spd_lens.capability`), or the path of a JSONL file of your examples (then `n` examples of
+    `split`, drawn by `seed`), or a list of your own `Example`s / `EncodedExample`s (all of them,
+    or the first `n`). Each example is rendered with the system prompt and shots it carries.
     `layers` defaults to {L//2, L-1}; the rank policy is one of `rank`, `rank_frac` (default 0.5
     of the numerical rank) or `energy`; `loss="full"` takes the full-sequence loss (the ablation).
     Works on a `TransformerBridge` or a plain HF model: through the bridge's hook_k/hook_v backward
