@@ -366,9 +366,8 @@ def read_completions(path: str | Path) -> list[dict]:
             raise SpdLensError(f"{path}: record {number} needs a string 'prompt_id' and a 'completion' (or chat "
                                "'messages' with an assistant turn)")
         record_out = {"prompt_id": prompt_id, "completion": completion}
-        if "system" in record or "settings" in record or any(
-                isinstance(m, dict) and m.get("role") == "system" for m in record.get("messages") or []):
-            record_out["system"] = record_system(record)  # known: written by generate_jsonl, or a system turn
+        if "system" in record or "settings" in record:  # made by generate_jsonl: the system turn is known
+            record_out["system"] = record_system(record)
         if finish_reason(record) in ("stop", "length"):  # the project's, vLLM's or OpenAI's (choices[0])
             record_out["finish_reason"] = finish_reason(record)
         records.append(record_out)
