@@ -14,7 +14,7 @@ from spd_lens.experiment import run_experiment
 from spd_lens.extract import extract_subspace
 from spd_lens.models import boot, load_hf, load_model
 from spd_lens.projection import Projection, fold_projection
-from spd_lens.runtime import Runtime, resolve_runtime
+from spd_lens.runtime import Runtime, resolve_runtime, torch_build, unused_gpu_advice
 from spd_lens.sampling import SamplingConfig, generate_jsonl, sample_completions
 from spd_lens.train import TrainConfig, load_trained, train_on_jsonl
 
@@ -117,6 +117,36 @@ def test_cli_refuses_cuda_here_before_loading_anything(capsys):
 
 def test_cli_ask_in_bfloat16(capsys):
     assert cli(["ask", "What is 2+2?", "--model", "tiny", "--dtype", "bfloat16", "--max-new-tokens", "4"]) == 0
+    # The first line says what the command resolved and which torch runs it.
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == (f"runtime: device cpu, dtype bfloat16, torch {torch.__version__} ({torch_build()}), "
+                     "CUDA available: no")
+
+
+def test_banner_names_the_torch_build(two_gpus, monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    banner = Runtime.resolve("cuda:1", "bfloat16").banner()
+    assert banner == (f"runtime: device cuda:1 (Old GPU), dtype bfloat16, torch {torch.__version__} (CUDA 12.8 build), "
+                      "CUDA available: yes")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert torch_build() == "CPU-only build"
+
+
+@pytest.mark.parametrize("cuda_build", [None, "13.0"])
+def test_auto_warns_when_an_nvidia_gpu_is_there_but_torch_cannot_use_it(monkeypatch, cuda_build):
+    monkeypatch.setattr("spd_lens.runtime.nvidia_gpu_visible", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    with pytest.warns(RuntimeWarning, match=r"NVIDIA GPU but torch .* so 'auto' runs on the CPU: .*"
+                                            r"SPD_LENS_TORCH_INDEX=https://download.pytorch.org/whl/cu128 bash run.sh setup"):
+        assert Runtime.resolve("auto", "auto") == Runtime(torch.device("cpu"), torch.float32)
+    assert ("CPU-only build" if cuda_build is None else "built for CUDA 13.0") in unused_gpu_advice()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Runtime.resolve("cpu", "auto")  # the CPU asked for by name: nothing to warn about
+        monkeypatch.setattr("spd_lens.runtime.nvidia_gpu_visible", lambda: False)
+        Runtime.resolve("auto", "auto")  # no GPU on the machine: nothing either
 
 
 # --- bfloat16 end to end on the CPU ---------------------------------------------------------------------
