@@ -249,21 +249,43 @@ class CapabilitySubspace:
             raise SpdLensError(f"bases of different dimensions ({a.shape[0]} vs {b.shape[0]}) cannot be compared")
         return torch.linalg.svdvals(a.T @ b).clamp(max=1.0)
 
-    def overlap(self, other: "CapabilitySubspace", head: Head = FLAT, *,
-                normalize: str = "smaller") -> dict[tuple[int, str], float]:
+    def overlap(self, other: "CapabilitySubspace", head: Head = FLAT, *, normalize: str = "smaller",
+                rank: int | None = None) -> dict[tuple[int, str], "Overlap"]:
         """Σ cos² of the principal angles (= ‖AᵀB‖²_F for bases A, B of ranks a, b) per shared
         (layer, kind), divided by:
 
         - `"smaller"` (default): min(a, b), the mean over the principal angles. 1 when the smaller
           subspace lies inside the larger, so a rank-5 subspace and the rank-32 subspace it was cut
-          from read 1.0; equal ranks: 1 = the same subspace. A random subspace reads about max(a, b)/d.
+          from read 1.0; equal ranks: 1 = the same subspace.
         - `"larger"`: max(a, b). 1 only when the subspaces are the same; the rank-5 vs rank-32
-          example reads 5/32. A random subspace reads about min(a, b)/d.
+          example reads 5/32.
 
-        `spd_lens.random_like(self)` is the matched random control (same layers and ranks).
+        `rank=r` compares the top-r directions of both (per-head bases take at most d_head).
+
+        Each value is an `Overlap`: a float carrying `.baseline`, what uniformly random subspaces
+        of the same ranks read in the same dimension d (the flattened K/V width, or d_head per
+        head). For a fixed A and a uniformly random B, E[P_B] = (b/d)·I, so
+        E‖AᵀB‖²_F = tr(P_A·E[P_B]) = a·b/d: the baseline is max(a, b)/d with `"smaller"` and
+        min(a, b)/d with `"larger"`. Near rank d/2 it is about 0.5, so a raw 0.55 says little;
+        read `value - baseline` (or `value.excess`). `spd_lens.random_like(self)` is the matched
+        random control to measure the same by draws.
+
+        Example:
+            >>> import torch
+            >>> g = torch.randn(60, 16, dtype=torch.float64)
+            >>> s = CapabilitySubspace.from_grams({(0, "k"): g.T @ g}, {"n_kv_heads": 1, "d_head": 16})
+            >>> value = s.with_rank(rank=4).overlap(s.with_rank(rank=8))[(0, "k")]
+            >>> round(float(value), 6), value.baseline   # rank 4 inside rank 8; random: 8/16
+            (1.0, 0.5)
+            >>> s.overlap(random_like(s), rank=8)[(0, "k")].baseline
+            0.5
         """
         if normalize not in ("smaller", "larger"):
             raise SpdLensError(f"normalize must be 'smaller' or 'larger', got {normalize!r}")
+        if rank is not None:
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise SpdLensError(f"overlap rank must be a whole number >= 1, got {rank!r}")
+            return self.with_rank(rank=rank).overlap(other.with_rank(rank=rank), head, normalize=normalize)
         shared = [(layer, kind) for layer, kind in self.grams if (layer, kind) in other.grams]
         if not shared:
             raise SpdLensError(f"the subspaces share no layer: {self.layers} vs {other.layers}")
@@ -271,7 +293,11 @@ class CapabilitySubspace:
         for key in shared:
             cosines = self.principal_angles(other, *key, head)
             ranks = (self.rank(*key, head), other.rank(*key, head))
-            result[key] = float((cosines ** 2).sum()) / (min(ranks) if normalize == "smaller" else max(ranks))
+            dim = self.grams[key].shape[0] // (1 if head == FLAT else self.n_kv_heads)
+            small, large = min(ranks), max(ranks)
+            value = float((cosines ** 2).sum()) / (small if normalize == "smaller" else large)
+            result[key] = Overlap(value, baseline=(large if normalize == "smaller" else small) / dim,
+                                  ranks=ranks, dim=dim)
         return result
 
     # --- compatibility, save, load ----------------------------------------------------------
@@ -372,6 +398,37 @@ def random_like(subspace: CapabilitySubspace, seed: int = 0) -> CapabilitySubspa
     result = CapabilitySubspace(grams, meta, subspace.policy)
     result._ranks = dict(subspace._ranks)
     return result
+
+
+class Overlap(float):
+    """An overlap value (a float) with the random baseline beside it: `baseline` is the expected
+    overlap of uniformly random subspaces of the same `ranks` in dimension `dim` (see
+    `CapabilitySubspace.overlap`), `excess` the value minus it.
+
+    Example:
+        >>> v = Overlap(0.62, baseline=0.5, ranks=(8, 8), dim=16)
+        >>> v > 0.6, round(v.excess, 2), v
+        (True, 0.12, Overlap(0.62, baseline=0.5))
+    """
+
+    def __new__(cls, value: float, *, baseline: float, ranks: tuple[int, int] = (0, 0), dim: int = 0):
+        made = super().__new__(cls, value)
+        made.baseline, made.ranks, made.dim = float(baseline), tuple(ranks), int(dim)
+        return made
+
+    @property
+    def excess(self) -> float:
+        return float(self) - self.baseline
+
+    def __repr__(self) -> str:
+        return f"Overlap({float(self):.4g}, baseline={self.baseline:.4g})"
+
+    def __reduce__(self):  # pickles (and deep-copies) with its baseline
+        return (_overlap, (float(self), self.baseline, self.ranks, self.dim))
+
+
+def _overlap(value, baseline, ranks, dim):
+    return Overlap(value, baseline=baseline, ranks=ranks, dim=dim)
 
 
 LEGACY_SEEDS = 1000  # control seeds below this were draw indices (0..D-1); control_seed never returns one

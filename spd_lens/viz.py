@@ -406,6 +406,10 @@ def overlap_figure(first, second, *, names=("A", "B"), control=None) -> go.Figur
         baseline = control.overlap(second)
         figure.add_bar(x=labels, y=[baseline[k] for k in keys], name="random control",
                        hovertemplate="%{x}<br>overlap %{y:.3f}<extra></extra>")
+    if all(hasattr(overlap[k], "baseline") for k in keys):  # the expectation for random subspaces
+        figure.add_scatter(x=labels, y=[overlap[k].baseline for k in keys], mode="markers", name="random (expected)",
+                           marker={"symbol": "line-ew-open", "size": 30, "color": "black", "line": {"width": 2}},
+                           hovertemplate="%{x}<br>random subspaces of these ranks: %{y:.3f}<extra></extra>")
     figure.update_layout(title=f"subspace overlap: {names[0]} vs {names[1]} (mean cos² of principal angles)",
                          yaxis_title="mean cos²", yaxis_range=[0, 1], barmode="group")
     return figure

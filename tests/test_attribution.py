@@ -55,7 +55,9 @@ def test_figures_name_what_they_show(tiny):
     a = extract_subspace(model, "arithmetic", n=3, tokenizer=tokenizer)
     b = extract_subspace(model, "family-mc", n=3, tokenizer=tokenizer)
     overlap = overlap_figure(a, b, names=("arithmetic", "family-mc"), control=random_like(a))
-    assert len(overlap.data) == 2 and all(0 <= v <= 1 for v in overlap.data[0].y)
+    assert len(overlap.data) == 3 and all(0 <= v <= 1 for v in overlap.data[0].y)
+    assert overlap.data[2].name == "random (expected)"  # the analytic baseline beside the bars
+    assert list(overlap.data[2].y) == [v.baseline for _, v in sorted(a.overlap(b).items())]
     spectrum = spectrum_figure(a, "v")
     assert any("chosen rank" in trace.name for trace in spectrum.data)
     table = [{"rank": r, "layers": l, "score": r / 10} for r in (2, 4) for l in ("1", "3")]
@@ -510,3 +512,26 @@ def test_controls_never_pair_a_gradient_seed_with_a_random_draw():
     # Paired by position, seed i against draw i, both differences would be 0.5 (no spread); the
     # seeds are unrelated to the draws, so each side's spread shows: 0.25 .. 0.75.
     assert c["seed_spread"] == 0.5
+
+
+def test_overlap_carries_its_random_baseline_and_draws_agree():
+    import statistics
+
+    from spd_lens.subspace import CapabilitySubspace, Overlap
+
+    g = torch.randn(80, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    s = CapabilitySubspace.from_grams({(0, "k"): g.T @ g}, {"n_kv_heads": 2, "d_head": 8})
+    a, b = s.with_rank(rank=3), s.with_rank(rank=6)
+    for normalize, expected in (("smaller", 6 / 16), ("larger", 3 / 16)):
+        draws = [float(random_like(a, seed=i).overlap(random_like(b, seed=10_000 + i), normalize=normalize)[(0, "k")])
+                 for i in range(100)]
+        value = a.overlap(b, normalize=normalize)[(0, "k")]
+        assert isinstance(value, Overlap) and value.baseline == pytest.approx(expected) and value.dim == 16
+        # The analytic baseline is the mean over random pairs (within 4 standard errors).
+        assert abs(statistics.mean(draws) - expected) < 4 * statistics.stdev(draws) / len(draws) ** 0.5
+    per_head = a.overlap(b, head=1)[(0, "k")]
+    assert per_head.dim == 8 and per_head.baseline == pytest.approx(max(per_head.ranks) / 8)
+    top = s.overlap(random_like(s), rank=2)[(0, "k")]
+    assert top.ranks == (2, 2) and top.baseline == pytest.approx(2 / 16) and top.excess == pytest.approx(top - 2 / 16)
+    with pytest.raises(SpdLensError, match="overlap rank"):
+        s.overlap(s, rank=0)
