@@ -28,7 +28,7 @@ methods the last call ran.
 Launched on several processes (`torchrun --nproc_per_node N -m spd_lens.cli -- run CONFIG`),
 every stage runs data-parallel (`spd_lens.processes`): extraction sums the Gram matrices of each
 process's batches, generation and evaluation give each process every N-th prompt and merge the
-parts, training is accelerate's DDP (a global batch N times the per-process one); the main
+parts, training is accelerate's DDP (`train.batch_size` is the global batch, shared out); the main
 process writes every file and the others wait for it.
 """
 

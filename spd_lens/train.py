@@ -4,8 +4,12 @@ Defaults are the paper's: LoRA r=8, alpha=8, dropout 0.05 on q/k/v/o; AdamW lr 1
 decay 0.01, cosine schedule, 5 epochs; loss on the completion only (`loss_on="all"` also trains on
 the prompt, the paper's Eq. 14). A completion cut off at the sampling budget (`finish_reason:
 "length"`) is never taught to end there: by default it is kept without its end-of-turn marker
-(`truncated="keep"`), or left out (`truncated="drop"`). `accelerate` places the model and shards batches, so the same
-code runs under `torchrun --nproc_per_node N` or `accelerate launch`. Checkpoints (model,
+(`truncated="keep"`), or left out (`truncated="drop"`). `accelerate` places the model and syncs gradients, so the same
+code runs under `torchrun --nproc_per_node N` or `accelerate launch`. `batch_size` is the global
+batch (the paper's): each process takes its share of every batch, `grad_accum` splits a share into
+micro-batches, and the loss is normalised by the whole batch's token count, so 1 or N processes
+take the same optimizer steps to the same weights (up to float rounding; LoRA dropout draws its
+masks per process, so with dropout the split is part of the training settings). Checkpoints (model,
 optimizer, scheduler, RNG states) every `checkpoint_every` optimizer steps; a rerun resumes from
 the last complete one and ends with the same weights as an uninterrupted run.
 
@@ -54,8 +58,8 @@ class TrainConfig:
     lr: float = 1e-5
     weight_decay: float = 0.01
     epochs: int = 5
-    batch_size: int = 4
-    grad_accum: int = 1
+    batch_size: int = 4  # the global batch: rows per optimizer step over all processes together
+    grad_accum: int = 1  # micro-batches per process each global batch is split into (memory, not results)
     warmup_steps: int = 0
     max_length: int = 1024
     loss_on: str = "completion"  # or "all": prompt and completion
@@ -188,8 +192,9 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": attention, "position_ids": positions}
 
 
-def next_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token NLL over the labelled tokens, unembedding only the columns that hold them.
+def next_token_loss(model, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    """Mean (or, with `reduction="sum"`, summed) next-token NLL over the labelled tokens,
+    unembedding only the columns that hold them.
 
     Equal to the usual full-logits loss (tested); the vocabulary projection is a fifth of a small
     model's compute, and with completion-only loss most columns need none.
@@ -204,7 +209,7 @@ def next_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = out.logits[:, :-1]
     targets = labels[:, length - keep + 1:]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                             ignore_index=-100)
+                                             ignore_index=-100, reduction=reduction)
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
@@ -287,7 +292,9 @@ def _train(model_name: str, data: str | Path, out: Path, config: TrainConfig, ru
     if resume is not None and (resume[1] / SETTINGS_FILE).is_file():
         check_same_settings(read_json_object(resume[1] / SETTINGS_FILE, "a checkpoint's settings"), settings,
                             str(resume[1]), "Use another --out or the same settings", recorded="checkpoint has")
-    accelerator = Accelerator(cpu=not runtime.is_cuda, gradient_accumulation_steps=config.grad_accum)
+    # The global batch is split by hand (`_micro_batches`), so accelerate neither shards the data
+    # nor steps the schedule once per process: one optimizer step, one scheduler step.
+    accelerator = Accelerator(cpu=not runtime.is_cuda, step_scheduler_with_optimizer=False)
     if accelerator.device.type != runtime.device.type:
         raise SpdLensError(f"accelerate runs this process on {accelerator.device}, the runtime asks for {runtime.device}: "
                            "accelerate keeps the device its first use (or ACCELERATE_TORCH_DEVICE) chose for the "
@@ -307,14 +314,16 @@ def _train(model_name: str, data: str | Path, out: Path, config: TrainConfig, ru
                            "or sample with a larger max_new_tokens")
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    batches_per_process = math.ceil(math.ceil(len(features) / config.batch_size) / accelerator.num_processes)
-    steps_per_epoch = math.ceil(batches_per_process / config.grad_accum)
+    # `batch_size` is the global batch: the same optimizer steps on 1 or N processes.
+    steps_per_epoch = math.ceil(len(features) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    labelled = [sum(label != -100 for label in f["labels"]) for f in features]
 
     step = 0
-    losses: list[float] = []  # per optimizer step, averaged over micro-batches and processes
+    losses: list[float] = []  # per optimizer step: the global batch's mean token loss
     if resume is not None:
         step, checkpoint = resume
         accelerator.load_state(str(checkpoint))
@@ -324,51 +333,44 @@ def _train(model_name: str, data: str | Path, out: Path, config: TrainConfig, ru
     if bar is not None and hasattr(bar, "refresh") and step:
         bar.n = bar.initial = step  # resumed steps count as done, not as instant progress in the rate
         bar.refresh()
-    step_losses = []
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         batches = epoch_batches([len(f["input_ids"]) for f in features], config.batch_size, config.seed * 1000 + epoch)
-        # Its own generator: creating the iterator must not draw from the global RNG (the dropout
-        # stream), or a resumed epoch would see other dropout masks than an uninterrupted one.
-        loader = torch.utils.data.DataLoader(features, batch_sampler=batches, generator=torch.Generator().manual_seed(epoch),
-                                             collate_fn=lambda f: collate(f, tokenizer.pad_token_id))
-        loader = accelerator.prepare(loader)
-        if done_in_epoch:
-            loader = accelerator.skip_first_batches(loader, done_in_epoch * config.grad_accum)
-        micro = 0
-        for batch in loader:
-            with accelerator.accumulate(model):
-                with autocast():
-                    loss = next_token_loss(model, batch)
-                step_losses.append(loss.detach())
-                if not torch.isfinite(loss):
-                    raise SpdLensError(f"training loss is {loss.item()} at step {step} (epoch {epoch}): stopping before "
-                                       "the adapter is poisoned; lower lr or check the data")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                    # A finite loss can still have NaN gradients (a kernel's backward pass):
-                    # one such step would write NaN into every trained weight.
-                    if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
-                        raise SpdLensError(f"gradient norm is {float(norm)} at step {step} (epoch {epoch}): stopping "
-                                           "before the adapter is poisoned; lower lr or check the data (on CUDA, try "
-                                           "another attention kernel: see spd_lens.runtime.avoid_cudnn_attention)")
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            micro += 1
-            if accelerator.sync_gradients:
-                step += 1
-                mean = torch.stack(step_losses).mean()
-                losses.append(float(accelerator.reduce(mean, reduction="mean")))
-                step_losses = []
-                if bar is not None and hasattr(bar, "update"):
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                if step % config.checkpoint_every == 0 and step < total_steps:
-                    _save_checkpoint(accelerator, out, step, settings, losses)
-                if step >= total_steps or step % steps_per_epoch == 0:
-                    break
+        for rows in batches[done_in_epoch:]:
+            # The loss of a global batch is its summed token NLL over its labelled token count, so
+            # every process's share adds up to the one-process gradient however the rows divide.
+            tokens = max(sum(labelled[i] for i in rows), 1)
+            total = torch.zeros((), device=accelerator.device)
+            micro = _micro_batches(rows, world, rank, config.grad_accum)
+            for index, (mine, weight) in enumerate(micro):
+                batch = {k: v.to(accelerator.device) for k, v in
+                         collate([features[i] for i in mine], tokenizer.pad_token_id).items()}
+                last = index == len(micro) - 1
+                with accelerator.no_sync(model) if not last else nullcontext(), autocast():
+                    loss = next_token_loss(model, batch, reduction="sum") * (weight / tokens)
+                    if not torch.isfinite(loss):
+                        raise SpdLensError(f"training loss is {loss.item()} at step {step} (epoch {epoch}): stopping "
+                                           "before the adapter is poisoned; lower lr or check the data")
+                    # DDP averages gradients over the processes; the shares are to be summed.
+                    accelerator.backward(loss * world)
+                total += loss.detach()
+            norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+            # A finite loss can still have NaN gradients (a kernel's backward pass):
+            # one such step would write NaN into every trained weight.
+            if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+                raise SpdLensError(f"gradient norm is {float(norm)} at step {step} (epoch {epoch}): stopping "
+                                   "before the adapter is poisoned; lower lr or check the data (on CUDA, try "
+                                   "another attention kernel: see spd_lens.runtime.avoid_cudnn_attention)")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            losses.append(float(accelerator.reduce(total, reduction="sum")))
+            if bar is not None and hasattr(bar, "update"):
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if step % config.checkpoint_every == 0 and step < total_steps:
+                _save_checkpoint(accelerator, out, step, settings, losses)
     if bar is not None and hasattr(bar, "close"):
         bar.close()
     accelerator.wait_for_everyone()
@@ -386,9 +388,9 @@ def _train(model_name: str, data: str | Path, out: Path, config: TrainConfig, ru
         record = {"base_model": model_name, "data": str(data), "n_records": len(pairs),
                   "n_unfinished": unfinished, "n_trained": len(features), "config": asdict(config),
                   "settings": settings,
-                  "steps": total_steps, "processes": accelerator.num_processes,
-                  "per_process_batch_size": config.batch_size,
-                  "global_batch_size": config.batch_size * config.grad_accum * accelerator.num_processes,
+                  "steps": total_steps, "processes": world,
+                  "per_process_batch_size": math.ceil(config.batch_size / (world * config.grad_accum)),
+                  "global_batch_size": config.batch_size,
                   "loss_history": losses, "final_losses": losses[-5:],
                   "seconds_this_run": round(time.time() - started, 2), "resumed_at_step": resume[0] if resume else 0,
                   "runtime": runtime.describe(),
@@ -415,6 +417,26 @@ def training_settings(model_name: str, data: str | Path, config: TrainConfig, *,
     if config.lora and config.lora_dropout > 0:
         settings["processes"] = processes
     return canonical(settings)
+
+
+def _micro_batches(rows: list[int], world: int, rank: int, accumulation: int) -> list[tuple[list[int], float]]:
+    """This process's micro-batches of one global batch `rows`, with their weights: the batch is
+    dealt over `world * accumulation` slots (slot `j * world + rank` is this process's j-th). A slot
+    left empty (a last batch smaller than the slots) runs the batch's first row at weight 0, so
+    every process takes part in each gradient sync and adds nothing.
+
+    Example:
+        >>> _micro_batches([0, 1, 2, 3, 4], world=2, rank=1, accumulation=2)
+        [([1], 1.0), ([3], 1.0)]
+        >>> _micro_batches([7], world=2, rank=1, accumulation=1)
+        [([7], 0.0)]
+    """
+    slots = world * accumulation
+    micro = []
+    for j in range(accumulation):
+        mine = rows[j * world + rank::slots]
+        micro.append((mine, 1.0) if mine else (rows[:1], 0.0))
+    return micro
 
 
 def _save_checkpoint(accelerator, out: Path, step: int, settings: dict, losses: list[float]) -> None:

@@ -353,8 +353,9 @@ NAMED = {"n": "n_prompts", **{k: f"projection.{k}" for k in PROJECTION_VALUES}}
 def one_setting_changed(s: dict, data) -> tuple[dict, str]:
     """`s` with one setting changed (a sampling setting, a projection setting, or the projection
     added or dropped), and the name the refusal must give."""
+    # batch_size is not among them: refill decoding's output does not depend on it (test_stages)
     changes = [({**s, k: v}, NAMED.get(k, k)) for k, values in GENERATION_VALUES.items() for v in values
-               if v != s[k] and valid({**s, k: v})]
+               if v != s[k] and valid({**s, k: v}) and k != "batch_size"]
     if s["projection"] is None:
         changes.append(({**s, "projection": {k: v[0] for k, v in PROJECTION_VALUES.items()}}, "projection: file has None"))
     else:

@@ -32,6 +32,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _without_batch_size(settings: dict) -> dict:
+    sampling = settings.get("sampling")
+    if isinstance(sampling, dict):
+        return {**settings, "sampling": {k: v for k, v in sampling.items() if k != "batch_size"}}
+    return settings
+
+
 def warn_missing_finish_reasons(path, consequence: str) -> None:
     """A warning (stderr, main process), with counts, when records of `path` do not say why they
     ended (`finish_reason` at the top level or in `choices[0]`): a cut-off completion among them
@@ -87,7 +94,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if "settings" in previous:  # evaluations written before settings were kept are redone
             # written before the dtype / the engine were kept: float32, the HF decoder
             old = {"dtype": "float32", "engine": "hf", **previous["settings"]}
-            check_same_settings(old, settings, str(out), "Use another --out or the same settings")
+            # the batch size changes no answer (refill decoding): another one reuses the result
+            check_same_settings(_without_batch_size(old), _without_batch_size(settings), str(out),
+                                "Use another --out or the same settings")
             print(json.dumps({"task": previous["task"], "score": previous["score"], "ci": previous["ci"],
                               "n": previous["n"]}))
             return 0
@@ -135,6 +144,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from spd_lens.evaluate import score_file
     from spd_lens.sandbox import summarise_isolation
 
+    warn_missing_finish_reasons(args.completions, "scored as finished")
     result = score_file(common.configured_task(args), args.completions, progress=common.progress_labelled("score"))
     write_json(args.out, {"task": result.task, "score": result.score, "ci": list(result.ci), "n": result.n,
                           "sandbox": summarise_isolation(result.results),
@@ -148,7 +158,6 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-    warn_missing_finish_reasons(args.completions, "scored as finished")
 def register(commands) -> None:
     train = commands.add_parser("train", help="fine-tune on an exported JSONL (LoRA by default)")
     train.add_argument("--model", default=DEFAULT_MODEL, help="model: a built-in name (spd-lens models), a Hugging Face directory or hub id (default %(default)s)")
@@ -158,10 +167,11 @@ def register(commands) -> None:
     train.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate, cosine schedule (default %(default)s)")
     train.add_argument("--epochs", type=int, default=5, help="passes over the data (default %(default)s)")
     train.add_argument("--batch-size", type=int, default=4,
-                       help="examples per process per micro-batch; the global batch of one optimizer step is "
-                            "batch-size x grad-accum x processes (torchrun --nproc_per_node N)")
+                       help="the global batch: examples per optimizer step over all processes together "
+                            "(torchrun --nproc_per_node N gives each process its share; default %(default)s)")
     train.add_argument("--grad-accum", type=int, default=1,
-                       help="batches whose gradients are summed per optimizer step (default %(default)s)")
+                       help="micro-batches each process's share is split into, to save memory; the batch and "
+                            "the result stay the same (default %(default)s)")
     train.add_argument("--truncated", default="keep", choices=["keep", "drop"],
                        help="completions cut off at their token budget: train on them without an end-of-turn "
                             "marker (keep, default) or leave them out (drop)")
