@@ -263,6 +263,11 @@ def check_methods(methods: list[str]) -> None:
 
 def config_from_dict(values: dict) -> ExperimentConfig:
     config = _build(ExperimentConfig, values, "")
+    if config.task.examples is not None and config.task.name == TaskSection.name:
+        # Your own capability is named by its file (the default name belongs to a shipped task).
+        from spd_lens.tasks.custom import _stem
+
+        config = dataclasses.replace(config, task=dataclasses.replace(config.task, name=_stem(config.task.examples)))
     check_methods(config.methods)
     if not config.seeds:
         raise SpdLensError("seeds must list at least one seed")
