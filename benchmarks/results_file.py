@@ -1,0 +1,48 @@
+"""The JSON a benchmark's full run writes to benchmarks/results/NAME.json, from which
+docs/benchmarks.md's tables are generated (`python benchmarks/tables.py`).
+
+    {"benchmark": NAME, "command": "...", "measured": "2026-12-07", "machine": "...",
+     "source": "this script's run", "rows": [{"figure": "...", "ratio": 1.04, "detail": "..."}],
+     "earlier": [the records this run replaced]}
+
+A smoke run (`--smoke`: tiny model and sizes, seconds) checks that the script still runs and
+writes nothing here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{cores} CPU cores ({platform.machine()})"
+    return f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def write(name: str, rows: list[dict], *, argv: list[str] | None = None) -> Path:
+    """Write NAME.json atomically (temp file, then rename); each row needs "figure" and "ratio"."""
+    for row in rows:
+        if not {"figure", "ratio"} <= set(row):
+            raise ValueError(f"a result row needs 'figure' and 'ratio': {row}")
+    record = {"benchmark": name, "command": " ".join(["python", f"benchmarks/{name}.py", *(argv or sys.argv[1:])]),
+              "measured": datetime.date.today().isoformat(), "machine": machine(), "source": "this script's run",
+              "rows": rows}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    if path.is_file():  # what was measured before stays beside the new figures, with its own source
+        previous = json.loads(path.read_text())
+        record["earlier"] = [{k: v for k, v in previous.items() if k != "earlier"}, *previous.get("earlier", [])]
+    temp = path.with_suffix(".json.tmp")
+    temp.write_text(json.dumps(record, indent=1) + "\n")
+    temp.replace(path)
+    return path
