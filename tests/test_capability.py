@@ -240,3 +240,27 @@ def test_spd_lens_run_distils_a_capability_from_a_jsonl_end_to_end(tmp_path, mon
     (tmp_path / "run.toml").write_text((tmp_path / "run.toml").read_text().replace("first_digit", "nope"))
     assert cli(["run", "run.toml", "--out", "out2"]) == 2
     assert "module 'my_scorer' has no function 'nope'" in capsys.readouterr().err
+
+
+def test_config_and_command_line_take_your_examples(tmp_path, capsys):
+    from spd_lens.cli import main as cli
+    from spd_lens.config import build_task, config_from_dict
+
+    path = write_jsonl(tmp_path / "caps.jsonl", [{"id": f"c{i}", "prompt": f"Say {i}.", "answer": str(i)} for i in range(12)])
+    config = config_from_dict({"task": {"examples": str(path), "scorer": f"{SCORER_MODULE}:always_right",
+                                         "options": {"max_new_tokens": 8}}})
+    task = build_task(config)
+    assert isinstance(task, Capability) and config.task.name == task.name == "caps" and task.max_new_tokens == 8
+    assert task.score(task.all_examples()[0], "anything").passed
+    for bad, message in ((({"scorer": "m:f"}), "task.scorer = 'm:f' scores your own examples"),
+                         ({"examples": str(path), "preset": "easy"}, "task.data and task.preset belong to shipped"),
+                         ({"examples": str(path), "options": {"max_digits": 1}}, "takes only max_new_tokens")):
+        with pytest.raises(SpdLensError, match=message):
+            build_task(config_from_dict({"task": bad}))
+    out = tmp_path / "eval.json"
+    assert cli(["eval", "--model", "tiny", "--task", str(path), "--n", "2", "--max-new-tokens", "2",
+                "--scorer", f"{SCORER_MODULE}:always_right", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["task"] == "caps" and result["n"] == 2 and result["score"] == 1.0
+    assert cli(["eval", "--model", "tiny", "--task", "arithmetic", "--scorer", "m:f", "--out", str(out)]) == 2
+    assert "--scorer scores your own examples" in capsys.readouterr().err
