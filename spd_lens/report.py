@@ -178,7 +178,8 @@ def _hashes(value, where: str, found: dict[str, str]) -> None:
 
 def recorded_hashes(run_dir: Path, metrics: dict, config: dict) -> dict[str, str]:
     """The content hashes and weights ids the run's files record: metrics.json, config.json,
-    the evaluation and training records' settings, the subspaces' and adapters' metadata."""
+    the evaluation and training records' settings, the subspaces' and adapters' metadata
+    (`RUN/inputs.json`, what the stages read, is shown on its own)."""
     found: dict[str, str] = {}
     _hashes({k: v for k, v in metrics.items() if k != "methods"}, "metrics.json", found)
     _hashes(config, "config.json", found)
@@ -203,17 +204,34 @@ def _what_ran(run_dir: Path, metrics: dict, config: dict) -> list[tuple[str, str
         task_line += f"; subspace from {subspace}"
     seeds = config.get("seeds") or sorted({s for m in metrics["methods"].values() for s in (m.get("seeds") or {})})
     missing = sorted({s for m in metrics["methods"].values() for s in m.get("missing_seeds", [])})
-    runtime = metrics.get("runtime") or {}
+    inputs = _read_json(run_dir / "inputs.json")  # what the stages read: weights id, data hashes, runtimes
+    runtime = metrics.get("runtime") or inputs.get("runtime") or {}
     runtime_line = (", ".join(f"{k} {v}" for k, v in runtime.items()) if runtime
                     else "not recorded (metrics written by an older version)")
+    evaluated = inputs.get("evaluation_runtime")
+    if evaluated and evaluated != runtime:
+        runtime_line += "; evaluated in " + ", ".join(f"{k} {v}" for k, v in evaluated.items())
     stages = metrics.get("stage_seconds") or {}
     if stages:
         runtime_line += f"; {sum(stages.values()) / 60:.1f} min of stage time (" + ", ".join(
             f"{k} {v:.0f} s" for k, v in stages.items()) + ")"
+    # [eval] cut_off: how an answer cut off at the token budget is scored; the default ("score")
+    # is left out of config.json
+    evaluation = {**config["eval"], "cut_off": config["eval"].get("cut_off", "score")} if config.get("eval") else {}
     hashes = recorded_hashes(run_dir, metrics, config)
-    weights = [f"{k} {v}" for k, v in hashes.items() if "weights" in k]
+    weights = ([f"weights {inputs['weights']} (inputs.json)"] if inputs.get("weights")
+               else [f"{k} {v}" for k, v in hashes.items() if "weights" in k])
+    hashed = inputs.get("data") or {}
+    if hashed:  # content hashes of the examples each stage read
+        data = f"{data}; examples sha256: " + "; ".join(
+            f"{stage} {value}" if not isinstance(value, dict)
+            else f"{stage} " + ", ".join(f"seed {seed} {h}" for seed, h in value.items())
+            for stage, value in hashed.items())
     rows = [("model", f"{metrics.get('model')}; " + ("; ".join(weights) if weights else "weights id not recorded by this run")),
             ("task", task_line), ("data", str(data)),
+            ("evaluation", ", ".join(f"{k} {v}" for k, v in evaluation.items()
+                                     if k in ("temperature", "max_new_tokens", "cut_off") and v is not None)
+             or "settings not recorded (no config.json)"),
             ("methods", ", ".join(metrics["methods"])),
             ("seeds", ", ".join(map(str, seeds)) + (f" (missing: {', '.join(map(str, missing))})" if missing else "")),
             ("runtime", runtime_line)]

@@ -13,7 +13,7 @@ import torch
 
 from spd_lens.report import comparison_sentence, format_table, write_run_report
 
-WEIGHTS = "sha256:9f0c2e"
+WEIGHTS = "smollm2-135m-instruct:9f0c2e5a"
 
 
 def _method(score, n=30, length=0, seeds=None, **extra):
@@ -30,7 +30,7 @@ def make_run(directory):
     training = {"correct": 0.2, "cut_off": 0.3, "n": 30, "mean_tokens": 20.5, "finish_reasons": {"length": 9, "stop": 21}}
     metrics = {
         "run": "demo-like", "task": "arithmetic", "subspace_task": "arithmetic", "model": "tiny",
-        "weights_id": WEIGHTS, "runtime": {"device": "cpu", "dtype": "float32"},
+        "runtime": {"device": "cpu", "dtype": "float32"},
         "methods": {"base": _method(0.1), "psr": _method(0.2, length=1, seeds={"0": {"score": 0.2, "ci": [0.1, 0.3], "n": 30}},
                                                        training_data={**training, "cut_off": 0.05}),
                     "spd": _method(1 / 3 + 0.2, length=5, seeds={"0": {"score": 0.533, "ci": [0.4, 0.7], "n": 30}},
@@ -41,8 +41,13 @@ def make_run(directory):
         "pending": [], "stage_seconds": {"extract": 4.0, "generate": 50.0, "train": 230.0, "eval": 70.0},
         "config_hash": "91a0cfd208f3", "spd_lens_version": "0.1.0", "finished": "2026-12-07T16:18:41Z"}
     (directory / "metrics.json").write_text(json.dumps(metrics))
+    (directory / "inputs.json").write_text(json.dumps({
+        "runtime": {"device": "cpu", "dtype": "float32"}, "evaluation_runtime": {"device": "cpu", "dtype": "float32"},
+        "weights": WEIGHTS, "data": {"eval": "5a3e2fb681ecb2e6", "train": {"0": "79051ceab8dec70a"}}}))
     (directory / "config.json").write_text(json.dumps({"seeds": [0], "task": {"name": "arithmetic", "data": None,
-                                                                             "train_n": 30, "eval_n": 30}}))
+                                                                             "train_n": 30, "eval_n": 30},
+                                                         "eval": {"temperature": 0.0, "max_new_tokens": 64,
+                                                                  "batch_size": 16}}))
     (directory / "eval").mkdir(exist_ok=True)
     for stem, rows in {"base": [(True, "stop"), (False, "stop")],
                        "spd-seed0": [(False, "length"), (True, "stop"), (False, "stop")]}.items():
@@ -91,7 +96,9 @@ def test_report_says_what_ran_and_what_it_found(tmp_path):
     assert page.count("<script src='plotly.min.js'") == 1 and "cdn.plot.ly" not in page
     # what ran: model and its weights id, task and data with the recorded hashes, methods, seeds, runtime
     ran = page[page.index("What ran"):page.index("Verdicts")]
-    for text in ("tiny; weights_id sha256:9f0c2e (metrics.json)", "arithmetic (train 30, eval 30", "prompts_sha256 7f15fb2e4cc7d9f0",
+    for text in ("tiny; weights smollm2-135m-instruct:9f0c2e5a (inputs.json)", "arithmetic (train 30, eval 30",
+                 "examples sha256: eval 5a3e2fb681ecb2e6; train seed 0 79051ceab8dec70a",
+                 "temperature 0.0, max_new_tokens 64, cut_off score", "prompts_sha256 7f15fb2e4cc7d9f0",
                  "tensors_sha256", "base, psr, spd", "device cpu, dtype float32", "5.9 min of stage time",
                  "config_hash 91a0cfd208f3"):
         assert text in ran, text
