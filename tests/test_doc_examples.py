@@ -3,7 +3,13 @@ documentation cannot drift from the code)."""
 
 import doctest
 import importlib
+import json
+import os
 import pkgutil
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +41,56 @@ def test_every_public_name_has_a_runnable_example():
         if not (_example_lines(value.__doc__) or any(name in line for line in _example_lines(module.__doc__))):
             missing.append(name)
     assert not missing, f"public names without a runnable example: {missing}"
+
+
+# The README's and the docs pages' ```python blocks run as a reader would paste them: each page's
+# blocks in order, in one fresh process (a notebook kernel's situation), in an empty directory. A
+# block that is not meant to run here (hours of work, another machine, a placeholder) has the line
+# `<!-- not run: why -->` just before it.
+ROOT = Path(__file__).resolve().parent.parent
+NOT_RUN = re.compile(r"<!-- not run: (\S.*?) -->\s*\n```python\n", re.S)
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+RUNNER = r"""
+import json, sys, traceback
+namespace = {"__name__": "__main__"}
+for where, source in json.load(open(sys.argv[1])):
+    try:
+        exec(compile(source, where, "exec"), namespace)
+    except Exception:
+        traceback.print_exc()
+        sys.exit(f"{where} failed")
+"""
+
+
+def runnable_blocks(text: str, name: str) -> list[tuple[str, str]]:
+    """(where, source) of each ```python block not marked `<!-- not run: why -->`."""
+    skipped = {m.end() for m in NOT_RUN.finditer(text)}
+    return [(f"{name} line {text[:m.start()].count(chr(10)) + 1}", m.group(1))
+            for m in BLOCK.finditer(text) if m.start(1) not in skipped]
+
+
+def test_not_run_markers_are_read():
+    text = "a\n\n```python\nx = 1\n```\n\n<!-- not run: hours -->\n```python\ny = 2\n```\n<!-- not run: -->\n```python\nz = 3\n```\n"
+    assert [source for _, source in runnable_blocks(text, "t")] == ["x = 1\n", "z = 3\n"]  # no reason: it runs
+
+
+def run_blocks(blocks: list[tuple[str, str]], tmp_path: Path) -> None:
+    (tmp_path / "blocks.json").write_text(json.dumps(blocks))
+    done = subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path / "blocks.json")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+DOC_PAGES = sorted(p.name for p in (ROOT / "docs").glob("*.md") if runnable_blocks(p.read_text(), p.name))
+
+
+@pytest.mark.parametrize("page", DOC_PAGES)
+def test_docs_page_examples_run(page, tmp_path):
+    run_blocks(runnable_blocks((ROOT / "docs" / page).read_text(), f"docs/{page}"), tmp_path)
+
+
+@pytest.mark.slow
+def test_readme_examples_run(tmp_path):
+    blocks = runnable_blocks((ROOT / "README.md").read_text(), "README.md")
+    assert blocks, "the README's tour has no Python block"
+    run_blocks(blocks, tmp_path)
