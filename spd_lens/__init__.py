@@ -11,7 +11,7 @@ Example:
 __version__ = "0.1.0"
 
 from spd_lens.errors import SpdLensError
-from spd_lens.attribution import correctness_loss
+from spd_lens.attribution import correctness_loss, span_accuracy
 from spd_lens.chat import to_chat_tokens
 from spd_lens.extract import extract_subspace
 from spd_lens.gradient_cache import GradientCache, cache_gradients
@@ -21,7 +21,19 @@ from spd_lens.runtime import Runtime
 from spd_lens.subspace import CapabilitySubspace, RankPolicy, random_like
 from spd_lens.tasks import Capability, Example, capability, get_task, task_names
 
+
+
+def __getattr__(name: str):
+    # spd_lens.ablate(model, examples, ...): imported on first use (it pulls in the run machinery).
+    if name == "ablate":
+        import spd_lens.ablate as module
+
+        return module
+    raise AttributeError(f"module 'spd_lens' has no attribute {name!r}")
+
+
 __all__ = [
+    "ablate",
     "CapabilitySubspace",
     "RankPolicy",
     "Runtime",
@@ -31,6 +43,7 @@ __all__ = [
     "project",
     "cache_gradients",
     "correctness_loss",
+    "span_accuracy",
     "extract_subspace",
     "random_like",
     "to_chat_tokens",

@@ -29,7 +29,9 @@ import csv
 import dataclasses
 import itertools
 import json
+import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -347,3 +349,16 @@ def write_ablation_report(out: str | Path, title: str | None = None) -> Path:
     notes = f"baseline (no projection): score {rows[0]['score']:.3f}, correctness loss {rows[0]['loss']:.4f}"
     write_report(out / "ablation.html", figures, title or f"spd_lens ablation on {table.get('task')}", notes)
     return out / "ablation.html"
+
+
+class _CallableModule(types.ModuleType):
+    """`spd_lens.ablate(model, examples, ...)` calls the grid on your own examples
+    (`spd_lens.ablate_examples.ablate`) while `spd_lens.ablate` stays this module."""
+
+    def __call__(self, *args, **kwargs):
+        from spd_lens.ablate_examples import ablate
+
+        return ablate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -432,7 +432,7 @@ def ablation_figure(rows: list[dict], *, x: str = "rank", y: str = "layers", val
     return figure
 
 
-def control_figure(controls: list[dict], *, baseline: float | None = None) -> go.Figure:
+def control_figure(controls: list[dict], *, baseline: float | None = None, metric: str = "score") -> go.Figure:
     """Per ablation cell, two panels on one axis of cells. Above: the gradient subspace's score
     (the mean over its seeds, each seed a cross) beside the mean of its matched random subspaces
     (each draw a point), and the unprojected model's score. Below: gradient minus random with its
@@ -440,7 +440,7 @@ def control_figure(controls: list[dict], *, baseline: float | None = None) -> go
     from plotly.subplots import make_subplots
 
     labels = [f"r {c['rank']} L {c['layers']} {c['kinds']} a {c['alpha']}" + ("" if c["head"] == "all" else f" h {c['head']}")
-              for c in controls]
+              + (f" {c['mode']}" if c.get("mode") else "") for c in controls]
     figure = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.6, 0.4], vertical_spacing=0.06)
     figure.add_trace(go.Bar(x=labels, y=[c["gradient"] for c in controls], name="gradient subspace",
                             marker_color="#4c6ef5"), row=1, col=1)
@@ -464,9 +464,11 @@ def control_figure(controls: list[dict], *, baseline: float | None = None) -> go
         error_y={"type": "data", "array": [c["ci"][1] - c["difference"] for c in controls],
                  "arrayminus": [c["difference"] - c["ci"][0] for c in controls]}), row=2, col=1)
     figure.add_hline(y=0, line_color="black", line_width=1, row=2, col=1)
-    figure.update_yaxes(title_text="score", row=1, col=1)
+    figure.update_yaxes(title_text=metric.replace("_", " "), row=1, col=1)
     figure.update_yaxes(title_text="gradient - random<br>(green: 95% CI above 0)", zeroline=True, row=2, col=1)
-    figure.update_layout(title="gradient vs matched random subspace, per cell",
+    figure.update_xaxes(title_text="cell (rank, layers, K/V, alpha, head, mode)", row=2, col=1)
+    figure.update_layout(title="gradient vs matched random subspace, per cell"
+                               + ("" if metric == "score" else f": {metric.replace('_', ' ')}"),
                          barmode="group", height=620, width=max(700, 200 + 75 * len(labels)),
                          legend={"orientation": "h", "x": 0, "y": 1.02, "yanchor": "bottom"}, margin={"t": 140})
     return figure
