@@ -229,7 +229,8 @@ def test_the_study_script_keeps_finished_files_and_a_new_machine_starts_from_the
     env = _stub_spd_lens(tmp_path)
     script = str(ROOT / "experiments" / "study" / "run.sh")
     run = tmp_path / "runs" / "math-easy"
-    for name, text in {"config.json": "{}", "metrics.json": "{}", "report.html": "<html>", ".spd-lens.lock": "",
+    for name, text in {"config.json": "{}", "metrics.json": "{}", "report.html": "<html>", "plotly.min.js": "x",
+                       ".spd-lens.lock": "",
                        "eval/base.json": "{}", "eval/base.jsonl": "{}\n", "eval/psr-seed0.jsonl.partial": "{}\n",
                        "eval/hook-only.jsonl": "{}\n",  # generated, not yet scored: kept
                        "generations/psr-seed0.jsonl": "{}\n", "generations/psr-seed0.quality.json": "{}",

@@ -33,13 +33,13 @@ RERUNS=(math-hard math-hard-ssd math-hard-seed2 math-hard-chosen ood math-easy c
 CHOSEN_LR="${CHOSEN_LR:-1e-3}"  # the lr sweep's choice on dev (RESULTS.md); every trained method of the rerun uses it
 
 # A rerun's finished files into its kept copy: final names only (an unfinished file ends in .partial
-# and every finished one is renamed into place whole), without the adapters, redrawable HTML, or an
-# evaluation's checkpoint once the evaluation is finished.
+# and every finished one is renamed into place whole), without the adapters, redrawable HTML and the
+# plotly.min.js it loads, or an evaluation's checkpoint once the evaluation is finished.
 keep() {
   local from="$RUNS/$1" to="$KEPT/$1" file
   [ -d "$from" ] || return 0
   (cd "$from" && find . -path ./adapters -prune -o -type f ! -name '*.partial' ! -name '.spd-lens.lock' \
-     ! -name '*.html' -print) | while IFS= read -r file; do
+     ! -name '*.html' ! -name 'plotly.min.js' -print) | while IFS= read -r file; do
     # A finished evaluation's .json holds every completion with its verdict; its .jsonl (the
     # generation's checkpoint, settings repeated on every line) is then not needed.
     case "$file" in ./eval/*.jsonl) [ -f "$from/${file%l}" ] && continue ;; esac
