@@ -15,7 +15,18 @@ On the default model (or --model), in the runtime's dtype (auto: bfloat16) unles
    length (batch 64, 128 new tokens), plain and with the projection hooks;
 4. training: LoRA steps (the paper's settings, one epoch over 256 self-generated records, batch
    16) in the runtime dtype: training tokens/s, float32 adapter weights, finite losses;
-5. evaluation of the trained model on 128 held-out questions.
+5. evaluation of the trained model on 128 held-out questions;
+6. the paper's GSM8K config with only its model and sizes shrunk (experiments/paper/smoke.toml)
+   end to end, on a generated GSM8K-format file, in the runtime dtype and in float32: every method
+   finishes; the runtime-dtype run's trained psr adapter, evaluated as the run evaluates it, moves
+   the next-token logits from the base model's by the same amount as the adapter applied exactly
+   in float32 (share of the float32 change kept, cosine and norm ratio, within 1%), and the run's
+   evaluation completions equal those of that float32 model.
+
+    python benchmarks/gpu_check.py --smoke
+
+runs every step on the CPU with the tiny test model and small sizes (no throughput claims): a
+check that the script itself works, for machines without a GPU.
 
 It ends with one JSON line; `spd-lens plan CONFIG --figures FILE` estimates run times from a
 file holding it (its keys sampling_tokens_per_s, train_tokens_per_s, extract_tokens_per_s).
@@ -36,11 +47,16 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--device", default="cuda", help="cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (bfloat16), bfloat16, float16 or float32")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every step on the CPU in bfloat16, tiny model and sizes: checks the script, not a GPU")
     args = parser.parse_args()
 
     import torch
 
-    if not torch.cuda.is_available():
+    if args.smoke:
+        args.model, args.device = ("tiny" if args.model == parser.get_default("model") else args.model), "cpu"
+        args.dtype = "bfloat16" if args.dtype == "auto" else args.dtype
+    elif not torch.cuda.is_available():
         print(f"gpu_check.py needs a CUDA device, and none is visible here (torch {torch.__version__}, "
               f"{'a CPU-only build' if torch.version.cuda is None else 'CUDA ' + torch.version.cuda}). "
               "It checks the GPU path and is not part of the test suite: run it on a machine with a GPU.",
@@ -60,22 +76,31 @@ def main() -> int:
 
     runtime = Runtime.resolve(args.device, args.dtype)
     float32 = Runtime(runtime.device, torch.float32)
-    if not runtime.is_cuda:
+    if not runtime.is_cuda and not args.smoke:
         print(f"--device {args.device!r} is not a CUDA device", file=sys.stderr)
         return 2
+    # Sizes: the full check on a GPU; --smoke shrinks every count so the CPU runs it in minutes.
+    n = dict(calibration=8, prompts=4, tokens=12, batch=4, new_tokens=8, train=16, eval=8) if args.smoke else \
+        dict(calibration=64, prompts=32, tokens=48, batch=64, new_tokens=128, train=256, eval=128)
     started = time.perf_counter()
-    figures: dict = {"device": torch.cuda.get_device_name(runtime.device), "dtype": runtime.describe()["dtype"],
+    print(runtime.banner(), flush=True)
+    device_name = torch.cuda.get_device_name(runtime.device) if runtime.is_cuda else "cpu (--smoke)"
+    figures: dict = {"device": device_name, "dtype": runtime.describe()["dtype"],
                      "model": args.model, "torch": torch.__version__}
     checks: dict[str, bool] = {}
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f} s] {message}", flush=True)
 
+    def synchronize():
+        if runtime.is_cuda:
+            torch.cuda.synchronize(runtime.device)
+
     def timed(fn):
-        torch.cuda.synchronize(runtime.device)
+        synchronize()
         start = time.perf_counter()
         result = fn()
-        torch.cuda.synchronize(runtime.device)
+        synchronize()
         return result, time.perf_counter() - start
 
     task = get_task("arithmetic")
@@ -84,7 +109,7 @@ def main() -> int:
     log(f"{args.model} on {figures['device']} in {figures['dtype']} ({figures['parameters'] / 1e6:.0f}M parameters)")
 
     # 1. extraction
-    calibration = task.examples("train", n=64, seed=0)
+    calibration = task.examples("train", n=n["calibration"], seed=0)
     tokens = sum(len(task.locate(tokenizer, e).input_ids) for e in calibration)
     extract_subspace(model, calibration[:8], tokenizer=tokenizer, batch_size=16)  # warm-up
     subspace, seconds = timed(lambda: extract_subspace(model, calibration, tokenizer=tokenizer, batch_size=16))
@@ -102,8 +127,8 @@ def main() -> int:
     # completion, so whole-completion equality says little. The check: fed the same tokens
     # (teacher forcing), the folded model's next-token choices differ from the hooked model's no
     # more often than the hooked model's own choices differ between bfloat16 and float32.
-    prompts = [e.prompt for e in task.examples("test", n=32, seed=0)]
-    greedy = SamplingConfig(max_new_tokens=48, batch_size=32)
+    prompts = [e.prompt for e in task.examples("test", n=n["prompts"], seed=0)]
+    greedy = SamplingConfig(max_new_tokens=n["tokens"], batch_size=32)
     projection = Projection.build(subspace)
 
     def greedy_texts(m, hooked: bool) -> list[str]:
@@ -139,7 +164,7 @@ def main() -> int:
         f"{dtype_agreement:.2%})")
 
     # 3. sampling throughput (every row decodes exactly `new_tokens`)
-    batch, new_tokens = 64, 128
+    batch, new_tokens = n["batch"], n["new_tokens"]
     texts = [e.prompt for e in task.examples("test", n=batch, seed=1)]
     encoded = [encode(tokenizer, render_prompt(tokenizer, p)) for p in texts]
     length = max(map(len, encoded))
@@ -163,8 +188,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="spd-gpu-check-") as work:
         work = Path(work)
         # 4. training on projected self-generations, the paper's LoRA settings, runtime dtype
-        examples = task.examples("train", n=256, seed=2)
-        sampling = SamplingConfig(temperature=1.0, top_k=20, top_p=0.8, max_new_tokens=40, batch_size=64)
+        examples = task.examples("train", n=n["train"], seed=2)
+        sampling = SamplingConfig(temperature=1.0, top_k=20, top_p=0.8, max_new_tokens=n["tokens"], batch_size=64)
         with Projection.build(subspace).apply(model):
             data = generate_jsonl(model, tokenizer, examples, work / "gen.jsonl", sampling, task=task.name)
         config = TrainConfig(epochs=1, batch_size=16)
@@ -185,19 +210,93 @@ def main() -> int:
         from spd_lens.train import load_trained
 
         trained, _ = load_trained(args.model, out, runtime=runtime)
-        result, seconds = timed(lambda: evaluate(trained, tokenizer, task, n=128,
-                                                 config=SamplingConfig(max_new_tokens=40, batch_size=64),
+        result, seconds = timed(lambda: evaluate(trained, tokenizer, task, n=n["eval"],
+                                                 config=SamplingConfig(max_new_tokens=n["tokens"], batch_size=64),
                                                  generations=work / "eval.jsonl"))
         figures.update(eval_seconds=round(seconds, 2), eval_score=result.score, eval_n=result.n)
-        checks["evaluation_ran"] = result.n == 128 and trained.dtype == runtime.dtype
+        # evaluated in float32 whatever the runtime (spd_lens.precision: a small update survives only there)
+        checks["evaluation_ran"] = result.n == n["eval"] and trained.dtype == torch.float32
         log(f"evaluation: {result.score:.3f} on {result.n} questions in {seconds:.1f} s")
+        del trained, model
+
+        # 6. the paper's config, shrunk, end to end in the runtime dtype and in float32
+        paper_smoke(work, runtime, figures, checks, log)
 
     figures.update(total_seconds=round(time.perf_counter() - started, 1), checks=checks, ok=all(checks.values()),
-                   peak_memory_gb=round(torch.cuda.max_memory_allocated(runtime.device) / 2**30, 2))
+                   peak_memory_gb=round(torch.cuda.max_memory_allocated(runtime.device) / 2**30, 2) if runtime.is_cuda else None)
     failed = [name for name, ok in checks.items() if not ok]
     log("every check passed" if not failed else f"FAILED: {failed}")
     print(json.dumps(figures))
     return 0 if not failed else 1
+
+
+def paper_smoke(work: Path, runtime, figures: dict, checks: dict, log) -> None:
+    """experiments/paper/gsm8k.toml + smoke.toml through `spd-lens run`, in the runtime dtype and in
+    float32; then the runtime-dtype run's trained psr model as its run evaluates it against the
+    same adapter applied exactly in float32."""
+    import torch
+
+    from spd_lens.chat import encode, render_prompt
+    from spd_lens.cli import main as cli
+    from spd_lens.models import load_hf
+    from spd_lens.runtime import Runtime, dtype_name
+    from spd_lens.train import load_trained
+
+    root = Path(__file__).resolve().parent.parent
+    paper, smoke = root / "experiments" / "paper" / "gsm8k.toml", root / "experiments" / "paper" / "smoke.toml"
+    files = {}
+    for split, count in (("train", 16), ("test", 8)):
+        files[split] = work / f"gsm8k-{split}.jsonl"
+        with open(files[split], "w", encoding="utf-8") as handle:
+            for i in range(count):
+                a, b = 3 + i, 5 + 2 * i
+                handle.write(json.dumps({"question": f"Tom has {a} apples ({split} {i}) and buys {b} more. How many now?",
+                                         "answer": f"{a} + {b} = {a + b}.\n#### {a + b}"}) + "\n")
+    data = work / "paper-data.toml"
+    data.write_text(f'[task]\ndata = {{ train = "{files["train"]}", test = "{files["test"]}" }}\n')
+    runs = {}
+    for dtype in dict.fromkeys([dtype_name(runtime.dtype), "float32"]):
+        runs[dtype] = work / f"paper-{dtype}"
+        status = cli(["run", str(paper), "--override", str(smoke), "--override", str(data), "--out", str(runs[dtype]),
+                      "--device", str(runtime.device), "--dtype", dtype])
+        metrics = json.loads((runs[dtype] / "metrics.json").read_text()) if status == 0 else {}
+        checks[f"paper_smoke_{dtype}_finished"] = status == 0 and not metrics.get("pending") and len(metrics["methods"]) == 6
+        figures[f"paper_smoke_{dtype}_scores"] = {k: v["score"] for k, v in metrics.get("methods", {}).items()}
+        log(f"paper config shrunk, {dtype}: {'finished' if checks[f'paper_smoke_{dtype}_finished'] else 'FAILED'}")
+    run = runs[dtype_name(runtime.dtype)]
+    if not checks[f"paper_smoke_{dtype_name(runtime.dtype)}_finished"]:
+        return
+    model_name, adapter = "tiny", run / "adapters" / "psr-seed0"
+    exact32 = Runtime(runtime.device, torch.float32)
+    evaluated, tokenizer = load_trained(model_name, adapter, runtime=runtime)  # as the run evaluates it
+    reference, _ = load_trained(model_name, adapter, runtime=exact32)
+    base, _ = load_hf(model_name, exact32)
+    records = [json.loads(line) for line in open(run / "eval" / "psr-seed0.jsonl", encoding="utf-8")]
+    with torch.no_grad():
+        changes = {"evaluated": [], "exact": []}
+        for record in records:
+            ids = torch.tensor([encode(tokenizer, render_prompt(tokenizer, record["messages"][-2]["content"]))],
+                               device=runtime.device)
+            start = base(ids).logits[0, -1].float()
+            changes["evaluated"].append(evaluated(ids).logits[0, -1].float() - start)
+            changes["exact"].append(reference(ids).logits[0, -1].float() - start)
+    kept, exact = torch.cat(changes["evaluated"]), torch.cat(changes["exact"])
+    cosine = torch.nn.functional.cosine_similarity(kept, exact, dim=0).item()
+    ratio = (kept.norm() / exact.norm()).item()
+    figures.update(paper_smoke_update_kept_cosine=round(cosine, 4), paper_smoke_update_kept_norm_ratio=round(ratio, 4))
+    checks["paper_smoke_trained_update_kept"] = cosine > 0.99 and abs(ratio - 1) < 0.01
+    # The run's own evaluation completions, regenerated greedily by the exact float32 model.
+    from spd_lens.sampling import SamplingConfig, sample_completions
+
+    prompts = [r["messages"][-2]["content"] for r in records]  # the question the completion answers
+    budget = json.loads((run / "config.json").read_text())["eval"]["max_new_tokens"]
+    again = [c[0].text for c in sample_completions(reference, tokenizer, prompts,
+                                                    SamplingConfig(max_new_tokens=budget, batch_size=len(prompts)))]
+    same = sum(a == r["messages"][-1]["content"] for a, r in zip(again, records)) / len(records)
+    figures["paper_smoke_eval_equal_to_float32"] = round(same, 3)
+    checks["paper_smoke_eval_equals_float32"] = same == 1.0
+    log(f"paper config shrunk: {dtype_name(runtime.dtype)} run's trained update kept: cosine {cosine:.4f}, norm ratio "
+        f"{ratio:.4f}; its evaluation equal to float32's on {same:.0%} of completions")
 
 
 if __name__ == "__main__":
