@@ -158,9 +158,10 @@ def _chromium() -> str:
 def load_in_chromium(page, timeout: float = 90) -> tuple[str, list[str]]:
     """The page's DOM after its scripts ran, in a headless Chromium, and the console messages it logged."""
     result = subprocess.run(
-        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--enable-logging=stderr",
-         "--v=0", "--virtual-time-budget=15000", f"--user-data-dir={page.parent / '.chromium'}", "--dump-dom",
-         page.resolve().as_uri()], capture_output=True, text=True, timeout=timeout)
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+         "--enable-logging=stderr", "--v=0", "--virtual-time-budget=15000",
+         f"--user-data-dir={page.parent / '.chromium'}", "--dump-dom", page.resolve().as_uri()],
+        capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-2000:]
     console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
     return result.stdout, console
