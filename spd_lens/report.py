@@ -298,7 +298,7 @@ main { max-width: 1100px; margin: 0 auto; padding: 1rem 1.5rem 3rem; }
 h1 { font-size: 1.6rem; } h2 { font-size: 1.25rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 0.5rem 0 1rem; font-size: 0.9rem; }
 th, td { border: 1px solid #ddd; padding: 0.3rem 0.55rem; text-align: left; vertical-align: top; }
-th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 dl.ran { display: grid; grid-template-columns: max-content 1fr; gap: 0.25rem 1rem; }
 dl.ran dt { font-weight: 600; } dl.ran dd { margin: 0; overflow-wrap: anywhere; }
 .warning { background: #fff4e5; border: 1px solid #f0a030; padding: 0.5rem 0.8rem; margin: 0.8rem 0; }
