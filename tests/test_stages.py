@@ -105,3 +105,18 @@ def test_an_lr_change_retrains_on_the_same_training_data(tmp_path):
     assert "train" in metrics["stage_seconds"]
     trained = json.loads((tmp_path / "second" / "adapters" / "psr-seed0" / "train.json").read_text())
     assert trained["config"]["lr"] == 5e-4
+
+
+def test_a_directory_from_before_stage_records_reads_as_unknown(tmp_path):
+    old = tmp_path / "old"
+    first = run_experiment(config_from_dict({**TINY, "methods": ["base"]}), old)
+    # As an older version left it: no inputs.json, evaluations without a stage record.
+    (old / "inputs.json").unlink()
+    record = json.loads((old / "eval" / "base.json").read_text())
+    (old / "eval" / "base.json").write_text(json.dumps({k: v for k, v in record.items() if k != "stage"}))
+    logged = []
+    again = run_experiment(config_from_dict({**TINY, "methods": ["base"]}), old, log=logged.append)
+    assert again["methods"] == first["methods"] and not (old / "inputs.json").exists()
+    assert any("records no inputs" in m and "unknown" in m for m in logged)
+    metrics = run_experiment(config_from_dict({**TINY, "methods": ["base"]}), tmp_path / "new", reuse=[old])
+    assert metrics["reuse"]["base"] == {"reused": False, "why": {str(old): ["inputs: not recorded (made by an older version)"]}}
