@@ -41,12 +41,28 @@ def evaluation(run: str, method: str, cut_off: str = "score") -> list[dict]:
     return results
 
 
+def table_rows(gate: str) -> list[dict]:
+    """A gate's rows: its ablation.json, or (a gate kept while it still ran) the rows file."""
+    path = ROOT / gate / "ablation.json"
+    if path.is_file():
+        return json.loads(path.read_text())["rows"]
+    return [json.loads(line) for line in (ROOT / gate / "ablation.jsonl").read_text().splitlines() if line.strip()]
+
+
 def gate_rows(gate: str, *, rank: int, kinds: str, subspace: str) -> list[dict]:
-    """An ablation cell's rows as results, one "seed" per subspace seed or random draw."""
-    table = json.loads((ROOT / gate / "ablation.json").read_text())
-    rows = [r for r in table["rows"] if r["rank"] == rank and r["kinds"] == kinds and r["subspace"] == subspace]
+    """An ablation cell's rows as results, one "seed" per subspace seed or random draw. In
+    gate-test-clean the random rows are the fresh ones (a `random_seed` from the test split's
+    stream, >= 1000); its rows file also holds the rows copied from gate-test."""
+    fresh = gate == "gate-test-clean"
+    rows = [r for r in table_rows(gate) if r["rank"] == rank and r["kinds"] == kinds and r.get("subspace") == subspace
+            and not (fresh and subspace == "random" and (r.get("random_seed") or 0) < 1000)]
     return [{"prompt_id": p, "passed": v, "seed": f"{subspace} {r['seed'] if subspace == 'gradient' else r['draw']}"}
             for r in rows for p, v in r["outcomes"].items()]
+
+
+def draws(gate: str, rank: int, kinds: str) -> int:
+    """How many random draws a gate's cell has (gate-test-clean: fresh ones) so far."""
+    return len({r["seed"] for r in gate_rows(gate, rank=rank, kinds=kinds, subspace="random")})
 
 
 def p_value(a: list[dict], b: list[dict]) -> float:
@@ -99,8 +115,8 @@ def comparisons(cut_off: str) -> list[tuple[str, str, list[dict], list[dict]]]:
         ("math-hard psr - spd-fullseq", "post hoc", e("math-hard", "psr"), e("math-hard", "spd-fullseq")),
         ("ood spd - chosen cell spd (arithmetic subspace, same cell)", "post hoc", e("ood", "spd"), e("math-hard-chosen", "spd")),
     ]
-    clean = ROOT / "gate-test-clean" / "ablation.json"
-    if clean.exists():
+    clean = ROOT / "gate-test-clean"
+    if clean.is_dir() and draws("gate-test-clean", 8, "v") == 4:
         out.insert(1, ("gate-test-clean V rank 8: gradient - random (fresh test draws)", "planned",
                        gate_rows("gate-test-clean", rank=8, kinds="v", subspace="gradient"),
                        gate_rows("gate-test-clean", rank=8, kinds="v", subspace="random")))
@@ -127,10 +143,9 @@ def count_test_intervals() -> dict:
         for m in metrics["methods"]:
             methods.add((owner(m), m))
     controls = {}
-    for gate in ("gate-test", "gate-test-clean"):
-        path = ROOT / gate / "ablation.json"
-        if path.exists():
-            controls[gate] = len(json.loads(path.read_text())["controls"])
+    controls["gate-test"] = len(json.loads((ROOT / "gate-test" / "ablation.json").read_text())["controls"])
+    if (ROOT / "gate-test-clean").is_dir():  # its cells with all four fresh draws
+        controls["gate-test-clean"] = sum(draws("gate-test-clean", r, k) == 4 for r in (8, 96) for k in ("v", "k,v"))
     # Computed for RESULTS.md from the evaluations, in no metrics.json: the code subspace's
     # hook-only against the arithmetic one's, ood spd against the chosen cell's spd, the chosen
     # cell's spd against the paper's, and math-hard's psr against spd-fullseq.
