@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spd_lens.engines import ENGINES, VLLMSettings
 from spd_lens.errors import SpdLensError
 from spd_lens.sandbox import SandboxOptions
 from spd_lens.train import TrainConfig
@@ -100,6 +101,7 @@ class SamplingSection:
     max_new_tokens: int | None = None  # default: the task's budget
     num_samples: int = 1
     batch_size: int = 16
+    engine: str = "hf"  # or "vllm" (spd_lens.engines; its settings in [vllm])
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ class EvalSection:
     max_new_tokens: int | None = None
     batch_size: int = 16
     cut_off: str = "score"
+    engine: str = "hf"  # or "vllm": trained adapters applied by its LoRA support, unmerged
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,8 @@ class ExperimentConfig:
     # How code tasks run programs ([sandbox] strict / unsafe / backend): how, not what, is computed,
     # so a run directory accepts a change of it.
     sandbox: SandboxOptions = field(default_factory=SandboxOptions)
+    # How vLLM runs where an engine is "vllm" (tensor/data parallel, lengths): how, not what.
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
 
     def to_dict(self) -> dict:
         values = json.loads(json.dumps(dataclasses.asdict(self)))
@@ -183,6 +188,11 @@ class ExperimentConfig:
                 del values["ablate"][key]
         if values["eval"]["cut_off"] == "score":
             del values["eval"]["cut_off"]
+        for section in ("sampling", "eval"):
+            if values[section]["engine"] == "hf":
+                del values[section]["engine"]
+        if values["vllm"] == json.loads(json.dumps(dataclasses.asdict(VLLMSettings()))):
+            del values["vllm"]
         return values
 
 
@@ -289,6 +299,9 @@ def config_from_dict(values: dict) -> ExperimentConfig:
             raise SpdLensError(f"{where} = {data!r}: a table of data files takes the keys 'train', 'dev' and/or "
                                "'test' (dev, when not given, is carved out of train), "
                                'e.g. {train = "gsm8k/train.jsonl", test = "gsm8k/test.jsonl"}')
+    for where, engine in (("sampling.engine", config.sampling.engine), ("eval.engine", config.eval.engine)):
+        if engine not in ENGINES:
+            raise SpdLensError(f"{where} = {engine!r}: use one of {list(ENGINES)}")
     if config.eval.cut_off not in ("score", "wrong"):
         raise SpdLensError(f"eval.cut_off = {config.eval.cut_off!r}: score an answer cut off at the token budget "
                            "as written ('score') or count it wrong ('wrong')")

@@ -58,7 +58,7 @@ from spd_lens.processes import Processes
 from spd_lens.projection import Projection
 from spd_lens.sampling import SamplingConfig, finished_generations, generate_jsonl, generation_settings
 from spd_lens.stages import NO_EFFECT as STAGE_NO_EFFECT
-from spd_lens.stages import Stage, effective, examples_hash, runtime_record, weights_id
+from spd_lens.stages import Stage, compare_inputs, effective, examples_hash, runtime_record, weights_id
 from spd_lens.sandbox import summarise_isolation
 from spd_lens.subspace import META_FILE as SUBSPACE_META
 from spd_lens.subspace import CapabilitySubspace, config_hash, random_like
@@ -79,7 +79,7 @@ RESULT_SETTINGS = {
 }
 NO_EFFECT = STAGE_NO_EFFECT  # settings that change no stage's output (spd_lens.stages): never block
 INPUTS_FILE = "inputs.json"  # what the run's stages read: data contents, resolved runtime, weights id
-RUN_ONLY = ("name", "seeds", "methods", "sandbox", "spd_lens_version")  # what is run, not what a result is
+RUN_ONLY = ("name", "seeds", "methods", "sandbox", "vllm", "spd_lens_version")  # what is run, not what a result is
 
 
 # Paired differences every run reports: each method against the base model, and SPD against the
@@ -225,17 +225,44 @@ class Run:
             projection = self.projection(spec.subspace, seed)  # extracts the subspace first if needed
             if not path.is_file():
                 self.log(f"self-generation for {method} (seed {seed})")
+            # With vLLM the hooks only make the records name the projection; vLLM generates from
+            # the folded checkpoint (the same map in the weights).
+            engine = self._engine(c.sampling.engine, model, projection)
             with projection.apply(model):
                 return self._timed("generate", lambda: generate_jsonl(
                     model, tokenizer, examples, path, config, task=self.task.name, provenance=provenance,
-                    progress=self._bar(f"generate {method}")))
+                    progress=self._bar(f"generate {method}"), engine=engine))
         self._reuse_generations(path, generation_settings(model, examples, config, task=self.task.name,
                                                           provenance=provenance), len(examples) * config.num_samples)
         if not path.is_file():
             self.log(f"self-generation for {method} (seed {seed})")
+        engine = self._engine(c.sampling.engine, model)
         return self._timed("generate", lambda: generate_jsonl(
             model, tokenizer, examples, path, config, task=self.task.name, provenance=provenance,
-            progress=self._bar(f"generate {method}")))
+            progress=self._bar(f"generate {method}"), engine=engine))
+
+    def _engine(self, name: str, model, projection: Projection | None = None, adapter: Path | None = None):
+        """None for the HF decoder; for "vllm" an engine on the model's checkpoint (`projection`
+        folded in float32, cast to the model's dtype), started once per checkpoint for the whole
+        run, with `adapter` applied unmerged."""
+        if name == "hf":
+            return None
+        from spd_lens.engines import VLLMEngine, dtype_of, folded_checkpoint
+
+        dtype = dtype_of(model)
+        checkpoint = folded_checkpoint(self.config.model.name, projection, dtype=dtype)
+        engines = self.__dict__.setdefault("_engines", {})
+        if checkpoint not in engines:
+            for other in engines.values():  # one engine at a time holds the memory
+                other.close()
+            engines.clear()
+            engines[checkpoint] = VLLMEngine(checkpoint, dtype=dtype, enable_lora=True,
+                                             settings=self.config.vllm)
+        return engines[checkpoint].with_adapter(adapter)
+
+    def _close_engines(self) -> None:
+        for engine in self.__dict__.pop("_engines", {}).values():
+            engine.close()
 
     def _reuse_generations(self, path: Path, settings: dict, count: int) -> None:
         """Take over a `reuse` run's finished training data made with the same settings (model,
@@ -307,6 +334,7 @@ class Run:
         if reused is not None:
             return reused
         c = self.config
+        adapter = None
         if spec.sampling is not None:
             adapter = self.adapter(method, seed)
             model, tokenizer = load_trained(c.model.name, adapter, runtime=self.runtime)
@@ -316,10 +344,18 @@ class Run:
                                 seed=0, batch_size=c.eval.batch_size)
         provenance = {"method": method, "seed": seed}
 
+        hooks = self.projection(spec.subspace, c.seeds[0]) if spec.eval_hooks else None
+        # vLLM: the evaluation dtype's base checkpoint (projected where the method evaluates
+        # projected), a trained adapter applied unmerged by its LoRA support
+        if c.eval.engine != "hf" and adapter is not None and not (adapter / "adapter").is_dir():
+            raise SpdLensError(f"eval.engine = {c.eval.engine!r} applies LoRA adapters; {adapter} holds a fully "
+                               "fine-tuned model: evaluate it with eval.engine = 'hf'")
+        engine = self._engine(c.eval.engine, model, hooks, adapter / "adapter" if adapter is not None else None)
+
         def run():
             result = evaluate(model, tokenizer, self.task, n=c.task.eval_n, split=c.task.eval_split, seed=0,
                               config=config, generations=self.out / "eval" / f"{stem}.jsonl", provenance=provenance,
-                              progress=self._bar(f"eval {stem}"), cut_off=c.eval.cut_off)
+                              progress=self._bar(f"eval {stem}"), cut_off=c.eval.cut_off, engine=engine)
             extra = {}
             if self.task.family == "mcqa":
                 # Beside the generated letter: the label log-likelihood, as asked and averaged over
@@ -383,7 +419,10 @@ class Run:
 
     def run(self) -> dict:
         with self._exclusive("run"):
-            return self._run()
+            try:
+                return self._run()
+            finally:
+                self._close_engines()
 
     def _exclusive(self, command: str):
         """The run directory, held by the main process while it writes (`artifacts.exclusive`);
@@ -656,38 +695,14 @@ class Run:
             else:
                 self._write_json(path, current)
             return
-        then, now = _flatten(recorded), _flatten(current)
-        shared = [k for k in now if k in then or not k.startswith("data.")]  # a new seed's data is added
-        changed = settings_differences({k: then.get(k) for k in shared}, {k: now[k] for k in shared}, recorded="run has")
+        changed, merged = compare_inputs(recorded, current)
         if changed:
             raise SpdLensError(f"{self.out} holds stages made from other inputs (differs in {'; '.join(changed)}); "
                                "its finished methods and new ones would share one table. Use another --out, with "
                                f"--reuse {self.out} to take over every finished evaluation and training data whose "
                                "inputs are the same (what differs is made again)")
-        if set(now) - set(then):
-            self._write_json(path, _unflatten({**now, **then}))
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    """{"data": {"train": {"0": h}}} as {"data.train.0": h} (dict leaves only)."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value and key != "runtime" and not key.endswith("runtime"):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _unflatten(flat: dict) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        *path, last = key.split(".")
-        node = tree
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return tree
+        if merged is not None:
+            self._write_json(path, merged)
 
 
 def training_data_comparisons(outcomes: dict[str, list[dict]]) -> dict:

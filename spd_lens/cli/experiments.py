@@ -44,6 +44,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from spd_lens.config import check_methods, load_config
 
     config = common.with_flags(load_config(args.config, overrides=args.override), args)
+    if args.engine is not None:  # both self-generation and evaluation
+        config = dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, engine=args.engine),
+                                     eval=dataclasses.replace(config.eval, engine=args.engine))
     common.announce_runtime(config.model.runtime())
     if args.methods is not None:
         check_methods(args.methods)
@@ -223,6 +226,9 @@ def register(commands) -> None:
     run = commands.add_parser("run", help="a full experiment from a TOML config (resumable)")
     run.add_argument("config", help="TOML config (spd_lens/configs/*.toml, experiments/**/*.toml; see docs/runs.md)")
     run.add_argument("--out", help="run directory (default runs/<config name>)")
+    run.add_argument("--engine", choices=["hf", "vllm"],
+                     help="what generates, for self-generation and evaluation alike (overrides the config's "
+                          "[sampling] engine and [eval] engine; vllm: `bash run.sh setup-vllm`, docs/engines.md)")
     run.add_argument("--override", action="append", default=[], metavar="TOML",
                      help="a TOML file merged on top of the config, key by key (repeatable, later files win), e.g. "
                           "experiments/paper/smoke.toml: the paper's config with only its model and sizes shrunk")
