@@ -63,3 +63,19 @@ def test_bad_engine_settings_are_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(SpdLensError, match="no LoRA adapter"):
         VLLMEngine(tmp_path, adapter=tmp_path)
+
+
+def test_engine_settings_in_a_config():
+    from spd_lens.config import config_from_dict
+
+    config = config_from_dict({"sampling": {"engine": "vllm"}, "eval": {"engine": "vllm"},
+                               "vllm": {"tensor_parallel_size": 2, "data_parallel_size": 4}})
+    assert (config.sampling.engine, config.eval.engine) == ("vllm", "vllm")
+    assert (config.vllm.tensor_parallel_size, config.vllm.data_parallel_size) == (2, 4)
+    # defaults are not written: a run directory made before engines existed still matches its config
+    written = config_from_dict({}).to_dict()
+    assert "engine" not in written["sampling"] and "engine" not in written["eval"] and "vllm" not in written
+    with pytest.raises(SpdLensError, match="sampling.engine = 'sglang'"):
+        config_from_dict({"sampling": {"engine": "sglang"}})
+    with pytest.raises(SpdLensError, match="data_parallel_size"):
+        config_from_dict({"vllm": {"data_parallel_size": 0}})
