@@ -30,9 +30,11 @@ LAYERS = [1, 3]
 PROMPTS = ["What is 12 + 7? Answer with the number.", "Add 31 and 4, then say the result."]
 NEW_TOKENS = 10
 
-# The stages each architecture goes through here (the rows of docs/gpu.md's table).
-STAGES = ("hook_k / hook_v are k_proj / v_proj outputs", "gradients: bridge == plain hooks",
-          "hooked == folded greedy", "save_folded reloaded by transformers", "LoRA training + evaluation")
+# The stages test_every_stage takes each architecture through, in float32 and bfloat16 (the
+# columns of docs/gpu.md's table, which test_the_docs_table_is_what_these_tests_check keeps equal).
+STAGES = ("bridge boots, hook_k/hook_v = k_proj/v_proj output", "gradients: bridge == plain hooks",
+          "projected greedy: hooked == folded¹", "save_folded loaded by transformers, same greedy",
+          "LoRA training + evaluation")
 
 
 def _configs(vocab: int, special: dict) -> dict:
@@ -52,6 +54,23 @@ def _configs(vocab: int, special: dict) -> dict:
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "mistral")
 KEY_NORM = {"qwen3", "gemma3"}
+FEATURES = {
+    "llama": "Llama: grouped KV heads, tied embeddings",
+    "qwen2": "Qwen2 (Qwen2.5): q/k/v biases, grouped KV heads, tied embeddings",
+    "qwen3": "Qwen3: q/k norm, grouped KV heads, tied embeddings",
+    "gemma3": "Gemma 3: q/k norm, sliding window (3 of 4 layers), scaled embeddings",
+    "mistral": "Mistral: sliding window, untied embeddings",
+}
+
+
+def stage_table() -> str:
+    """The markdown table of architectures x stages that docs/gpu.md holds: what this file tests."""
+    head = ["architecture (tiny random config)", *STAGES, "projection before the key norm²"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arch in ARCHITECTURES:
+        cells = ["float32, bfloat16"] * len(STAGES) + ["checked" if arch in KEY_NORM else "no key norm"]
+        rows.append("| " + " | ".join([FEATURES[arch], *cells]) + " |")
+    return "\n".join(rows)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -216,3 +235,10 @@ def test_fused_qkv_attention_is_refused_by_name():
                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
     with pytest.raises(SpdLensError, match=r"Phi3ForCausalLM has no model.layers\[i\].self_attn.k_proj"):
         kv_linears(AutoModelForCausalLM.from_config(config))
+
+
+def test_the_docs_table_is_what_these_tests_check():
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "gpu.md").read_text(encoding="utf-8")
+    assert stage_table() in docs, "docs/gpu.md's table is stale: paste tests.test_architectures.stage_table() there"
