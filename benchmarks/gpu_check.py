@@ -21,7 +21,11 @@ On the default model (or --model), in the runtime's dtype (auto: bfloat16) unles
    finishes; the runtime-dtype run's trained psr adapter, evaluated as the run evaluates it, moves
    the next-token logits from the base model's by the same amount as the adapter applied exactly
    in float32 (share of the float32 change kept, cosine and norm ratio, within 1%), and the run's
-   evaluation completions equal those of that float32 model.
+   evaluation completions equal those of that float32 model;
+7. where vLLM is installed (`bash run.sh setup-vllm`): vLLM on the folded checkpoint against the
+   hooked model, greedy (share of identical completions, in float32 and the runtime dtype), its
+   steady-state new tokens/s against the refill decoder's on the same prompts, and the trained
+   adapter through vLLM's LoRA support against the HF evaluation (float32).
 
     python benchmarks/gpu_check.py --smoke
 
@@ -222,6 +226,9 @@ def main() -> int:
         # 6. the paper's config, shrunk, end to end in the runtime dtype and in float32
         paper_smoke(work, runtime, figures, checks, log)
 
+        # 7. vLLM, where its environment is installed
+        vllm_check(args, work, runtime, projection, out, result, n, figures, checks, log)
+
     figures.update(total_seconds=round(time.perf_counter() - started, 1), checks=checks, ok=all(checks.values()),
                    peak_memory_gb=round(torch.cuda.max_memory_allocated(runtime.device) / 2**30, 2) if runtime.is_cuda else None)
     failed = [name for name, ok in checks.items() if not ok]
@@ -297,6 +304,65 @@ def paper_smoke(work: Path, runtime, figures: dict, checks: dict, log) -> None:
     checks["paper_smoke_eval_equals_float32"] = same == 1.0
     log(f"paper config shrunk: {dtype_name(runtime.dtype)} run's trained update kept: cosine {cosine:.4f}, norm ratio "
         f"{ratio:.4f}; its evaluation equal to float32's on {same:.0%} of completions")
+
+
+def vllm_check(args, work: Path, runtime, projection, trained: Path, hf_result, n: dict, figures: dict,
+               checks: dict, log) -> None:
+    """Step 7 (see the module docstring); logs and returns when vLLM is not installed (or --smoke:
+    vLLM does not load the tiny test model)."""
+    import torch
+
+    from spd_lens import get_task
+    from spd_lens.engines import HFEngine, VLLMEngine, VLLMSettings, folded_checkpoint, vllm_python
+    from spd_lens.errors import SpdLensError
+    from spd_lens.evaluate import evaluate
+    from spd_lens.models import load_hf
+    from spd_lens.runtime import Runtime, dtype_name
+    from spd_lens.sampling import SamplingConfig
+    from spd_lens.train import load_trained
+
+    try:
+        vllm_python()
+    except SpdLensError as err:
+        log(f"vLLM: not installed, skipped ({err})")
+        return
+    if args.smoke:
+        log("vLLM: skipped with --smoke (vLLM does not load the tiny test model)")
+        return
+    task = get_task("arithmetic")
+    examples = task.examples("test", n=max(n["prompts"], 256), seed=0)
+    greedy = SamplingConfig(max_new_tokens=n["tokens"], batch_size=64)
+    settings = VLLMSettings(gpu_memory_utilization=0.4)  # this process holds models on the GPU too
+    for rt in (Runtime(runtime.device, torch.float32), runtime):
+        dtype = dtype_name(rt.dtype)
+        model, tokenizer = load_hf(args.model, rt)
+        checkpoint = folded_checkpoint(args.model, projection, work / f"folded-{dtype}", dtype=dtype)
+        with VLLMEngine(checkpoint, dtype=dtype, settings=settings) as engine:
+            start = time.perf_counter()
+            served = sorted(engine.stream(model, tokenizer, examples, greedy, range(len(examples))))
+            vllm_seconds = time.perf_counter() - start
+        with projection.apply(model):
+            start = time.perf_counter()
+            hooked = sorted(HFEngine().stream(model, tokenizer, examples, greedy, range(len(examples))))
+            hf_seconds = time.perf_counter() - start
+        same = sum(a[2].text == b[2].text for a, b in zip(served, hooked)) / len(examples)
+        tokens = sum(c.tokens for _, _, c in served), sum(c.tokens for _, _, c in hooked)
+        figures[f"vllm_greedy_identical_{dtype}"] = round(same, 3)
+        figures[f"vllm_tokens_per_s_{dtype}"] = round(tokens[0] / vllm_seconds, 1)
+        figures[f"refill_tokens_per_s_{dtype}"] = round(tokens[1] / hf_seconds, 1)
+        if dtype == "float32":
+            checks["vllm_greedy_equals_hooked_float32"] = same >= 0.97
+        log(f"vLLM {dtype}: greedy identical to hooked HF on {same:.1%} of {len(examples)}; "
+            f"{figures[f'vllm_tokens_per_s_{dtype}']} vs {figures[f'refill_tokens_per_s_{dtype}']} new tokens/s")
+        del model
+    merged, tokenizer = load_trained(args.model, trained, runtime=runtime)  # float32, as evaluations are
+    base = folded_checkpoint(args.model, None, work / "base-float32", dtype="float32")
+    with VLLMEngine(base, dtype="float32", adapter=trained, settings=settings) as engine:
+        served = evaluate(merged, tokenizer, task, n=n["eval"], generations=work / "vllm-eval.jsonl", engine=engine,
+                          config=SamplingConfig(max_new_tokens=n["tokens"], batch_size=64))
+    figures.update(vllm_lora_eval_score=served.score, hf_eval_score=hf_result.score)
+    checks["vllm_lora_eval_matches_hf"] = abs(served.score - hf_result.score) * served.n <= 2
+    log(f"vLLM LoRA evaluation: {served.score:.3f} against HF's {hf_result.score:.3f} on {served.n} questions")
 
 
 if __name__ == "__main__":

@@ -61,12 +61,18 @@ class VLLMSettings:
     max_model_len: int = 2048
     max_lora_rank: int = 8
     max_num_seqs: int = 0  # 0 = vLLM's default
+    # The share of a GPU's memory vLLM takes (0 = its default, 0.9): lower it when this process holds
+    # a model on the same GPU too.
+    gpu_memory_utilization: float = 0.0
     enforce_eager: bool = True  # no CUDA-graph capture: a faster start, what the CPU build needs
 
     def __post_init__(self):
         for name in ("tensor_parallel_size", "data_parallel_size", "max_model_len", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise SpdLensError(f"vllm {name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.gpu_memory_utilization < 1:
+            raise SpdLensError(f"vllm gpu_memory_utilization must be in [0, 1) (0 = vLLM's default), got "
+                               f"{self.gpu_memory_utilization}")
         if self.max_num_seqs < 0:
             raise SpdLensError(f"vllm max_num_seqs must be >= 0 (0 = vLLM's default), got {self.max_num_seqs}")
 
@@ -165,7 +171,8 @@ class VLLMEngine:
         setup = {"model": str(root.checkpoint), "dtype": root.dtype, "max_model_len": s.max_model_len,
                  "enable_lora": root.enable_lora, "max_lora_rank": s.max_lora_rank, "seed": root.seed,
                  "tensor_parallel_size": s.tensor_parallel_size, "data_parallel_size": s.data_parallel_size,
-                 "enforce_eager": s.enforce_eager, "max_num_seqs": s.max_num_seqs}
+                 "enforce_eager": s.enforce_eager, "max_num_seqs": s.max_num_seqs,
+                 "gpu_memory_utilization": s.gpu_memory_utilization}
         root._send(setup)
         answer = root._receive()
         root.version = answer.get("vllm")

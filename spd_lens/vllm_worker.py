@@ -50,6 +50,8 @@ def main() -> int:
             options.update(enable_lora=True, max_lora_rank=setup.get("max_lora_rank", 8), max_loras=1)
         if setup.get("max_num_seqs"):
             options["max_num_seqs"] = setup["max_num_seqs"]
+        if setup.get("gpu_memory_utilization"):
+            options["gpu_memory_utilization"] = setup["gpu_memory_utilization"]
         llm = LLM(**options)
     except Exception as err:  # reported to the caller, which raises it with the log's tail
         send({"error": f"{type(err).__name__}: {err}"})
