@@ -18,9 +18,16 @@ import json
 import multiprocessing as mp
 import os
 import time
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_file  # noqa: E402
 
 
-def _generate(prompts: list[str], batch: int, new_tokens: int, threads: int, barrier=None, result=None) -> float:
+
+def _generate(prompts: list[str], batch: int, new_tokens: int, threads: int, barrier=None, result=None,
+              model_name: str = "smollm2-135m-instruct") -> float:
     """Seconds to generate `new_tokens` for every prompt in batches of `batch`."""
     import torch
 
@@ -28,7 +35,7 @@ def _generate(prompts: list[str], batch: int, new_tokens: int, threads: int, bar
     from spd_lens.models import load_hf
 
     torch.set_num_threads(threads)
-    model, tokenizer = load_hf()
+    model, tokenizer = load_hf(model_name)
 
     def run(chunk: list[str], n: int) -> None:
         encoded = [encode(tokenizer, render_prompt(tokenizer, p)) for p in chunk]
@@ -55,7 +62,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=48)
+    results_file.add_arguments(parser)
     args = parser.parse_args()
+    results_file.smoke_sizes(args, prompts=4, new_tokens=2)
 
     from spd_lens.tasks import get_task
 
@@ -64,12 +73,12 @@ def main() -> None:
     cores = os.cpu_count() or 1
     rates = {}
     for batch in (8, 16, 32):
-        rates[f"batch {batch}, {cores} threads"] = tokens / _generate(prompts, batch, args.new_tokens, cores)
+        rates[f"batch {batch}, {cores} threads"] = tokens / _generate(prompts, batch, args.new_tokens, cores, model_name=args.model)
 
     context = mp.get_context("spawn")
     barrier, result = context.Barrier(2), context.Queue()
     halves = [prompts[: len(prompts) // 2], prompts[len(prompts) // 2:]]
-    workers = [context.Process(target=_generate, args=(half, 8, args.new_tokens, 1, barrier, result)) for half in halves]
+    workers = [context.Process(target=_generate, args=(half, 8, args.new_tokens, 1, barrier, result, args.model)) for half in halves]
     for worker in workers:
         worker.start()
     seconds = max(result.get() for _ in workers)
@@ -80,7 +89,12 @@ def main() -> None:
     reference = rates[f"batch 8, {cores} threads"]
     for name, rate in rates.items():
         print(f"{name:<36} {rate:7.1f} new tokens/s   {rate / reference:5.2f}x")
-    print(json.dumps({name: round(rate / reference, 3) for name, rate in rates.items()}))
+    summary = {name: round(rate / reference, 3) for name, rate in rates.items()}
+    results_file.finish("bench_batching", summary, {
+        f"batch 16, {cores} threads": f"generation, batches of 16 vs 8 ({args.prompts} prompts, {args.new_tokens} new tokens)",
+        f"batch 32, {cores} threads": "generation, batches of 32 vs 8",
+        "two processes x 1 thread, batch 8": f"generation, two processes x 1 thread vs one process x {cores} threads (batches of 8)"},
+        args, detail="one timing each")
 
 
 if __name__ == "__main__":

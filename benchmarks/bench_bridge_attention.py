@@ -18,6 +18,10 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_file  # noqa: E402
 
 MEMORY = r'''
 import resource, sys
@@ -25,15 +29,15 @@ import spd_lens
 import spd_lens.gradients as gradients
 if sys.argv[1] == "bridge":
     gradients._unwrap_attention = lambda hf, swapped: None  # keep the bridge's own attention
-model = spd_lens.load_model()
+model = spd_lens.load_model(sys.argv[5])
 loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 spd_lens.extract_subspace(model, sys.argv[2], n=int(sys.argv[3]), batch_size=int(sys.argv[4]), max_memory="100GB")
 print(loaded, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 '''
 
 
-def peak_gb(path: str, task: str, n: int, batch_size: int) -> tuple[float, float]:
-    done = subprocess.run([sys.executable, "-c", MEMORY, path, task, str(n), str(batch_size)], capture_output=True,
+def peak_gb(path: str, task: str, n: int, batch_size: int, model: str) -> tuple[float, float]:
+    done = subprocess.run([sys.executable, "-c", MEMORY, path, task, str(n), str(batch_size), model], capture_output=True,
                           text=True)
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
@@ -47,17 +51,19 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--pairs", type=int, default=5)
+    results_file.add_arguments(parser)
     args = parser.parse_args()
+    results_file.smoke_sizes(args, task="arithmetic", n=2, batch_size=2, pairs=1)
 
     # Fresh processes first: a child's peak starts at its parent's resident size when it is spawned.
-    memory = {path: peak_gb(path, args.task, args.n, args.batch_size) for path in ("bridge", "sdpa")}
+    memory = {path: peak_gb(path, args.task, args.n, args.batch_size, args.model) for path in ("bridge", "sdpa")}
 
     import torch
 
     import spd_lens
     import spd_lens.gradients as gradients
 
-    model = spd_lens.load_model()
+    model = spd_lens.load_model(args.model)
     task = spd_lens.get_task(args.task)
     encoded = [task.locate(model.tokenizer, e) for e in task.examples("train", n=args.n, seed=0)]
     lengths = sorted(len(e.input_ids) for e in encoded)
@@ -86,8 +92,13 @@ def main() -> None:
     print(f"speed-up (bridge attention / sdpa, median of {args.pairs} pairs): {speedup:.2f}; A/A control {same:.2f}")
     for path, (loaded, peak) in memory.items():
         print(f"peak resident memory, {path}: {peak:.2f} GB (model loaded: {loaded:.2f} GB)")
-    print(json.dumps({"speedup": round(speedup, 3), "control": round(same, 3), "pairs": [round(r, 3) for r in ratios],
-                      "peak_gb": {path: round(peak, 2) for path, (_, peak) in memory.items()}}))
+    results_file.finish("bench_bridge_attention", {
+        "speedup": round(speedup, 3), "control": round(same, 3), "pairs": [round(r, 3) for r in ratios],
+        "peak_gb": {path: round(peak, 2) for path, (_, peak) in memory.items()}}, {
+        "speedup": f"extraction on a booted bridge with no hooks on: the model's own SDPA attention vs the bridge's eager "
+                   f"attention ({args.n} {args.task} examples, batches of {args.batch_size})"}, args,
+        detail=f"median of {args.pairs} interleaved pairs; A/A control {same:.2f}; peak " +
+               ", ".join(f"{path} {peak:.2f} GB" for path, (_, peak) in memory.items()))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,12 @@ import statistics
 import time
 
 import torch
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_file  # noqa: E402
+
 
 
 def main() -> None:
@@ -30,7 +36,9 @@ def main() -> None:
     parser.add_argument("--dtypes", default="bfloat16", help="compared with float32, comma-separated")
     parser.add_argument("--stage", choices=["sample", "train"], default="sample")
     parser.add_argument("--steps", type=int, default=4, help="--stage train: optimizer steps per timing")
+    results_file.add_arguments(parser)
     args = parser.parse_args()
+    results_file.smoke_sizes(args, batch=2, new_tokens=2, pairs=1, steps=1)
 
     from spd_lens.chat import encode, render_prompt
     from spd_lens.models import load_hf
@@ -41,7 +49,7 @@ def main() -> None:
         if args.stage == "train":
             return train_runner(dtype)
         runtime = Runtime.resolve(args.device, dtype)
-        model, tokenizer = load_hf(runtime=runtime)
+        model, tokenizer = load_hf(args.model, runtime=runtime)
         prompts = [e.prompt for e in get_task("arithmetic").examples("test", n=args.batch, seed=0)]
         encoded = [encode(tokenizer, render_prompt(tokenizer, p)) for p in prompts]
         length = max(map(len, encoded))
@@ -65,7 +73,7 @@ def main() -> None:
         from spd_lens.train import TrainConfig, build_features, collate, next_token_loss, wrap_for_training
 
         runtime = Runtime.resolve(args.device, dtype)
-        model, tokenizer = load_hf(runtime=runtime)
+        model, tokenizer = load_hf(args.model, runtime=runtime)
         config = TrainConfig()
         model.config.use_cache = False
         model = wrap_for_training(model, config)
@@ -111,7 +119,10 @@ def main() -> None:
     figures["tokens_per_s"] = {d: round(statistics.median(r), 1) for d, r in rates.items()}
     figures.update(stage=args.stage, batch=args.batch, pairs=args.pairs, threads=torch.get_num_threads(),
                    **({"steps": args.steps} if args.stage == "train" else {"new_tokens": args.new_tokens}))
-    print(json.dumps(figures))
+    results_file.finish("bench_dtype", figures, {
+        f"{d}_vs_float32": f"{'LoRA training steps' if args.stage == 'train' else 'sampling'} in {d} vs float32 on {args.device}"
+        for d in others} | {"control_float32_vs_float32": "A/A control: float32 vs float32"}, args,
+        detail=f"batch {args.batch}, medians of {args.pairs} interleaved pairs")
 
 
 if __name__ == "__main__":

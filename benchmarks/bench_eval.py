@@ -22,6 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_file  # noqa: E402
+
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -31,19 +35,21 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--code-pairs", type=int, default=2)
     parser.add_argument("--skip-code", action="store_true")
+    results_file.add_arguments(parser)
     args = parser.parse_args()
+    results_file.smoke_sizes(args, code_n=2, math_n=4, batch=2, pairs=1, code_pairs=1)
 
     from spd_lens.evaluate import evaluate
     from spd_lens.models import load_hf
     from spd_lens.sampling import SamplingConfig
     from spd_lens.tasks import get_task
 
-    model, tokenizer = load_hf()
+    model, tokenizer = load_hf(args.model)
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval-"))
     runs = iter(range(10**6))
 
     def timed(task, n, batching):
-        config = SamplingConfig(max_new_tokens=task.max_new_tokens, batch_size=args.batch, batching=batching)
+        config = SamplingConfig(max_new_tokens=4 if args.smoke else task.max_new_tokens, batch_size=args.batch, batching=batching)
         start = time.perf_counter()
         result = evaluate(model, tokenizer, task, n=n, config=config, generations=tmp / f"{next(runs)}.jsonl")
         return time.perf_counter() - start, result
@@ -75,7 +81,11 @@ def main() -> None:
         code = get_task("humaneval")
         figures["speedup_code"], figures["seconds_code"] = compare("humaneval", code, args.code_n, pairs=args.code_pairs)
     figures.update(code_n=args.code_n, math_n=args.math_n)
-    print(json.dumps(figures))
+    results_file.finish("bench_eval", figures, {
+        "speedup_code": f"evaluation wall time, HumanEval ({args.code_n} test problems, greedy, {args.batch} rows), static / refill decoding",
+        "speedup_math": f"evaluation wall time, arithmetic ({args.math_n} questions, {args.batch} rows), static / refill",
+        "control_same": "A/A control: refill / refill, arithmetic"}, args,
+        detail=f"medians of {args.pairs} (HumanEval {args.code_pairs}) interleaved pairs")
 
 
 if __name__ == "__main__":

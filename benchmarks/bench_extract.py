@@ -16,8 +16,12 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_file  # noqa: E402
 
 
 def plain_forward_backward(hf, batches) -> None:
@@ -29,10 +33,10 @@ def plain_forward_backward(hf, batches) -> None:
         hf.zero_grad(set_to_none=True)
 
 
-def peak_rss_mb(task: str, n: int) -> float:
+def peak_rss_mb(task: str, n: int, model: str) -> float:
     code = (
         "import resource; from spd_lens.models import load_hf; from spd_lens.extract import extract_subspace\n"
-        f"hf, tok = load_hf(); extract_subspace(hf, {task!r}, n={n}, tokenizer=tok)\n"
+        f"hf, tok = load_hf({model!r}); extract_subspace(hf, {task!r}, n={n}, tokenizer=tok)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -46,14 +50,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-task", default="arithmetic")
+    parser.add_argument("--memory-n", default="16,128", help="the two sizes whose peak memory is compared")
+    results_file.add_arguments(parser)
     args = parser.parse_args()
+    results_file.smoke_sizes(args, n=4, batch_size=2, repeats=1, memory_n="2,4")
+    small, large = map(int, args.memory_n.split(","))
 
     from spd_lens.extract import extract_subspace
     from spd_lens.gradients import pad_batch, target_mask
     from spd_lens.models import boot, load_hf
     from spd_lens.tasks import get_task
 
-    hf, tok = load_hf()
+    hf, tok = load_hf(args.model)
     task = get_task(args.task)
     encoded = sorted((task.locate(tok, e) for e in task.examples("train", n=args.n, seed=0)), key=lambda e: len(e.input_ids))
     batches = []
@@ -73,21 +81,27 @@ def main() -> None:
 
     plain = timed(lambda: plain_forward_backward(hf, batches))
     fast = timed(lambda: extract_subspace(hf, encoded, batch_size=args.batch_size, tokenizer=tok))
-    bridge = boot(*load_hf())
+    bridge = boot(*load_hf(args.model))
     via_bridge = timed(lambda: extract_subspace(bridge, encoded, batch_size=args.batch_size))
     for name, seconds in (("plain forward+backward", plain), ("extract (HF path)", fast), ("extract (booted bridge)", via_bridge)):
         print(f"{name:<24} {seconds:7.2f} s  {args.n / seconds:6.2f} examples/s")
 
-    rss16, rss128 = peak_rss_mb(args.memory_task, 16), peak_rss_mb(args.memory_task, 128)
-    print(f"peak RSS extracting {args.memory_task}: n=16 {rss16:.0f} MB, n=128 {rss128:.0f} MB")
-    print(json.dumps({
+    rss16, rss128 = peak_rss_mb(args.memory_task, small, args.model), peak_rss_mb(args.memory_task, large, args.model)
+    print(f"peak RSS extracting {args.memory_task}: n={small} {rss16:.0f} MB, n={large} {rss128:.0f} MB")
+    summary = {
         "extract_vs_plain": round(plain / fast, 3),
         "bridge_extract_vs_plain": round(plain / via_bridge, 3),
         "peak_memory_128_vs_16": round(rss128 / rss16, 3),
         "examples_per_s": {"plain": round(args.n / plain, 3), "extract": round(args.n / fast, 3),
                            "bridge": round(args.n / via_bridge, 3)},
-        "peak_rss_mb": {"n16": round(rss16), "n128": round(rss128)},
-    }))
+        "peak_rss_mb": {f"n{small}": round(rss16), f"n{large}": round(rss128)},
+    }
+    results_file.write_ratios("bench_extract", summary, {
+        "extract_vs_plain": f"extraction (plain-model path) vs plain forward+backward, {args.n} {args.task} examples",
+        "bridge_extract_vs_plain": "extraction through bridge hooks vs plain forward+backward",
+        "peak_memory_128_vs_16": f"peak memory extracting {large} vs {small} examples"}, args,
+        detail=f"medians of {args.repeats}; peak RSS {round(rss128)} vs {round(rss16)} MB")
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

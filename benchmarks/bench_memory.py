@@ -20,6 +20,10 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_file  # noqa: E402
 
 PRELUDE = r'''
 import json, resource, time
@@ -96,14 +100,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--no-estimates", action="store_true")
+    results_file.add_arguments(parser)
     args = parser.parse_args()
+    results_file.smoke_sizes(args, stages="extract", no_estimates=True)
     report = {"stages": {}, "estimates": []}
     print(f"{'stage':<18} {'model loaded':>12} {'peak':>8} {'seconds':>8}")
     for stage in [s for s in args.stages.split(",") if s]:
         if stage not in STAGES:
             raise SystemExit(f"unknown stage {stage!r}: use some of {list(STAGES)}")
         tail = '\nprint(json.dumps({"loaded_gb": round(loaded, 2), "peak_gb": round(peak(), 2), "seconds": round(time.time() - t, 1)}))\n'
-        row = run(STAGES[stage] + tail)
+        source = STAGES[stage] if not args.smoke else STAGES[stage].replace("load_model()", f"load_model({args.model!r})").replace("n=32", "n=2")
+        row = run(source + tail)
         report["stages"][stage] = row
         print(f"{stage:<18} {row['loaded_gb']:>9.2f} GB {row['peak_gb']:>5.2f} GB {row['seconds']:>8.1f}", flush=True)
     if not args.no_estimates:
@@ -113,6 +120,14 @@ def main() -> None:
             report["estimates"].append(row)
             print(f"{path:<18} {batch:>5} x {length:<4} {row['measured_gb']:>6.2f} GB {row['estimate_gb']:>6.2f} GB",
                   flush=True)
+    if not args.smoke:
+        results_file.write("bench_memory", [
+            *({"figure": f"peak resident memory, {stage}", "ratio": None,
+               "detail": f"{row['peak_gb']} GB peak, {row['loaded_gb']} GB with the model loaded, {row['seconds']} s"}
+              for stage, row in report["stages"].items()),
+            *({"figure": f"gradient pass memory, {row['path']}, {row['batch']} x {row['length']} tokens: estimate / measured",
+               "ratio": round(row["estimate_gb"] / row["measured_gb"], 3),
+               "detail": f"estimate {row['estimate_gb']} GB, measured {row['measured_gb']} GB"} for row in report["estimates"])])
     print(json.dumps(report))
 
 

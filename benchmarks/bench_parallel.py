@@ -23,16 +23,22 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_file  # noqa: E402
+
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--pairs", type=int, default=4)
+    results_file.add_arguments(parser)
     args = parser.parse_args()
+    results_file.smoke_sizes(args, n=4, batch=2, pairs=1)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_parallel-"))
-    generate = ["generate", "--task", "arithmetic", "--n", str(args.n), "--temperature", "1.0", "--top-k", "20",
+    generate = ["generate", "--model", args.model, "--task", "arithmetic", "--n", str(args.n), "--temperature", "1.0", "--top-k", "20",
                 "--top-p", "0.8", "--batch-size", str(args.batch)]
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     launchers = {"one": [sys.executable, "-m", "spd_lens.cli"],
@@ -55,8 +61,11 @@ def main() -> None:
         ratios.append(results["one"][0] / results["two"][0])
         print(f"pair {pair}: one process {results['one'][0]:6.1f} s, two processes {results['two'][0]:6.1f} s, "
               f"ratio {ratios[-1]:.2f}, outputs equal", flush=True)
-    print(json.dumps({"speedup": round(statistics.median(ratios), 3), "seconds": seconds, "n": args.n,
-                      "batch": args.batch, "pairs": args.pairs, "cores": os.cpu_count()}))
+    results_file.finish("bench_parallel", {"speedup": round(statistics.median(ratios), 3), "seconds": seconds, "n": args.n,
+                      "batch": args.batch, "pairs": args.pairs, "cores": os.cpu_count()}, {
+        "speedup": f"`spd-lens generate` of {args.n} sampled arithmetic prompts, one process / two processes under torchrun "
+                   "(1 thread each), whole commands"}, args,
+        detail=f"median of {args.pairs} interleaved pairs: " + ", ".join(f"{r:.2f}" for r in ratios) + "; outputs equal byte for byte")
 
 
 if __name__ == "__main__":

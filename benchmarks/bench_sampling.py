@@ -15,6 +15,12 @@ import statistics
 import time
 
 import torch
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_file  # noqa: E402
+
 
 
 def main() -> None:
@@ -22,7 +28,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    results_file.add_arguments(parser)
     args = parser.parse_args()
+    results_file.smoke_sizes(args, batch=2, new_tokens=4, repeats=1)
 
     from spd_lens.chat import encode, render_prompt
     from spd_lens.extract import extract_subspace
@@ -30,8 +38,8 @@ def main() -> None:
     from spd_lens.projection import Projection, fold_projection
     from spd_lens.tasks import get_task
 
-    model, tokenizer = load_hf()
-    subspace = extract_subspace(model, "arithmetic", n=16, tokenizer=tokenizer)
+    model, tokenizer = load_hf(args.model)
+    subspace = extract_subspace(model, "arithmetic", n=4 if args.smoke else 16, tokenizer=tokenizer)
     projection = Projection.build(subspace)
     folded = fold_projection(model, projection)
     prompts = [e.prompt for e in get_task("arithmetic").examples("test", n=args.batch, seed=0)]
@@ -59,7 +67,7 @@ def main() -> None:
     with projection.apply(model):
         hooked = tokens_per_s(model)
     folded_rate = tokens_per_s(folded)
-    bridge_model, _ = load_hf()
+    bridge_model, _ = load_hf(args.model)
     bridge = boot(bridge_model, tokenizer)
     with projection.apply(bridge):
         bridged = tokens_per_s(bridge.original_model)
@@ -67,10 +75,15 @@ def main() -> None:
     for name, rate in (("(a) unhooked generate", plain), ("(b) projection hooks", hooked), ("(c) folded weights", folded_rate),
                        ("(d) bridge + hooks", bridged)):
         print(f"{name:<24} {rate:8.1f} new tokens/s  {rate / plain:5.2f}x")
-    print(json.dumps({"hooked_vs_plain": round(hooked / plain, 3), "folded_vs_plain": round(folded_rate / plain, 3),
-                      "bridge_hooked_vs_plain": round(bridged / plain, 3),
-                      "tokens_per_s": {"plain": round(plain, 1), "hooked": round(hooked, 1),
-                                       "folded": round(folded_rate, 1), "bridge": round(bridged, 1)}}))
+    results_file.finish("bench_sampling", {
+        "hooked_vs_plain": round(hooked / plain, 3), "folded_vs_plain": round(folded_rate / plain, 3),
+        "bridge_hooked_vs_plain": round(bridged / plain, 3),
+        "tokens_per_s": {"plain": round(plain, 1), "hooked": round(hooked, 1), "folded": round(folded_rate, 1),
+                         "bridge": round(bridged, 1)}}, {
+        "hooked_vs_plain": "sampling with projection hooks vs plain `generate`",
+        "folded_vs_plain": "sampling with folded weights vs plain `generate`",
+        "bridge_hooked_vs_plain": "sampling through a booted bridge + hooks vs plain `generate`"}, args,
+        detail=f"batch {args.batch}, {args.new_tokens} new tokens, medians of {args.repeats}")
 
 
 if __name__ == "__main__":

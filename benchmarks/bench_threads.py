@@ -24,13 +24,17 @@ import json
 import statistics
 import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_file  # noqa: E402
 
 STEP = """
 import sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
 from spd_lens.decode import decode
 from spd_lens.models import load_hf
-model, tokenizer = load_hf()
+model, tokenizer = load_hf(sys.argv[4])
 rows, steps = int(sys.argv[2]), int(sys.argv[3])
 prompts = [[1] + [100 + i] * 40 for i in range(rows)]
 options = dict(slots=rows, stop_ids=[], pad_id=tokenizer.pad_token_id)
@@ -51,10 +55,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--pairs", type=int, default=2)
+    results_file.add_arguments(parser)
     args = parser.parse_args()
+    results_file.smoke_sizes(args, rows=2, steps=3, pairs=1)
 
     def launch(threads: int) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", STEP, str(threads), str(args.rows), str(args.steps)],
+        return subprocess.Popen([sys.executable, "-c", STEP, str(threads), str(args.rows), str(args.steps), args.model],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
     def seconds(*processes: subprocess.Popen) -> list[float]:
@@ -82,13 +88,16 @@ def main() -> None:
     def median(fn) -> float:
         return round(statistics.median(fn(r) for r in rounds), 3)
 
-    print(json.dumps({
+    results_file.finish("bench_threads", {
         "thread_scaling": median(lambda r: r["one_thread"] / r["two_threads"]),
         "concurrent_slowdown": median(lambda r: r["concurrent"] / r["one_thread"]),
         "two_processes_vs_one": median(lambda r: 2 * r["two_threads"] / r["concurrent"]),
         "step_ms": {k: [round(r[k] * 1e3, 1) for r in rounds] for k in ("two_threads", "one_thread", "concurrent")},
         "rows": args.rows, "steps": args.steps, "pairs": args.pairs,
-    }))
+    }, {"concurrent_slowdown": f"a decoding step on 1 thread beside a second 1-thread process vs alone ({args.rows} rows, prefill subtracted)",
+        "thread_scaling": "a decoding step on 1 thread vs 2 threads",
+        "two_processes_vs_one": "rows per second, two 1-thread processes vs one 2-thread process (the ceiling)"}, args,
+        detail=f"medians of {args.pairs} rounds")
 
 
 if __name__ == "__main__":

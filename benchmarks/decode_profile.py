@@ -15,6 +15,12 @@ import argparse
 import collections
 import json
 import time
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_file  # noqa: E402
+
 
 
 def main() -> None:
@@ -22,14 +28,16 @@ def main() -> None:
     parser.add_argument("--task", default="humaneval")
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
+    results_file.add_arguments(parser)
     args = parser.parse_args()
+    results_file.smoke_sizes(args, n=2, batch=2, task="arithmetic")
 
     import spd_lens.decode as decoding
     from spd_lens.models import hf_model_of, load_hf
     from spd_lens.sampling import SamplingConfig, sample_completions
     from spd_lens.tasks import get_task
 
-    model, tokenizer = load_hf()
+    model, tokenizer = load_hf(args.model)
     task = get_task(args.task)
     prompts = [e.prompt for e in task.examples("test", n=args.n, seed=0)]
     seconds, counts, rows = collections.Counter(), collections.Counter(), collections.Counter()
@@ -64,12 +72,12 @@ def main() -> None:
 
     hf.forward = step
     start = time.perf_counter()
-    sample_completions(model, tokenizer, prompts, SamplingConfig(temperature=0.0, max_new_tokens=task.max_new_tokens,
+    sample_completions(model, tokenizer, prompts, SamplingConfig(temperature=0.0, max_new_tokens=4 if args.smoke else task.max_new_tokens,
                                                                  batch_size=args.batch))
     total = time.perf_counter() - start
-    print(json.dumps({"task": args.task, "n": args.n, "batch": args.batch, "total_s": round(total, 1),
+    results_file.finish("decode_profile", {"task": args.task, "n": args.n, "batch": args.batch, "total_s": round(total, 1),
                       **{f"{k}_s": round(v, 1) for k, v in seconds.items()}, **counts, "steps": sum(rows.values()),
-                      "rows_per_step": dict(sorted(rows.items()))}))
+                      "rows_per_step": dict(sorted(rows.items()))}, {}, args)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ def waste(lengths: list[int], batch: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dir")
+    parser.add_argument("--smoke", action="store_true", help="the run's first evaluation only (seconds)")
     args = parser.parse_args()
 
     from spd_lens.artifacts import read_json_object
@@ -35,7 +36,7 @@ def main() -> None:
 
     run = Path(args.run_dir)
     config = read_json_object(run / "config.json", "a run's resolved config")
-    files = sorted((run / "eval").glob("*.json"))
+    files = sorted((run / "eval").glob("*.json"))[:1 if args.smoke else None]
     if not files:
         raise SpdLensError(f"{run}/eval has no evaluations: run `spd-lens run CONFIG --out {run}` first")
     task = get_task(config["task"]["name"])

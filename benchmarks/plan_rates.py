@@ -6,7 +6,9 @@ loaded), then divide the summed work by the summed seconds, stage by stage. Prin
 recorded seconds beside what the fitted rates predict for it, and ends with one JSON line: the
 rates to put into `spd_lens.plan.REFERENCE`.
 
-    python benchmarks/plan_rates.py [experiments/results]
+    python benchmarks/plan_rates.py [experiments/results] [--smoke]
+
+It loads no model and takes seconds, so `--smoke` (what the test suite runs) is the whole thing.
 """
 
 import json
@@ -22,7 +24,8 @@ def main() -> None:
     from spd_lens.config import comparable, config_from_dict
     from spd_lens.plan import batch_speedup, check_data, count_work
 
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "experiments/results")
+    paths = [a for a in sys.argv[1:] if a != "--smoke"]
+    root = Path(paths[0] if paths else "experiments/results")
     runs = []
     for metrics_path in sorted(root.glob("*/metrics.json")):
         config_path = metrics_path.with_name("config.json")

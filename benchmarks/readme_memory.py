@@ -1,7 +1,8 @@
 """Peak resident memory of the README's Python examples, run as a user would paste them.
 
     python benchmarks/readme_memory.py                 # every block, in order, in one fresh process
-    python benchmarks/readme_memory.py --blocks 1-3    # the first three (the API tour); also "1-4,6"
+    python benchmarks/readme_memory.py --blocks 1-3    # the first three; also "1-4,6"
+    python benchmarks/readme_memory.py --page docs/explore.md   # a docs page's blocks (the earlier README's tour)
 
 Every ```python block of README.md runs in order in one fresh Python process (a notebook kernel's
 situation: the model loaded by the first block stays loaded), in a temporary working directory.
@@ -81,8 +82,11 @@ def parse_range(text: str, count: int) -> list[int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", default="", help="e.g. 1-3 or 1-4,6 (default: all)")
+    parser.add_argument("--page", default="README.md", help="the markdown file whose blocks run, e.g. docs/explore.md")
+    parser.add_argument("--smoke", action="store_true", help="one small block instead of the page's (seconds)")
     args = parser.parse_args()
-    blocks = readme_blocks(ROOT / "README.md")
+    blocks = (["import spd_lens\nexamples = spd_lens.get_task('arithmetic').examples('train', n=2)\n"] if args.smoke
+              else readme_blocks(ROOT / args.page))
     chosen = parse_range(args.blocks, len(blocks))
     prepared = []
     for number in chosen:

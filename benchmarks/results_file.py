@@ -46,3 +46,33 @@ def write(name: str, rows: list[dict], *, argv: list[str] | None = None) -> Path
     temp.write_text(json.dumps(record, indent=1) + "\n")
     temp.replace(path)
     return path
+
+
+def smoke_sizes(args, **sizes) -> None:
+    """`--smoke`: the tiny random model and the given sizes (seconds, not a measurement)."""
+    if getattr(args, "smoke", False):
+        args.model = "tiny"
+        for key, value in sizes.items():
+            setattr(args, key, value)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="a model name load_hf accepts")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the tiny random model and tiny sizes: checks that the script runs; writes no results")
+
+
+def write_ratios(name: str, summary: dict, figures: dict[str, str], args, *, detail: str = "") -> Path | None:
+    """A full run's ratios (summary[key] for each key of `figures`, described by its value) into
+    benchmarks/results/NAME.json; a smoke run writes nothing."""
+    if getattr(args, "smoke", False):
+        return None
+    rows = [{"figure": text, "ratio": summary[key], "detail": detail} for key, text in figures.items()
+            if summary.get(key) is not None]
+    return write(name, rows)
+
+
+def finish(name: str, summary: dict, figures: dict[str, str], args, *, detail: str = "") -> None:
+    """The script's last line (its summary as JSON); a full run also writes its ratios (write_ratios)."""
+    write_ratios(name, summary, figures, args, detail=detail)
+    print(json.dumps(summary))

@@ -1,0 +1,43 @@
+"""The benchmark scripts cannot rot: each runs in its smoke mode (the tiny random model, tiny
+sizes) in the suite, and docs/benchmarks.md's tables are what benchmarks/results/*.json say."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import smoke  # noqa: E402
+import tables  # noqa: E402
+
+
+def test_every_benchmark_script_has_a_smoke_run():
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
+    assert scripts - set(smoke.SMOKE) - set(smoke.NOT_SMOKED) == set(), "a benchmark script without a smoke run"
+
+
+def test_benchmarks_run_in_smoke_mode(tmp_path):
+    # One process for all of them (torch is imported once); a script that fails names itself.
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "smoke.py")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert f"{len(smoke.SMOKE)} passed, 0 failed" in done.stdout
+    assert not list((ROOT / "benchmarks" / "results").glob("*.tmp")), "a smoke run wrote results"
+
+
+def test_benchmarks_page_matches_the_results():
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert tables.updated_page(page) == page, "docs/benchmarks.md differs from benchmarks/results/*.json: run python benchmarks/tables.py"
+
+
+def test_table_rows_come_from_the_json(tmp_path):
+    (tmp_path / "bench_x.json").write_text(json.dumps({
+        "benchmark": "bench_x", "command": "python benchmarks/bench_x.py", "measured": "2026-12-07", "machine": "2 CPU cores",
+        "source": "this script's run", "rows": [{"figure": "x vs y", "ratio": 1.234, "detail": "a | b"}],
+        "earlier": [{"measured": "2026-11-01", "machine": "m", "source": "s", "rows": [{"figure": "x vs y", "ratio": 0.9}]}]}))
+    text = tables.render(tmp_path)
+    assert "| `bench_x` | x vs y | 1.23x | a \\| b |" in text
+    assert "earlier, measured 2026-11-01" in text and "x vs y: 0.90x" in text
+    page = f"intro\n{tables.BEGIN}\nold table\n{tables.END}\nafter\n"
+    assert tables.updated_page(page, tmp_path) == f"intro\n{text}\nafter\n"
