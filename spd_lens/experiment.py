@@ -565,7 +565,10 @@ class Run:
             raise SpdLensError(f"methods {self.config.methods} train nothing: the data gate compares the training data "
                                "of trained methods (psr, ssd, spd, spd-random, spd-fullseq)")
         with self._exclusive("run --data-only"):
-            return self._data_gate(trained)
+            try:
+                return self._data_gate(trained)
+            finally:
+                self._close_engines()
 
     def _data_gate(self, trained: list[str]) -> dict:
         self._claim_directory()

@@ -345,7 +345,8 @@ def generate_jsonl(
     check_unique_ids([e.id for e in examples])  # records and resumed batches are keyed by prompt id
     settings = generation_settings(model, examples, config, task=task, provenance=provenance,
                                    engine=engine.name if engine is not None else "hf")
-    if processes.parallel and engine is not None and engine.name != "hf":
+    if (processes.parallel and engine is not None and engine.name != "hf"
+            and not finished_generations(out, settings, len(examples) * config.num_samples)):
         raise SpdLensError(f"engine {engine.name!r} runs in one process (it parallelises itself: its "
                            "tensor/data-parallel settings); launch without torchrun / accelerate")
     if processes.parallel:
