@@ -18,10 +18,14 @@ question-only interval is flagged. Every method that self-generates samples with
 measured, never filtered.
 
 A finished stage (its artifact complete) is not redone, and an artifact made with other settings
-(the projection included) is refused rather than reused. The gradient subspace, the base
-evaluation and the prompts are shared by all methods that need them; `reuse=[OTHER_RUN]` also
-takes base / psr / ssd evaluations from another run when none of the settings that can change
-them differs (`RESULT_SETTINGS`); every reuse decision is logged and kept in metrics["reuse"].
+(the projection included) is refused rather than reused. RUN/inputs.json keeps what the stages
+read (`spd_lens.stages`: content hashes of the examples, the resolved runtime, the weights id): a
+later call whose inputs differ is refused, so one table never mixes data, dtypes or weights.
+The gradient subspace, the base evaluation and the prompts are shared by all methods that need
+them; `reuse=[OTHER_RUN]` also takes base / psr / ssd evaluations from another run when their
+stage (`evaluation_stage`) and the settings that can change them (`RESULT_SETTINGS`) are the same,
+and psr / ssd training data when its generation settings are (an `lr` change retrains, it does
+not sample again); every reuse decision is logged and kept in metrics["reuse"].
 `metrics.json` describes every method the directory holds evaluations for, whichever subset of
 methods the last call ran.
 

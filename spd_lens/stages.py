@@ -156,3 +156,43 @@ class Stage:
         differences = self.differences(recorded)
         if differences:
             raise SpdLensError(f"{what} was made from other inputs ({'; '.join(differences)}). {fix}")
+
+
+def compare_inputs(recorded: dict, current: dict) -> tuple[list[str], dict | None]:
+    """What differs between a run directory's recorded inputs and this call's (`"data.eval: run
+    has X, now Y"`, `"runtime.dtype: ..."`), and the record to write when this call adds data the
+    record lacks (a new seed's, or a new kind of stage's; None when nothing is new).
+
+    Example:
+        >>> then = {"runtime": {"device": "cpu", "dtype": "float32"}, "data": {"eval": "a"}}
+        >>> compare_inputs(then, {**then, "runtime": {"device": "cpu", "dtype": "bfloat16"}})[0]
+        ["runtime.dtype: run has 'float32', now 'bfloat16'"]
+        >>> compare_inputs(then, {**then, "data": {"eval": "a", "train": {"0": "b"}}})
+        ([], {'runtime': {'device': 'cpu', 'dtype': 'float32'}, 'data': {'eval': 'a', 'train': {'0': 'b'}}})
+    """
+    old, new = _flatten(canonical(recorded)), _flatten(canonical(current))
+    shared = [k for k in new if k in old or not k.startswith("data.")]
+    changed = settings_differences({k: old.get(k) for k in shared}, {k: new[k] for k in shared}, recorded="run has")
+    return changed, (_unflatten({**new, **old}) if set(new) - set(old) else None)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """Data hashes by dotted name ({"data": {"train": {"0": h}}} as {"data.train.0": h}); runtimes stay whole."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and not key.endswith("runtime"):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _unflatten(flat: dict) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        *path, last = key.split(".")
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return tree
