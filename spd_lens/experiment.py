@@ -237,7 +237,8 @@ class Run:
                     model, tokenizer, examples, path, config, task=self.task.name, provenance=provenance,
                     progress=self._bar(f"generate {method}"), engine=engine))
         self._reuse_generations(path, generation_settings(model, examples, config, task=self.task.name,
-                                                          provenance=provenance), len(examples) * config.num_samples)
+                                                          provenance=provenance, engine=c.sampling.engine),
+                                len(examples) * config.num_samples)
         if not path.is_file():
             self.log(f"self-generation for {method} (seed {seed})")
         engine = self._engine(c.sampling.engine, model)
