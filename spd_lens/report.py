@@ -502,7 +502,7 @@ def render_run_report(run_dir: str | Path, metrics: dict, *, plotly: str = "file
     return "\n".join(parts)
 
 
-def write_run_report(run_dir: str | Path, *, plotly: str = "file", images: bool = True,
+def write_run_report(run_dir: str | Path, *, plotly: str = "file", images: bool = False,
                      log: Callable[[str], None] | None = None) -> Path:
     """`RUN/report.html` from `RUN/metrics.json` and the files beside it: what ran, a verdict
     sentence per paired comparison, the per-method table (with the training data's quality and
@@ -510,8 +510,10 @@ def write_run_report(run_dir: str | Path, *, plotly: str = "file", images: bool 
     gradient subspaces' spectra, kinds of result or answers chosen, training-data quality).
 
     `plotly`: "file" (default: `RUN/plotly.min.js`, written once, beside the page), "cdn" or
-    "inline". `images`: also PNG/SVG copies of the figures where kaleido and a Chrome are
-    installed; what was written (or why not) goes to `log`, never into the page."""
+    "inline". `images`: also PNG/SVG copies of the figures (`RUN/report-N.png|svg`; off by
+    default: a run rewrites its report after every evaluation, and drawing them takes seconds;
+    `spd-lens report RUN` draws them); what was written (or why not) goes to `log`, never into
+    the page."""
     from spd_lens.artifacts import atomic_write
     from spd_lens.viz import export_images
 

@@ -125,6 +125,13 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from spd_lens.ablate import run_ablation
     from spd_lens.config import load_config
 
+    if args.examples:
+        return _ablate_examples(args)
+    if not args.config:
+        from spd_lens.errors import SpdLensError
+
+        raise SpdLensError("spd-lens ablate takes a CONFIG (its [ablate] grid) or --examples FILE.jsonl "
+                           "(your own capability: the keep/remove grid with random controls)")
     config = common.with_flags(load_config(args.config), args)
     common.announce_runtime(config.model.runtime())
     out = Path(args.out or Path("runs") / f"{config.name}-ablation")
@@ -134,6 +141,44 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{str(r['rank']):>5} {r['layers']:>8} {r['alpha']:>5} {str(r['head']):>4} {r['score']:>6.3f}  {r['loss']:>7.4f}")
     print(f"table: {out}/ablation.csv\nfigure: {out}/ablation.html")
+    return 0
+
+
+def _ablate_examples(args: argparse.Namespace) -> int:
+    """`spd-lens ablate --examples FILE.jsonl`: spd_lens.ablate on your own capability."""
+    from pathlib import Path
+
+    import spd_lens
+    from spd_lens.errors import SpdLensError
+    from spd_lens.subspace import CapabilitySubspace
+
+    if args.config:
+        raise SpdLensError("give a CONFIG or --examples, not both: a config's [ablate] grid runs on its [task]")
+    capability = spd_lens.capability(args.examples, scorer=args.scorer)
+    resolved = common.runtime(args)
+    model = spd_lens.load_model(args.model or spd_lens.DEFAULT_MODEL, resolved)
+    examples = capability.all_examples() if args.split == "all" else capability
+    subspace = CapabilitySubspace.load(args.subspace) if args.subspace else None
+
+    def numbers(text, kind=int):
+        return [kind(x) for x in text.split(",") if x] if text else []
+
+    out = Path(args.out or Path("runs") / f"{capability.name}-ablate")
+    table = spd_lens.ablate(
+        model, examples, subspace=subspace, ranks=numbers(args.ranks), energies=numbers(args.energies, float),
+        layer_sets=[numbers(s) for s in args.layer_sets] if args.layer_sets else None,
+        kind_sets=[s.split(",") for s in args.kind_sets], heads=numbers(args.heads) or None,
+        modes=args.modes.split(","), random_draws=args.draws, random_seeds=numbers(args.random_seeds) or None,
+        max_new_tokens=args.max_new_tokens, split=args.split if args.split != "all" else "dev", n=args.n,
+        extract_n=args.extract_n, layers=numbers(args.layers) or None, out=out,
+        progress=common.progress_labelled("ablate"))
+    print(table.to_string(index=False, columns=["cell", "mode", "source", "draw", "loss", "span_accuracy",
+                                                "greedy_accuracy"], float_format=lambda v: f"{v:.3f}")
+          if hasattr(table, "to_string") else "\n".join(map(str, table)))
+    print("\ngradient - random per cell (95% interval):")
+    for c in table.attrs["controls"]:
+        print(f"  {c['cell']} {c['mode']:>6} {c['metric']:>15}: {c['difference']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]")
+    print(f"table: {out}/ablate.csv\nfigures: {out}/ablate.html, {out}/ablate-*.png")
     return 0
 
 
@@ -158,7 +203,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"data gate: {run_dir / 'data_gate.json'} (comparisons recomputed from the kept verdicts)")
         return 0
     else:
-        path = write_run_report(run_dir, plotly=args.plotly, log=print)
+        path = write_run_report(run_dir, plotly=args.plotly, images=True, log=print)
         print(format_table(json.loads((run_dir / "metrics.json").read_text())))
     print(f"report: {path}")
     return 0
@@ -258,9 +303,31 @@ def register(commands) -> None:
     common.add_runtime_args(plan, config=True)
     plan.set_defaults(func=cmd_plan)
 
-    ablate = commands.add_parser("ablate", help="sweep ranks x layers x alphas (x heads) of projected decoding")
-    ablate.add_argument("config", help="TOML config whose [ablate] section gives the grid")
-    ablate.add_argument("--out", help="run directory (default runs/<config name>-ablation)")
+    ablate = commands.add_parser("ablate", help="sweep ranks x layers x alphas (x heads) of projected decoding, "
+                                                "from a config or on your own examples (--examples)")
+    ablate.add_argument("config", nargs="?", help="TOML config whose [ablate] section gives the grid")
+    ablate.add_argument("--out", help="run directory (default runs/<config name>-ablation, with --examples "
+                                      "runs/<file name>-ablate)")
+    mine = ablate.add_argument_group("your own capability (spd_lens.ablate: keep/remove x random controls)")
+    mine.add_argument("--examples", help="JSONL of {id, prompt, answer, span(s)} (see docs/own-capability.md)")
+    mine.add_argument("--scorer", help="module:function scoring (example, completion) (default: span match)")
+    mine.add_argument("--model", default=None, help="model name or directory (default: the embedded model)")
+    mine.add_argument("--subspace", help="a saved subspace directory (default: extracted from the train split)")
+    mine.add_argument("--split", default="dev", help="examples scored: dev (default), test, train or all "
+                                                       "(all: the subspace is extracted from them too)")
+    mine.add_argument("--n", type=int, help="score at most this many examples")
+    mine.add_argument("--extract-n", type=int, default=16, help="train examples the subspace is extracted from")
+    mine.add_argument("--layers", help="layers to extract at, e.g. 15,29 (default L/2 and L-1)")
+    mine.add_argument("--ranks", default="4,16", help="fixed ranks, e.g. 1,2,4 (default 4,16)")
+    mine.add_argument("--energies", help="energy shares, e.g. 0.5,0.9")
+    mine.add_argument("--layer-sets", nargs="+", help="layer sets, each comma-separated, e.g. 15 29 15,29 "
+                                                      "(default each subspace layer alone)")
+    mine.add_argument("--kind-sets", nargs="+", default=["k,v"], help="K/V sets, e.g. k v k,v (default k,v)")
+    mine.add_argument("--heads", help="KV heads, each alone, e.g. 0,1,2 (default all heads together)")
+    mine.add_argument("--modes", default="keep,remove", help="keep (P) and/or remove (I - P)")
+    mine.add_argument("--draws", type=int, default=3, help="random subspaces per cell (default 3)")
+    mine.add_argument("--random-seeds", help="the draws' seeds, comma-separated (default: fresh, recorded)")
+    mine.add_argument("--max-new-tokens", type=int, help="greedy budget (default the capability's)")
     common.add_sandbox_flags(ablate)
     common.add_runtime_args(ablate, config=True)
     ablate.set_defaults(func=cmd_ablate)
