@@ -112,11 +112,14 @@ step() {
     gate-test-clean)
       # gate-test's baseline and gradient rows (the same settings) come from its committed table:
       # only the random rows, drawn from the test split's own seeds, run here.
+      # A kept rows file (committed while it ran) carries its finished rows to a new machine.
+      take "$KEPT/gate-test-clean/ablation.jsonl" "$RUNS/gate-test-clean/ablation.jsonl"
       take "$KEPT/gate-test/ablation.json" "$RUNS/gate-test-clean/ablation.json"
       ablate gate-test-clean
       # Its table and figure into the kept copy (the rows' outcomes are in ablation.json).
       mkdir -p "$KEPT/gate-test-clean"
       cp "$RUNS/gate-test-clean/"{ablation.json,ablation.csv,config.json} "$KEPT/gate-test-clean/"
+      rm -f "$KEPT/gate-test-clean/ablation.jsonl"
       "$BIN" report "$KEPT/gate-test-clean" >/dev/null || true ;;
     gate-data-paper) "${SPD[@]}" run "$STUDY/gate-data-paper.toml" --data-only --out "$RUNS/gate-data-paper" ;;
     gate-data-chosen)
