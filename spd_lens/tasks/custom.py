@@ -296,6 +296,12 @@ class Capability(Task):
     `{split: [Example, ...]}` (the splits given). `scorer`: `"module:function"`, a callable
     `(example, completion) -> Score | bool`, or None (`span_match`). `max_new_tokens`: the
     generation budget for evaluation and sampling.
+
+    Example:
+        >>> cap = Capability({"train": [Example("fr", "Capital of France?", "Paris", [[0, 5]])],
+        ...                   "test": [Example("de", "Capital of Germany?", "Berlin", [[0, 6]])]}, name="capitals")
+        >>> [e.id for e in cap.examples("test")], cap.score(cap.example_by_id("de"), "Berlin.").passed
+        (['de'], True)
     """
 
     name = "examples"
