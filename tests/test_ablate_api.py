@@ -103,3 +103,20 @@ def test_ablate_without_pandas_returns_rows_with_to_csv(setting, tmp_path, monke
     assert type(rows).__name__ == "Rows" and rows[0]["source"] == "none" and rows["random_seed"] == [None, None, 7]
     rows.to_csv(tmp_path / "t.csv")
     assert len((tmp_path / "t.csv").read_text().splitlines()) == 4
+
+
+def test_ablate_cli_runs_the_grid_on_a_jsonl_of_your_examples(tmp_path, capsys):
+    from spd_lens.cli import main as cli
+
+    data = tmp_path / "adds.jsonl"
+    data.write_text("".join(json.dumps({"id": e.id, "prompt": e.prompt, "answer": e.reference, "span": e.reference})
+                            + "\n" for e in EXAMPLES))
+    out = tmp_path / "run"
+    assert cli(["ablate", "--examples", str(data), "--model", "tiny", "--split", "all", "--layers", "3",
+                "--ranks", "2", "--modes", "remove", "--draws", "2", "--max-new-tokens", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "gradient - random per cell" in printed and "greedy_accuracy" in printed
+    rows = json.loads((out / "ablate.json").read_text())["rows"]
+    assert [r["source"] for r in rows] == ["none", "gradient", "random", "random"]
+    assert set(rows[0]["per_example"]) == {e.id for e in EXAMPLES}
+    assert cli(["ablate"]) == 2 and "--examples FILE.jsonl" in capsys.readouterr().err
