@@ -185,12 +185,12 @@ class VLLMEngine:
         except (BrokenPipeError, OSError):
             self._failed("the vLLM worker stopped")
 
-    def _receive(self) -> dict:
+    def _receive(self, expect: int | None = None) -> dict:
         line = self._process.stdout.readline()
         if not line:
             self._failed("the vLLM worker exited")
         message = json.loads(line)
-        if "error" in message:
+        if "error" in message and message.get("id") == expect:
             self._failed(f"vLLM failed: {message['error']}")
         return message
 
@@ -232,9 +232,13 @@ class VLLMEngine:
         root = self._root()
         with root._lock:
             self.start()
+            root._requests = getattr(root, "_requests", 0) + 1
+            request["id"] = root._requests
             root._send(request)
             while True:
-                message = root._receive()
+                message = root._receive(request["id"])
+                if message.get("id") != request["id"]:
+                    continue  # the rest of an earlier call whose caller stopped reading
                 if message.get("done"):
                     return
                 i, k = rows[message["row"]]

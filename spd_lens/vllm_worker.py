@@ -13,10 +13,11 @@ line until stdin closes:
     {"rows": [{"row": 0, "prompt_token_ids": [...], "seed": 123}, ...],
      "sampling": {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_tokens": 64,
                   "stop_token_ids": [2], "stop": []},
-     "adapter": null | DIR, "chunk": 64}
+     "adapter": null | DIR, "chunk": 64, "id": 7}
 
-answering `{"row": i, "token_ids": [...], "finish_reason": "stop" | "length"}` for every row
-(in chunks of `chunk` rows, so the caller writes records as they come), then `{"done": true}`.
+answering `{"id": 7, "row": i, "token_ids": [...], "finish_reason": "stop" | "length"}` for every
+row (in chunks of `chunk` rows, so the caller writes records as they come), then
+`{"id": 7, "done": true}`.
 The protocol stream is the original stdout; everything vLLM prints goes to stderr.
 """
 
@@ -62,6 +63,7 @@ def main() -> int:
         if not line.strip():
             continue
         request = json.loads(line)
+        tag = {"id": request.get("id")}  # echoed, so a caller that stopped reading can skip stale answers
         try:
             s = request["sampling"]
             lora = None
@@ -82,11 +84,11 @@ def main() -> int:
                 outputs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
                 for r, out in zip(part, outputs):
                     completion = out.outputs[0]
-                    send({"row": r["row"], "token_ids": list(completion.token_ids),
+                    send({**tag, "row": r["row"], "token_ids": list(completion.token_ids),
                           "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason})
-            send({"done": True})
+            send({**tag, "done": True})
         except Exception as err:
-            send({"error": f"{type(err).__name__}: {err}"})
+            send({**tag, "error": f"{type(err).__name__}: {err}"})
     return 0
 
 
