@@ -41,6 +41,9 @@ SMOKE = {
     "plan_rates": [str(ROOT / "experiments" / "results"), "--smoke"],
     "readme_memory": ["--smoke"],
 }
+# Scripts that start processes of their own (each imports torch again: most of their smoke time).
+SPAWNING = {"bench_batching", "bench_bridge_attention", "bench_extract", "bench_memory", "bench_parallel", "bench_threads",
+            "readme_memory"}
 NOT_SMOKED = {"gpu_check": "needs a CUDA GPU", "bench_engine": "needs vLLM in its own environment",
               "results_file": "a helper", "tables": "the docs table generator (tested on its own)", "smoke": "this runner"}
 
