@@ -51,7 +51,7 @@ from torch import Tensor
 
 from spd_lens.errors import SpdLensError
 from spd_lens.gradients import KINDS
-from spd_lens.models import hf_model_of
+from spd_lens.models import hf_model_of, kv_linears
 from spd_lens.subspace import FLAT, CapabilitySubspace, derivation
 
 LAYOUTS = ("flat", "head")
@@ -193,10 +193,9 @@ class Projection:
                 handles.append(_LensRemover(hook_point, lens_handle))
         else:
             handles = []
-            attention = hf_model_of(model).model.layers
+            linears = kv_linears(hf_model_of(model))  # refuses, by name, attention without k_proj / v_proj
             for (layer, kind), matrix in self.maps.items():
-                module = getattr(attention[layer].self_attn, f"{kind}_proj")
-                handles.append(module.register_forward_hook(_linear_hook(matrix)))
+                handles.append(linears[(layer, kind)].register_forward_hook(_linear_hook(matrix)))
         handle = ProjectionHandle(handles, self, _registry(model))
         handle._registry.append(handle)
         return handle
@@ -387,10 +386,10 @@ def fold_projection(model, projection: Projection):
                            "model without hooks (leave `project()` or call the handle's remove() first)")
     folded = copy.deepcopy(model)
     folded.__dict__.pop(_REGISTRY, None)  # the copy's projections are in its weights (recorded below), not hooks
-    attention = folded.model.layers
+    linears = kv_linears(folded)
     with torch.no_grad():
         for (layer, kind), matrix in projection.maps.items():
-            linear = getattr(attention[layer].self_attn, f"{kind}_proj")
+            linear = linears[(layer, kind)]
             m = matrix.to(dtype=torch.float64, device=linear.weight.device)
             linear.weight.copy_((m @ linear.weight.double()).to(linear.weight.dtype))
             if linear.bias is not None:
