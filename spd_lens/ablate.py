@@ -21,6 +21,18 @@ and a directory holding only another run's `ablation.json` resumes from its rows
 again only where its cell, subspace seed or random seed differs), then to `ablation.csv`, `ablation.json` (with `controls`: per cell, gradient minus random, paired
 over questions with a bootstrap over the seeds and draws, then the questions) and the figures
 `ablation.html`, all three for the grid of this call.
+
+`spd_lens.ablate(model, examples, ...)` (this module, called) runs the keep/remove grid on your own
+examples from Python: see `spd_lens.ablate_examples`.
+
+Example:
+    >>> from spd_lens.ablate import grid
+    >>> from spd_lens.config import config_from_dict
+    >>> points = grid(config_from_dict({"task": {"eval_split": "test"}, "ablate": {"ranks": [8], "random_draws": 2}}),
+    ...               [15, 29])
+    >>> [(p["subspace"], p["draw"], p.get("random_seed", 0) > 999) for p in points
+    ...  if p["layers"] == "15"]
+    [('gradient', None, False), ('random', 0, True), ('random', 1, True)]
 """
 
 from __future__ import annotations
