@@ -115,8 +115,8 @@ batch_size = 2
     result = _twice(["run", str(config), "--out", str(tmp_path / "two")])
     assert result.stdout.count("metrics:") == 1  # the table and paths, once
     one, two = tmp_path / "one", tmp_path / "two"
-    # What depends only on the base model is what one process makes; training is DDP over two
-    # processes (a global batch twice as large), so what follows it may differ.
+    # What depends only on the base model is what one process makes; training shares the global
+    # batch out over two processes, whose LoRA dropout masks differ, so what follows it may differ.
     for name in ("generations/psr-seed0.jsonl", "generations/spd-seed0.jsonl", "eval/base.jsonl"):
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
     metrics = json.loads((two / "metrics.json").read_text())
