@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOT_RUN = re.compile(r"<!-- not run: (\S.*?) -->\s*\n```python\n", re.S)
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 RUNNER = r"""
-import json, sys, traceback
+import json, resource, sys, traceback
 namespace = {"__name__": "__main__"}
 for where, source in json.load(open(sys.argv[1])):
     try:
@@ -59,7 +59,9 @@ for where, source in json.load(open(sys.argv[1])):
     except Exception:
         traceback.print_exc()
         sys.exit(f"{where} failed")
+print("peak_gb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 """
+PEAK_GB = 4.0  # every example under 4 GB of peak resident memory (a 16 GB laptop with other things open)
 
 
 def runnable_blocks(text: str, name: str) -> list[tuple[str, str]]:
@@ -79,6 +81,8 @@ def run_blocks(blocks: list[tuple[str, str]], tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path / "blocks.json")], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
+    peak = float(done.stdout.split("peak_gb")[-1])
+    assert peak < PEAK_GB, f"the examples peaked at {peak:.2f} GB of resident memory (goal: under {PEAK_GB} GB)"
 
 
 DOC_PAGES = sorted(p.name for p in (ROOT / "docs").glob("*.md") if runnable_blocks(p.read_text(), p.name))
