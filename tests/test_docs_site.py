@@ -46,6 +46,8 @@ def test_site_builds_strictly_with_every_page(site):
     for page in ["explore", "ablations", "runs", "own-capability", "gpu", "run-directory", "reliability",
                  "benchmarks", "RESULTS", "api", "architecture", "notebooks/03_api_tour"]:
         assert page in pages, f"{page} missing from the site: {sorted(pages)}"
+    notebook = (site / "notebooks" / "01_which_heads_carry_the_capability" / "index.html").read_text()
+    assert "<img" in notebook, "the notebooks' committed outputs (figures) are missing from their pages"
     api = (site / "api" / "index.html").read_text()
     assert "extract_subspace" in api and "CapabilitySubspace" in api  # the reference is generated from the code
 
