@@ -210,8 +210,8 @@ def test_a_capability_goes_where_a_task_goes(tmp_path):
     cache = spd_lens.cache_gradients(model, cap, n=4)
     assert len(cache.example_ids) == 4
     assert spd_lens.correctness_loss(model, cap, n=4) == pytest.approx(spd_lens.correctness_loss(model, cap.examples("train", n=4)))
-    rows = head_attribution(model, cap, n=4, rank=2, layers=[3], score_top=1, score_n=2)
-    assert len(rows) == 2 and sum(r["delta_score"] is not None for r in rows) == 1
+    rows = head_attribution(model, cap, n=4, score_top=1, score_n=1, subspace=from_task)
+    assert len(rows) == 4 and sum(r["delta_score"] is not None for r in rows) == 1  # the subspace's 2 layers x 2 heads
     result = evaluate(model, model.tokenizer, cap, n=3, generations=tmp_path / "eval.jsonl",
                       config=SamplingConfig(max_new_tokens=4))
     records = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
