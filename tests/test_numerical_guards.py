@@ -56,8 +56,8 @@ def test_non_finite_gradients_stop_training_before_the_step(tmp_path, tiny_hf, m
                           SamplingConfig(max_new_tokens=4), task="arithmetic")
     plain_loss = train_module.next_token_loss
 
-    def loss_with_nan_gradients(m, batch):
-        loss = plain_loss(m, batch)
+    def loss_with_nan_gradients(m, batch, **kwargs):
+        loss = plain_loss(m, batch, **kwargs)
         trained = next(p for p in m.parameters() if p.requires_grad)
         return loss + torch.sqrt(trained.sum() * 0)  # adds 0; its gradient is inf * 0 = NaN
 
