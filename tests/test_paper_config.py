@@ -57,3 +57,14 @@ def test_the_shrunk_paper_config_runs_end_to_end(tmp_path, capsys):
     assert all(m["n"] == 4 for m in metrics["methods"].values())
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["task"]["name"] == "gsm8k" and config["train"]["lr"] == 1e-5 and config["subspace"]["rank_frac"] == 0.5
+
+
+def test_plan_takes_the_override_as_run_does(capsys):
+    """`spd-lens plan CONFIG --override FILE` plans the config `spd-lens run` would run."""
+    cli(["plan", str(PAPER), "--override", str(SMOKE)])
+    shrunk = capsys.readouterr().out
+    cli(["plan", str(PAPER)])
+    full = capsys.readouterr().out
+    train_n = load_config(PAPER, overrides=[SMOKE]).task.train_n
+    assert f"{train_n} records x" in shrunk and f"{train_n} records x" not in full
+    assert f"{load_config(PAPER).task.train_n} records x" in full

@@ -108,7 +108,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from spd_lens.config import load_config
     from spd_lens.plan import format_plan, make_plan
 
-    plan = make_plan(common.with_runtime(load_config(args.config), args), figures=args.figures, ablate=args.ablate)
+    plan = make_plan(common.with_runtime(load_config(args.config, overrides=args.override), args), figures=args.figures,
+                     ablate=args.ablate)
     command = "spd-lens ablate" if args.ablate else "spd-lens run"
     print(f"plan for {command} {args.config} (run name {plan.config.name!r}; nothing is run)")
     print(format_plan(plan))
@@ -296,6 +297,9 @@ def register(commands) -> None:
     plan = commands.add_parser("plan", help="check a config and its data, count each stage's work and estimate "
                                             "its time, without running a model")
     plan.add_argument("config", help="TOML config to check and plan")
+    plan.add_argument("--override", action="append", default=[], metavar="TOML",
+                      help="a TOML file merged on top of the config, key by key (repeatable, later files win), "
+                           "as `spd-lens run --override` takes it")
     plan.add_argument("--ablate", action="store_true", help="plan `spd-lens ablate CONFIG` (the [ablate] grid) "
                                                              "instead of `spd-lens run CONFIG`")
     plan.add_argument("--figures", help="throughput JSON from benchmarks/gpu_check.py (its last line) to estimate "
