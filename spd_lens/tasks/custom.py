@@ -41,7 +41,6 @@ Example:
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import random
 import re
@@ -54,7 +53,7 @@ from pathlib import Path
 from spd_lens.chat import few_shot_user
 from spd_lens.errors import SpdLensError
 from spd_lens.tasks.base import SPLITS, Example, Score, Task, check_unique_ids, dev_or_train, hash_split
-from spd_lens.tasks.records import jsonl_lines
+from spd_lens.tasks.records import numbered_records
 
 FIELDS = ("id", "prompt", "answer", "spans", "span", "system", "shots", "split", "target", "meta")
 Scorer = Callable[[Example, str], "Score | bool"]
@@ -274,15 +273,8 @@ def read_examples(path: str | Path, *, name: str) -> list[tuple[Example, str | N
         raise SpdLensError(f"{str(path)!r} is not a file: pass the path of a JSONL file of examples "
                            "(one {\"prompt\", \"answer\", ...} object a line)")
     out = []
-    for line, text in jsonl_lines(path):
-        where = _where(str(path), line)
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise SpdLensError(f"{where} is not valid JSON ({err.msg})") from err
-        if not isinstance(record, dict):
-            raise SpdLensError(f"{where} is a {type(record).__name__}, expected a JSON object")
-        example, split = example_from_record(record, default_id=f"{name}/{line}", where=where)
+    for line, record in numbered_records(path):
+        example, split = example_from_record(record, default_id=f"{name}/{line}", where=_where(str(path), line))
         out.append((example, split, line))
     if not out:
         raise SpdLensError(f"{path} holds no examples")

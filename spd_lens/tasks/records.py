@@ -36,11 +36,9 @@ def jsonl_lines(path: Path):
                 yield line_number, line
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSONL file; a line that does not parse is an error naming the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpdLensError(f"{str(path)!r} is not a file: pass the path of a JSONL file")
+def numbered_records(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) of every record of a JSONL file; a line that does not parse, or is not
+    an object, is an error naming the line."""
     records = []
     for line_number, line in jsonl_lines(path):
         try:
@@ -49,7 +47,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
             raise SpdLensError(f"{path}: line {line_number} is not valid JSON ({err.msg})") from err
         if not isinstance(record, dict):
             raise SpdLensError(f"{path}: line {line_number} is a {type(record).__name__}, expected a JSON object")
-        records.append(record)
+        records.append((line_number, record))
+    return records
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSONL file; a line that does not parse is an error naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpdLensError(f"{str(path)!r} is not a file: pass the path of a JSONL file")
+    records = [record for _, record in numbered_records(path)]
     if not records:
         raise SpdLensError(f"{path} holds no records")
     return records
