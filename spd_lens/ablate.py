@@ -58,11 +58,17 @@ from spd_lens.projection import Projection
 from spd_lens.sampling import SamplingConfig, sample
 from spd_lens.subspace import control_seed, random_like
 
-CELL = ("rank", "layers", "alpha", "head", "kinds")  # what a cell is; a row adds subspace, seed, draw, random_seed
+CELL = ("rank", "layers", "alpha", "head", "kinds", "mode")  # what a cell is; a row adds subspace, seed, draw, random_seed
+MODES = ("keep", "remove")
+
+
+def cell_of(row: dict) -> dict:
+    """A row's cell; rows written before `mode` existed kept the subspace (mode "keep")."""
+    return {k: row.get(k, "keep") if k == "mode" else row[k] for k in CELL}
 # Settings that only choose which rows to run: a directory accepts a grid changed in them (rows are
 # kept per cell, so a cell already there is not run again) and holds the rows of every grid run in it.
 GRID = ("name", "ablate.ranks", "ablate.energies", "ablate.layer_sets", "ablate.kind_sets", "ablate.alphas",
-        "ablate.heads", "ablate.random_draws", "ablate.subspace_seeds", "ablate.random_seeds")
+        "ablate.heads", "ablate.random_draws", "ablate.subspace_seeds", "ablate.random_seeds", "ablate.modes")
 
 
 def grid(config: ExperimentConfig, subspace_layers: list[int]) -> list[dict]:
@@ -77,6 +83,9 @@ def grid(config: ExperimentConfig, subspace_layers: list[int]) -> list[dict]:
     bad = [k for s in kind_sets for k in s if k not in ("k", "v")] + [s for s in kind_sets if not s]
     if bad:
         raise SpdLensError(f"ablate.kind_sets {kind_sets}: each set holds 'k' and/or 'v', e.g. [['k'], ['v'], ['k', 'v']]")
+    if not a.modes or any(m not in MODES for m in a.modes):
+        raise SpdLensError(f"ablate.modes {a.modes}: use \"keep\" (project onto the subspace, P) and/or \"remove\" "
+                           f"(take it out, I - P), e.g. modes = [\"keep\", \"remove\"]")
     if any(not 0 < e <= 1 for e in a.energies):
         raise SpdLensError(f"ablate.energies {a.energies}: each is a share of gradient energy in (0, 1]")
     heads = a.heads if a.heads else [None]
@@ -85,9 +94,10 @@ def grid(config: ExperimentConfig, subspace_layers: list[int]) -> list[dict]:
     draw_seeds = random_seeds(config)
     points = [{"rank": "none", "layers": "none", "alpha": 0.0, "head": "all", "kinds": ",".join(a.kinds),
                "subspace": "none", "draw": None, "seed": None}]
-    for rank, layers, kinds, alpha, head in itertools.product(policies, layer_sets, kind_sets, a.alphas, heads):
+    for rank, layers, kinds, alpha, head, mode in itertools.product(policies, layer_sets, kind_sets, a.alphas, heads,
+                                                                    a.modes):
         cell = {"rank": rank, "layers": ",".join(map(str, layers)), "alpha": alpha,
-                "head": "all" if head is None else head, "kinds": ",".join(kinds)}
+                "head": "all" if head is None else head, "kinds": ",".join(kinds), "mode": mode}
         points += [{**cell, "subspace": "gradient", "draw": None, "seed": s} for s in seeds]
         # A random draw only takes its ranks from the gradient subspace: at a fixed rank it is the
         # same whatever the extraction seed, so it runs once (seed None); an energy policy's ranks
@@ -177,7 +187,7 @@ def _random_seed(point: dict) -> int | None:
 
 
 def _key(point: dict, first_seed: int) -> str:
-    return json.dumps({**{k: point[k] for k in CELL}, "subspace": _subspace(point), "draw": point.get("draw"),
+    return json.dumps({**cell_of(point), "subspace": _subspace(point), "draw": point.get("draw"),
                        "seed": _seed(point, first_seed), "random_seed": _random_seed(point)}, sort_keys=True)
 
 
@@ -192,7 +202,7 @@ def _projection(subspace, point: dict, config: ExperimentConfig) -> Projection |
     heads = None if point["head"] == "all" else [point["head"]]
     return Projection.build(chosen, layers=[int(x) for x in point["layers"].split(",")],
                             kinds=point["kinds"].split(","), layout="flat" if heads is None else "head", heads=heads,
-                            alpha=point["alpha"])
+                            alpha=point["alpha"], complement=point.get("mode") == "remove")
 
 
 def run_ablation(config: ExperimentConfig, out: str | Path, *, progress: Callable | None = None) -> list[dict]:
@@ -297,8 +307,8 @@ def controls(rows: list[dict]) -> list[dict]:
     cells: dict[str, dict] = {}
     for row in rows:
         if row.get("subspace") in ("gradient", "random") and "outcomes" in row:
-            cell = cells.setdefault(json.dumps({k: row[k] for k in CELL}, sort_keys=True),
-                                    {"cell": {k: row[k] for k in CELL}, "gradient": [], "random": []})
+            cell = cells.setdefault(json.dumps(cell_of(row), sort_keys=True),
+                                    {"cell": cell_of(row), "gradient": [], "random": []})
             cell[row["subspace"]].append(row)
     out = []
     for cell in cells.values():

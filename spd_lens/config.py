@@ -143,6 +143,8 @@ class AblateSection:
     heads: list[int] | None = None  # per-head layout, each head alone; default: flattened, all heads
     kinds: list[str] = field(default_factory=lambda: ["k", "v"])
     kind_sets: list[list[str]] | None = None  # e.g. [["k"], ["v"], ["k", "v"]]; default: [kinds]
+    # "keep": project onto the subspace (P); "remove": take it out and keep the rest (I - P).
+    modes: list[str] = field(default_factory=lambda: ["keep"])
     random_draws: int = 0  # matched random subspaces (same layers and ranks) per cell, as its control
     # The draws' random_like seeds; default: control_seed(eval_split, draw), disjoint across splits.
     random_seeds: list[int] | None = None
@@ -183,7 +185,7 @@ class ExperimentConfig:
             if values["task"][key] in (None, {}):
                 del values["task"][key]
         for key, default in (("decoding", "greedy"), ("samples", 1), ("subspace_seeds", None),
-                             ("random_seeds", None)):
+                             ("random_seeds", None), ("modes", ["keep"])):
             if values["ablate"][key] == default:
                 del values["ablate"][key]
         if values["eval"]["cut_off"] == "score":

@@ -174,7 +174,7 @@ def count_ablation(config: ExperimentConfig, *, eval_size: int | None = None) ->
     subspace per seed, then one evaluation per row of `spd_lens.ablate.grid` (the
     unprojected baseline, each cell and its random draws; greedy, or `ablate.samples` sampled
     completions per question), each with the correctness loss on `ablate.loss_n` calibration examples."""
-    from spd_lens.ablate import CELL, check_decoding, grid, random_seeds, subspace_seeds
+    from spd_lens.ablate import cell_of, check_decoding, grid, random_seeds, subspace_seeds
     from spd_lens.tasks import get_task
 
     c = config
@@ -194,7 +194,7 @@ def count_ablation(config: ExperimentConfig, *, eval_size: int | None = None) ->
     sampled = c.ablate.decoding == "sampling"
     samples = c.ablate.samples if sampled else 1
     budget = ((c.sampling.max_new_tokens if sampled else c.eval.max_new_tokens) or task.max_new_tokens)
-    cells = len({json.dumps({k: r[k] for k in CELL}) for r in rows if r["subspace"] == "gradient"})
+    cells = len({json.dumps(cell_of(r)) for r in rows if r["subspace"] == "gradient"})
     per_seed = f" x {len(seeds)} seeds" if len(seeds) > 1 else ""
     evaluate = Stage("eval", runs=len(rows))
     if questions is not None:

@@ -104,3 +104,27 @@ def test_committed_study_tables_load_and_summarise(tmp_path):
     todo = [p for p in grid(config, [15, 29]) if _key(p, 0) not in done]
     assert len(todo) == 4 * 4 and all(p["subspace"] == "random" for p in todo)
     assert {p["random_seed"] for p in todo} == {control_seed("test", d) for d in range(4)}
+
+
+def test_config_grid_runs_keep_and_remove_cells_with_their_own_controls(tmp_path, monkeypatch):
+    """`[ablate] modes`: each cell runs with P (keep) and I - P (remove), each beside its own random
+    draws; a directory made before modes existed resumes (its rows are the keep cells)."""
+    import spd_lens.ablate as ablate
+    from spd_lens.config import config_from_dict
+
+    built = []
+    real_build = ablate.Projection.build
+    monkeypatch.setattr(ablate.Projection, "build", lambda *a, **k: built.append(k["complement"]) or real_build(*a, **k))
+    keep = ablate.run_ablation(config_from_dict(RAW), tmp_path / "run")
+    assert built == [False] * 3
+    both = {**RAW, "ablate": {**RAW["ablate"], "modes": ["keep", "remove"]}}
+    rows = ablate.run_ablation(config_from_dict(both), tmp_path / "run")
+    assert built == [False] * 3 + [True] * 3  # only the remove cell and its draws ran
+    by = {(r.get("mode"), r["subspace"], r["draw"]): r for r in rows}
+    assert [r["loss"] for r in rows[:4]] == [r["loss"] for r in keep]
+    # P and I - P of the same rank-4 subspace are different models.
+    assert by[("remove", "gradient", None)]["loss"] != by[("keep", "gradient", None)]["loss"]
+    assert by[("remove", "random", 0)]["random_seed"] == by[("keep", "random", 0)]["random_seed"]
+    assert sorted(c["mode"] for c in ablate.controls(rows)) == ["keep", "remove"]
+    with pytest.raises(SpdLensError, match=r"ablate.modes \['drop'\].*remove"):
+        ablate.grid(config_from_dict({**RAW, "ablate": {**RAW["ablate"], "modes": ["drop"]}}), [1, 3])
