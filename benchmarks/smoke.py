@@ -25,6 +25,7 @@ ROOT = HERE.parent
 # Each script's smoke command line. gpu_check.py needs a CUDA GPU (its refusal is tested in
 # tests/test_runtime.py); bench_engine.py needs vLLM's own environment.
 SMOKE = {
+    "bench_attribution": ["--smoke"],
     "bench_batching": ["--smoke"],
     "bench_bridge_attention": ["--smoke"],
     "bench_dtype": ["--smoke"],
