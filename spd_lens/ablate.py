@@ -224,11 +224,17 @@ def _run_cells(config: ExperimentConfig, out: Path, run: Run, sampling, seeds: l
     table_path = out / "ablation.jsonl"
     done = {}
     summary_path = out / "ablation.json"
+    sampling_record = {k: v for k, v in dataclasses.asdict(sampling).items() if k not in ("batch_size", "batching")}
     if summary_path.is_file():
-        # Rows of another run copied in (its ablation.json alone): reused where their key matches;
-        # marked, so that their seconds are not counted as this directory's time.
-        for row in read_json_object(summary_path, "an ablation table (spd-lens ablate)").get("rows", []):
+        # Rows of another run copied in (its ablation.json alone): reused where their key matches
+        # and they were made from the same model, evaluation and subspaces; marked, so that their
+        # seconds are not counted as this directory's time.
+        copied = read_json_object(summary_path, "an ablation table (spd-lens ablate)")
+        stale = _stale_seeds(copied, config, run, sampling_record, subspaces, seeds)
+        for row in copied.get("rows", []):
             row = {k: v for k, v in row.items() if k != "delta_loss"}
+            if _seed(row, first) in stale:
+                continue  # made from another subspace: runs again
             done[_key(row, first)] = {**row, "copied": True}
     if table_path.exists():
         for line in table_path.read_text().splitlines():
@@ -281,10 +287,10 @@ def _run_cells(config: ExperimentConfig, out: Path, run: Run, sampling, seeds: l
         row["subspace"], row["seed"] = _subspace(row), _seed(row, first)
         row["random_seed"] = _random_seed(row)
         row.setdefault("draw", None)
-    decoding = {k: v for k, v in dataclasses.asdict(sampling).items() if k not in ("batch_size", "batching")}
     write_json(out / "ablation.json", {"rows": rows, "controls": controls(rows), "task": task.name,
                                        "split": config.task.eval_split, "model": config.model.name,
-                                       "decoding": decoding})
+                                       "decoding": sampling_record, "eval_n": config.task.eval_n,
+                                       "subspace_ids": {str(k): v.meta.get("config_hash") for k, v in subspaces.items()}})
     fields = ["rank", "layers", "alpha", "head", "kinds", "subspace", "seed", "draw", "random_seed", "score", "ci_low", "ci_high", "n",
               "loss", "delta_loss"]
 
@@ -298,6 +304,36 @@ def _run_cells(config: ExperimentConfig, out: Path, run: Run, sampling, seeds: l
     atomic_write(out / "ablation.csv", write_csv)
     write_ablation_report(out, f"spd_lens ablation {config.name}")
     return rows
+
+
+def _stale_seeds(copied: dict, config: ExperimentConfig, run: Run, decoding: dict, subspaces: dict,
+                 seeds: list[int]) -> set:
+    """The subspace seeds whose copied rows were made from another subspace than this run's (they
+    run again). A table of another model, task, split, question count or decoding is refused:
+    none of its rows could be reused."""
+    mine = {"model": config.model.name, "task": run.task.name, "split": config.task.eval_split,
+            "eval_n": config.task.eval_n, "decoding": decoding}
+    for key, value in mine.items():
+        if key in copied and copied[key] != value:
+            raise SpdLensError(f"the ablation.json copied into {run.out} was made with {key} {copied[key]!r}, this "
+                               f"config has {value!r}: none of its rows can be reused here; remove that file or use "
+                               f"another --out")
+    recorded = copied.get("subspace_ids")
+    if recorded is None:  # tables written before subspace ids were recorded
+        print(f"{run.out / 'ablation.json'}: copied rows that do not record their subspaces; their gradient rows "
+              "are taken as this config's (same cell and seed)", file=sys.stderr)
+        return set()
+    stale = set()
+    for seed in seeds:
+        if str(seed) in recorded:
+            if seed not in subspaces:
+                subspaces[seed] = run.subspace("gradient", seed)
+            if subspaces[seed].meta.get("config_hash") != recorded[str(seed)]:
+                stale.add(seed)
+    if stale:
+        print(f"{run.out / 'ablation.json'}: copied rows of subspace seed(s) {sorted(stale)} were made from other "
+              "subspaces: they run again", file=sys.stderr)
+    return stale
 
 
 def controls(rows: list[dict]) -> list[dict]:

@@ -94,8 +94,11 @@ def test_committed_study_tables_load_and_summarise(tmp_path):
     tables = sorted(study.glob("*/ablation.json"))
     assert len(tables) >= 5
     for path in tables:
+        clean = path.parent.name == "gate-test-clean"  # the one gate with fresh, recorded test-split seeds
         for row in json.loads(path.read_text())["rows"]:  # legacy rows: seed = draw
-            assert _random_seed(row) == (row["draw"] if row.get("subspace") == "random" else None), path
+            drawn = row.get("subspace") == "random"
+            expected = (control_seed("test", row["draw"]) if clean else row["draw"]) if drawn else None
+            assert _random_seed(row) == expected, path
     # gate-test's rows seed a new test gate: only its random rows are new (fresh, test-only seeds).
     shutil.copy(study / "gate-test" / "ablation.json", tmp_path / "ablation.json")
     assert refresh_controls(tmp_path)[0]["random_seeds"] == [0, 1, 2, 3]
@@ -128,3 +131,34 @@ def test_config_grid_runs_keep_and_remove_cells_with_their_own_controls(tmp_path
     assert sorted(c["mode"] for c in ablate.controls(rows)) == ["keep", "remove"]
     with pytest.raises(SpdLensError, match=r"ablate.modes \['drop'\].*remove"):
         ablate.grid(config_from_dict({**RAW, "ablate": {**RAW["ablate"], "modes": ["drop"]}}), [1, 3])
+
+
+def test_copied_table_rows_are_reused_only_from_the_same_subspaces_and_evaluation(tmp_path, monkeypatch, capsys):
+    """A table copied in from a run with another subspace (here: other calibration examples) has
+    its gradient rows run again; one from another split is refused; a legacy table says so."""
+    import spd_lens.ablate as ablate
+    from spd_lens.config import config_from_dict
+
+    first = ablate.run_ablation(config_from_dict(RAW), tmp_path / "a")
+    table = json.loads((tmp_path / "a" / "ablation.json").read_text())
+    assert set(table["subspace_ids"]) == {"0"}
+    calls = []
+    real_sample = ablate.sample
+    monkeypatch.setattr(ablate, "sample", lambda *a, **k: calls.append(1) or real_sample(*a, **k))
+    other = {**RAW, "subspace": {**RAW["subspace"], "n": 3}}  # another extraction, same cells
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "ablation.json", tmp_path / "b" / "ablation.json")
+    rows = ablate.run_ablation(config_from_dict(other), tmp_path / "b")
+    assert len(calls) == 1  # the gradient row alone; the baseline and fixed-rank draws are reused
+    gradient = [r for r in rows if r["subspace"] == "gradient"]
+    assert gradient[0]["loss"] != next(r for r in first if r["subspace"] == "gradient")["loss"]
+    assert "made from other subspaces" in capsys.readouterr().err
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "ablation.json").write_text(json.dumps({**table, "split": "test"}))
+    with pytest.raises(SpdLensError, match="split 'test'.*'dev'.*remove that file"):
+        ablate.run_ablation(config_from_dict(RAW), tmp_path / "c")
+    (tmp_path / "d").mkdir()
+    legacy = {k: v for k, v in table.items() if k != "subspace_ids"}
+    (tmp_path / "d" / "ablation.json").write_text(json.dumps(legacy))
+    ablate.run_ablation(config_from_dict(RAW), tmp_path / "d")
+    assert len(calls) == 1 and "do not record their subspaces" in capsys.readouterr().err
