@@ -13,6 +13,7 @@
 #        math-hard-seed2 math-hard-chosen ood gate-test-clean (the test gate with fresh test-split
 #        random draws: `nohup nice -n 10 experiments/study/run.sh runs/study gate-test-clean
 #        > runs/study/gate-test-clean.log 2>&1 &`, resumable; it copies its table into the kept copy)
+#        gate-test-code (the code subspace at three seeds on test, post hoc; likewise kept)
 #        Gemma-3-270M, pre-registered (RESULTS.md), in this order: gemma-presets gemma-gate
 #        gemma-gate-test gemma-gate-data gemma-main (not in the default list: run them by name)
 #        math-easy code mc; `tables` (the rerun's tables so far, spd-lens summary); and `keep`
@@ -109,6 +110,10 @@ step() {
   case " ${RERUNS[*]} " in *" $1 "*) restore "$1" ;; esac
   case "$1" in
     gate-rank | gate-sampled | gate-layers | gate-kinds | gate-heads | gate-ood | gate-test) ablate "$1" ;;
+    gate-test-code)  # the code subspace at three seeds on test; its table into the kept copy
+      ablate gate-test-code
+      mkdir -p "$KEPT/gate-test-code"
+      cp "$RUNS/gate-test-code/"{ablation.json,ablation.csv,config.json} "$KEPT/gate-test-code/" ;;
     gate-test-clean)
       # gate-test's baseline and gradient rows (the same settings) come from its committed table:
       # only the random rows, drawn from the test split's own seeds, run here.
@@ -219,7 +224,7 @@ step() {
 
 ALL=(gate-rank gate-data-paper gate-data-chosen gate-sampled gate-layers gate-seeds gate-kinds gate-heads gate-ood
      gate-seeds-chosen gate-sampled-chosen lr gate-test math-hard math-hard-ssd math-hard-seed2 math-hard-chosen ood
-     math-easy code mc gate-test-clean tables keep)
+     math-easy code mc gate-test-clean gate-test-code tables keep)
 for s in "${ALL[@]}"; do
   if [ "$RUNS" = "$s" ]; then
     echo "'$RUNS' is a step, not a runs directory: $0 RUNS_DIR $RUNS" >&2
