@@ -86,6 +86,24 @@ def main() -> None:
         vllm.close()
     if args.whole:
         report["whole_command"] = whole_commands(args, examples)
+    if not args.smoke:  # a full run's ratios into benchmarks/results/bench_engine.json (docs/benchmarks.md)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import results_file
+
+        size = f"{args.n} arithmetic prompts, at most {args.new_tokens} new tokens, float32"
+        rows = [{"figure": f"{mode} new tokens/s, steady state: vLLM (CPU build) vs the refill decoder ({size})",
+                 "ratio": report[mode]["ratio_vllm_hf"],
+                 "detail": f"{report[mode]['vllm_tokens_per_s']} vs {report[mode]['hf_tokens_per_s']} tokens/s, median "
+                           f"of {args.pairs} interleaved pairs; A/A control {report[mode]['ratio_aa']}"
+                           + (f"; identical {report[mode]['identical']}" if "identical" in report[mode] else "")}
+                for mode in ("greedy", "sampled")]
+        if "whole_command" in report:
+            whole = report["whole_command"]
+            rows.append({"figure": f"whole `spd-lens generate` command, greedy: --engine hf seconds / --engine vllm ({size})",
+                         "ratio": whole["ratio_hf_vllm"],
+                         "detail": f"{whole['hf_seconds']} vs {whole['vllm_seconds']} s (vLLM engine start "
+                                   f"{report['vllm_start_seconds']} s in its warm process); A/A control {whole['ratio_aa']}"})
+        results_file.write("bench_engine", rows)
     print(json.dumps(report))
 
 
