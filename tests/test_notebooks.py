@@ -22,10 +22,10 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
     assert any("application/vnd.plotly.v1+json" in o.get("data", {}) for o in outputs)
 
 
-def test_the_four_notebooks_are_there_with_their_outputs_stored():
+def test_the_five_notebooks_are_there_with_their_outputs_stored():
     names = [p.stem for p in NOTEBOOKS]
-    assert names[:4] == ["01_which_heads_carry_the_capability", "02_rank_by_layer_ablation", "03_api_tour",
-                         "04_your_own_capability"]
+    assert names == ["01_which_heads_carry_the_capability", "02_rank_by_layer_ablation", "03_api_tour",
+                     "04_your_own_capability", "05_ablate_your_capability"]
     for path in NOTEBOOKS:  # committed executed: a repository page shows the outputs and figures as images
         outputs = [o for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"
                    for o in cell.get("outputs", [])]
