@@ -1,5 +1,8 @@
-"""`run_ablation`: projected decoding over a grid of rank policies x layer sets x K/V x alphas (x heads),
-each cell beside matched random subspaces.
+"""`run_ablation`: projected decoding over a grid of rank policies x layer sets x K/V x alphas (x heads)
+x modes, each cell beside matched random subspaces (`spd-lens ablate CONFIG`).
+
+Calling this module, `spd_lens.ablate(model, examples, ...)`, runs the grid on your own examples
+instead: see `spd_lens.ablate_examples.ablate` for its arguments and table.
 
 Each cell projects K/V onto the task's gradient subspace with that setting while the model
 answers `eval_n` examples of `task.eval_split` (hook-only: no training; choose settings on
@@ -291,7 +294,7 @@ def _run_cells(config: ExperimentConfig, out: Path, run: Run, sampling, seeds: l
                                        "split": config.task.eval_split, "model": config.model.name,
                                        "decoding": sampling_record, "eval_n": config.task.eval_n,
                                        "subspace_ids": {str(k): v.meta.get("config_hash") for k, v in subspaces.items()}})
-    fields = ["rank", "layers", "alpha", "head", "kinds", "subspace", "seed", "draw", "random_seed", "score", "ci_low", "ci_high", "n",
+    fields = ["rank", "layers", "alpha", "head", "kinds", "mode", "subspace", "seed", "draw", "random_seed", "score", "ci_low", "ci_high", "n",
               "loss", "delta_loss"]
 
     def write_csv(tmp):
@@ -299,7 +302,9 @@ def _run_cells(config: ExperimentConfig, out: Path, run: Run, sampling, seeds: l
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             for r in rows:
-                writer.writerow({**{k: r[k] for k in fields if k in r}, "ci_low": r["ci"][0], "ci_high": r["ci"][1]})
+                mode = "" if r["rank"] == "none" else r.get("mode", "keep")  # tables before modes kept the subspace
+                writer.writerow({**{k: r[k] for k in fields if k in r}, "mode": mode, "ci_low": r["ci"][0],
+                                 "ci_high": r["ci"][1]})
 
     atomic_write(out / "ablation.csv", write_csv)
     write_ablation_report(out, f"spd_lens ablation {config.name}")

@@ -198,8 +198,16 @@ def ablate(model, examples, *, subspace: CapabilitySubspace | None = None, ranks
     runner = model if hooks_on(model) else unbooted(model)  # your hooks apply; else the plain, faster path
     if subspace is None:
         source = task if isinstance(examples, (str, Task)) else scored
-        subspace = extract_subspace(runner, source, n=extract_n if isinstance(examples, (str, Task)) else None,
-                                    layers=layers, tokenizer=tokenizer)
+        try:
+            subspace = extract_subspace(runner, source, n=extract_n if isinstance(examples, (str, Task)) else None,
+                                        layers=layers, tokenizer=tokenizer)
+        except SpdLensError as err:
+            if "were asked for" not in str(err):
+                raise
+            raise SpdLensError(f"{err}: the subspace is extracted from extract_n={extract_n} train examples; pass a "
+                               "smaller extract_n (--extract-n on the command line), a subspace of your own "
+                               "(subspace= / --subspace DIR), or your examples as a plain list (--split all), "
+                               "which are then both extracted from and scored") from err
     subspace.check_compatible(model)
     cells = _cells(subspace, list(ranks), list(energies), layer_sets, kind_sets, heads, modes, alpha)
     budget = max_new_tokens or task.max_new_tokens

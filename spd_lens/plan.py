@@ -305,8 +305,10 @@ def check_model(name: str) -> tuple[str, str, int | None]:
                              f"machine and the model is not in the local cache); {size}"), known
 
 
-def check_data(config: ExperimentConfig) -> tuple[list[tuple[str, str, str]], dict[str, float], int | None]:
-    """Checks of every task's examples, mean prompt lengths, and the evaluation split's size."""
+def check_data(config: ExperimentConfig, *, ablate: bool = False) -> tuple[list[tuple[str, str, str]], dict[str, float], int | None]:
+    """Checks of every task's examples, mean prompt lengths, and the evaluation split's size. For
+    `spd-lens ablate`: the evaluation split and the calibration examples (the subspace's, and the
+    loss column's `ablate.loss_n`); no training prompts are drawn."""
     from spd_lens.tasks import get_task
     from spd_lens.tasks.records import describe_source, hub_reachable
 
@@ -315,9 +317,11 @@ def check_data(config: ExperimentConfig) -> tuple[list[tuple[str, str, str]], di
     calibration_task = c.subspace.task or c.task.name
     calibration_data = c.subspace.data if c.subspace.task else c.task.data
     needs_subspace = any(METHOD_TABLE[m].subspace for m in c.methods)
-    wanted = [(c.task.name, c.task.data, "train", c.task.train_n, "prompt"),
-              (c.task.name, c.task.data, c.task.eval_split, c.task.eval_n, "eval")]
-    if needs_subspace:
+    wanted = [(c.task.name, c.task.data, "train", c.task.train_n, "prompt")] if not ablate else []
+    wanted.append((c.task.name, c.task.data, c.task.eval_split, c.task.eval_n, "eval"))
+    if ablate:
+        wanted.append((calibration_task, calibration_data, "train", max(c.subspace.n, c.ablate.loss_n), "calibration"))
+    elif needs_subspace:
         wanted.append((calibration_task, calibration_data, "train", c.subspace.n, "calibration"))
     online = None
     for name, data, split, n, role in wanted:
@@ -366,7 +370,7 @@ def make_plan(config: ExperimentConfig, *, figures: dict | str | Path | None = N
     status, message, parameters = check_model(config.model.name)
     size = f", {parameters / 1e6:.0f}M parameters" if parameters else ""
     checks.append((f"model {config.model.name}", status, message + size))
-    data_checks, lengths, eval_size = check_data(config)
+    data_checks, lengths, eval_size = check_data(config, ablate=ablate)
     checks += data_checks
     if ablate:
         try:

@@ -120,3 +120,6 @@ def test_ablate_cli_runs_the_grid_on_a_jsonl_of_your_examples(tmp_path, capsys):
     assert [r["source"] for r in rows] == ["none", "gradient", "random", "random"]
     assert set(rows[0]["per_example"]) == {e.id for e in EXAMPLES}
     assert cli(["ablate"]) == 2 and "--examples FILE.jsonl" in capsys.readouterr().err
+    # The default split (dev) extracts from the file's train examples: too few for extract_n says how to go on.
+    assert cli(["ablate", "--examples", str(data), "--model", "tiny", "--ranks", "2", "--out", str(tmp_path / "b")]) == 2
+    assert "--extract-n" in capsys.readouterr().err

@@ -240,6 +240,21 @@ def test_ablate_cli_table_figure_and_resume(tmp_path, capsys):
     assert len({json.dumps({k: r[k] for k in ("rank", "layers")}) for r in again}) == 7
 
 
+def test_ablate_cli_names_each_rows_mode_in_its_table_csv_and_controls(tmp_path, capsys):
+    config = tmp_path / "m.toml"
+    config.write_text('name = "m"\n[model]\nname = "tiny"\n[task]\neval_n = 3\n[subspace]\nn = 2\nlayers = [1, 3]\n'
+                      '[eval]\nmax_new_tokens = 2\n[ablate]\nranks = [4]\nlayer_sets = [[1]]\nloss_n = 2\n'
+                      'random_draws = 1\nmodes = ["keep", "remove"]\n')
+    out = tmp_path / "run"
+    assert cli(["ablate", str(config), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "ablation.csv")))
+    assert [(r["mode"], r["subspace"]) for r in rows] == [("", "none"), ("keep", "gradient"), ("keep", "random"),
+                                                         ("remove", "gradient"), ("remove", "random")]
+    printed = capsys.readouterr().out
+    assert printed.count(" remove ") >= 2 and "gradient - random per cell" in printed
+    assert "head all remove:" in printed and "head all keep:" in printed
+
+
 def test_ablation_cells_have_matched_random_controls(tmp_path):
     import dataclasses
 

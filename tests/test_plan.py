@@ -341,3 +341,21 @@ def test_the_study_lanes_run_both_lanes_then_take_math_hards_evaluations(tmp_pat
     assert "== code\n== math-hard-chosen\n" in lane2 and lane2.index("== ood") < lane2.index("== math-hard-ssd")
     assert "== math-hard-ssd\n== math-hard-seed2\n" in lane2
     assert "== math-hard\n== math-hard-chosen\n" in log  # math-hard takes ssd's seeds after both lanes
+
+
+def test_an_ablation_plan_checks_the_data_an_ablation_reads_not_training_prompts(tmp_path):
+    """`spd-lens plan --ablate` on a small capability file: the ablation draws no training prompts
+    (train_n), so a file too small for a run's training data is no problem for it."""
+    from spd_lens.config import config_from_dict
+    from spd_lens.plan import make_plan
+
+    lines = [json.dumps({"id": f"p/{w}", "prompt": f"Plural of {w}?", "answer": f"{w}s", "span": f"{w}s"})
+             for w in ("cat", "dog", "cup", "pen", "hat", "map", "bag")]
+    (tmp_path / "plurals.jsonl").write_text("\n".join(lines) + "\n")
+    raw = {"name": "p", "model": {"name": "tiny"}, "task": {"examples": str(tmp_path / "plurals.jsonl"), "eval_n": 1},
+           "subspace": {"n": 3}, "ablate": {"ranks": [1], "random_draws": 3, "loss_n": 3}}
+    assert make_plan(config_from_dict(raw), ablate=True).errors == []
+    run_plan = make_plan(config_from_dict(raw))
+    assert any("train" in e and "n=64" in e for e in run_plan.errors)  # a run's training prompts are checked
+    too_few = {**raw, "ablate": {**raw["ablate"], "loss_n": 40}}
+    assert any("calibration" in e for e in make_plan(config_from_dict(too_few), ablate=True).errors)

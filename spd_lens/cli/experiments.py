@@ -138,9 +138,21 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / f"{config.name}-ablation")
     stopping.keep(lambda: stopping.ablation_kept(out))
     rows = run_ablation(config, out, progress=common.progress_labelled("ablation"))
-    print(f"{'rank':>5} {'layers':>8} {'alpha':>5} {'head':>4} {'score':>6}  {'loss':>7}")
+    print(f"{'rank':>10} {'layers':>8} {'kinds':>5} {'alpha':>5} {'head':>4} {'mode':>6} {'subspace':>8} {'seed':>4} "
+          f"{'draw':>4} {'score':>6}  {'loss':>7}")
     for r in rows:
-        print(f"{str(r['rank']):>5} {r['layers']:>8} {r['alpha']:>5} {str(r['head']):>4} {r['score']:>6.3f}  {r['loss']:>7.4f}")
+        mode = "" if r["rank"] == "none" else r.get("mode", "keep")
+        seed, draw = ("" if r.get(k) is None else r[k] for k in ("seed", "draw"))
+        print(f"{str(r['rank']):>10} {r['layers']:>8} {r['kinds']:>5} {r['alpha']:>5} {str(r['head']):>4} {mode:>6} "
+              f"{r['subspace']:>8} {seed:>4} {draw:>4} {r['score']:>6.3f}  {r['loss']:>7.4f}")
+    from spd_lens.ablate import controls
+
+    cells = controls(rows)
+    if cells:
+        print("\ngradient - random per cell, share correct (95% interval over seeds, draws and questions):")
+        for c in cells:
+            print(f"  rank {c['rank']} layers {c['layers']} {c['kinds']} alpha {c['alpha']} head {c['head']} {c['mode']}: "
+                  f"{c['difference']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]")
     print(f"table: {out}/ablation.csv\nfigure: {out}/ablation.html")
     return 0
 
