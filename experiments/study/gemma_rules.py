@@ -40,12 +40,29 @@ def chosen_cell(runs: Path) -> dict | None:
     return max(above, key=lambda c: c["difference"]) if above else None
 
 
+# Amended 2026-12-07, after step 1 and before any gate ran (RESULTS.md, "Gemma-3-270M: pre-registered"):
+# the easy preset holds 200 distinct problems, 124 train, 33 dev and 43 test questions, fewer than
+# the protocol's 500/1,000 prompts, 300 dev and 500 test questions; on easy every step takes all
+# its split holds.
+EASY_SIZES = {"eval_n = 300": "eval_n = 33", "eval_n = 500": "eval_n = 43", "train_n = 500": "train_n = 124",
+              "train_n = 1000": "train_n = 124"}
+
+
+def _swap(text: str, old: str, new: str) -> str:
+    if old not in text:
+        raise SystemExit(f"gemma_rules: {old!r} is not in the config text: the configs changed, update this script")
+    return text.replace(old, new)
+
+
 def _text(name: str, runs: Path) -> str:
     text = (STUDY / f"{name}.toml").read_text()
     choice = preset(runs)
     if choice == "none":
         raise SystemExit("step 1 found no preset with a base score in [0.1, 0.5]: the Gemma study stops there")
-    return text.replace('preset = "hard"', f'preset = "{choice}"')
+    if choice == "easy":
+        for old, new in EASY_SIZES.items():
+            text = text.replace(old, new)
+    return _swap(text, 'preset = "hard"', f'preset = "{choice}"')
 
 
 def _cell_lines(cell: dict) -> tuple[list[int], str]:
@@ -64,7 +81,8 @@ def config(runs: Path, name: str) -> Path:
         if name == "gemma-gate-test":
             # The chosen cell and the paper's, on test, fresh test-split draws, the 3 subspace seeds.
             text = _text("gemma-gate", runs).replace("study-gemma-gate", "study-gemma-gate-test")
-            text = text.replace('eval_split = "dev"\neval_n = 300', 'eval_split = "test"\neval_n = 500')
+            sizes = ("33", "43") if preset(runs) == "easy" else ("300", "500")
+            text = _swap(text, f'eval_split = "dev"\neval_n = {sizes[0]}', f'eval_split = "test"\neval_n = {sizes[1]}')
             # ablate runs the product of ranks, layer sets and kinds: the two cells' values, each
             # once (as gate-test did: up to 8 cells, the chosen and the paper's among them).
             unique = lambda *values: [v for i, v in enumerate(values) if v not in values[:i]]  # noqa: E731

@@ -24,7 +24,8 @@ SHOWN = {
     "gate-test V rank 8: gradient - random (first confirmation; dev's draws)": "decoding, chosen cell: gradient - random (dev's draws)",
     "gate-test-clean V rank 8: gradient - random (fresh test draws)": "decoding, chosen cell: gradient - random (fresh test draws)",
     "hook-only at the chosen cell - base": "decoding, chosen cell: projected - unprojected",
-    "code subspace hook-only - arithmetic subspace hook-only, 3 seeds (gate-test)": "decoding, chosen cell: code subspace - arithmetic's",
+    "code subspace (3 seeds, gate-test-code) - arithmetic subspace (3 seeds, gate-test), chosen cell":
+        "decoding, chosen cell: code subspaces - arithmetic's (post hoc)",
     "gate-test K+V rank 96 (paper's): gradient - random": "decoding, paper's projection: gradient - random",
     "math-hard spd - psr": "distilled, paper's projection: spd - psr",
     "math-hard spd - spd-random": "distilled, paper's projection: spd - spd-random",
@@ -45,10 +46,10 @@ def main() -> None:
     ax.axvline(0, color="#888", lw=1, ls="--")
     ax.set_yticks(range(len(rows)), [label for label, _ in reversed(rows)], fontsize=8)
     ax.set_xlabel("difference in share correct, 500 test questions (95% interval)")
-    ax.set_title("SmolLM2-135M-Instruct: where the gradient subspace helps (test)", fontsize=10)
+    ax.set_title("SmolLM2-135M-Instruct: where the gradient subspace helps (test)", fontsize=10, loc="right")
     fig.tight_layout()
     out = ROOT / "headline.png"
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")  # the title is wider than the axes
     print(out)
 
 

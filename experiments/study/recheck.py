@@ -115,6 +115,9 @@ def comparisons(cut_off: str) -> list[tuple[str, str, list[dict], list[dict]]]:
         ("math-hard psr - spd-fullseq", "post hoc", e("math-hard", "psr"), e("math-hard", "spd-fullseq")),
         ("ood spd - chosen cell spd (arithmetic subspace, same cell)", "post hoc", e("ood", "spd"), e("math-hard-chosen", "spd")),
     ]
+    if (ROOT / "gate-test-code" / "ablation.json").is_file():  # the code subspace at three seeds (post hoc)
+        out.append(("code subspace (3 seeds, gate-test-code) - arithmetic subspace (3 seeds, gate-test), chosen cell",
+                    "post hoc", gate_rows("gate-test-code", rank=8, kinds="v", subspace="gradient"), chosen_arith))
     clean = ROOT / "gate-test-clean"
     if clean.is_dir() and draws("gate-test-clean", 8, "v") == 4:
         out.insert(1, ("gate-test-clean V rank 8: gradient - random (fresh test draws)", "planned",
@@ -149,7 +152,7 @@ def count_test_intervals() -> dict:
     # Computed for RESULTS.md from the evaluations, in no metrics.json: the code subspace's
     # hook-only against the arithmetic one's, ood spd against the chosen cell's spd, the chosen
     # cell's spd against the paper's, and math-hard's psr against spd-fullseq.
-    cross_run = 4
+    cross_run = 4 + (ROOT / "gate-test-code" / "ablation.json").is_file()  # + the code subspace's three seeds
     return {"paired_in_metrics": len(pairs), "gate_controls": controls, "across_runs": cross_run,
             "paired_total": len(pairs) + sum(controls.values()) + cross_run, "method_intervals": len(methods)}
 
