@@ -184,7 +184,13 @@ step() {
       "${SPD[@]}" run "$STUDY/gemma-preset-hard.toml" --out "$RUNS/gemma-preset-hard"
       "${SPD[@]}" run "$STUDY/gemma-preset-easy.toml" --out "$RUNS/gemma-preset-easy"
       echo "gemma preset (base k-shot score on dev in [0.1, 0.5]): $(gemma preset)" >&2 ;;
-    gemma-gate) "${SPD[@]}" ablate "$(gemma config gemma-gate)" --out "$RUNS/gemma-gate" ;;
+    gemma-gate)
+      # A kept rows file (committed while it ran) carries its finished rows to a new machine.
+      take "$KEPT/gemma-gate/ablation.jsonl" "$RUNS/gemma-gate/ablation.jsonl"
+      "${SPD[@]}" ablate "$(gemma config gemma-gate)" --out "$RUNS/gemma-gate"
+      mkdir -p "$KEPT/gemma-gate"
+      cp "$RUNS/gemma-gate/"{ablation.json,ablation.csv,config.json} "$KEPT/gemma-gate/"
+      rm -f "$KEPT/gemma-gate/ablation.jsonl" ;;
     gemma-gate-test) "${SPD[@]}" ablate "$(gemma config gemma-gate-test)" --out "$RUNS/gemma-gate-test" ;;
     gemma-gate-data)
       "${SPD[@]}" run "$(gemma config gemma-gate-data)" --data-only --out "$RUNS/gemma-gate-data"
