@@ -385,25 +385,30 @@ class Run:
 
     # --- what the stages read (spd_lens.stages) -------------------------------------------------
 
-    def inputs(self) -> dict:
+    def inputs(self, evaluates: bool = True) -> dict:
         """What this run's stages read (kept in RUN/inputs.json): the resolved runtime and the
         evaluation's (`spd_lens.precision`), the weights id, and content hashes of the evaluation
         examples, each seed's training prompts (methods that self-generate) and each seed's
-        calibration examples (methods with a subspace)."""
-        if getattr(self, "_inputs", None) is None:
+        calibration examples (methods with a subspace). `evaluates=False` (the data gate, which
+        evaluates nothing) leaves the evaluation examples out: a split too small for `eval_n` is
+        no reason to refuse sampling, and a later full run adds their hash to the record."""
+        cache = self.__dict__.setdefault("_inputs_by_evaluates", {})
+        if evaluates not in cache:
             c = self.config
-            data = {"eval": examples_hash(self.task.examples(c.task.eval_split, n=c.task.eval_n, seed=0))}
+            data = {}
+            if evaluates:
+                data["eval"] = examples_hash(self.task.examples(c.task.eval_split, n=c.task.eval_n, seed=0))
             if any(METHOD_TABLE[m].sampling is not None for m in c.methods):
                 data["train"] = {str(s): examples_hash(self.task.examples("train", n=c.task.train_n, seed=s))
                                  for s in c.seeds}
             if any(METHOD_TABLE[m].subspace is not None for m in c.methods):
                 data["calibration"] = {str(s): examples_hash(self.subspace_task.examples("train", n=c.subspace.n, seed=s))
                                        for s in c.seeds}
-            self._inputs = canonical({
+            cache[evaluates] = canonical({
                 "runtime": runtime_record(self.runtime),
                 "evaluation_runtime": runtime_record(Precision.of(self.runtime).evaluation_runtime()),
                 "weights": weights_id(c.model.name), "data": data})
-        return self._inputs
+        return cache[evaluates]
 
     def evaluation_stage(self, method: str, seed: int | None) -> Stage:
         """The evaluation of `method` (at `seed`) as a stage: the evaluation examples, the runtime
@@ -577,7 +582,7 @@ class Run:
 
     def _data_gate(self, trained: list[str]) -> dict:
         self._claim_directory()
-        self._claim_inputs()
+        self._claim_inputs(evaluates=False)
         outcomes: dict[str, list[dict]] = {}
         for method in trained:
             for seed in self._seeds(method):
@@ -686,11 +691,11 @@ class Run:
         self.processes.barrier()  # everyone has read the old config before it is rewritten
         self._write_json(path, {**resolved, "spd_lens_version": spd_lens.__version__})
 
-    def _claim_inputs(self) -> None:
+    def _claim_inputs(self, evaluates: bool = True) -> None:
         """Refuse a directory whose stages read other data, ran in another resolved runtime or on
         other weights (`inputs`, kept in RUN/inputs.json): its finished methods and the ones this
         call would add could not share one table. Data of seeds or stages the record lacks is added."""
-        path, current = self.out / INPUTS_FILE, self.inputs()
+        path, current = self.out / INPUTS_FILE, self.inputs(evaluates)
         recorded = read_json_object(path, "the inputs of a run's stages") if path.is_file() else None
         finished = [*self.out.glob("eval/*.json"), *self.out.glob("generations/*.jsonl"),
                     *self.out.glob("adapters/*/train.json"), *self.out.glob("subspaces/*/subspace.json")]

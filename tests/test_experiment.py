@@ -423,6 +423,17 @@ def test_the_data_gate_generates_and_scores_training_data_and_trains_nothing(tmp
     assert "spd-seed1.quality.json is missing" in capsys.readouterr().err
 
 
+def test_the_data_gate_does_not_read_the_evaluation_split(tmp_path):
+    # A preset whose test split holds fewer questions than eval_n (Gemma's easy arithmetic: 43) can
+    # still have its training data sampled; only evaluating it asks for eval_n questions.
+    config = config_from_dict({**TINY, "seeds": [0], "methods": ["psr"],
+                               "task": {**TINY["task"], "preset": "easy", "eval_n": 44}})
+    assert Run(config, tmp_path).data_gate()["methods"]["psr"]["n"] == 6
+    assert "eval" not in json.loads((tmp_path / "inputs.json").read_text())["data"]
+    with pytest.raises(SpdLensError, match="only 43 test examples, but n=44 were asked for"):
+        run_experiment(config, tmp_path)  # evaluating still needs the questions
+
+
 def test_a_directory_being_written_refuses_a_second_run_at_once(tmp_path):
     from spd_lens.ablate import run_ablation
     from spd_lens.artifacts import exclusive
