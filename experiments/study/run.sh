@@ -195,8 +195,10 @@ step() {
     gemma-gate-data)
       "${SPD[@]}" run "$(gemma config gemma-gate-data)" --data-only --out "$RUNS/gemma-gate-data"
       # At the hook-only gate's chosen cell too, when it chose one.
+      keep gemma-gate-data
       if chosen=$(gemma config gemma-gate-data-chosen 2>/dev/null); then
         "${SPD[@]}" run "$chosen" --data-only --out "$RUNS/gemma-gate-data-chosen"
+        keep gemma-gate-data-chosen
       fi ;;
     gemma-main)
       local gates
