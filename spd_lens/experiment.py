@@ -725,10 +725,11 @@ def training_data_comparisons(outcomes: dict[str, list[dict]]) -> dict:
             for a, b in COMPARISONS if a in outcomes and b in outcomes}
 
 
-def recompute_data_gate(run_dir: str | Path) -> dict:
+def recompute_data_gate(run_dir: str | Path, *, write: bool = True) -> dict:
     """`RUN/data_gate.json` with its comparisons computed again from the verdicts kept beside the
     training data (`generations/*.quality.json`), by this version's intervals; nothing is generated
-    or scored again, so a gate whose prompts another version drew is recomputed as it was run."""
+    or scored again, so a gate whose prompts another version drew is recomputed as it was run.
+    `write=False` returns the report without rewriting the file."""
     run_dir = Path(run_dir)
     report = read_json_object(run_dir / "data_gate.json", "a data gate (spd-lens run --data-only)")
     outcomes: dict[str, list[dict]] = {}
@@ -748,7 +749,8 @@ def recompute_data_gate(run_dir: str | Path) -> dict:
         raise SpdLensError(f"{run_dir / 'data_gate.json'} names no pair of methods to compare "
                            f"({', '.join(outcomes) or 'none'}): nothing to recompute")
     report = {**report, "comparisons": comparisons, "spd_lens_version": spd_lens.__version__}
-    write_json(run_dir / "data_gate.json", report)
+    if write:
+        write_json(run_dir / "data_gate.json", report)
     return report
 
 

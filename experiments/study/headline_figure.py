@@ -1,5 +1,5 @@
-"""RESULTS.md's first-screen figure: the headline test comparisons with their 95% intervals,
-recomputed from the committed outcomes (experiments/study/recheck.py's comparisons).
+"""RESULTS.md's first-screen figure: the headline test comparisons with their 95% intervals, and
+Gemma-3-270M's two gates (dotted), recomputed from the committed outcomes (experiments/study/recheck.py).
 
     .venv/bin/python experiments/study/headline_figure.py    # writes experiments/results/study/headline.png
 """
@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recheck import ROOT, comparisons  # noqa: E402
+from recheck import ROOT, comparisons, gemma  # noqa: E402
 
 from spd_lens.evaluate import paired_difference  # noqa: E402
 
@@ -37,16 +38,25 @@ SHOWN = {
 def main() -> None:
     found = {name: (a, b) for name, _, a, b in comparisons("score") if name in SHOWN}
     rows = [(label, paired_difference(*found[name])) for name, label in SHOWN.items() if name in found]
+    # Gemma-3-270M's gates (no gate passed, nothing distilled): below the SmolLM2 rows, marked.
+    g = gemma()
+    if "dev_paper_cell" in g:
+        rows.append(("Gemma-3-270M, dev (33 q.): paper's projection, gradient - random", g["dev_paper_cell"]))
+    if "data_gate" in g:
+        rows.append(("Gemma-3-270M, training data (124 x 3): spd - spd-random", g["data_gate"]["spd - spd-random"]))
     fig, ax = plt.subplots(figsize=(8, 0.42 * len(rows) + 1.1))
     for y, (label, d) in enumerate(reversed(rows)):
         low, high = d["ci"]
         colour = "#54a24b" if low > 0 else "#e45756" if high < 0 else "#4c78a8"
-        ax.plot([low, high], [y, y], color=colour, lw=2)
+        ax.plot([low, high], [y, y], color=colour, lw=2, ls=":" if label.startswith("Gemma") else "-")
         ax.plot(d["difference"], y, "o", color=colour)
     ax.axvline(0, color="#888", lw=1, ls="--")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MultipleLocator(0.05))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:+.2f}"))
     ax.set_yticks(range(len(rows)), [label for label, _ in reversed(rows)], fontsize=8)
-    ax.set_xlabel("difference in share correct, 500 test questions (95% interval)")
-    ax.set_title("SmolLM2-135M-Instruct: where the gradient subspace helps (test)", fontsize=10, loc="right")
+    ax.set_xlabel("difference in share correct (95% interval); SmolLM2: 500 test questions")
+    ax.set_title("Where the gradient subspace helps: SmolLM2-135M-Instruct on test, Gemma-3-270M's gates",
+                 fontsize=10, loc="right")
     fig.tight_layout()
     out = ROOT / "headline.png"
     fig.savefig(out, dpi=110, bbox_inches="tight")  # the title is wider than the axes

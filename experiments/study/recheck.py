@@ -49,13 +49,13 @@ def table_rows(gate: str) -> list[dict]:
     return [json.loads(line) for line in (ROOT / gate / "ablation.jsonl").read_text().splitlines() if line.strip()]
 
 
-def gate_rows(gate: str, *, rank: int, kinds: str, subspace: str) -> list[dict]:
+def gate_rows(gate: str, *, rank: int, kinds: str, subspace: str, layers: str | None = None) -> list[dict]:
     """An ablation cell's rows as results, one "seed" per subspace seed or random draw. In
     gate-test-clean the random rows are the fresh ones (a `random_seed` from the test split's
     stream, >= 1000); its rows file also holds the rows copied from gate-test."""
     fresh = gate == "gate-test-clean"
     rows = [r for r in table_rows(gate) if r["rank"] == rank and r["kinds"] == kinds and r.get("subspace") == subspace
-            and not (fresh and subspace == "random" and (r.get("random_seed") or 0) < 1000)]
+            and (layers is None or r["layers"] == layers) and not (fresh and subspace == "random" and (r.get("random_seed") or 0) < 1000)]
     return [{"prompt_id": p, "passed": v, "seed": f"{subspace} {r['seed'] if subspace == 'gradient' else r['draw']}"}
             for r in rows for p, v in r["outcomes"].items()]
 
@@ -190,6 +190,25 @@ def cut_off_shares() -> dict:
     return shares
 
 
+def gemma() -> dict:
+    """Gemma-3-270M's gates (RESULTS.md, pre-registered): the dev gate's cells above random, the
+    paper's cell (K and V, rank 128, layers 9 and 17) on dev, and the data gate's comparisons
+    recomputed from the verdicts kept beside its training data. Empty before they ran."""
+    from spd_lens.experiment import recompute_data_gate
+
+    out = {}
+    if (ROOT / "gemma-gate" / "ablation.json").is_file():
+        controls = json.loads((ROOT / "gemma-gate" / "ablation.json").read_text())["controls"]
+        out["dev_cells_above_random"] = sum(c["ci"][0] > 0 for c in controls)
+        out["dev_cells"] = len(controls)
+        cell = dict(rank=128, kinds="k,v", layers="9,17")
+        out["dev_paper_cell"] = paired_difference(gate_rows("gemma-gate", subspace="gradient", **cell),
+                                                  gate_rows("gemma-gate", subspace="random", **cell))
+    if (ROOT / "gemma-gate-data" / "data_gate.json").is_file():
+        out["data_gate"] = recompute_data_gate(ROOT / "gemma-gate-data", write=False)["comparisons"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cut-off", choices=["score", "wrong"], default="score")
@@ -206,7 +225,7 @@ def main() -> None:
         figures[name]["p_holm"] = adjusted
     extra = {"test_intervals": count_test_intervals(), "cut_off": cut_off_shares(), "draw_correlation": draw_correlation(),
              "arithmetic_three_seed_mean": seeded_ci(gate_rows("gate-test", rank=8, kinds="v", subspace="gradient")),
-             "code_subspace_hook_only": seeded_ci(evaluation("ood", "hook-only", args.cut_off))}
+             "code_subspace_hook_only": seeded_ci(evaluation("ood", "hook-only", args.cut_off)), "gemma": gemma()}
     if args.json:
         print(json.dumps({"cut_off_policy": args.cut_off, "comparisons": figures, **extra}, indent=1))
         return
@@ -225,6 +244,13 @@ def main() -> None:
     print("intervals on test:", json.dumps(extra["test_intervals"]))
     n, r = extra["draw_correlation"]
     print(f"gate-test's random draws against the dev gates' same draws: r = {r:.2f} over {n} draws")
+    g = extra["gemma"]
+    if g:
+        print(f"Gemma-3-270M dev gate: {g['dev_cells_above_random']} of {g['dev_cells']} cells above random; paper's cell "
+              f"on dev {fmt(g['dev_paper_cell']['difference'])} [{fmt(g['dev_paper_cell']['ci'][0])}, "
+              f"{fmt(g['dev_paper_cell']['ci'][1])}]")
+        for name, c in g.get("data_gate", {}).items():
+            print(f"Gemma-3-270M data gate {name}: {fmt(c['difference'])} [{fmt(c['ci'][0])}, {fmt(c['ci'][1])}]")
     print("answers cut off at the token budget: cut off / answers (share), of them scored right")
     for key, c in extra["cut_off"].items():
         print(f"  {key:<28} {c['cut_off']:>4} / {c['answers']:<5} ({c['cut_off'] / c['answers']:.3f})  "
