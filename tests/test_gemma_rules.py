@@ -41,3 +41,17 @@ def test_hard_preset_keeps_the_shipped_configs_and_none_stops_the_study(tmp_path
     scores(tmp_path / "b", 0.01, 0.9)
     done = rules("config", tmp_path / "b", "gemma-gate")
     assert done.returncode != 0 and "stops there" in done.stderr
+
+
+def test_without_a_chosen_cell_the_test_gate_is_the_papers_cell_and_a_zero_bound_is_not_above_zero(tmp_path):
+    scores(tmp_path, 0.01, 0.121)
+    (tmp_path / "gemma-gate").mkdir()
+    # A bootstrap bound that is zero comes out of float means as +-3e-17: not above zero.
+    (tmp_path / "gemma-gate" / "ablation.json").write_text(json.dumps({"controls": [
+        {"rank": 32, "layers": "17", "kinds": "v", "difference": 0.015, "ci": [2.8e-17, 0.068]}]}))
+    test = Path(rules("config", tmp_path, "gemma-gate-test").stdout.strip()).read_text()
+    grid = test[test.index("[ablate]"):]
+    assert "ranks = [128]\nlayer_sets = [[9, 17]]\nkind_sets = [[\"k\", \"v\"]]" in grid
+    assert 'eval_split = "test"\neval_n = 43' in test
+    refused = rules("config", tmp_path, "gemma-main-chosen")
+    assert refused.returncode != 0 and "chose no cell" in refused.stderr

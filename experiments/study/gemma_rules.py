@@ -3,12 +3,16 @@ applied mechanically to finished run directories, so that no choice is made by h
 
     python experiments/study/gemma_rules.py preset RUNS      # hard | easy | none (step 1)
     python experiments/study/gemma_rules.py config RUNS NAME # the config to run for step NAME
-    python experiments/study/gemma_rules.py passed RUNS      # which gates passed (step 4 runs if any)
+    python experiments/study/gemma_rules.py passed RUNS      # which gates passed (step 5 runs if any)
 
 `config` prints experiments/study/NAME.toml when step 1 chose "hard", else writes the same file
-with the chosen preset under RUNS/gemma-configs/ and prints that path; for `gemma-gate-test`,
-`gemma-gate-data-chosen` and `gemma-main-chosen` it writes the config from the hook-only gate's
-chosen cell (and fails while there is none).
+with the chosen preset under RUNS/gemma-configs/ and prints that path; `gemma-gate-test` holds the
+hook-only gate's chosen cell and the paper's (the paper's alone when the dev gate chose none), and
+`gemma-gate-data-chosen` and `gemma-main-chosen` are written from the chosen cell (and fail while
+there is none).
+
+"Above zero" is a lower bound above ABOVE: a bootstrap percentile that is exactly zero comes out
+of floating-point means as +-3e-17, and zero is not above zero.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 
 STUDY = Path(__file__).resolve().parent
 LOW, HIGH = 0.1, 0.5  # the k-shot base score on dev a preset must have
+ABOVE = 1e-9  # an interval's lower bound must exceed this to be above zero (rounding, not a margin)
 
 
 def preset(runs: Path) -> str:
@@ -36,7 +41,7 @@ def chosen_cell(runs: Path) -> dict | None:
     table = runs / "gemma-gate" / "ablation.json"
     if not table.is_file():
         raise SystemExit(f"the hook-only gate has not finished ({table} is missing)")
-    above = [c for c in json.loads(table.read_text())["controls"] if c["ci"][0] > 0]
+    above = [c for c in json.loads(table.read_text())["controls"] if c["ci"][0] > ABOVE]
     return max(above, key=lambda c: c["difference"]) if above else None
 
 
@@ -75,8 +80,10 @@ def config(runs: Path, name: str) -> Path:
     out = runs / "gemma-configs" / f"{name}.toml"
     if name in ("gemma-gate-test", "gemma-gate-data-chosen", "gemma-main-chosen"):
         cell = chosen_cell(runs)
-        if cell is None:
+        if cell is None and name != "gemma-gate-test":
             raise SystemExit("the hook-only gate chose no cell (no interval above zero): nothing to confirm or train at it")
+        # Without a chosen cell the test gate is the paper's cell alone (step 3 names both cells).
+        cell = cell or {"rank": 128, "layers": "9,17", "kinds": "k,v"}
         layers, kinds = _cell_lines(cell)
         if name == "gemma-gate-test":
             # The chosen cell and the paper's, on test, fresh test-split draws, the 3 subspace seeds.
@@ -107,15 +114,15 @@ def config(runs: Path, name: str) -> Path:
 
 
 def passed(runs: Path) -> list[str]:
-    """The gates whose gradient - random interval is above zero (pre-registered condition of step 4)."""
+    """The gates whose gradient - random interval is above zero (pre-registered condition of step 5)."""
     gates = []
     test = runs / "gemma-gate-test" / "ablation.json"
     if test.is_file():
         gates += [f"hook-only on test: rank {c['rank']}, layers {c['layers']}, {c['kinds']}"
-                  for c in json.loads(test.read_text())["controls"] if c["ci"][0] > 0]
+                  for c in json.loads(test.read_text())["controls"] if c["ci"][0] > ABOVE]
     for name in ("gemma-gate-data", "gemma-gate-data-chosen"):
         gate = runs / name / "data_gate.json"
-        if gate.is_file() and json.loads(gate.read_text())["comparisons"]["spd - spd-random"]["ci"][0] > 0:
+        if gate.is_file() and json.loads(gate.read_text())["comparisons"]["spd - spd-random"]["ci"][0] > ABOVE:
             gates.append(f"data gate {name}")
     return gates
 

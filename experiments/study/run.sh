@@ -191,7 +191,12 @@ step() {
       mkdir -p "$KEPT/gemma-gate"
       cp "$RUNS/gemma-gate/"{ablation.json,ablation.csv,config.json} "$KEPT/gemma-gate/"
       rm -f "$KEPT/gemma-gate/ablation.jsonl" ;;
-    gemma-gate-test) "${SPD[@]}" ablate "$(gemma config gemma-gate-test)" --out "$RUNS/gemma-gate-test" ;;
+    gemma-gate-test)
+      take "$KEPT/gemma-gate-test/ablation.jsonl" "$RUNS/gemma-gate-test/ablation.jsonl"
+      "${SPD[@]}" ablate "$(gemma config gemma-gate-test)" --out "$RUNS/gemma-gate-test"
+      mkdir -p "$KEPT/gemma-gate-test"
+      cp "$RUNS/gemma-gate-test/"{ablation.json,ablation.csv,config.json} "$KEPT/gemma-gate-test/"
+      rm -f "$KEPT/gemma-gate-test/ablation.jsonl" ;;
     gemma-gate-data)
       "${SPD[@]}" run "$(gemma config gemma-gate-data)" --data-only --out "$RUNS/gemma-gate-data"
       # At the hook-only gate's chosen cell too, when it chose one.
