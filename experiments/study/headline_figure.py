@@ -42,6 +42,8 @@ def main() -> None:
     g = gemma()
     if "dev_paper_cell" in g:
         rows.append(("Gemma-3-270M, dev (33 q.): paper's projection, gradient - random", g["dev_paper_cell"]))
+    if "test_paper_cell" in g:
+        rows.append(("Gemma-3-270M, test (43 q.): paper's projection, gradient - random", g["test_paper_cell"]))
     if "data_gate" in g:
         rows.append(("Gemma-3-270M, training data (124 x 3): spd - spd-random", g["data_gate"]["spd - spd-random"]))
     fig, ax = plt.subplots(figsize=(8, 0.42 * len(rows) + 1.1))

@@ -192,18 +192,20 @@ def cut_off_shares() -> dict:
 
 def gemma() -> dict:
     """Gemma-3-270M's gates (RESULTS.md, pre-registered): the dev gate's cells above random, the
-    paper's cell (K and V, rank 128, layers 9 and 17) on dev, and the data gate's comparisons
+    paper's cell (K and V, rank 128, layers 9 and 17) on dev and on test, and the data gate's comparisons
     recomputed from the verdicts kept beside its training data. Empty before they ran."""
     from spd_lens.experiment import recompute_data_gate
 
-    out = {}
+    out, cell = {}, dict(rank=128, kinds="k,v", layers="9,17")
     if (ROOT / "gemma-gate" / "ablation.json").is_file():
         controls = json.loads((ROOT / "gemma-gate" / "ablation.json").read_text())["controls"]
         out["dev_cells_above_random"] = sum(c["ci"][0] > 0 for c in controls)
         out["dev_cells"] = len(controls)
-        cell = dict(rank=128, kinds="k,v", layers="9,17")
         out["dev_paper_cell"] = paired_difference(gate_rows("gemma-gate", subspace="gradient", **cell),
                                                   gate_rows("gemma-gate", subspace="random", **cell))
+    if (ROOT / "gemma-gate-test" / "ablation.json").is_file():  # the paper's cell alone: no cell was chosen
+        out["test_paper_cell"] = paired_difference(gate_rows("gemma-gate-test", subspace="gradient", **cell),
+                                                   gate_rows("gemma-gate-test", subspace="random", **cell))
     if (ROOT / "gemma-gate-data" / "data_gate.json").is_file():
         out["data_gate"] = recompute_data_gate(ROOT / "gemma-gate-data", write=False)["comparisons"]
     return out
@@ -249,6 +251,9 @@ def main() -> None:
         print(f"Gemma-3-270M dev gate: {g['dev_cells_above_random']} of {g['dev_cells']} cells above random; paper's cell "
               f"on dev {fmt(g['dev_paper_cell']['difference'])} [{fmt(g['dev_paper_cell']['ci'][0])}, "
               f"{fmt(g['dev_paper_cell']['ci'][1])}]")
+        if "test_paper_cell" in g:
+            t = g["test_paper_cell"]
+            print(f"Gemma-3-270M test gate, paper's cell: {fmt(t['difference'])} [{fmt(t['ci'][0])}, {fmt(t['ci'][1])}]")
         for name, c in g.get("data_gate", {}).items():
             print(f"Gemma-3-270M data gate {name}: {fmt(c['difference'])} [{fmt(c['ci'][0])}, {fmt(c['ci'][1])}]")
     print("answers cut off at the token budget: cut off / answers (share), of them scored right")
