@@ -93,11 +93,16 @@ def test_committed_study_tables_load_and_summarise(tmp_path):
     study = ROOT / "experiments" / "results" / "study"
     tables = sorted(study.glob("*/ablation.json"))
     assert len(tables) >= 5
+    recorded = {"gate-test-clean", "gemma-gate", "gemma-gate-test"}  # gates run with the split-aware seeds
+    assert recorded <= {path.parent.name for path in tables}
     for path in tables:
-        clean = path.parent.name == "gate-test-clean"  # the one gate with fresh, recorded test-split seeds
-        for row in json.loads(path.read_text())["rows"]:  # legacy rows: seed = draw
+        table = json.loads(path.read_text())
+        for row in table["rows"]:
             drawn = row.get("subspace") == "random"
-            expected = (control_seed("test", row["draw"]) if clean else row["draw"]) if drawn else None
+            # Gates run since seeds are recorded hold their split's own stream; legacy rows seed = draw.
+            fresh = path.parent.name in recorded
+            assert (row.get("random_seed") is not None) == (fresh and drawn), path
+            expected = (control_seed(table["split"], row["draw"]) if fresh else row["draw"]) if drawn else None
             assert _random_seed(row) == expected, path
     # gate-test's rows seed a new test gate: only its random rows are new (fresh, test-only seeds).
     shutil.copy(study / "gate-test" / "ablation.json", tmp_path / "ablation.json")
