@@ -106,6 +106,38 @@ def test_a_command_that_keeps_nothing_says_so(monkeypatch, capsys):
     assert err == ["spd-lens tasks: stopped by Ctrl-C (SIGINT); nothing was kept; rerun `spd-lens tasks` to start again"]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed exception, as shown
+def test_a_ctrl_c_that_a_destructor_swallows_still_stops_the_command(monkeypatch, capsys):
+    import spd_lens.cli.explore as explore
+    from spd_lens.cli import stopping
+    from spd_lens.cli.common import progress_labelled
+
+    class Closing:
+        def __del__(self):  # Python only prints a KeyboardInterrupt raised here ("Exception ignored")
+            signal.raise_signal(signal.SIGINT)
+
+    steps = []
+
+    def command(args):
+        for step in progress_labelled("steps")(range(5)):
+            steps.append(step)
+            if step == 1:
+                Closing()  # dropped at once: the signal arrives inside its destructor
+        return 0
+
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(stopping, "_pending", None)
+    monkeypatch.setattr(explore, "cmd_tasks", command)
+    try:
+        stopping.stop_on_signals()  # what the console command installs
+        assert cli(["tasks"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    assert steps == [0, 1]  # ended at the next step, not run to the end
+    assert "spd-lens tasks: stopped by Ctrl-C (SIGINT)" in capsys.readouterr().err
+
+
 def test_summary_prints_and_warns_of_cut_off_answers(tmp_path, capsys):
     run = {"run": "r", "task": "arithmetic", "model": "tiny",
            "methods": {"base": {"score": 0.1, "ci": [0.0, 0.2], "n": 30, "seeds": {}, "seed_spread": 0.0,

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from spd_lens.cli import stopping
 
     if argv is None:  # the console command (a test calling main([...]) keeps its own handlers)
-        stopping.stop_on_sigterm()
+        stopping.stop_on_signals()
     words = sys.argv[1:] if argv is None else list(argv)
     stopping.keep(None)
     try:
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.threads is not None:
                 _set_threads(args.threads)
             code = args.func(args)
+            stopping.check()  # a stop whose exception a destructor swallowed still ends as a stop
             Processes.current().close()  # under torchrun: leave the process group together
             return code
         except SpdLensError as err:

@@ -24,9 +24,23 @@ def progress(desc: str):
 
 
 def progress_labelled(label: str):
+    """A progress bar for a command's steps, which also ends the command between steps once Ctrl-C
+    or SIGTERM asked it to (`stopping.check`: a stop whose exception a destructor swallowed)."""
     from tqdm.auto import tqdm
 
-    return lambda iterable: tqdm(iterable, desc=label, leave=False)
+    from spd_lens.cli.stopping import check
+
+    class StoppableBar(tqdm):
+        def __iter__(self):
+            for item in super().__iter__():
+                check()
+                yield item
+
+        def update(self, n=1):
+            check()
+            return super().update(n)
+
+    return lambda iterable: StoppableBar(iterable, desc=label, leave=False)
 
 
 # --- where models run ---------------------------------------------------------------------------

@@ -32,15 +32,36 @@ class Stopped(BaseException):
         self.signum = signum
 
 
-def stop_on_sigterm() -> None:
-    """End the command on SIGTERM as Ctrl-C would (see the module docstring)."""
+_pending: int | None = None  # the signal that asked this command to stop, once one has
+
+
+def _raise(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Stopped(signum)
+
+
+def stop_on_signals() -> None:
+    """End the command on SIGTERM as on Ctrl-C (see the module docstring), and remember the signal:
+    an exception raised while a destructor runs (a progress bar's, a tensor's) is only printed by
+    Python, and the command would go on as if never stopped; `check` raises it again."""
     import threading
 
     def stop(signum, frame):
-        raise Stopped(signum)
+        global _pending
+        _pending = signum
+        _raise(signum)
 
     if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGTERM, stop)
+
+
+def check() -> None:
+    """Raise again a stop whose first exception was swallowed (called between steps of a command
+    and when it returns); nothing when no signal came."""
+    if _pending is not None:
+        _raise(_pending)
 
 
 def keep(describe: Callable[[], str] | None) -> None:
