@@ -306,10 +306,12 @@ def check_model(name: str) -> tuple[str, str, int | None]:
                              f"machine and the model is not in the local cache); {size}"), known
 
 
-def check_data(config: ExperimentConfig, *, ablate: bool = False) -> tuple[list[tuple[str, str, str]], dict[str, float], int | None]:
+def check_data(config: ExperimentConfig, *, ablate: bool = False,
+               data_only: bool = False) -> tuple[list[tuple[str, str, str]], dict[str, float], int | None]:
     """Checks of every task's examples, mean prompt lengths, and the evaluation split's size. For
     `spd-lens ablate`: the evaluation split and the calibration examples (the subspace's, and the
-    loss column's `ablate.loss_n`); no training prompts are drawn."""
+    loss column's `ablate.loss_n`); no training prompts are drawn. For `run --data-only`
+    (`data_only`): no evaluation split is read."""
     from spd_lens.tasks import get_task
     from spd_lens.tasks.records import describe_source, hub_reachable
 
@@ -319,18 +321,20 @@ def check_data(config: ExperimentConfig, *, ablate: bool = False) -> tuple[list[
     calibration_data = c.subspace.data if c.subspace.task else c.task.data
     needs_subspace = any(METHOD_TABLE[m].subspace for m in c.methods)
     wanted = [(c.task.name, c.task.data, "train", c.task.train_n, "prompt")] if not ablate else []
-    wanted.append((c.task.name, c.task.data, c.task.eval_split, c.task.eval_n, "eval"))
+    if not data_only:
+        wanted.append((c.task.name, c.task.data, c.task.eval_split, c.task.eval_n, "eval"))
     if ablate:
         wanted.append((calibration_task, calibration_data, "train", max(c.subspace.n, c.ablate.loss_n), "calibration"))
     elif needs_subspace:
         wanted.append((calibration_task, calibration_data, "train", c.subspace.n, "calibration"))
     online = None
     for name, data, split, n, role in wanted:
-        own = c.task.examples is not None and name == c.task.name and data == c.task.data
-        task = build_task(c, shots=0) if own else get_task(name, **({"path": data} if data else {}))
+        # The configured task with its preset and options; another calibration task at its defaults.
+        configured = name == c.task.name and data == c.task.data
+        task = build_task(c, shots=0) if configured else get_task(name, **({"path": data} if data else {}))
         what = f"data {task.name} {split} ({role})"
         from_hub = hasattr(task, "path") and data is None  # tasks that take a path otherwise read the hub
-        source = (f"your examples {c.task.examples}" if own else
+        source = (f"your examples {c.task.examples}" if configured and c.task.examples is not None else
                   describe_source(data) if hasattr(task, "path") else "a package (offline)")
         if from_hub:
             online = hub_reachable() if online is None else online
@@ -358,9 +362,12 @@ def check_data(config: ExperimentConfig, *, ablate: bool = False) -> tuple[list[
 
 
 def make_plan(config: ExperimentConfig, *, figures: dict | str | Path | None = None,
-              threads: int | None = None, ablate: bool = False) -> Plan:
+              threads: int | None = None, ablate: bool = False, data_only: bool = False) -> Plan:
     """Validate `config` and its data and count and time every stage (see the module docstring);
-    with `ablate`, the stages of `spd-lens ablate` rather than `spd-lens run`."""
+    with `ablate`, the stages of `spd-lens ablate` rather than `spd-lens run`; with `data_only`,
+    those of `spd-lens run --data-only` (extraction and self-generation: nothing trained or evaluated)."""
+    if ablate and data_only:
+        raise SpdLensError("plan --ablate and --data-only: an ablation has no data gate; pass one of them")
     checks = []
     try:
         runtime = str(config.model.runtime())
@@ -371,7 +378,7 @@ def make_plan(config: ExperimentConfig, *, figures: dict | str | Path | None = N
     status, message, parameters = check_model(config.model.name)
     size = f", {parameters / 1e6:.0f}M parameters" if parameters else ""
     checks.append((f"model {config.model.name}", status, message + size))
-    data_checks, lengths, eval_size = check_data(config, ablate=ablate)
+    data_checks, lengths, eval_size = check_data(config, ablate=ablate, data_only=data_only)
     checks += data_checks
     if ablate:
         try:
@@ -381,6 +388,8 @@ def make_plan(config: ExperimentConfig, *, figures: dict | str | Path | None = N
             stages = []
     else:
         stages = count_work(config, lengths=lengths, eval_size=eval_size)
+        if data_only:
+            stages = [stage for stage in stages if stage.name in ("extract", "generate")]
     if isinstance(figures, (str, Path)):
         figures = read_figures(figures)
     basis = estimate(stages, config, parameters=parameters, figures=figures, threads=threads)

@@ -45,6 +45,11 @@ def load_runs(specs: list[str]) -> dict[str, dict]:
             raise SpdLensError(f"label {label!r} holds '|', which would break the table: name the run LABEL={path}")
         metrics = Path(path) / "metrics.json"
         if not metrics.is_file():
+            kind = ("an ablation" if (Path(path) / "ablation.json").is_file() or (Path(path) / "ablation.jsonl").is_file()
+                    else "a data gate" if (Path(path) / "data_gate.json").is_file() else None)
+            if kind:
+                raise SpdLensError(f"{path} holds {kind}, which has no methods' metrics to tabulate: "
+                                   f"`spd-lens report {path}` prints its table")
             raise SpdLensError(f"{path}: no metrics.json (not a run directory, or no method finished yet); "
                                "pass directories written by spd-lens run")
         if label in runs:
@@ -174,8 +179,11 @@ def timed_directories(specs: list[str]) -> dict[str, Path]:
             continue
         inner = sorted(d for d in directory.iterdir() if d.is_dir() and _records_time(d))
         if not inner:
+            kept = (directory / "ablation.json").is_file() or (directory / "metrics.json").is_file()
             raise SpdLensError(f"{path}: records no time (no stage_seconds.json or ablation.jsonl, nor a "
-                               "directory inside that has one); pass directories written by spd-lens run or ablate")
+                               "directory inside that has one); pass directories written by spd-lens run or ablate"
+                               + ("; this one holds finished results without their time records (a kept copy?)"
+                                  if kept else ""))
         found.update({f"{label}/{d.name}": d for d in inner})
     return found
 

@@ -156,6 +156,11 @@ def test_a_running_run_keeps_partial_metrics_that_summary_reads(tmp_path, monkey
     (tmp_path / "x=y").mkdir()  # a path holding "=" is a path, not a label
     assert cli(["summary", str(tmp_path / "x=y")]) == 2
     assert f"{tmp_path / 'x=y'}: no metrics.json" in capsys.readouterr().err
+    (tmp_path / "gate").mkdir()  # a data gate (or an ablation) has no methods' metrics: report prints it
+    (tmp_path / "gate" / "data_gate.json").write_text("{}")
+    assert cli(["summary", str(tmp_path / "gate")]) == 2
+    assert f"holds a data gate, which has no methods' metrics to tabulate: `spd-lens report {tmp_path / 'gate'}`" in \
+        capsys.readouterr().err
     # Where the time went: the stages this run recorded.
     assert json.loads((tmp_path / "run" / "stage_seconds.json").read_text())["completed"]["eval"] > 0
     assert cli(["summary", "--time", f"r={tmp_path / 'run'}"]) == 0

@@ -359,3 +359,23 @@ def test_an_ablation_plan_checks_the_data_an_ablation_reads_not_training_prompts
     assert any("train" in e and "n=64" in e for e in run_plan.errors)  # a run's training prompts are checked
     too_few = {**raw, "ablate": {**raw["ablate"], "loss_n": 40}}
     assert any("calibration" in e for e in make_plan(config_from_dict(too_few), ablate=True).errors)
+
+
+def test_plan_checks_the_configured_presets_data_and_plans_a_data_gate(capsys):
+    """The easy arithmetic preset holds 43 test questions: plan reads the preset the run reads (it
+    checked the default one, and said "ok" to 100), and `--data-only` plans what the data gate does."""
+    from spd_lens.config import config_from_dict
+    from spd_lens.plan import format_plan, make_plan
+
+    raw = {"name": "g", "model": {"name": "tiny"}, "seeds": [0, 1], "methods": ["psr", "spd", "spd-random"],
+           "task": {"name": "arithmetic", "preset": "easy", "train_n": 124, "eval_n": 100}, "subspace": {"n": 8}}
+    full = make_plan(config_from_dict(raw))
+    assert any("only 43 test examples, but n=100" in e for e in full.errors)
+    gate = make_plan(config_from_dict(raw), data_only=True)
+    assert gate.errors == [] and [s.name for s in gate.stages] == ["extract", "generate"]
+    assert "ok data arithmetic train (prompt): 124 examples" in format_plan(gate)
+    config = ROOT / "experiments" / "study" / "gate-data-paper.toml"  # a data gate of the study
+    assert cli(["plan", str(config), "--data-only"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"plan for spd-lens run --data-only {config}")
+    assert "\ngenerate " in out and "\ntrain " not in out and "\neval " not in out and "(eval)" not in out

@@ -30,7 +30,9 @@ def preset(runs: Path) -> str:
     for name in ("hard", "easy"):
         metrics = runs / f"gemma-preset-{name}" / "metrics.json"
         if not metrics.is_file():
-            raise SystemExit(f"step 1 has not run for preset {name!r} ({metrics} is missing)")
+            raise SystemExit(f"step 1 has not run for preset {name!r} ({metrics} is missing): run "
+                             f"`experiments/study/run.sh {runs} gemma-presets` first (about 3 min; the kept results "
+                             "are in experiments/results/study/gemma-preset-*)")
         if LOW <= json.loads(metrics.read_text())["methods"]["base"]["score"] <= HIGH:
             return name
     return "none"

@@ -109,8 +109,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from spd_lens.plan import format_plan, make_plan
 
     plan = make_plan(common.with_runtime(load_config(args.config, overrides=args.override), args), figures=args.figures,
-                     ablate=args.ablate)
-    command = "spd-lens ablate" if args.ablate else "spd-lens run"
+                     ablate=args.ablate, data_only=args.data_only)
+    command = "spd-lens ablate" if args.ablate else "spd-lens run --data-only" if args.data_only else "spd-lens run"
     print(f"plan for {command} {args.config} (run name {plan.config.name!r}; nothing is run)")
     print(format_plan(plan))
     if plan.errors:
@@ -314,6 +314,8 @@ def register(commands) -> None:
                            "as `spd-lens run --override` takes it")
     plan.add_argument("--ablate", action="store_true", help="plan `spd-lens ablate CONFIG` (the [ablate] grid) "
                                                              "instead of `spd-lens run CONFIG`")
+    plan.add_argument("--data-only", action="store_true", help="plan `spd-lens run CONFIG --data-only` (the data "
+                                                                 "gate: extraction and self-generation only)")
     plan.add_argument("--figures", help="throughput JSON from benchmarks/gpu_check.py (its last line) to estimate "
                                         "with instead of the recorded CPU runs")
     common.add_runtime_args(plan, config=True)
