@@ -278,7 +278,9 @@ def render_matplotlib(fig, path, *, format: str = "png", width: int | None = Non
                 labels += lab
             if handles:
                 figure.legend(handles, labels, loc="upper left", bbox_to_anchor=(0.79, top), fontsize=8, frameon=False)
-        figure.savefig(path, format=format, dpi=dpi)
+        # Long rotated tick labels and the legend may reach past the page laid out above: the page
+        # grows to hold them rather than cut them off (so it can be a little larger than asked).
+        figure.savefig(path, format=format, dpi=dpi, bbox_inches="tight", pad_inches=0.1)
     finally:
         plt.close(figure)
 

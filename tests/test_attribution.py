@@ -550,3 +550,19 @@ def test_overlap_carries_its_random_baseline_and_draws_agree():
     assert top.ranks == (2, 2) and top.baseline == pytest.approx(2 / 16) and top.excess == pytest.approx(top - 2 / 16)
     with pytest.raises(SpdLensError, match="overlap rank"):
         s.overlap(s, rank=0)
+
+
+def test_offline_figures_keep_long_tick_labels_on_the_page(tmp_path):
+    # An ablation table's cell names ("r 128 L 9,17 k,v a 1.0 keep") are rotated and reach below the
+    # axes: the page must hold them (the offline renderer cut them, and the axis title, off).
+    import matplotlib.image as mpimg
+    import plotly.graph_objects as go
+
+    from spd_lens.viz import save_figure
+
+    figure = go.Figure(go.Bar(x=[f"r {r} L 9,17 k,v a 1.0 keep {i}" for i, r in enumerate([8, 32, 128] * 6)],
+                              y=list(range(18))))
+    figure.update_layout(xaxis_title="cell (rank, layers, K/V, alpha, head, mode)")
+    image = mpimg.imread(save_figure(figure, tmp_path / "cells.png", engine="matplotlib"))[..., :3]
+    for edge in (image[0], image[-1], image[:, 0], image[:, -1]):
+        assert edge.min() > 0.95  # nothing drawn touches the page's edge: nothing was cut off there
