@@ -148,6 +148,7 @@ class Run:
         configure_sandbox(self.task, config.sandbox)  # code: refuse now, not after training, where no sandbox works
         self.subspace_task = build_task(config, tokenizer, calibration=True)
         self._eval_examples = None
+        self._inputs: dict[bool, dict] = {}  # `inputs` by whether the call evaluates
         self.reuse_decisions: dict[str, dict] = {}
 
     # --- shared pieces ------------------------------------------------------------------------
@@ -392,8 +393,7 @@ class Run:
         calibration examples (methods with a subspace). `evaluates=False` (the data gate, which
         evaluates nothing) leaves the evaluation examples out: a split too small for `eval_n` is
         no reason to refuse sampling, and a later full run adds their hash to the record."""
-        cache = self.__dict__.setdefault("_inputs_by_evaluates", {})
-        if evaluates not in cache:
+        if evaluates not in self._inputs:
             c = self.config
             data = {}
             if evaluates:
@@ -404,11 +404,11 @@ class Run:
             if any(METHOD_TABLE[m].subspace is not None for m in c.methods):
                 data["calibration"] = {str(s): examples_hash(self.subspace_task.examples("train", n=c.subspace.n, seed=s))
                                        for s in c.seeds}
-            cache[evaluates] = canonical({
+            self._inputs[evaluates] = canonical({
                 "runtime": runtime_record(self.runtime),
                 "evaluation_runtime": runtime_record(Precision.of(self.runtime).evaluation_runtime()),
                 "weights": weights_id(c.model.name), "data": data})
-        return cache[evaluates]
+        return self._inputs[evaluates]
 
     def evaluation_stage(self, method: str, seed: int | None) -> Stage:
         """The evaluation of `method` (at `seed`) as a stage: the evaluation examples, the runtime

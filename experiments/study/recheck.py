@@ -194,12 +194,14 @@ def gemma() -> dict:
     """Gemma-3-270M's gates (RESULTS.md, pre-registered): the dev gate's cells above random, the
     paper's cell (K and V, rank 128, layers 9 and 17) on dev and on test, and the data gate's comparisons
     recomputed from the verdicts kept beside its training data. Empty before they ran."""
+    from gemma_rules import ABOVE  # the pre-registered rule's "above zero", beside this script
+
     from spd_lens.experiment import recompute_data_gate
 
     out, cell = {}, dict(rank=128, kinds="k,v", layers="9,17")
     if (ROOT / "gemma-gate" / "ablation.json").is_file():
         controls = json.loads((ROOT / "gemma-gate" / "ablation.json").read_text())["controls"]
-        out["dev_cells_above_random"] = sum(c["ci"][0] > 0 for c in controls)
+        out["dev_cells_above_random"] = sum(c["ci"][0] > ABOVE for c in controls)
         out["dev_cells"] = len(controls)
         out["dev_paper_cell"] = paired_difference(gate_rows("gemma-gate", subspace="gradient", **cell),
                                                   gate_rows("gemma-gate", subspace="random", **cell))

@@ -312,9 +312,10 @@ def register(commands) -> None:
     plan.add_argument("--override", action="append", default=[], metavar="TOML",
                       help="a TOML file merged on top of the config, key by key (repeatable, later files win), "
                            "as `spd-lens run --override` takes it")
-    plan.add_argument("--ablate", action="store_true", help="plan `spd-lens ablate CONFIG` (the [ablate] grid) "
-                                                             "instead of `spd-lens run CONFIG`")
-    plan.add_argument("--data-only", action="store_true", help="plan `spd-lens run CONFIG --data-only` (the data "
+    which = plan.add_mutually_exclusive_group()
+    which.add_argument("--ablate", action="store_true", help="plan `spd-lens ablate CONFIG` (the [ablate] grid) "
+                                                              "instead of `spd-lens run CONFIG`")
+    which.add_argument("--data-only", action="store_true", help="plan `spd-lens run CONFIG --data-only` (the data "
                                                                  "gate: extraction and self-generation only)")
     plan.add_argument("--figures", help="throughput JSON from benchmarks/gpu_check.py (its last line) to estimate "
                                         "with instead of the recorded CPU runs")

@@ -47,6 +47,9 @@ def stop_on_signals() -> None:
     Python, and the command would go on as if never stopped; `check` raises it again."""
     import threading
 
+    global _pending
+    _pending = None  # a new command: no stop asked for yet
+
     def stop(signum, frame):
         global _pending
         _pending = signum
