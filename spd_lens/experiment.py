@@ -685,6 +685,11 @@ class Run:
             changed = settings_differences({k: previous.get(k) for k in current if k not in ignored},
                                            {k: v for k, v in current.items() if k not in ignored}, recorded="run has")
             changed = [c for c in changed if c.split(":")[0] not in (*free, *NO_EFFECT)]
+            # What only an evaluation reads may change while nothing here was evaluated (a data
+            # gate's directory, which a full run then completes).
+            evaluated = any(self.out.glob("eval/*")) or any(self.out.glob("ablation.json*"))
+            if not evaluated:
+                changed = [c for c in changed if not _evaluation_only(c.split(":")[0])]
             if changed:
                 raise SpdLensError(f"{self.out} holds a run with another config (differs in {'; '.join(changed)}); "
                                    "use another --out or the same config")
@@ -716,6 +721,11 @@ class Run:
                                "inputs are the same (what differs is made again)")
         if merged is not None:
             self._write_json(path, merged)
+
+
+def _evaluation_only(setting: str) -> bool:
+    """A setting (dotted) that only evaluations read: the evaluation split, its size, [eval]."""
+    return setting in ("task.eval_split", "task.eval_n") or setting.startswith("eval.")
 
 
 def training_data_comparisons(outcomes: dict[str, list[dict]]) -> dict:

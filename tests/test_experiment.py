@@ -437,6 +437,17 @@ def test_the_data_gate_does_not_read_the_evaluation_split(tmp_path):
     assert "eval" not in json.loads((tmp_path / "inputs.json").read_text())["data"]
     with pytest.raises(SpdLensError, match="only 43 test examples, but n=44 were asked for"):
         run_experiment(config, tmp_path)  # evaluating still needs the questions
+    # The same directory then takes a size the split holds: only an evaluation reads it, and
+    # nothing here was evaluated; the gate's samples are reused, not drawn again.
+    before = (tmp_path / "generations" / "psr-seed0.jsonl").read_bytes()
+    fixed = config_from_dict({**TINY, "seeds": [0], "methods": ["psr"],
+                              "task": {**TINY["task"], "preset": "easy", "eval_n": 43}})
+    assert run_experiment(fixed, tmp_path)["pending"] == []
+    assert (tmp_path / "generations" / "psr-seed0.jsonl").read_bytes() == before
+    # Once evaluated, the evaluation's size is part of the run again.
+    with pytest.raises(SpdLensError, match="differs in task.eval_n: run has 43, now 40"):
+        run_experiment(config_from_dict({**TINY, "seeds": [0], "methods": ["psr"],
+                                         "task": {**TINY["task"], "preset": "easy", "eval_n": 40}}), tmp_path)
 
 
 def test_a_directory_being_written_refuses_a_second_run_at_once(tmp_path):
