@@ -390,6 +390,9 @@ def make_plan(config: ExperimentConfig, *, figures: dict | str | Path | None = N
         stages = count_work(config, lengths=lengths, eval_size=eval_size)
         if data_only:
             stages = [stage for stage in stages if stage.name in ("extract", "generate")]
+            if not any(METHOD_TABLE[m].sampling is not None for m in config.methods):
+                checks.append(("methods", "error", f"methods {config.methods} train nothing: the data gate compares the "
+                                                   "training data of trained methods (psr, ssd, spd, spd-random, spd-fullseq)"))
     if isinstance(figures, (str, Path)):
         figures = read_figures(figures)
     basis = estimate(stages, config, parameters=parameters, figures=figures, threads=threads)

@@ -374,6 +374,8 @@ def test_plan_checks_the_configured_presets_data_and_plans_a_data_gate(capsys):
     gate = make_plan(config_from_dict(raw), data_only=True)
     assert gate.errors == [] and [s.name for s in gate.stages] == ["extract", "generate"]
     assert "ok data arithmetic train (prompt): 124 examples" in format_plan(gate)
+    untrained = make_plan(config_from_dict({**raw, "methods": ["base"]}), data_only=True)
+    assert any("train nothing: the data gate compares" in e for e in untrained.errors)  # as run --data-only refuses
     config = ROOT / "experiments" / "study" / "gate-data-paper.toml"  # a data gate of the study
     assert cli(["plan", str(config), "--data-only"]) == 0
     out = capsys.readouterr().out
